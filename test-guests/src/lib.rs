@@ -1,0 +1,29 @@
+//! Tiny guest programs for msb-vmm's test tier 2 and the stub boot benchmark. Each is an ELF
+//! built from `guests/*.S` by this crate's build script; they print `key=value` lines on the
+//! serial port, then reset through the i8042 (or fault, or hang, on purpose).
+//!
+//! - `pvh_boot`: PVH entry; reports start_info, memory map, registers, boot timer, unmapped I/O.
+//! - `linux64_boot`: no PVH note, so the 64-bit Linux boot protocol; reports long mode state
+//!   and the zero page.
+//! - `smp`: wakes vCPU 1 with INIT/SIPI and reports the MP table's CPU count.
+//! - `fault`: triple-faults.
+//! - `stub`: writes the boot timer and resets at once (the benchmark's guest).
+//! - `hang`: prints a line and spins forever.
+
+use std::path::Path;
+
+macro_rules! guest {
+    ($name:ident) => {
+        /// Path of this guest's ELF image.
+        pub fn $name() -> &'static Path {
+            Path::new(concat!(env!("OUT_DIR"), "/", stringify!($name), ".elf"))
+        }
+    };
+}
+
+guest!(pvh_boot);
+guest!(linux64_boot);
+guest!(smp);
+guest!(fault);
+guest!(stub);
+guest!(hang);

@@ -1,0 +1,46 @@
+//! Where the default guest assets live: the kernel built by `kernel-config/build.sh`, msb-init
+//! and busybox copied by `./x setup`, all under one cache directory outside the work tree.
+
+use std::path::PathBuf;
+
+/// The cache directory: `$MSB_CACHE_DIR`, else `$XDG_CACHE_HOME/msb-vmm`, else `~/.cache/msb-vmm`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("msb-vmm");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("msb-vmm")
+}
+
+fn env_or(var: &str, default: PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+}
+
+/// The default guest kernel (`$MSB_KERNEL` overrides).
+pub fn default_kernel() -> PathBuf {
+    env_or("MSB_KERNEL", cache_dir().join("vmlinux-x86_64"))
+}
+
+/// The static msb-init binary (`$MSB_INIT` overrides).
+pub fn msb_init() -> PathBuf {
+    env_or("MSB_INIT", cache_dir().join("msb-init"))
+}
+
+/// The static busybox for the initramfs root (`$MSB_BUSYBOX` overrides; Debian's
+/// busybox-static at /bin/busybox when setup has not copied one).
+pub fn busybox() -> PathBuf {
+    if let Some(p) = std::env::var_os("MSB_BUSYBOX") {
+        return PathBuf::from(p);
+    }
+    let cached = cache_dir().join("busybox");
+    if cached.exists() {
+        cached
+    } else {
+        PathBuf::from("/bin/busybox")
+    }
+}

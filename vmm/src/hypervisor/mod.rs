@@ -1,0 +1,112 @@
+//! The hypervisor boundary: `Hypervisor → Vm → Vcpu` (cloud-hypervisor's shape).
+//!
+//! A [`Vcpu`] is not `Send`: Hypervisor.framework binds a vCPU to the thread that created it,
+//! so each vCPU is created inside its own thread ([`Vm::create_vcpu`]) and other threads hold
+//! only a [`Kicker`] to interrupt it. Backends: KVM on Linux ([`kvm`]).
+
+use std::sync::Arc;
+
+use msb_devices::Interrupt;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+use crate::arch::x86_64::boot::BootProtocol;
+
+/// Errors from a hypervisor backend. The first variants are user-facing set-up problems with
+/// their fix in the message.
+#[derive(Debug, Error)]
+pub enum HypervisorError {
+    #[error("/dev/kvm does not exist: enable hardware virtualization (VT-x/AMD-V) in firmware and load kvm_intel or kvm_amd (`sudo modprobe kvm_intel` or `kvm_amd`)")]
+    NoKvm,
+    #[error("no permission to open /dev/kvm: add your user to the kvm group (`sudo usermod -aG kvm $USER`, then log in again) or run as root")]
+    KvmPermission,
+    #[error("/dev/kvm is PVM (software nested virtualization, /sys/module/kvm_pvm): it cannot run a Linux guest; run through the L2 runner instead (`./x run -- CMD`, see README.md)")]
+    Pvm,
+    #[error("KVM lacks a capability msb-vmm needs: {0}")]
+    MissingCapability(&'static str),
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("vCPU {index}: {msg}")]
+    Vcpu { index: u32, msg: String },
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// Why a vCPU stopped running guest code.
+#[derive(Debug)]
+pub enum VmExit<'a> {
+    /// Port read; fill `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// Port write.
+    IoOut { port: u16, data: &'a [u8] },
+    /// MMIO read; fill `data`.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// MMIO write.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The guest asked the platform to power off or reset.
+    PowerOff,
+    /// The CPU shut down (x86 triple fault): the guest crashed.
+    CpuShutdown,
+    /// [`Kicker::kick`] or a signal interrupted the run.
+    Interrupted,
+    /// The vCPU cannot continue; a description for the user.
+    Fatal(String),
+}
+
+/// Interrupts a vCPU's `run` from any thread.
+pub trait Kicker: Send + Sync {
+    /// Makes the vCPU's current or next `run` return [`VmExit::Interrupted`] promptly.
+    fn kick(&self);
+}
+
+/// Per-vCPU boot state: which CPU it is and, for the boot CPU, how to enter the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuBoot {
+    /// vCPU index (APIC id on x86).
+    pub index: u32,
+    /// Number of vCPUs in the VM.
+    pub count: u32,
+    /// Entry state for the boot CPU; `None` for application processors, which wait for SIPI.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    pub entry: Option<BootProtocol>,
+}
+
+/// A virtual CPU, owned by the thread that created it.
+pub trait Vcpu {
+    /// Runs guest code until the next exit that needs the VMM.
+    fn run(&mut self) -> Result<VmExit<'_>>;
+    /// A handle other threads use to interrupt [`Vcpu::run`].
+    fn kicker(&self) -> Arc<dyn Kicker>;
+}
+
+/// A virtual machine: memory, interrupt lines, vCPU factory.
+pub trait Vm: Send + Sync {
+    /// Makes all regions of `mem` guest-physical memory.
+    fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()>;
+    /// An interrupt line for a device wired to `gsi`.
+    fn create_irq(&self, gsi: u32) -> Result<Arc<dyn Interrupt>>;
+    /// Creates and configures a vCPU; call it on the thread that will run the vCPU.
+    fn create_vcpu(&self, boot: &VcpuBoot) -> Result<Box<dyn Vcpu>>;
+}
+
+/// The hypervisor itself.
+pub trait Hypervisor: Send + Sync {
+    /// Backend name for logs and reports.
+    fn name(&self) -> &'static str;
+    /// A VM that will have `cpus` vCPUs.
+    fn create_vm(&self, cpus: u32) -> Result<Arc<dyn Vm>>;
+}
+
+/// The platform's default hypervisor.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub fn default_hypervisor() -> Result<Arc<dyn Hypervisor>> {
+    Ok(Arc::new(kvm::KvmHypervisor::open()?))
+}

@@ -1,0 +1,994 @@
+//! Building, running and stopping a VM: guest memory, kernel and initramfs, legacy devices,
+//! one thread per vCPU and an epoll event loop (event-manager) that owns the VM's lifetime.
+//!
+//! ```no_run
+//! use msb_vmm::vm::VmBuilder;
+//! let outcome = VmBuilder::new("/path/to/vmlinux")
+//!     .cmdline("console=ttyS0 reboot=k panic=-1")
+//!     .cpus(2)
+//!     .memory_mib(256)
+//!     .run()?;
+//! println!("boot took {:?}, exit {:?}", outcome.boot_time, outcome.exit);
+//! # Ok::<(), msb_vmm::vm::VmError>(())
+//! ```
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use msb_devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
+use msb_devices::bus::{lock, Bus};
+use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
+use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, COM1, COM2, UART_PORTS};
+use msb_devices::Interrupt;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::arch::x86_64::boot::{write_boot_info, BootError, BootLayout, BootProtocol};
+use crate::arch::x86_64::layout::{low_ram_end, ram_ranges, BOOT_TIMER_START, HIMEM_START};
+use crate::arch::x86_64::mptable::MAX_CPUS;
+use crate::hypervisor::{self, Hypervisor, HypervisorError, Kicker, VcpuBoot, VmExit};
+use crate::loader::{self, KernelInfo, LoaderError};
+
+/// Command line used when none is given: serial console, i8042 reset as power-off, reboot at
+/// once on panic, and no IOAPIC timer check (a slow, pointless probe under KVM).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 no_timer_check";
+
+/// Smallest guest memory accepted at all; Linux guests need more (checked against the image).
+pub const MIN_MEMORY_MIB: u64 = 8;
+/// Smallest memory a Linux guest is allowed: below this our kernel cannot reach user space.
+pub const MIN_LINUX_MEMORY_MIB: u64 = 32;
+/// Largest guest memory accepted (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Console lines kept for error reports.
+const CONSOLE_TAIL_LINES: usize = 40;
+/// Console bytes kept in the ring.
+const CONSOLE_RING_BYTES: usize = 64 * 1024;
+
+/// Errors starting a VM. User mistakes come first, each naming its fix.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("--cpus {0} is out of range: use 1 to {MAX_CPUS}")]
+    BadCpus(u32),
+    #[error("--memory {0} MiB is out of range: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
+    BadMemory(u64),
+    #[error("--memory {given} MiB is too small for this kernel and initramfs: use --memory {needed} or more")]
+    TooLittleMemory { given: u64, needed: u64 },
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("loading the kernel: {0}")]
+    KernelLoad(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Where the guest's serial console goes. It is always kept in a ring buffer too, so a failed
+/// boot can show its last lines.
+#[derive(Default)]
+pub enum Console {
+    /// Not shown (the kernel runs `quiet`).
+    #[default]
+    Off,
+    /// The VMM's standard output.
+    Stdout,
+    /// The VMM's standard error (keeps stdout clean for a workload's output).
+    Stderr,
+    /// Any writer.
+    Writer(Box<dyn Write + Send>),
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Console::Off => "Off",
+            Console::Stdout => "Stdout",
+            Console::Stderr => "Stderr",
+            Console::Writer(_) => "Writer",
+        })
+    }
+}
+
+/// The initramfs.
+#[derive(Debug, Clone)]
+pub enum Initrd {
+    /// Read from a file.
+    Path(PathBuf),
+    /// Given in memory.
+    Bytes(Arc<Vec<u8>>),
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off or reset itself (i8042 reset line, system event).
+    PowerOff,
+    /// The `timeout` elapsed first.
+    Timeout(Duration),
+    /// [`StopHandle::stop`] was called.
+    Stopped,
+    /// A vCPU shut down: x86 triple fault, the guest crashed.
+    CpuShutdown { vcpu: u32 },
+    /// The VMM could not continue (a vCPU error or a device declared the guest hostile).
+    Fatal { vcpu: Option<u32>, message: String },
+}
+
+impl GuestExit {
+    /// Whether the guest ended by itself, cleanly.
+    pub fn is_power_off(&self) -> bool {
+        *self == GuestExit::PowerOff
+    }
+}
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestExit::PowerOff => write!(f, "guest powered off"),
+            GuestExit::Timeout(d) => write!(f, "timed out after {} s", d.as_secs_f64()),
+            GuestExit::Stopped => write!(f, "stopped by the host"),
+            GuestExit::CpuShutdown { vcpu } => {
+                write!(f, "guest crashed: vCPU {vcpu} triple-faulted")
+            }
+            GuestExit::Fatal {
+                vcpu: Some(v),
+                message,
+            } => write!(f, "vCPU {v}: {message}"),
+            GuestExit::Fatal {
+                vcpu: None,
+                message,
+            } => write!(f, "{message}"),
+        }
+    }
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    /// Why it stopped.
+    pub exit: GuestExit,
+    /// Boot-timer time since VMM start, if the guest signalled it.
+    pub boot_time: Option<Duration>,
+    /// The last console lines (kept even when the console is off).
+    pub console_tail: Vec<String>,
+    /// Whether the console shows a Linux kernel panic.
+    pub kernel_panicked: bool,
+}
+
+struct StopState {
+    reason: Mutex<Option<GuestExit>>,
+    evt: EventFd,
+}
+
+impl StopState {
+    fn request(&self, why: GuestExit) {
+        let mut r = lock(&self.reason);
+        if r.is_none() {
+            tracing::debug!("stop requested: {why}");
+            *r = Some(why);
+        }
+        drop(r);
+        let _ = self.evt.write(1);
+    }
+}
+
+/// Stops a VM from any thread.
+#[derive(Clone)]
+pub struct StopHandle(Arc<StopState>);
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopHandle").finish_non_exhaustive()
+    }
+}
+
+impl StopHandle {
+    /// Stops the VM ([`GuestExit::Stopped`]) unless it already stopped for another reason.
+    pub fn stop(&self) {
+        self.0.request(GuestExit::Stopped);
+    }
+
+    /// Stops the VM because the guest misbehaved ([`GuestExit::Fatal`]).
+    pub fn fail(&self, message: impl Into<String>) {
+        self.0.request(GuestExit::Fatal {
+            vcpu: None,
+            message: message.into(),
+        });
+    }
+
+    /// Stops the VM as if the guest powered off.
+    pub fn power_off(&self) {
+        self.0.request(GuestExit::PowerOff);
+    }
+}
+
+/// Fires a stop with a fixed reason; used as the i8042's reset line.
+#[derive(Debug)]
+struct StopLine {
+    state: StopHandle,
+    reason: GuestExit,
+}
+
+impl Interrupt for StopLine {
+    fn trigger(&self) -> io::Result<()> {
+        self.state.0.request(self.reason.clone());
+        Ok(())
+    }
+}
+
+/// Configures and starts a VM.
+pub struct VmBuilder {
+    kernel: PathBuf,
+    initrd: Option<Initrd>,
+    cmdline: Option<String>,
+    cpus: u32,
+    memory_mib: u64,
+    console: Console,
+    console_input: bool,
+    control: Option<Box<dyn Write + Send>>,
+    timeout: Option<Duration>,
+    start: Instant,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
+    allow_pvm_linux: bool,
+    stop: StopHandle,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
+            .field("cpus", &self.cpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("console", &self.console)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmBuilder {
+    /// A VM booting `kernel` (an uncompressed ELF vmlinux) with 1 vCPU and 128 MiB.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmBuilder {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            cpus: 1,
+            memory_mib: 128,
+            console: Console::Off,
+            console_input: false,
+            control: None,
+            timeout: None,
+            start: crate::process_start(),
+            hypervisor: None,
+            allow_pvm_linux: std::env::var_os("MSB_ALLOW_PVM").is_some(),
+            stop: StopHandle(Arc::new(StopState {
+                reason: Mutex::new(None),
+                // An eventfd cannot fail to be created short of fd exhaustion; that case
+                // surfaces when start() registers it (a closed-fd error), not as a panic here.
+                evt: EventFd::new(EFD_NONBLOCK).unwrap_or_else(|_| dummy_eventfd()),
+            })),
+        }
+    }
+
+    /// The initramfs.
+    pub fn initrd(mut self, initrd: Initrd) -> Self {
+        self.initrd = Some(initrd);
+        self
+    }
+
+    /// The kernel command line; [`DEFAULT_CMDLINE`] (plus `quiet` when the console is off) if unset.
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = Some(cmdline.into());
+        self
+    }
+
+    /// Number of vCPUs (1 to 64).
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Where the serial console goes.
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// Forward this process's standard input to the serial console.
+    pub fn console_input(mut self, on: bool) -> Self {
+        self.console_input = on;
+        self
+    }
+
+    /// Receives what the guest writes to the second UART (msb-init's control port).
+    pub fn control_port(mut self, sink: Box<dyn Write + Send>) -> Self {
+        self.control = Some(sink);
+        self
+    }
+
+    /// Stop the VM after this long.
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The instant boot times are measured from (default: this process's start).
+    pub fn start_time(mut self, start: Instant) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Use this hypervisor instead of the platform default.
+    pub fn hypervisor(mut self, hv: Arc<dyn Hypervisor>) -> Self {
+        self.hypervisor = Some(hv);
+        self
+    }
+
+    /// A handle that stops the VM; usable before and after `start`.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Boots the VM and waits until it stops.
+    pub fn run(self) -> Result<VmOutcome, VmError> {
+        Ok(self.start()?.wait())
+    }
+
+    /// Boots the VM; returns once every vCPU is created and running.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(VmError::BadCpus(self.cpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(VmError::BadMemory(self.memory_mib));
+        }
+        let info = loader::inspect_kernel(&self.kernel)?;
+        if info.is_linux && crate::host::is_pvm() && !self.allow_pvm_linux {
+            return Err(HypervisorError::Pvm.into());
+        }
+        let initrd = match &self.initrd {
+            None => None,
+            Some(Initrd::Path(p)) => Some(Arc::new(loader::read_initrd(p)?)),
+            Some(Initrd::Bytes(b)) => Some(b.clone()),
+        };
+        let mem_bytes = self.memory_mib << 20;
+        let initrd_addr = check_fit(
+            &info,
+            initrd.as_ref().map(|i| i.len() as u64),
+            self.memory_mib,
+        )?;
+
+        let hv = match &self.hypervisor {
+            Some(h) => h.clone(),
+            None => hypervisor::default_hypervisor()?,
+        };
+        let vm = hv.create_vm(self.cpus)?;
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        vm.map_memory(&mem)?;
+
+        let mut kfile = File::open(&self.kernel).map_err(|source| LoaderError::KernelIo {
+            path: self.kernel.clone(),
+            source,
+        })?;
+        let loaded = Elf::load(&mem, None, &mut kfile, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| VmError::KernelLoad(e.to_string()))?;
+        drop(kfile);
+        let protocol = match info.pvh_entry {
+            Some(entry) => BootProtocol::Pvh { entry },
+            None => BootProtocol::Linux64 {
+                entry: loaded.kernel_load.0,
+            },
+        };
+        let initrd_loc = match (&initrd, initrd_addr) {
+            (Some(data), Some(addr)) => {
+                mem.write_slice(data, GuestAddress(addr))
+                    .map_err(|e| VmError::Memory(e.to_string()))?;
+                Some((addr, data.len() as u64))
+            }
+            _ => None,
+        };
+        let cmdline = match &self.cmdline {
+            Some(c) => c.clone(),
+            None if matches!(self.console, Console::Off) => format!("{DEFAULT_CMDLINE} quiet"),
+            None => DEFAULT_CMDLINE.to_string(),
+        };
+        write_boot_info(
+            &mem,
+            &BootLayout {
+                protocol,
+                cmdline: cmdline.into_bytes(),
+                initrd: initrd_loc,
+                mem_bytes,
+                cpus: self.cpus,
+            },
+        )?;
+        tracing::debug!(kernel = %self.kernel.display(), ?protocol, cpus = self.cpus, memory_mib = self.memory_mib, "guest loaded");
+
+        // Devices.
+        let ring = Arc::new(Mutex::new(ConsoleRing::new(CONSOLE_RING_BYTES)));
+        let echo: Option<Box<dyn Write + Send>> = match self.console {
+            Console::Off => None,
+            Console::Stdout => Some(Box::new(io::stdout())),
+            Console::Stderr => Some(Box::new(io::stderr())),
+            Console::Writer(w) => Some(w),
+        };
+        let com1 = Arc::new(Mutex::new(SerialDevice::new(
+            vm.create_irq(COM1.1)?,
+            ConsoleSink::new(ring.clone(), echo),
+        )));
+        let control: Box<dyn Write + Send> = self.control.unwrap_or_else(|| Box::new(io::sink()));
+        let com2 = Arc::new(Mutex::new(SerialDevice::new(
+            vm.create_irq(COM2.1)?,
+            control,
+        )));
+        let reset = Arc::new(StopLine {
+            state: self.stop.clone(),
+            reason: GuestExit::PowerOff,
+        });
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
+        let boot_time = Arc::new(OnceLock::new());
+        let timer = Arc::new(Mutex::new(BootTimer::new(
+            self.start,
+            boot_time.clone(),
+            None,
+        )));
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let bus_err = |e: msb_devices::bus::BusError| VmError::Memory(e.to_string());
+        pio.insert(u64::from(COM1.0), UART_PORTS, com1.clone())
+            .map_err(bus_err)?;
+        pio.insert(u64::from(COM2.0), UART_PORTS, com2)
+            .map_err(bus_err)?;
+        pio.insert(u64::from(I8042_BASE), I8042_PORTS, i8042)
+            .map_err(bus_err)?;
+        mmio.insert(BOOT_TIMER_START, BOOT_TIMER_LEN, timer)
+            .map_err(bus_err)?;
+        let buses = Arc::new(Buses { pio, mmio });
+
+        // vCPU threads: each creates its vCPU (HVF binds vCPUs to threads), reports, then all
+        // start together so the boot CPU cannot send SIPIs to vCPUs that do not exist yet.
+        let running = Arc::new(AtomicBool::new(true));
+        let go = Arc::new(Barrier::new(self.cpus as usize + 1));
+        let abort = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<dyn Kicker>, HypervisorError>>();
+        let mut threads = Vec::with_capacity(self.cpus as usize);
+        for index in 0..self.cpus {
+            let vm = vm.clone();
+            let buses = buses.clone();
+            let stop = self.stop.clone();
+            let running = running.clone();
+            let go = go.clone();
+            let abort = abort.clone();
+            let ready = ready_tx.clone();
+            let boot = VcpuBoot {
+                index,
+                count: self.cpus,
+                entry: (index == 0).then_some(protocol),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let mut vcpu = match vm.create_vcpu(&boot) {
+                        Ok(v) => {
+                            let _ = ready.send(Ok(v.kicker()));
+                            v
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            go.wait();
+                            return;
+                        }
+                    };
+                    drop(ready);
+                    go.wait();
+                    if abort.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    vcpu_loop(index, vcpu.as_mut(), &buses, &stop, &running);
+                })
+                .map_err(|source| VmError::Io {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        let mut kickers = Vec::with_capacity(self.cpus as usize);
+        let mut first_err = None;
+        for _ in 0..self.cpus {
+            match ready_rx.recv() {
+                Ok(Ok(k)) => kickers.push(k),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(HypervisorError::Vcpu {
+                        index: 0,
+                        msg: "vCPU thread died during set-up".into(),
+                    });
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            abort.store(true, Ordering::SeqCst);
+            go.wait();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e.into());
+        }
+        go.wait();
+
+        let stdin_to_console = self.console_input.then_some(com1);
+        let shared = LoopShared {
+            stop: self.stop.clone(),
+            running,
+            kickers,
+            threads,
+            ring,
+            boot_time: boot_time.clone(),
+            timeout: self.timeout,
+            stdin_to_console,
+            _vm: vm,
+            _mem: mem,
+        };
+        let event_loop = std::thread::Builder::new()
+            .name("vmm-events".into())
+            .spawn(move || shared.run())
+            .map_err(|source| VmError::Io {
+                what: "spawning the event loop",
+                source,
+            })?;
+        Ok(RunningVm {
+            stop: self.stop,
+            boot_time,
+            event_loop: Some(event_loop),
+        })
+    }
+}
+
+fn dummy_eventfd() -> EventFd {
+    // Only reached when the process is out of fds; retrying once after the failure is all we can do.
+    EventFd::new(0).expect("out of file descriptors creating an eventfd")
+}
+
+/// Checks the kernel and initramfs fit in `memory_mib` and returns the initramfs address
+/// (page-aligned, at the top of low RAM).
+fn check_fit(
+    info: &KernelInfo,
+    initrd_len: Option<u64>,
+    memory_mib: u64,
+) -> Result<Option<u64>, VmError> {
+    let low_end = low_ram_end(memory_mib << 20);
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let initrd = initrd_len.unwrap_or(0).next_multiple_of(4096);
+    // A Linux guest also needs room to run: page tables, slab, the unpacked initramfs.
+    let needed = if info.is_linux {
+        info.load_end
+            .saturating_add(initrd)
+            .saturating_add(16 << 20)
+            .max(MIN_LINUX_MEMORY_MIB << 20)
+    } else {
+        info.load_end.saturating_add(initrd)
+    };
+    if info.load_start < HIMEM_START || info.load_end > low_end || needed > (memory_mib << 20) {
+        if info.load_start < HIMEM_START {
+            return Err(VmError::KernelLoad(format!(
+                "kernel wants to load at {:#x}, below 1 MiB",
+                info.load_start
+            )));
+        }
+        return Err(VmError::TooLittleMemory {
+            given: memory_mib,
+            needed: mib(needed.max(info.load_end)),
+        });
+    }
+    match initrd_len {
+        None => Ok(None),
+        Some(len) => {
+            let addr = low_end.saturating_sub(len) & !0xfff;
+            if addr < info.load_end {
+                return Err(VmError::TooLittleMemory {
+                    given: memory_mib,
+                    needed: mib(info.load_end + initrd),
+                });
+            }
+            Ok(Some(addr))
+        }
+    }
+}
+
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+/// Runs one vCPU until it or the VM stops.
+fn vcpu_loop(
+    index: u32,
+    vcpu: &mut dyn hypervisor::Vcpu,
+    buses: &Buses,
+    stop: &StopHandle,
+    running: &AtomicBool,
+) {
+    let mut unhandled: u32 = 0;
+    let mut note_unhandled = |what: &str, addr: u64| {
+        unhandled = unhandled.saturating_add(1);
+        if unhandled <= 8 {
+            tracing::debug!("vCPU {index}: {what} at {addr:#x} has no device");
+        }
+    };
+    while running.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VmExit::IoIn { port, data }) => {
+                if !buses.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                    note_unhandled("port read", u64::from(port));
+                }
+            }
+            Ok(VmExit::IoOut { port, data }) => {
+                if !buses.pio.write(u64::from(port), data) {
+                    note_unhandled("port write", u64::from(port));
+                }
+            }
+            Ok(VmExit::MmioRead { addr, data }) => {
+                if !buses.mmio.read(addr, data) {
+                    data.fill(0);
+                    note_unhandled("MMIO read", addr);
+                }
+            }
+            Ok(VmExit::MmioWrite { addr, data }) => {
+                if !buses.mmio.write(addr, data) {
+                    note_unhandled("MMIO write", addr);
+                }
+            }
+            Ok(VmExit::Interrupted) => {}
+            Ok(VmExit::PowerOff) => {
+                stop.power_off();
+                break;
+            }
+            Ok(VmExit::CpuShutdown) => {
+                stop.0.request(GuestExit::CpuShutdown { vcpu: index });
+                break;
+            }
+            Ok(VmExit::Fatal(message)) => {
+                tracing::error!("vCPU {index}: {message}");
+                stop.0.request(GuestExit::Fatal {
+                    vcpu: Some(index),
+                    message,
+                });
+                break;
+            }
+            Err(e) => {
+                tracing::error!("vCPU {index}: {e}");
+                stop.0.request(GuestExit::Fatal {
+                    vcpu: Some(index),
+                    message: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+}
+
+/// Everything the event loop owns; dropped (closing every fd) when the VM is done.
+struct LoopShared {
+    stop: StopHandle,
+    running: Arc<AtomicBool>,
+    kickers: Vec<Arc<dyn Kicker>>,
+    threads: Vec<JoinHandle<()>>,
+    ring: Arc<Mutex<ConsoleRing>>,
+    boot_time: Arc<OnceLock<Duration>>,
+    timeout: Option<Duration>,
+    stdin_to_console: Option<Arc<Mutex<SerialDevice<ConsoleSink>>>>,
+    _vm: Arc<dyn hypervisor::Vm>,
+    _mem: GuestMemoryMmap,
+}
+
+const TAG_STOP: u32 = 1;
+const TAG_TIMEOUT: u32 = 2;
+const TAG_STDIN: u32 = 3;
+
+/// The event loop's one subscriber.
+struct VmmEvents {
+    stop: StopHandle,
+    timer: Option<TimerFd>,
+    timeout: Option<Duration>,
+    stdin: Option<Arc<Mutex<SerialDevice<ConsoleSink>>>>,
+    done: bool,
+}
+
+impl MutEventSubscriber for VmmEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: i32, tag: u32| ops.add(Events::with_data_raw(fd, tag, EventSet::IN));
+        if let Err(e) = add(self.stop.0.evt.as_raw_fd(), TAG_STOP) {
+            tracing::error!("event loop: cannot watch the stop event: {e:?}");
+        }
+        if let Some(t) = &self.timer {
+            if let Err(e) = add(t.as_raw_fd(), TAG_TIMEOUT) {
+                tracing::error!("event loop: cannot watch the timeout: {e:?}");
+            }
+        }
+        // Standard input that epoll cannot watch (a regular file, /dev/null) is simply not
+        // forwarded: the guest console gets no input.
+        if self.stdin.is_some() && add(io::stdin().as_raw_fd(), TAG_STDIN).is_err() {
+            tracing::debug!("standard input cannot be polled; console input disabled");
+            self.stdin = None;
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TAG_STOP => {
+                let _ = self.stop.0.evt.read();
+                self.done = true;
+            }
+            TAG_TIMEOUT => {
+                if let Some(t) = &mut self.timer {
+                    let _ = t.wait();
+                }
+                self.stop
+                    .0
+                    .request(GuestExit::Timeout(self.timeout.unwrap_or_default()));
+            }
+            TAG_STDIN => {
+                let Some(dev) = &self.stdin else { return };
+                let room = lock(dev).input_capacity();
+                if room == 0 {
+                    // The guest is not reading; let it catch up instead of spinning.
+                    std::thread::sleep(Duration::from_millis(5));
+                    return;
+                }
+                let mut buf = vec![0u8; room.min(64)];
+                match io::stdin().lock().read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = ops.remove(Events::with_data_raw(
+                            io::stdin().as_raw_fd(),
+                            TAG_STDIN,
+                            EventSet::IN,
+                        ));
+                    }
+                    Ok(n) => {
+                        lock(dev).enqueue_input(&buf[..n]);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl LoopShared {
+    fn run(self) -> VmOutcome {
+        let timer = self.timeout.and_then(|d| match TimerFd::new() {
+            Ok(mut t) => t.reset(d, None).ok().map(|_| t),
+            Err(e) => {
+                tracing::error!("cannot arm the timeout: {e}");
+                None
+            }
+        });
+        let raw = RawTerminal::enter(self.stdin_to_console.is_some());
+        let events = VmmEvents {
+            stop: self.stop.clone(),
+            timer,
+            timeout: self.timeout,
+            stdin: self.stdin_to_console.clone(),
+            done: false,
+        };
+        match EventManager::<VmmEvents>::new() {
+            Ok(mut manager) => {
+                let id = manager.add_subscriber(events);
+                loop {
+                    if let Err(e) = manager.run() {
+                        tracing::error!("event loop: {e:?}");
+                        self.stop.fail(format!("event loop failed: {e:?}"));
+                        break;
+                    }
+                    if manager.subscriber_mut(id).map(|s| s.done).unwrap_or(true) {
+                        break;
+                    }
+                }
+            }
+            Err(e) => self
+                .stop
+                .fail(format!("cannot create the event loop: {e:?}")),
+        }
+        drop(raw);
+        self.shutdown()
+    }
+
+    fn shutdown(self) -> VmOutcome {
+        self.running.store(false, Ordering::Release);
+        for k in &self.kickers {
+            k.kick();
+        }
+        for t in self.threads {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        let exit = lock(&self.stop.0.reason)
+            .clone()
+            .unwrap_or(GuestExit::Stopped);
+        let ring = lock(&self.ring);
+        VmOutcome {
+            exit,
+            boot_time: self.boot_time.get().copied(),
+            console_tail: ring.last_lines(CONSOLE_TAIL_LINES),
+            kernel_panicked: ring.contains("Kernel panic"),
+        }
+    }
+}
+
+/// Puts the controlling terminal in raw mode while guest console input is forwarded, so keys
+/// (Ctrl-C included) reach the guest and the guest does the echoing.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enter(on: bool) -> RawTerminal {
+        let fd = io::stdin().as_raw_fd();
+        // SAFETY: isatty only inspects the fd.
+        if !on || unsafe { libc::isatty(fd) } != 1 {
+            return RawTerminal(None);
+        }
+        // SAFETY: termios is plain old data filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a terminal and t is valid for writes.
+        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+            return RawTerminal(None);
+        }
+        let saved = t;
+        // SAFETY: t is a valid termios.
+        unsafe { libc::cfmakeraw(&mut t) };
+        // SAFETY: fd is a terminal; t is valid.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restoring the attributes read from the same terminal.
+            unsafe { libc::tcsetattr(io::stdin().as_raw_fd(), libc::TCSANOW, t) };
+        }
+    }
+}
+
+/// A started VM.
+#[derive(Debug)]
+pub struct RunningVm {
+    stop: StopHandle,
+    boot_time: Arc<OnceLock<Duration>>,
+    event_loop: Option<JoinHandle<VmOutcome>>,
+}
+
+impl RunningVm {
+    /// A handle that stops the VM.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Boot-timer time since VMM start, once the guest signalled it.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time.get().copied()
+    }
+
+    /// Waits until the VM stops; every vCPU thread is joined and every fd closed on return.
+    pub fn wait(mut self) -> VmOutcome {
+        self.join()
+    }
+
+    fn join(&mut self) -> VmOutcome {
+        let fallback = || VmOutcome {
+            exit: GuestExit::Fatal {
+                vcpu: None,
+                message: "VMM event loop panicked".into(),
+            },
+            boot_time: None,
+            console_tail: Vec::new(),
+            kernel_panicked: false,
+        };
+        match self.event_loop.take() {
+            Some(t) => t.join().unwrap_or_else(|_| fallback()),
+            None => fallback(),
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if self.event_loop.is_some() {
+            self.stop.stop();
+            self.join();
+        }
+    }
+}
+
+/// Reads the kernel's load information (exposed for the CLI's checks and tests).
+pub fn kernel_info(path: &Path) -> Result<KernelInfo, LoaderError> {
+    loader::inspect_kernel(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(load_end: u64, is_linux: bool) -> KernelInfo {
+        KernelInfo {
+            entry: 0x100000,
+            pvh_entry: None,
+            load_start: 0x100000,
+            load_end,
+            is_linux,
+        }
+    }
+
+    #[test]
+    fn fit_checks() {
+        // A tiny test guest fits in 8 MiB with a 1 MiB initramfs at the top.
+        assert_eq!(
+            check_fit(&info(0x200000, false), Some(1 << 20), 8).unwrap(),
+            Some((8 << 20) - (1 << 20))
+        );
+        assert_eq!(check_fit(&info(0x200000, false), None, 8).unwrap(), None);
+        // A Linux kernel ending at 30 MiB cannot boot in 32 MiB.
+        assert!(matches!(
+            check_fit(&info(30 << 20, true), None, 32),
+            Err(VmError::TooLittleMemory { needed: 46, .. })
+        ));
+        assert!(check_fit(&info(30 << 20, true), Some(4 << 20), 128).is_ok());
+        // The image itself must fit.
+        assert!(matches!(
+            check_fit(&info(20 << 20, false), None, 16),
+            Err(VmError::TooLittleMemory { .. })
+        ));
+        let low = KernelInfo {
+            load_start: 0x8000,
+            ..info(0x200000, false)
+        };
+        assert!(matches!(
+            check_fit(&low, None, 16),
+            Err(VmError::KernelLoad(_))
+        ));
+    }
+
+    #[test]
+    fn initrd_is_page_aligned_at_the_top() {
+        let addr = check_fit(&info(0x200000, false), Some(12345), 64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + 12345 <= 64 << 20);
+    }
+}

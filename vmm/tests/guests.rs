@@ -1,0 +1,270 @@
+//! Test tier 2: tiny guest programs (crate msb-test-guests) boot on this host's /dev/kvm, PVM
+//! included, and report what the VMM set up. They run in milliseconds.
+//!
+//! These tests need /dev/kvm; without it they fail with the reason (they never skip).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use msb_test_guests as guests;
+use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder, VmOutcome};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "tier-2 tests need read/write access to /dev/kvm ({e}); run them on a host with KVM"
+        );
+    }
+}
+
+/// Boots `b` with the console captured; returns the outcome and the console text.
+fn boot(b: VmBuilder) -> (VmOutcome, String) {
+    require_kvm();
+    let cap = Capture::default();
+    let out = b
+        .console(Console::Writer(Box::new(cap.clone())))
+        .timeout(Some(Duration::from_secs(20)))
+        .run()
+        .expect("VM starts");
+    (out, cap.text())
+}
+
+/// Parses `key=hex` lines; repeated keys keep every value in order.
+fn kv(text: &str) -> HashMap<String, Vec<u64>> {
+    let mut m: HashMap<String, Vec<u64>> = HashMap::new();
+    for line in text.lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            if let Ok(n) = u64::from_str_radix(v.trim(), 16) {
+                m.entry(k.to_string()).or_default().push(n);
+            }
+        }
+    }
+    m
+}
+
+fn one(m: &HashMap<String, Vec<u64>>, k: &str) -> u64 {
+    match m.get(k).map(Vec::as_slice) {
+        Some([v]) => *v,
+        other => panic!("expected one {k}= line, got {other:?}"),
+    }
+}
+
+#[test]
+fn pvh_entry_state_start_info_and_memory_map() {
+    let initrd = Arc::new(vec![0x5au8; 10_000]);
+    let mem_mib = 64;
+    let (out, text) = boot(
+        VmBuilder::new(guests::pvh_boot())
+            .memory_mib(mem_mib)
+            .initrd(Initrd::Bytes(initrd.clone()))
+            .cmdline("test=1 msb \"quoted\""),
+    );
+    assert_eq!(out.exit, GuestExit::PowerOff, "console:\n{text}");
+    let m = kv(&text);
+    // 32-bit protected mode, paging off, flat segments from our GDT, interrupts off.
+    assert_eq!(one(&m, "cr0") & 0x8000_0001, 1);
+    assert_eq!(one(&m, "eflags"), 2);
+    assert_eq!((one(&m, "cs"), one(&m, "ds")), (8, 0x10));
+    assert_eq!(one(&m, "start_info"), 0x6000);
+    assert_eq!(one(&m, "magic"), 0x336e_c578);
+    assert_eq!(one(&m, "version"), 1);
+    assert_eq!(one(&m, "nr_modules"), 1);
+    assert_eq!(one(&m, "mod_size"), initrd.len() as u64);
+    let mod_paddr = one(&m, "mod_paddr");
+    assert_eq!(mod_paddr % 4096, 0);
+    assert!(mod_paddr + initrd.len() as u64 <= mem_mib << 20);
+    assert!(text.contains("cmdline=test=1 msb \"quoted\"\n"), "{text}");
+    // Memory map: low RAM below the EBDA, then 1 MiB to the end of memory.
+    assert_eq!(one(&m, "memmap_entries"), 2);
+    assert_eq!(m["mm_addr"], vec![0, 0x10_0000]);
+    assert_eq!(m["mm_size_lo"], vec![0x9fc00, (mem_mib << 20) - 0x10_0000]);
+    assert_eq!(m["mm_type"], vec![1, 1]);
+    // CPUID says KVM; the BSP is APIC 0.
+    assert_eq!(one(&m, "hv_sig"), u64::from(u32::from_le_bytes(*b"KVMK")));
+    assert_eq!(one(&m, "apic_id"), 0);
+    // Nothing claims port 0x510 or MMIO 0xd0000000: all-ones and zero, and the guest goes on.
+    assert_eq!(one(&m, "unclaimed_port"), 0xff);
+    assert_eq!(one(&m, "unclaimed_mmio"), 0);
+    assert!(text.contains("boot_timer=written"));
+    let boot = out.boot_time.expect("the boot timer fired");
+    assert!(boot > Duration::ZERO);
+}
+
+#[test]
+fn linux_64bit_protocol_long_mode_and_zero_page() {
+    let (out, text) = boot(
+        VmBuilder::new(guests::linux64_boot())
+            .memory_mib(1024)
+            .cmdline("console=ttyS0 x=y"),
+    );
+    assert_eq!(out.exit, GuestExit::PowerOff, "console:\n{text}");
+    let m = kv(&text);
+    assert_eq!(one(&m, "efer") & 0x500, 0x500, "LME and LMA");
+    assert_eq!(one(&m, "cr0") & 0x8000_0001, 0x8000_0001, "PE and PG");
+    assert_eq!(one(&m, "cr4") & 0x20, 0x20, "PAE");
+    assert_eq!(one(&m, "cr3"), 0x9000);
+    assert_eq!(one(&m, "rsp"), 0x8ff0);
+    assert_eq!(one(&m, "zero_page"), 0x7000);
+    assert_eq!(one(&m, "hdr_magic"), 0x5372_6448);
+    assert_eq!(one(&m, "e820_entries"), 2);
+    assert!(text.contains("cmdline=console=ttyS0 x=y\n"), "{text}");
+    assert_eq!(
+        one(&m, "mem_512m"),
+        0x1234,
+        "identity map covers the first GiB"
+    );
+    assert!(
+        out.boot_time.is_some(),
+        "boot timer reachable from long mode"
+    );
+}
+
+#[test]
+fn second_vcpu_starts_and_mp_table_lists_all_cpus() {
+    for cpus in [2, 4] {
+        let (out, text) = boot(VmBuilder::new(guests::smp()).cpus(cpus));
+        assert_eq!(out.exit, GuestExit::PowerOff, "console:\n{text}");
+        let m = kv(&text);
+        assert_eq!(one(&m, "mp_cpus"), u64::from(cpus));
+        assert_eq!(one(&m, "bsp_apic"), 0);
+        assert!(
+            text.contains("ap=started"),
+            "vCPU 1 never ran its SIPI trampoline:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn guest_fault_ends_the_vm_with_an_error() {
+    let (out, text) = boot(VmBuilder::new(guests::fault()));
+    assert!(text.contains("faulting"));
+    assert!(!text.contains("still alive"));
+    // Hardware KVM reports the triple fault as a CPU shutdown; PVM cannot emulate the faulting
+    // path and reports an internal error. Either way the VM stops with a failure, never a hang.
+    match &out.exit {
+        GuestExit::CpuShutdown { vcpu: 0 } => {}
+        GuestExit::Fatal {
+            vcpu: Some(0),
+            message,
+        } if msb_vmm::host::is_pvm() => assert!(message.contains("internal error"), "{message}"),
+        other => panic!("unexpected exit {other:?}"),
+    }
+}
+
+#[test]
+fn reset_is_a_clean_power_off_and_signals_boot() {
+    let (out, _) = boot(VmBuilder::new(guests::stub()));
+    assert_eq!(out.exit, GuestExit::PowerOff);
+    assert!(out.boot_time.is_some());
+    assert!(!out.kernel_panicked);
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_by_timeout_and_stop_handle() {
+    require_kvm();
+    let cap = Capture::default();
+    let out = VmBuilder::new(guests::hang())
+        .cpus(2)
+        .console(Console::Writer(Box::new(cap.clone())))
+        .timeout(Some(Duration::from_millis(300)))
+        .run()
+        .unwrap();
+    assert_eq!(out.exit, GuestExit::Timeout(Duration::from_millis(300)));
+    assert!(cap.text().contains("hanging"));
+    assert!(out.boot_time.is_none(), "the hang guest never signals boot");
+
+    let b = VmBuilder::new(guests::hang());
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    stop.stop();
+    assert_eq!(vm.wait().exit, GuestExit::Stopped);
+}
+
+#[test]
+fn console_ring_keeps_output_when_not_shown() {
+    require_kvm();
+    let out = VmBuilder::new(guests::pvh_boot()).run().unwrap();
+    assert_eq!(out.exit, GuestExit::PowerOff);
+    assert!(
+        out.console_tail.iter().any(|l| l == "boot_timer=written"),
+        "{:?}",
+        out.console_tail
+    );
+    assert_eq!(out.console_tail.last().map(String::as_str), Some("reset"));
+}
+
+fn count_dir(path: &str) -> usize {
+    std::fs::read_dir(path).unwrap().count()
+}
+
+#[test]
+fn twenty_boots_leak_no_fds_or_threads() {
+    require_kvm();
+    // Warm up once: the first boot installs the kick signal handler and logging state.
+    VmBuilder::new(guests::stub()).run().unwrap();
+    let fds = count_dir("/proc/self/fd");
+    let threads = count_dir("/proc/self/task");
+    for _ in 0..20 {
+        let out = VmBuilder::new(guests::smp()).cpus(2).run().unwrap();
+        assert_eq!(out.exit, GuestExit::PowerOff);
+    }
+    // Other tests run in parallel threads of this process; allow for them, but not for 20 boots'
+    // worth of leaks (each boot opens over ten fds and starts three threads).
+    let (fds_after, threads_after) = (count_dir("/proc/self/fd"), count_dir("/proc/self/task"));
+    assert!(fds_after <= fds + 8, "fds {fds} -> {fds_after}");
+    assert!(
+        threads_after <= threads + 6,
+        "threads {threads} -> {threads_after}"
+    );
+}
+
+#[test]
+fn user_mistakes_get_clear_errors() {
+    use msb_vmm::vm::VmError;
+    let e = VmBuilder::new(guests::stub()).cpus(0).run().unwrap_err();
+    assert!(matches!(e, VmError::BadCpus(0)));
+    assert!(e.to_string().contains("use 1 to 64"));
+    let e = VmBuilder::new(guests::stub())
+        .memory_mib(2)
+        .run()
+        .unwrap_err();
+    assert!(e.to_string().contains("--memory 2 MiB"), "{e}");
+    let e = VmBuilder::new("/nonexistent/vmlinux").run().unwrap_err();
+    assert!(e.to_string().contains("no such file"), "{e}");
+    let text = std::env::temp_dir().join(format!("msb-not-elf-{}", std::process::id()));
+    std::fs::write(&text, vec![b'x'; 4096]).unwrap();
+    let e = VmBuilder::new(&text).run().unwrap_err();
+    assert!(e.to_string().contains("not an ELF image"), "{e}");
+    std::fs::remove_file(&text).unwrap();
+    let e = VmBuilder::new(guests::stub())
+        .initrd(Initrd::Path("/nonexistent.cpio".into()))
+        .run()
+        .unwrap_err();
+    assert!(e.to_string().contains("initramfs /nonexistent.cpio"), "{e}");
+}
