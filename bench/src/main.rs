@@ -1,1 +1,551 @@
-fn main() {}
+//! msb-bench: boot-time distributions for msb-vmm and, in the same run, for peers given on the
+//! command line. Never a single number: every figure is min/p50/p90/p99/max over N runs, with
+//! the machine it ran on.
+
+mod stats;
+mod svg;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use stats::{summarize, Summary};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "msb-bench",
+    about = "msb-vmm benchmarks: distributions, peers, plots"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot N times in a row: VMM start → boot timer, process spawn → exit, max RSS.
+    Boot(BootArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Guest {
+    /// The tier-2 stub guest: writes the boot timer and resets at once (the VMM's own cost).
+    Stub,
+    /// The real kernel and the msb-init initramfs, running `true`.
+    Linux,
+}
+
+#[derive(clap::Args, Debug)]
+struct BootArgs {
+    /// Which guest to boot.
+    #[arg(long, value_enum, default_value_t = Guest::Stub)]
+    guest: Guest,
+    /// Boots per runner.
+    #[arg(long, default_value_t = 50)]
+    iterations: usize,
+    /// vCPUs per guest.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Write all samples and summaries as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Histogram picture (SVG); default bench/out/boot-<guest>.svg.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// A peer to compare with, booting the same guest: firecracker=PATH or qemu=PATH.
+    #[arg(long = "peer", value_name = "NAME=PATH")]
+    peers: Vec<String>,
+    /// The msb-vmm binary (default: next to msb-bench).
+    #[arg(long, value_name = "PATH")]
+    msb_vmm: Option<PathBuf>,
+    /// Guest kernel for --guest linux (default: the one `./x setup` built).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+/// One boot's measurements.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Sample {
+    spawn_to_exit_ms: f64,
+    boot_timer_ms: Option<f64>,
+    max_rss_kib: u64,
+    exit_ok: bool,
+}
+
+/// Something that boots the guest once per call.
+trait Runner {
+    fn name(&self) -> &str;
+    fn boot_once(&self, scratch: &Path) -> Result<Sample>;
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Boot(a) => boot(a),
+    }
+}
+
+/// Spawns `cmd` with output to `out`, waits with wait4 for its rusage.
+fn timed_spawn(mut cmd: Command, out: &Path) -> Result<(f64, u64, bool)> {
+    let log = File::create(out)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let start = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child; status and usage are valid out-pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+    if r != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    // The child is reaped; std must not wait for it again.
+    std::mem::forget(child);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok((elapsed, usage.ru_maxrss as u64, ok))
+}
+
+struct MsbVmm {
+    bin: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Runner for MsbVmm {
+    fn name(&self) -> &str {
+        "msb-vmm"
+    }
+    fn boot_once(&self, scratch: &Path) -> Result<Sample> {
+        let report = scratch.join("report.json");
+        let _ = std::fs::remove_file(&report);
+        let mut cmd = Command::new(&self.bin);
+        // `--report` belongs to the subcommand: insert it right after it.
+        cmd.arg(&self.args[0])
+            .arg("--report")
+            .arg(&report)
+            .args(&self.args[1..]);
+        let out = scratch.join("msb-vmm.log");
+        let (ms, rss, ok) = timed_spawn(cmd, &out)?;
+        if !ok {
+            bail!(
+                "msb-vmm failed: {}",
+                std::fs::read_to_string(&out).unwrap_or_default().trim()
+            );
+        }
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).context("reading the msb-vmm report")?)?;
+        let boot = r["boot_time_us"].as_u64().map(|us| us as f64 / 1000.0);
+        Ok(Sample {
+            spawn_to_exit_ms: ms,
+            boot_timer_ms: boot,
+            max_rss_kib: rss,
+            exit_ok: ok,
+        })
+    }
+}
+
+struct Firecracker {
+    bin: PathBuf,
+    config: PathBuf,
+}
+
+impl Runner for Firecracker {
+    fn name(&self) -> &str {
+        "firecracker"
+    }
+    fn boot_once(&self, scratch: &Path) -> Result<Sample> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--no-api")
+            .arg("--config-file")
+            .arg(&self.config)
+            .arg("--boot-timer")
+            .arg("--level")
+            .arg("Info");
+        let out = scratch.join("firecracker.log");
+        let (ms, rss, ok) = timed_spawn(cmd, &out)?;
+        let log = std::fs::read_to_string(&out).unwrap_or_default();
+        // "Guest-boot-time =   1234 us 1 ms, ..."
+        let boot = log
+            .split("Guest-boot-time =")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|us| us.parse::<f64>().ok())
+            .map(|us| us / 1000.0);
+        Ok(Sample {
+            spawn_to_exit_ms: ms,
+            boot_timer_ms: boot,
+            max_rss_kib: rss,
+            exit_ok: ok,
+        })
+    }
+}
+
+struct Qemu {
+    bin: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Runner for Qemu {
+    fn name(&self) -> &str {
+        "qemu"
+    }
+    fn boot_once(&self, scratch: &Path) -> Result<Sample> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args);
+        let (ms, rss, ok) = timed_spawn(cmd, &scratch.join("qemu.log"))?;
+        // QEMU has no boot-timer device: only spawn → exit.
+        Ok(Sample {
+            spawn_to_exit_ms: ms,
+            boot_timer_ms: None,
+            max_rss_kib: rss,
+            exit_ok: ok,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    kernel: String,
+    kvm: String,
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm (PVM, software nested)".into()
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "kvm_intel".into()
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "kvm_amd".into()
+    } else {
+        "none".into()
+    };
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        kernel,
+        kvm,
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
+        return d.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    base.join("msb-vmm")
+}
+
+/// The newest cached default initramfs (built by msb-vmm on its first `run`).
+fn default_initramfs() -> Result<PathBuf> {
+    let dir = cache_dir().join("initramfs");
+    let newest = std::fs::read_dir(&dir)
+        .with_context(|| {
+            format!(
+                "no initramfs in {}: run `./x run -- true` once",
+                dir.display()
+            )
+        })?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cpio"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    newest.map(|e| e.path()).with_context(|| {
+        format!(
+            "no initramfs in {}: run `./x run -- true` once",
+            dir.display()
+        )
+    })
+}
+
+#[derive(Serialize)]
+struct RunnerResult {
+    name: String,
+    samples: Vec<Sample>,
+    spawn_to_exit_ms: Option<Summary>,
+    boot_timer_ms: Option<Summary>,
+    max_rss_mib: Option<Summary>,
+    failures: usize,
+}
+
+fn boot(a: BootArgs) -> Result<()> {
+    if a.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let msb_vmm = match &a.msb_vmm {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("msb-vmm"),
+    };
+    if !msb_vmm.exists() {
+        bail!(
+            "msb-vmm not found at {}: build it (`./x setup`) or pass --msb-vmm PATH",
+            msb_vmm.display()
+        );
+    }
+    let machine = machine();
+    if a.guest == Guest::Linux && Path::new("/sys/module/kvm_pvm").exists() {
+        bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run inside the L2 VM, `./x l2 -- target/release/msb-bench boot --guest linux ...` (timings there are only meaningful as ratios)");
+    }
+    let stub = msb_test_guests::stub().to_path_buf();
+    let kernel = a
+        .kernel
+        .clone()
+        .unwrap_or_else(|| cache_dir().join("vmlinux-x86_64"));
+    let run_spec = msb_init::spec::RunSpec::new(vec![b"true".to_vec()]);
+    let linux_cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 no_timer_check quiet {}",
+        run_spec.to_cmdline_param()
+    );
+    let initramfs = if a.guest == Guest::Linux {
+        Some(default_initramfs()?)
+    } else {
+        None
+    };
+
+    let mut runners: Vec<Box<dyn Runner>> = Vec::new();
+    let (cpus, mem) = (a.cpus.to_string(), a.memory.to_string());
+    let vm_args: Vec<OsString> = match a.guest {
+        Guest::Stub => vec![
+            "boot".into(),
+            "--kernel".into(),
+            stub.clone().into(),
+            "--cpus".into(),
+            cpus.clone().into(),
+            "--memory".into(),
+            mem.clone().into(),
+        ],
+        Guest::Linux => vec![
+            "run".into(),
+            "--kernel".into(),
+            kernel.clone().into(),
+            "--cpus".into(),
+            cpus.clone().into(),
+            "--memory".into(),
+            mem.clone().into(),
+            "--".into(),
+            "true".into(),
+        ],
+    };
+    runners.push(Box::new(MsbVmm {
+        bin: msb_vmm,
+        args: vm_args,
+    }));
+    let scratch = std::env::temp_dir().join(format!("msb-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    for p in &a.peers {
+        let Some((name, path)) = p.split_once('=') else {
+            bail!("--peer {p}: expected NAME=PATH, e.g. qemu=/usr/bin/qemu-system-x86_64")
+        };
+        let path = PathBuf::from(path);
+        if !path.exists() {
+            bail!("--peer {name}: {} does not exist", path.display());
+        }
+        let (guest_kernel, cmdline) = match a.guest {
+            Guest::Stub => (stub.clone(), "console=ttyS0".to_string()),
+            Guest::Linux => (kernel.clone(), linux_cmdline.clone()),
+        };
+        match name {
+            "firecracker" => {
+                let mut cfg = serde_json::json!({
+                    "boot-source": {"kernel_image_path": guest_kernel, "boot_args": cmdline},
+                    "drives": [],
+                    "machine-config": {"vcpu_count": a.cpus, "mem_size_mib": a.memory, "smt": false}
+                });
+                if let Some(i) = &initramfs {
+                    cfg["boot-source"]["initrd_path"] = serde_json::json!(i);
+                }
+                let config = scratch.join("firecracker.json");
+                std::fs::write(&config, cfg.to_string())?;
+                runners.push(Box::new(Firecracker { bin: path, config }));
+            }
+            "qemu" => {
+                let mut args: Vec<OsString> = [
+                    "-M",
+                    "microvm",
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "qemu64",
+                    "-m",
+                    &mem,
+                    "-smp",
+                    &cpus,
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-no-reboot",
+                    "-device",
+                    "i8042",
+                    "-serial",
+                    "null",
+                    "-kernel",
+                ]
+                .iter()
+                .map(OsString::from)
+                .collect();
+                args.push(guest_kernel.into());
+                if let Some(i) = &initramfs {
+                    args.push("-initrd".into());
+                    args.push(i.into());
+                }
+                args.push("-append".into());
+                args.push(cmdline.into());
+                runners.push(Box::new(Qemu { bin: path, args }));
+            }
+            other => bail!("--peer {other}: unknown peer (firecracker or qemu)"),
+        }
+    }
+
+    eprintln!(
+        "msb-bench boot: guest={:?}, {} iterations per runner, {} vCPU, {} MiB",
+        a.guest, a.iterations, a.cpus, a.memory
+    );
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); runners.len()];
+    let mut failures = vec![0usize; runners.len()];
+    // Interleave runners so drift on the machine affects all of them alike.
+    for i in 0..a.iterations {
+        for (r, runner) in runners.iter().enumerate() {
+            match runner.boot_once(&scratch) {
+                Ok(s) if s.exit_ok || runner.name() != "msb-vmm" => samples[r].push(s),
+                Ok(_) => failures[r] += 1,
+                Err(e) => {
+                    failures[r] += 1;
+                    if failures[r] == 1 {
+                        eprintln!("msb-bench: {} failed (iteration {i}): {e:#}", runner.name());
+                    }
+                }
+            }
+        }
+        if (i + 1) % 10 == 0 {
+            eprint!("\r{}/{}", i + 1, a.iterations);
+        }
+    }
+    eprintln!();
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let results: Vec<RunnerResult> = runners
+        .iter()
+        .zip(samples)
+        .zip(failures)
+        .map(|((r, s), failures)| RunnerResult {
+            name: r.name().to_string(),
+            spawn_to_exit_ms: summarize(&s.iter().map(|x| x.spawn_to_exit_ms).collect::<Vec<_>>()),
+            boot_timer_ms: summarize(&s.iter().filter_map(|x| x.boot_timer_ms).collect::<Vec<_>>()),
+            max_rss_mib: summarize(
+                &s.iter()
+                    .map(|x| x.max_rss_kib as f64 / 1024.0)
+                    .collect::<Vec<_>>(),
+            ),
+            samples: s,
+            failures,
+        })
+        .collect();
+
+    println!(
+        "machine: {} ({} cores), host kernel {}, {}",
+        machine.cpu, machine.cores, machine.kernel, machine.kvm
+    );
+    println!(
+        "guest: {:?}, {} vCPU, {} MiB, {} boots per runner\n",
+        a.guest, a.cpus, a.memory, a.iterations
+    );
+    println!(
+        "{:<12} {:<22} {:>8} {:>8} {:>8} {:>8} {:>8}  p50 vs msb-vmm",
+        "runner", "metric", "min", "p50", "p90", "p99", "max"
+    );
+    let base = &results[0];
+    for r in &results {
+        for (metric, s, b) in [
+            ("VMM start→boot timer", r.boot_timer_ms, base.boot_timer_ms),
+            ("spawn→exit (ms)", r.spawn_to_exit_ms, base.spawn_to_exit_ms),
+            ("max RSS (MiB)", r.max_rss_mib, base.max_rss_mib),
+        ] {
+            let Some(s) = s else { continue };
+            let ratio = match b {
+                Some(b) if r.name != base.name && b.p50 > 0.0 => format!("{:.2}x", s.p50 / b.p50),
+                _ => String::new(),
+            };
+            println!(
+                "{:<12} {:<22} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}",
+                r.name, metric, s.min, s.p50, s.p90, s.p99, s.max, ratio
+            );
+        }
+        if r.failures > 0 {
+            println!("{:<12} failed runs: {}", r.name, r.failures);
+        }
+    }
+
+    let svg_path = a.svg.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "bench/out/boot-{}.svg",
+            if a.guest == Guest::Stub {
+                "stub"
+            } else {
+                "linux"
+            }
+        ))
+    });
+    if let Some(dir) = svg_path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let series: Vec<(String, Vec<f64>)> = results
+        .iter()
+        .map(|r| {
+            (
+                format!("{} spawn→exit", r.name),
+                r.samples.iter().map(|s| s.spawn_to_exit_ms).collect(),
+            )
+        })
+        .collect();
+    let title = format!(
+        "boot {:?} guest, {} vCPU, {} MiB: spawn → exit ({})",
+        a.guest, a.cpus, a.memory, machine.kvm
+    );
+    std::fs::write(
+        &svg_path,
+        svg::histogram(&title, "milliseconds", &series, 40),
+    )?;
+    eprintln!("histogram: {}", svg_path.display());
+    if let Some(j) = &a.json {
+        let doc = serde_json::json!({ "machine": machine, "guest": a.guest, "cpus": a.cpus, "memory_mib": a.memory, "iterations": a.iterations, "results": results });
+        std::fs::write(j, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("json: {}", j.display());
+    }
+    if results[0].failures > 0 {
+        bail!("{} msb-vmm boots failed", results[0].failures);
+    }
+    Ok(())
+}

@@ -316,6 +316,25 @@ fn identity(path: &Path) -> Result<String, InitramfsError> {
 /// Format version of the default image; bump when `build_default` changes.
 const IMAGE_VERSION: u32 = 1;
 
+/// Cached images kept; older ones (from earlier msb-init builds) are removed.
+const KEEP_IMAGES: usize = 4;
+
+/// Removes all but the `keep` most recently modified images in `dir`.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cpio"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    images.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    for (_, p) in images.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Path of the cached default initramfs for these inputs, building it if needed.
 pub fn cached_default(
     cache_dir: &Path,
@@ -382,6 +401,7 @@ pub fn cached_default(
     drop(f);
     std::fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
     tracing::debug!("built initramfs {} ({} bytes)", path.display(), image.len());
+    prune(&dir, KEEP_IMAGES);
     Ok(path)
 }
 

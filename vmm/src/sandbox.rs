@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use msb_devices::bus::lock;
 pub use msb_init::control::ExitStatus;
-use msb_init::control::GuestMessage;
-use msb_init::frame::FrameDecoder;
+use msb_init::control::{ControlError, ControlEvent, ControlReceiver};
 use msb_init::spec::{RunSpec, SpecError};
 use msb_init::PROTOCOL_VERSION;
 use thiserror::Error;
@@ -253,12 +252,11 @@ impl SandboxCommand {
             });
         let state = Arc::new(Mutex::new(ControlState::default()));
         let sink = ControlSink {
-            decoder: FrameDecoder::new(),
+            receiver: ControlReceiver::new(),
             state: state.clone(),
             stdout,
             stderr,
             stop: builder.stop_handle(),
-            failed: false,
         };
         builder = builder.control_port(Box::new(sink));
         let vm = builder.run()?;
@@ -306,93 +304,49 @@ impl Write for SharedBuf {
 
 #[derive(Debug, Default)]
 struct ControlState {
-    hello: bool,
     exit: Option<ExitStatus>,
     errors: Vec<String>,
     version_mismatch: Option<u32>,
 }
 
-/// Decodes msb-init's control stream as it arrives on the UART (in the vCPU thread, so a slow
-/// reader of our stdout slows the guest down instead of buffering without bound). Every byte
-/// is hostile: a framing error, an oversized frame or a message out of order fails the VM.
+/// Most msb-init messages kept per run.
+const MAX_GUEST_ERRORS: usize = 16;
+
+/// Feeds msb-init's control stream (as it arrives on the UART, in the vCPU thread, so a slow
+/// reader of our stdout slows the guest down instead of buffering without bound) through the
+/// protocol's [`ControlReceiver`]; any violation fails the VM.
 struct ControlSink {
-    decoder: FrameDecoder,
+    receiver: ControlReceiver,
     state: Arc<Mutex<ControlState>>,
     stdout: Box<dyn Write + Send>,
     stderr: Box<dyn Write + Send>,
     stop: StopHandle,
-    failed: bool,
-}
-
-impl ControlSink {
-    fn fail(&mut self, why: String) {
-        tracing::error!("guest control stream: {why}");
-        self.failed = true;
-        self.stop.fail(format!("guest control stream: {why}"));
-    }
-
-    fn handle(&mut self, msg: GuestMessage) {
-        let mut st = lock(&self.state);
-        if !st.hello && !matches!(msg, GuestMessage::Hello { .. }) {
-            drop(st);
-            return self.fail("message before Hello".into());
-        }
-        if st.exit.is_some() {
-            drop(st);
-            return self.fail("message after Exited".into());
-        }
-        match msg {
-            GuestMessage::Hello { version } => {
-                if st.hello {
-                    drop(st);
-                    return self.fail("second Hello".into());
-                }
-                st.hello = true;
-                if version != PROTOCOL_VERSION {
-                    st.version_mismatch = Some(version);
-                    drop(st);
-                    self.fail(format!(
-                        "guest speaks protocol {version}, host {PROTOCOL_VERSION}"
-                    ));
-                }
-            }
-            GuestMessage::Stdout(b) => {
-                drop(st);
-                let _ = self.stdout.write_all(&b).and_then(|_| self.stdout.flush());
-            }
-            GuestMessage::Stderr(b) => {
-                drop(st);
-                let _ = self.stderr.write_all(&b).and_then(|_| self.stderr.flush());
-            }
-            GuestMessage::Error(e) => {
-                // Bounded: a guest cannot grow this without bound.
-                if st.errors.len() < 16 {
-                    st.errors.push(e.chars().take(1024).collect());
-                }
-            }
-            GuestMessage::Exited(status) => st.exit = Some(status),
-        }
-    }
 }
 
 impl Write for ControlSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.failed {
-            return Ok(buf.len());
-        }
-        self.decoder.push(buf);
-        loop {
-            match self.decoder.next_frame::<GuestMessage>() {
-                Ok(Some(msg)) => self.handle(msg),
-                Ok(None) => break,
-                Err(e) => {
-                    self.fail(e.to_string());
-                    break;
+        let (state, stdout, stderr) = (&self.state, &mut self.stdout, &mut self.stderr);
+        let res = self.receiver.push(buf, |event| match event {
+            ControlEvent::Stdout(b) => {
+                let _ = stdout.write_all(&b).and_then(|_| stdout.flush());
+            }
+            ControlEvent::Stderr(b) => {
+                let _ = stderr.write_all(&b).and_then(|_| stderr.flush());
+            }
+            ControlEvent::Error(e) => {
+                let mut st = lock(state);
+                if st.errors.len() < MAX_GUEST_ERRORS {
+                    st.errors.push(e);
                 }
             }
-            if self.failed {
-                break;
+            ControlEvent::Exited(status) => lock(state).exit = Some(status),
+        });
+        if let Err(e) = res {
+            tracing::error!("guest control stream: {e}");
+            if let ControlError::Version { guest, .. } = e {
+                lock(&self.state).version_mismatch = Some(guest);
             }
+            self.stop.fail(format!("guest control stream: {e}"));
         }
         Ok(buf.len())
     }
@@ -405,89 +359,56 @@ impl Write for ControlSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use msb_init::control::GuestMessage;
     use msb_init::frame::encode;
 
-    type Parts = (
-        ControlSink,
-        Arc<Mutex<ControlState>>,
-        Arc<Mutex<Vec<u8>>>,
-        StopHandle,
-    );
-
-    fn sink() -> Parts {
+    #[test]
+    fn output_exit_and_failures_reach_the_run() {
         let state = Arc::new(Mutex::new(ControlState::default()));
         let out = Arc::new(Mutex::new(Vec::new()));
         let stop = VmBuilder::new("/nonexistent").stop_handle();
-        let s = ControlSink {
-            decoder: FrameDecoder::new(),
+        let mut sink = ControlSink {
+            receiver: ControlReceiver::new(),
             state: state.clone(),
             stdout: Box::new(SharedBuf(out.clone())),
             stderr: Box::new(io::sink()),
-            stop: stop.clone(),
-            failed: false,
+            stop,
         };
-        (s, state, out, stop)
-    }
-
-    #[test]
-    fn byte_at_a_time_stream() {
-        let (mut s, state, out, _) = sink();
         let mut stream = encode(&GuestMessage::Hello {
             version: PROTOCOL_VERSION,
         })
         .unwrap();
         stream.extend(encode(&GuestMessage::Stdout(b"hi\n".to_vec())).unwrap());
+        stream.extend(encode(&GuestMessage::Error("boom".into())).unwrap());
         stream.extend(encode(&GuestMessage::Exited(ExitStatus::Code(7))).unwrap());
         for b in stream {
-            s.write_all(&[b]).unwrap();
+            sink.write_all(&[b]).unwrap();
         }
         assert_eq!(&*lock(&out), b"hi\n");
         assert_eq!(lock(&state).exit, Some(ExitStatus::Code(7)));
-        assert!(!s.failed);
-    }
-
-    #[test]
-    fn hostile_streams_fail_the_vm() {
-        let cases: Vec<Vec<u8>> = vec![
-            encode(&GuestMessage::Stdout(b"x".to_vec())).unwrap(), // before Hello
-            vec![0xff, 0xff, 0xff, 0xff, 0],                       // oversized length
-            [
-                encode(&GuestMessage::Hello {
-                    version: PROTOCOL_VERSION,
-                })
-                .unwrap(),
-                vec![1, 0, 0, 0, 0xee],
-            ]
-            .concat(),
-            [
-                encode(&GuestMessage::Hello {
-                    version: PROTOCOL_VERSION,
-                })
-                .unwrap(),
-                encode(&GuestMessage::Exited(ExitStatus::Code(0))).unwrap(),
-                encode(&GuestMessage::Stdout(b"late".to_vec())).unwrap(),
-            ]
-            .concat(),
-        ];
-        for c in cases {
-            let (mut s, _, out, _) = sink();
-            s.write_all(&c).unwrap();
-            assert!(s.failed, "{c:?}");
-            assert!(!lock(&out).ends_with(b"late"));
-        }
+        assert_eq!(lock(&state).errors, vec!["boom".to_string()]);
+        sink.write_all(&encode(&GuestMessage::Stdout(b"late".to_vec())).unwrap())
+            .unwrap();
+        assert_eq!(&*lock(&out), b"hi\n", "nothing after Exited reaches stdout");
     }
 
     #[test]
     fn version_mismatch_is_recorded() {
-        let (mut s, state, _, _) = sink();
-        s.write_all(
+        let state = Arc::new(Mutex::new(ControlState::default()));
+        let mut sink = ControlSink {
+            receiver: ControlReceiver::new(),
+            state: state.clone(),
+            stdout: Box::new(io::sink()),
+            stderr: Box::new(io::sink()),
+            stop: VmBuilder::new("/nonexistent").stop_handle(),
+        };
+        sink.write_all(
             &encode(&GuestMessage::Hello {
                 version: PROTOCOL_VERSION + 1,
             })
             .unwrap(),
         )
         .unwrap();
-        assert!(s.failed);
         assert_eq!(lock(&state).version_mismatch, Some(PROTOCOL_VERSION + 1));
     }
 }
