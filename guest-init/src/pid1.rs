@@ -22,6 +22,7 @@ const DRAIN_GRACE_MS: i32 = 100;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn main() {
+    let started = std::time::Instant::now();
     std::panic::set_hook(Box::new(|info| {
         eprintln!("msb-init: internal error: {info}");
         power_off();
@@ -46,6 +47,9 @@ pub fn main() {
     }
     if let Err(e) = signal_boot_timer() {
         eprintln!("msb-init: boot timer: {e}");
+    }
+    if cmdline.split_ascii_whitespace().any(|w| w == "msb.debug") {
+        eprintln!("msb-init: set-up took {} us", started.elapsed().as_micros());
     }
     match spec {
         Ok(Some(spec)) => run_workload(&spec),

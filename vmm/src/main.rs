@@ -126,18 +126,65 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     // First thing: the instant every boot time is measured from.
     let _ = msb_vmm::process_start();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Boot(a) => boot(a),
         Command::Run(a) => run(a),
     };
-    match result {
-        Ok(code) => ExitCode::from(code),
+    let code = match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("msb-vmm: error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            EXIT_FAILURE
         }
+    };
+    // The VM was kept alive (defer_teardown_to_exit): exit now and let a helper process pay
+    // for destroying it, off the path between the guest finishing and our caller seeing it.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    msb_vmm::host::exit_detaching_teardown(i32::from(code));
+    #[allow(unreachable_code)]
+    ExitCode::from(code)
+}
+
+/// Help and version go to stdout as clap prints them; a usage mistake becomes one line naming
+/// the problem and where to look, exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                2
+            } else {
+                0
+            },
+        );
+    }
+    eprintln!("msb-vmm: {} (see `msb-vmm --help`)", one_line(&e));
+    ExitCode::from(2)
+}
+
+/// The first line of clap's message without its "error: " prefix, plus its tip if any.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    match lines.find(|l| l.starts_with("tip:")) {
+        Some(tip) => format!("{first}; {tip}"),
+        None => first,
     }
 }
 
@@ -172,6 +219,7 @@ fn write_report(
 fn boot(a: BootArgs) -> anyhow::Result<u8> {
     use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
     let mut b = VmBuilder::new(&a.kernel)
+        .defer_teardown_to_exit(true)
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .timeout(a.vm.timeout)
@@ -213,6 +261,7 @@ fn run(a: RunArgs) -> anyhow::Result<u8> {
     use msb_vmm::sandbox::{Sandbox, SandboxError};
     use std::os::unix::ffi::OsStrExt;
     let mut cmd = Sandbox::command(&a.command)
+        .defer_teardown_to_exit(true)
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .timeout(a.vm.timeout)
@@ -279,4 +328,76 @@ fn boot(_: BootArgs) -> anyhow::Result<u8> {
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 fn run(_: RunArgs) -> anyhow::Result<u8> {
     anyhow::bail!("this build of msb-vmm runs guests only on Linux x86_64 hosts (KVM)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("msb-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_takes_the_command_verbatim() {
+        let cli = parse(&[
+            "run",
+            "--cpus",
+            "2",
+            "-e",
+            "A=1",
+            "--",
+            "sh",
+            "-c",
+            "echo --cpus -e",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(r.vm.cpus, 2);
+        assert_eq!(r.env, vec![OsString::from("A=1")]);
+        assert_eq!(
+            r.command,
+            ["sh", "-c", "echo --cpus -e"].map(OsString::from).to_vec()
+        );
+        // Without `--`, everything from the first positional argument on is the command.
+        let cli = parse(&["run", "ls", "-la", "--memory", "5"]).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(r.vm.memory, 128);
+        assert_eq!(
+            r.command,
+            ["ls", "-la", "--memory", "5"].map(OsString::from).to_vec()
+        );
+    }
+
+    #[test]
+    fn boot_defaults_and_required_kernel() {
+        let cli = parse(&["boot", "--kernel", "/k"]).unwrap();
+        let Command::Boot(b) = cli.command else {
+            panic!("not boot")
+        };
+        assert_eq!((b.vm.cpus, b.vm.memory, b.vm.console), (1, 128, false));
+        assert!(parse(&["boot"]).is_err());
+        assert!(parse(&["run"]).is_err(), "run needs a command");
+    }
+
+    #[test]
+    fn bad_values_are_one_line() {
+        for args in [
+            &["run", "--cpus", "x", "--", "true"][..],
+            &["boot", "--kernel", "k", "--bogus"],
+            &["run", "--timeout", "-1", "--", "true"],
+        ] {
+            let e = parse(args).unwrap_err();
+            let line = one_line(&e);
+            assert!(!line.contains('\n') && !line.is_empty(), "{line:?}");
+        }
+        assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(
+            parse_secs("0").is_err() && parse_secs("nan").is_err() && parse_secs("inf").is_err()
+        );
+    }
 }

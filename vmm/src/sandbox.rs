@@ -24,6 +24,7 @@ use msb_init::PROTOCOL_VERSION;
 use thiserror::Error;
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::hypervisor::HypervisorError;
 use crate::initramfs::{self, InitramfsError};
 use crate::vm::{
     Console, GuestExit, Initrd, StopHandle, VmBuilder, VmError, VmOutcome, DEFAULT_CMDLINE,
@@ -91,6 +92,7 @@ impl Sandbox {
             console: false,
             kernel: None,
             start: crate::process_start(),
+            defer_teardown: false,
         }
     }
 }
@@ -105,6 +107,7 @@ pub struct SandboxCommand {
     console: bool,
     kernel: Option<PathBuf>,
     start: Instant,
+    defer_teardown: bool,
 }
 
 /// How a sandboxed command ended.
@@ -188,6 +191,12 @@ impl SandboxCommand {
         self
     }
 
+    /// See [`VmBuilder::defer_teardown_to_exit`]: for programs that exit right after.
+    pub fn defer_teardown_to_exit(mut self, on: bool) -> Self {
+        self.defer_teardown = on;
+        self
+    }
+
     /// Runs the command with its output on this process's stdout and stderr.
     pub fn status(self) -> Result<RunOutcome, SandboxError> {
         self.run_with(Box::new(io::stdout()), Box::new(io::stderr()))
@@ -217,6 +226,10 @@ impl SandboxCommand {
         stdout: Box<dyn Write + Send>,
         stderr: Box<dyn Write + Send>,
     ) -> Result<RunOutcome, SandboxError> {
+        // A sandbox always boots Linux: refuse at once where /dev/kvm cannot run it.
+        if crate::host::is_pvm() && std::env::var_os("MSB_ALLOW_PVM").is_none() {
+            return Err(VmError::Hypervisor(HypervisorError::Pvm).into());
+        }
         self.spec.validate()?;
         let param = self.spec.to_cmdline_param();
         let mut cmdline = DEFAULT_CMDLINE.to_string();
@@ -245,6 +258,7 @@ impl SandboxCommand {
             .memory_mib(self.memory_mib)
             .timeout(self.timeout)
             .start_time(self.start)
+            .defer_teardown_to_exit(self.defer_teardown)
             .console(if self.console {
                 Console::Stderr
             } else {

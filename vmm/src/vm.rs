@@ -173,7 +173,9 @@ pub struct VmOutcome {
 
 struct StopState {
     reason: Mutex<Option<GuestExit>>,
-    evt: EventFd,
+    /// Wakes the event loop; `None` if it could not be created (fd exhaustion), which
+    /// `start` reports.
+    evt: Option<EventFd>,
 }
 
 impl StopState {
@@ -184,7 +186,9 @@ impl StopState {
             *r = Some(why);
         }
         drop(r);
-        let _ = self.evt.write(1);
+        if let Some(evt) = &self.evt {
+            let _ = evt.write(1);
+        }
     }
 }
 
@@ -246,6 +250,7 @@ pub struct VmBuilder {
     start: Instant,
     hypervisor: Option<Arc<dyn Hypervisor>>,
     allow_pvm_linux: bool,
+    defer_teardown: bool,
     stop: StopHandle,
 }
 
@@ -279,11 +284,10 @@ impl VmBuilder {
             start: crate::process_start(),
             hypervisor: None,
             allow_pvm_linux: std::env::var_os("MSB_ALLOW_PVM").is_some(),
+            defer_teardown: false,
             stop: StopHandle(Arc::new(StopState {
                 reason: Mutex::new(None),
-                // An eventfd cannot fail to be created short of fd exhaustion; that case
-                // surfaces when start() registers it (a closed-fd error), not as a panic here.
-                evt: EventFd::new(EFD_NONBLOCK).unwrap_or_else(|_| dummy_eventfd()),
+                evt: EventFd::new(EFD_NONBLOCK).ok(),
             })),
         }
     }
@@ -348,6 +352,15 @@ impl VmBuilder {
         self
     }
 
+    /// For programs that exit right after the VM stops: keep the VM's kernel objects and guest
+    /// memory until the process exits instead of destroying them when `wait` returns.
+    /// Destroying a KVM VM costs an RCU grace period (10-20 ms on some hosts); with
+    /// [`crate::host::exit_detaching_teardown`] the process then exits without waiting for it.
+    pub fn defer_teardown_to_exit(mut self, on: bool) -> Self {
+        self.defer_teardown = on;
+        self
+    }
+
     /// A handle that stops the VM; usable before and after `start`.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
@@ -362,6 +375,12 @@ impl VmBuilder {
     pub fn start(self) -> Result<RunningVm, VmError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(VmError::BadCpus(self.cpus));
+        }
+        if self.stop.0.evt.is_none() {
+            return Err(VmError::Io {
+                what: "creating an eventfd",
+                source: io::Error::other("the process is out of file descriptors"),
+            });
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(VmError::BadMemory(self.memory_mib));
@@ -393,7 +412,20 @@ impl VmBuilder {
             .collect();
         let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
             .map_err(|e| VmError::Memory(e.to_string()))?;
-        vm.map_memory(&mem)?;
+        // Registering guest memory costs KVM an RCU grace period (milliseconds on nested hosts):
+        // do it while the kernel loads and the vCPUs are set up; vCPUs start only after it.
+        let mapper = {
+            let (vm, mem) = (vm.clone(), mem.clone());
+            JoinOnDrop(Some(
+                std::thread::Builder::new()
+                    .name("vmm-memslots".into())
+                    .spawn(move || vm.map_memory(&mem))
+                    .map_err(|source| VmError::Io {
+                        what: "spawning a thread",
+                        source,
+                    })?,
+            ))
+        };
 
         let mut kfile = File::open(&self.kernel).map_err(|source| LoaderError::KernelIo {
             path: self.kernel.clone(),
@@ -514,7 +546,15 @@ impl VmBuilder {
                     if abort.load(Ordering::SeqCst) {
                         return;
                     }
-                    vcpu_loop(index, vcpu.as_mut(), &buses, &stop, &running);
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        vcpu_loop(index, vcpu.as_mut(), &buses, &stop, &running)
+                    });
+                    if std::panic::catch_unwind(run).is_err() {
+                        stop.0.request(GuestExit::Fatal {
+                            vcpu: Some(index),
+                            message: "internal VMM error (a bug; see the log above)".into(),
+                        });
+                    }
                 })
                 .map_err(|source| VmError::Io {
                     what: "spawning a vCPU thread",
@@ -539,6 +579,9 @@ impl VmBuilder {
                 }
             }
         }
+        if let Err(e) = mapper.join() {
+            first_err.get_or_insert(e);
+        }
         if let Some(e) = first_err {
             abort.store(true, Ordering::SeqCst);
             go.wait();
@@ -559,8 +602,9 @@ impl VmBuilder {
             boot_time: boot_time.clone(),
             timeout: self.timeout,
             stdin_to_console,
-            _vm: vm,
-            _mem: mem,
+            defer_teardown: self.defer_teardown,
+            vm,
+            mem,
         };
         let event_loop = std::thread::Builder::new()
             .name("vmm-events".into())
@@ -577,9 +621,28 @@ impl VmBuilder {
     }
 }
 
-fn dummy_eventfd() -> EventFd {
-    // Only reached when the process is out of fds; retrying once after the failure is all we can do.
-    EventFd::new(0).expect("out of file descriptors creating an eventfd")
+/// Joins a set-up thread even when `start` returns early with an error.
+struct JoinOnDrop(Option<JoinHandle<Result<(), HypervisorError>>>);
+
+impl JoinOnDrop {
+    fn join(mut self) -> Result<(), HypervisorError> {
+        match self.0.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(HypervisorError::Vcpu {
+                index: 0,
+                msg: "memory set-up thread panicked".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Checks the kernel and initramfs fit in `memory_mib` and returns the initramfs address
@@ -711,8 +774,9 @@ struct LoopShared {
     boot_time: Arc<OnceLock<Duration>>,
     timeout: Option<Duration>,
     stdin_to_console: Option<Arc<Mutex<SerialDevice<ConsoleSink>>>>,
-    _vm: Arc<dyn hypervisor::Vm>,
-    _mem: GuestMemoryMmap,
+    defer_teardown: bool,
+    vm: Arc<dyn hypervisor::Vm>,
+    mem: GuestMemoryMmap,
 }
 
 const TAG_STOP: u32 = 1;
@@ -731,7 +795,14 @@ struct VmmEvents {
 impl MutEventSubscriber for VmmEvents {
     fn init(&mut self, ops: &mut EventOps) {
         let mut add = |fd: i32, tag: u32| ops.add(Events::with_data_raw(fd, tag, EventSet::IN));
-        if let Err(e) = add(self.stop.0.evt.as_raw_fd(), TAG_STOP) {
+        let stop_fd = self
+            .stop
+            .0
+            .evt
+            .as_ref()
+            .map(|e| e.as_raw_fd())
+            .unwrap_or(-1);
+        if let Err(e) = add(stop_fd, TAG_STOP) {
             tracing::error!("event loop: cannot watch the stop event: {e:?}");
         }
         if let Some(t) = &self.timer {
@@ -750,7 +821,9 @@ impl MutEventSubscriber for VmmEvents {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TAG_STOP => {
-                let _ = self.stop.0.evt.read();
+                if let Some(evt) = &self.stop.0.evt {
+                    let _ = evt.read();
+                }
                 self.done = true;
             }
             TAG_TIMEOUT => {
@@ -840,6 +913,11 @@ impl LoopShared {
         let exit = lock(&self.stop.0.reason)
             .clone()
             .unwrap_or(GuestExit::Stopped);
+        if self.defer_teardown {
+            // Released by the process exit (see `VmBuilder::defer_teardown_to_exit`).
+            std::mem::forget(self.vm);
+            std::mem::forget(self.mem);
+        }
         let ring = lock(&self.ring);
         VmOutcome {
             exit,

@@ -35,12 +35,6 @@ fn os(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorEr
     }
 }
 
-/// Whether this host's /dev/kvm is PVM (software nested virtualization), which runs tiny
-/// guests but not a stock Linux kernel.
-pub fn is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// An open /dev/kvm and what it supports.
 pub struct KvmHypervisor {
     kvm: Kvm,
@@ -52,7 +46,7 @@ pub struct KvmHypervisor {
 impl std::fmt::Debug for KvmHypervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmHypervisor")
-            .field("pvm", &is_pvm())
+            .field("pvm", &crate::host::is_pvm())
             .finish_non_exhaustive()
     }
 }
@@ -111,7 +105,7 @@ impl KvmHypervisor {
 
 impl super::Hypervisor for KvmHypervisor {
     fn name(&self) -> &'static str {
-        if is_pvm() {
+        if crate::host::is_pvm() {
             "kvm-pvm"
         } else {
             "kvm"

@@ -1,0 +1,138 @@
+//! The CLI's handling of user mistakes: one line naming the fix, a non-zero exit code. Runs on
+//! any host with /dev/kvm (PVM included); the permission test needs `unshare --user`.
+
+use std::process::{Command, Output};
+
+fn msb_vmm(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
+    c.args(args).env_remove("MSB_ALLOW_PVM");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("msb-vmm runs")
+}
+
+/// Asserts `out` failed with `code` and exactly one stderr line containing `needle`.
+fn one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "expected one line, got: {err}");
+    assert!(err.contains(needle), "{needle:?} not in: {err}");
+}
+
+fn stub() -> &'static str {
+    msb_test_guests::stub().to_str().unwrap()
+}
+
+#[test]
+fn unknown_flag() {
+    one_line_error(
+        &msb_vmm(&["boot", "--kernel", stub(), "--frobnicate"], &[]),
+        2,
+        "unexpected argument '--frobnicate'",
+    );
+    one_line_error(
+        &msb_vmm(&["run", "--cpus", "many", "--", "true"], &[]),
+        2,
+        "invalid value 'many'",
+    );
+    one_line_error(
+        &msb_vmm(&["launch"], &[]),
+        2,
+        "unrecognized subcommand 'launch'",
+    );
+}
+
+#[test]
+fn missing_and_wrong_kernels() {
+    one_line_error(
+        &msb_vmm(&["boot", "--kernel", "/nonexistent/vmlinux"], &[]),
+        125,
+        "no such file",
+    );
+    let dir = std::env::temp_dir().join(format!("msb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bz = dir.join("bzImage");
+    std::fs::write(&bz, [b"MZ".as_slice(), &[0u8; 4096]].concat()).unwrap();
+    one_line_error(
+        &msb_vmm(&["boot", "--kernel", bz.to_str().unwrap()], &[]),
+        125,
+        "not an ELF image",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn too_little_memory_and_bad_cpus() {
+    one_line_error(
+        &msb_vmm(&["boot", "--kernel", stub(), "--memory", "4"], &[]),
+        125,
+        "--memory 4 MiB is out of range",
+    );
+    one_line_error(
+        &msb_vmm(&["boot", "--kernel", stub(), "--cpus", "65"], &[]),
+        125,
+        "--cpus 65 is out of range",
+    );
+}
+
+#[test]
+fn pvm_host_refuses_run_at_once() {
+    let out = msb_vmm(&["run", "--", "true"], &[("MSB_HOST_PVM", "1")]);
+    one_line_error(&out, 125, "is PVM");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("README"));
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    // Run as `nobody` without supplementary groups: /dev/kvm is root/kvm-only on every distro
+    // that does not make it world-writable. Dropping to nobody needs root (CI runs as root).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            env!("CARGO_BIN_EXE_msb-vmm"),
+            "boot",
+            "--kernel",
+            stub(),
+        ])
+        .output()
+        .expect("setpriv (util-linux) is needed for this test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.starts_with("setpriv:") {
+        panic!("this test switches to the nobody user and needs root: {err}");
+    }
+    let world_rw = std::fs::metadata("/dev/kvm")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
+        .unwrap_or(false);
+    if world_rw {
+        panic!("/dev/kvm is world-read/writable here, so the permission error cannot be provoked");
+    }
+    one_line_error(&out, 125, "no permission to open /dev/kvm");
+}
+
+#[test]
+fn stub_boot_succeeds_and_reports() {
+    let report = std::env::temp_dir().join(format!("msb-cli-report-{}.json", std::process::id()));
+    let out = msb_vmm(
+        &[
+            "boot",
+            "--kernel",
+            stub(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    assert_eq!(r["exit_code"], 0);
+    assert!(r["boot_time_us"].as_u64().unwrap() > 0);
+}
