@@ -16,8 +16,8 @@ use msb_init::spec::RunSpec;
 use msb_init::{BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC, CONTROL_TTY, PROTOCOL_VERSION};
 
 /// How long output is still drained after the workload's main process exited, for descendants
-/// that keep its pipes open (a backgrounded `sleep` must not keep the sandbox alive).
-const DRAIN_GRACE_MS: i32 = 100;
+/// that keep its pipes open (a backgrounded `sleep`, or `yes`, must not keep the sandbox alive).
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -370,6 +370,7 @@ fn forward(
     ctl: &mut Control,
 ) -> ExitStatus {
     let mut status: Option<ExitStatus> = None;
+    let mut exited_at: Option<std::time::Instant> = None;
     let mut buf = vec![0u8; MAX_OUTPUT_CHUNK];
     loop {
         if status.is_some() && pipes.iter().all(Option::is_none) {
@@ -392,7 +393,13 @@ fn forward(
             events: libc::POLLIN,
             revents: 0,
         });
-        let timeout = if status.is_some() { DRAIN_GRACE_MS } else { -1 };
+        let timeout = match exited_at {
+            Some(t) => match DRAIN_GRACE.checked_sub(t.elapsed()) {
+                Some(left) => left.as_millis() as i32,
+                None => break,
+            },
+            None => -1,
+        };
         // SAFETY: fds points to fds.len() valid pollfd structs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -402,7 +409,7 @@ fn forward(
             break;
         }
         if n == 0 {
-            // Main process gone and the pipes stayed quiet: stop waiting for descendants.
+            // Main process gone and the grace period over: stop waiting for descendants.
             break;
         }
         for (k, &i) in which.iter().enumerate() {
@@ -429,6 +436,9 @@ fn forward(
                 .unwrap_or(false)
             {}
             reap(pid, &mut status);
+            if status.is_some() && exited_at.is_none() {
+                exited_at = Some(std::time::Instant::now());
+            }
         }
     }
     if status.is_none() {

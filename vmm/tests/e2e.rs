@@ -217,3 +217,25 @@ fn twenty_boots_in_one_process_leak_nothing() {
         "threads {threads} -> {threads_after}"
     );
 }
+
+#[test]
+fn background_processes_do_not_keep_the_sandbox_alive() {
+    // A writer that never stops and a sleeper that holds the pipes: the main process's exit
+    // ends the sandbox after a short drain.
+    let out = msb_vmm(&[
+        "run",
+        "--timeout",
+        "120",
+        "--",
+        "sh",
+        "-c",
+        "yes & sleep 1000 & sleep 0.2; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("y\n") && stdout.lines().all(|l| l == "y" || l.is_empty()),
+        "{:?}",
+        &stdout[..stdout.len().min(100)]
+    );
+}
