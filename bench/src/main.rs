@@ -2,6 +2,7 @@
 //! command line. Never a single number: every figure is min/p50/p90/p99/max over N runs, with
 //! the machine it ran on.
 
+mod exec;
 mod stats;
 mod svg;
 
@@ -31,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Boot N times in a row: VMM start → boot timer, process spawn → exit, max RSS.
     Boot(BootArgs),
+    /// Exec round trip and stdout throughput through the agent (Unix socket and sandbox).
+    Exec(exec::ExecArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -92,6 +95,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Boot(a) => boot(a),
+        Cmd::Exec(a) => exec::run(a),
     }
 }
 
@@ -218,15 +222,15 @@ impl Runner for Qemu {
     }
 }
 
-#[derive(Serialize)]
-struct Machine {
-    cpu: String,
-    cores: usize,
-    kernel: String,
-    kvm: String,
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub kvm: String,
 }
 
-fn machine() -> Machine {
+pub fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -324,10 +328,10 @@ fn boot(a: BootArgs) -> Result<()> {
         .kernel
         .clone()
         .unwrap_or_else(|| cache_dir().join("vmlinux-x86_64"));
-    let run_spec = msb_init::spec::RunSpec::new(vec![b"true".to_vec()]);
+    // Peers cannot talk to the agent: msb-init powers off right after signalling boot.
     let linux_cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 no_timer_check quiet {}",
-        run_spec.to_cmdline_param()
+        msb_init::cmdline::EXIT_AFTER_BOOT
     );
     let initramfs = if a.guest == Guest::Linux {
         Some(default_initramfs()?)

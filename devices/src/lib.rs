@@ -9,6 +9,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 /// Raises a device's interrupt line (an irqfd on KVM, a GIC SPI on HVF).
 pub trait Interrupt: Send + Sync + std::fmt::Debug {

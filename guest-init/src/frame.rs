@@ -108,18 +108,83 @@ impl FrameDecoder {
     }
 }
 
+/// Errors reading a frame from a blocking stream.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one frame from a blocking stream; `Ok(None)` on a clean end of stream between frames.
+/// `buf` is reused between calls to avoid an allocation per frame.
+pub fn read_frame<T: DeserializeOwned, R: std::io::Read + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<T>, ReadError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated(got).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len).into());
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ReadError::Frame(FrameError::Truncated(4))
+        } else {
+            ReadError::Io(e)
+        }
+    })?;
+    postcard::from_bytes(buf)
+        .map(Some)
+        .map_err(|e| FrameError::Malformed(e.to_string()).into())
+}
+
+/// Encodes `msg` and writes it as one frame.
+pub fn write_frame<T: Serialize, W: std::io::Write + ?Sized>(
+    w: &mut W,
+    msg: &T,
+) -> std::io::Result<()> {
+    let bytes = encode(msg).map_err(std::io::Error::other)?;
+    w.write_all(&bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{ExitStatus, GuestMessage};
+    use crate::agent::{AgentMessage as GuestMessage, ExitStatus, Response};
 
     #[test]
     fn round_trip_in_every_split() {
         let msgs = vec![
             GuestMessage::Hello { version: 1 },
-            GuestMessage::Stdout(b"hello\n".to_vec()),
-            GuestMessage::Stderr(vec![0, 255, 10]),
-            GuestMessage::Exited(ExitStatus::Signal(9)),
+            GuestMessage::Response {
+                id: 1,
+                response: Response::Stdout(b"hello\n".to_vec()),
+            },
+            GuestMessage::Response {
+                id: 2,
+                response: Response::Stderr(vec![0, 255, 10]),
+            },
+            GuestMessage::Response {
+                id: 1,
+                response: Response::Exited {
+                    status: ExitStatus::Signal(9),
+                    timed_out: false,
+                },
+            },
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
         for split in 1..stream.len() {
@@ -134,6 +199,39 @@ mod tests {
             assert_eq!(got, msgs);
             d.finish().unwrap();
         }
+    }
+
+    #[test]
+    fn blocking_reads() {
+        let one = GuestMessage::Response {
+            id: 5,
+            response: Response::Stdout(b"one".to_vec()),
+        };
+        let mut stream = encode(&one).unwrap();
+        write_frame(&mut stream, &GuestMessage::Hello { version: 9 }).unwrap();
+        let mut r = stream.as_slice();
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_frame::<GuestMessage, _>(&mut r, &mut buf).unwrap(),
+            Some(one)
+        );
+        assert_eq!(
+            read_frame::<GuestMessage, _>(&mut r, &mut buf).unwrap(),
+            Some(GuestMessage::Hello { version: 9 })
+        );
+        assert!(read_frame::<GuestMessage, _>(&mut r, &mut buf)
+            .unwrap()
+            .is_none());
+        let mut cut: &[u8] = &[5, 0, 0, 0, 1];
+        assert!(matches!(
+            read_frame::<GuestMessage, _>(&mut cut, &mut buf),
+            Err(ReadError::Frame(FrameError::Truncated(_)))
+        ));
+        let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame::<GuestMessage, _>(&mut huge, &mut buf),
+            Err(ReadError::Frame(FrameError::TooLarge(_)))
+        ));
     }
 
     #[test]
@@ -160,7 +258,11 @@ mod tests {
 
     #[test]
     fn truncated_stream_is_reported() {
-        let frame = encode(&GuestMessage::Stdout(vec![1; 100])).unwrap();
+        let frame = encode(&GuestMessage::Response {
+            id: 3,
+            response: Response::Stdout(vec![1; 100]),
+        })
+        .unwrap();
         let mut d = FrameDecoder::new();
         d.push(&frame[..50]);
         assert_eq!(d.next_frame::<GuestMessage>(), Ok(None));
@@ -177,14 +279,14 @@ mod tests {
         frame[..4].copy_from_slice(&len.to_le_bytes());
         let mut d = FrameDecoder::new();
         d.push(&frame);
-        d.push(&encode(&GuestMessage::Stdout(vec![7])).unwrap());
+        d.push(&encode(&GuestMessage::Hello { version: 7 }).unwrap());
         assert_eq!(
             d.next_frame::<GuestMessage>().unwrap(),
             Some(GuestMessage::Hello { version: 1 })
         );
         assert_eq!(
             d.next_frame::<GuestMessage>().unwrap(),
-            Some(GuestMessage::Stdout(vec![7]))
+            Some(GuestMessage::Hello { version: 7 })
         );
     }
 }

@@ -1,7 +1,9 @@
-//! `msb-vmm`: boot a kernel, or run a command in a fresh sandbox.
+//! `msb-vmm`: boot a kernel; run a command in a fresh sandbox; keep named sandboxes running and
+//! exec into them, copy files in and out.
 //!
-//! Exit codes: the command's own for `run` (128 + signal when killed), 124 when --timeout
-//! expired, 125 when msb-vmm or the guest failed, 2 for a bad command line.
+//! Exit codes: the command's own for `run` and `exec` (128 + signal when killed), 124 when
+//! --timeout expired, 125 when msb-vmm or the guest failed, 126/127 when the command could not
+//! be executed / was not found, 2 for a bad command line.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -9,6 +11,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod cli;
 
 /// Exit code when the VMM or the guest failed (as docker/podman use it).
 const EXIT_FAILURE: u8 = 125;
@@ -35,9 +40,22 @@ enum Command {
     Boot(BootArgs),
     /// Run a command in a fresh sandbox and exit with its exit code.
     Run(RunArgs),
+    /// Start a named sandbox that keeps running (returns once its agent is ready).
+    Start(StartArgs),
+    /// Run a command in a running sandbox.
+    Exec(ExecArgs),
+    /// Copy a file into or out of a running sandbox: SRC and DST are PATH or NAME:/PATH.
+    Cp { src: String, dst: String },
+    /// List running sandboxes (leftovers of ones whose VMM died are removed).
+    Ls,
+    /// Power off a running sandbox.
+    Stop { name: String },
+    /// The process behind `start` (internal).
+    #[command(hide = true, name = "__serve")]
+    Serve(StartArgs),
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -45,12 +63,9 @@ struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128, value_name = "MIB")]
     memory: u64,
-    /// Show the guest's serial console.
+    /// Show the guest's serial console (on stderr for sandboxes).
     #[arg(long)]
     console: bool,
-    /// Stop the guest after this many seconds (exit code 124).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
-    timeout: Option<Duration>,
     /// Write a JSON report (exit, boot time) to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -67,23 +82,83 @@ struct BootArgs {
     /// Kernel command line (default: serial console, reboot=k, panic=-1).
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
+    /// Stop the guest after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    timeout: Option<Duration>,
+    /// No virtio-vsock device.
+    #[arg(long)]
+    no_vsock: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
 
-#[derive(Args, Debug)]
-struct RunArgs {
+/// How to run a command (shared by `run` and `exec`).
+#[derive(Args, Debug, Clone)]
+struct ExecOpts {
     /// Environment variable for the command; KEY alone copies this process's value.
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<OsString>,
     /// Working directory in the guest.
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<OsString>,
+    /// Run as this user (name from the guest's /etc/passwd, or UID[:GID]).
+    #[arg(long, short = 'u', value_name = "USER")]
+    user: Option<String>,
+    /// Run on a terminal: your terminal in raw mode, window-size changes forwarded.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Forward standard input even when it is a terminal (it is forwarded from pipes and files
+    /// anyway).
+    #[arg(long, short = 'i')]
+    interactive: bool,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    timeout: Option<Duration>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    exec: ExecOpts,
     /// Guest kernel (default: the one `./x setup` built).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Guest hostname.
+    #[arg(long, default_value = "msb")]
+    hostname: String,
     #[command(flatten)]
     vm: VmArgs,
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    command: Vec<OsString>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StartArgs {
+    /// Name of the sandbox (1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit).
+    #[arg(long)]
+    name: String,
+    /// Guest kernel (default: the one `./x setup` built).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Guest hostname (default: the sandbox name where valid, else msb).
+    #[arg(long)]
+    hostname: Option<String>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    #[command(flatten)]
+    exec: ExecOpts,
+    /// The sandbox.
+    name: String,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -105,6 +180,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(verbose: u8) {
+    use std::io::IsTerminal;
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -113,7 +189,6 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -131,23 +206,37 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     init_logging(cli.verbose);
-    let result = match cli.command {
-        Command::Boot(a) => boot(a),
-        Command::Run(a) => run(a),
-    };
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("msb-vmm: error: {e:#}");
-            EXIT_FAILURE
-        }
-    };
-    // The VM was kept alive (defer_teardown_to_exit): exit now and let a helper process pay
-    // for destroying it, off the path between the guest finishing and our caller seeing it.
+    let code = run_command(cli.command);
+    // A VM kept alive (defer_teardown_to_exit) is destroyed by a helper process, off the path
+    // between the guest finishing and our caller seeing us exit.
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     msb_vmm::host::exit_detaching_teardown(i32::from(code));
     #[allow(unreachable_code)]
     ExitCode::from(code)
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn run_command(command: Command) -> u8 {
+    let result = match command {
+        Command::Boot(a) => cli::boot(a),
+        Command::Run(a) => cli::run(a),
+        Command::Start(a) => cli::daemon::start(a),
+        Command::Serve(a) => cli::daemon::serve(a),
+        Command::Exec(a) => cli::daemon::exec(a),
+        Command::Cp { src, dst } => cli::daemon::cp(&src, &dst),
+        Command::Ls => cli::daemon::ls(),
+        Command::Stop { name } => cli::daemon::stop(&name),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("msb-vmm: error: {e:#}");
+        EXIT_FAILURE
+    })
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn run_command(_: Command) -> u8 {
+    eprintln!("msb-vmm: this build runs guests only on Linux x86_64 hosts (KVM)");
+    EXIT_FAILURE
 }
 
 /// Help and version go to stdout as clap prints them; a usage mistake becomes one line naming
@@ -188,148 +277,6 @@ fn one_line(e: &clap::Error) -> String {
     }
 }
 
-fn print_tail(tail: &[String]) {
-    if tail.is_empty() {
-        return;
-    }
-    eprintln!("msb-vmm: last guest console lines:");
-    for l in tail {
-        eprintln!("  | {l}");
-    }
-}
-
-fn write_report(
-    path: &Option<PathBuf>,
-    exit: &str,
-    code: u8,
-    boot: Option<Duration>,
-) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let report = serde_json::json!({
-        "exit": exit,
-        "exit_code": code,
-        "boot_time_us": boot.map(|d| d.as_micros() as u64),
-        "vmm_start_to_report_us": msb_vmm::process_start().elapsed().as_micros() as u64,
-    });
-    std::fs::write(path, format!("{report}\n"))
-        .map_err(|e| anyhow::anyhow!("writing --report {}: {e}", path.display()))
-}
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn boot(a: BootArgs) -> anyhow::Result<u8> {
-    use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
-    let mut b = VmBuilder::new(&a.kernel)
-        .defer_teardown_to_exit(true)
-        .cpus(a.vm.cpus)
-        .memory_mib(a.vm.memory)
-        .timeout(a.vm.timeout)
-        .console(if a.vm.console {
-            Console::Stdout
-        } else {
-            Console::Off
-        })
-        .console_input(a.vm.console);
-    if let Some(i) = a.initrd {
-        b = b.initrd(Initrd::Path(i));
-    }
-    if let Some(c) = a.cmdline {
-        b = b.cmdline(c);
-    }
-    let out = b.run()?;
-    let code = match &out.exit {
-        GuestExit::PowerOff if !out.kernel_panicked => 0,
-        GuestExit::Timeout(_) => EXIT_TIMEOUT,
-        _ => EXIT_FAILURE,
-    };
-    write_report(&a.vm.report, &out.exit.to_string(), code, out.boot_time)?;
-    if code != 0 {
-        let what = if out.kernel_panicked && out.exit.is_power_off() {
-            "the guest kernel panicked".to_string()
-        } else {
-            out.exit.to_string()
-        };
-        eprintln!("msb-vmm: {what}");
-        if !a.vm.console {
-            print_tail(&out.console_tail);
-        }
-    }
-    Ok(code)
-}
-
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn run(a: RunArgs) -> anyhow::Result<u8> {
-    use msb_vmm::sandbox::{Sandbox, SandboxError};
-    use std::os::unix::ffi::OsStrExt;
-    let mut cmd = Sandbox::command(&a.command)
-        .defer_teardown_to_exit(true)
-        .cpus(a.vm.cpus)
-        .memory_mib(a.vm.memory)
-        .timeout(a.vm.timeout)
-        .console(a.vm.console);
-    for e in &a.env {
-        let bytes = e.as_bytes();
-        match bytes.iter().position(|&c| c == b'=') {
-            Some(i) => {
-                cmd = cmd.env(
-                    std::ffi::OsStr::from_bytes(&bytes[..i]),
-                    std::ffi::OsStr::from_bytes(&bytes[i + 1..]),
-                )
-            }
-            None => match std::env::var_os(e) {
-                Some(v) => cmd = cmd.env(e, v),
-                None => anyhow::bail!(
-                    "--env {}: not set in this environment (use --env KEY=VALUE)",
-                    e.to_string_lossy()
-                ),
-            },
-        }
-    }
-    if let Some(w) = &a.workdir {
-        cmd = cmd.workdir(w);
-    }
-    if let Some(k) = &a.kernel {
-        cmd = cmd.kernel(k);
-    }
-    match cmd.status() {
-        Ok(out) => {
-            for e in &out.guest_errors {
-                eprintln!("msb-vmm: {e}");
-            }
-            let code = out.status.shell_code() as u8;
-            write_report(
-                &a.vm.report,
-                &format!("{:?}", out.status),
-                code,
-                out.boot_time,
-            )?;
-            Ok(code)
-        }
-        Err(e) => {
-            let code = if matches!(e, SandboxError::Timeout { .. }) {
-                EXIT_TIMEOUT
-            } else {
-                EXIT_FAILURE
-            };
-            let _ = write_report(&a.vm.report, &e.to_string(), code, None);
-            eprintln!("msb-vmm: error: {e}");
-            if !a.vm.console {
-                print_tail(e.console_tail());
-            }
-            Ok(code)
-        }
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn boot(_: BootArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("this build of msb-vmm runs guests only on Linux x86_64 hosts (KVM)")
-}
-
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-fn run(_: RunArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("this build of msb-vmm runs guests only on Linux x86_64 hosts (KVM)")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +293,7 @@ mod tests {
             "2",
             "-e",
             "A=1",
+            "-t",
             "--",
             "sh",
             "-c",
@@ -356,7 +304,8 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(r.vm.cpus, 2);
-        assert_eq!(r.env, vec![OsString::from("A=1")]);
+        assert!(r.exec.tty);
+        assert_eq!(r.exec.env, vec![OsString::from("A=1")]);
         assert_eq!(
             r.command,
             ["sh", "-c", "echo --cpus -e"].map(OsString::from).to_vec()
@@ -371,6 +320,28 @@ mod tests {
             r.command,
             ["ls", "-la", "--memory", "5"].map(OsString::from).to_vec()
         );
+    }
+
+    #[test]
+    fn long_running_commands() {
+        let Command::Exec(e) = parse(&["exec", "-t", "box", "--", "bash"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((e.name.as_str(), e.exec.tty), ("box", true));
+        let Command::Start(s) = parse(&["start", "--name", "box", "--cpus", "2"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((s.name.as_str(), s.vm.cpus), ("box", 2));
+        assert!(matches!(
+            parse(&["cp", "a", "box:/b"]).unwrap().command,
+            Command::Cp { .. }
+        ));
+        assert!(matches!(parse(&["ls"]).unwrap().command, Command::Ls));
+        assert!(parse(&["stop"]).is_err());
+        assert!(parse(&["start"]).is_err(), "start needs --name");
     }
 
     #[test]

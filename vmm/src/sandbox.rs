@@ -1,181 +1,107 @@
-//! Run one command in a fresh microVM: the default kernel, an initramfs with msb-init and a
-//! busybox root, the command passed on the kernel command line, its output and exit status
-//! coming back over msb-init's control port (the second UART).
+//! Sandboxes: a microVM whose msb-init agent is connected and ready to run commands.
 //!
 //! ```no_run
-//! use msb_vmm::sandbox::Sandbox;
-//! let out = Sandbox::command(["sh", "-c", "nproc"]).cpus(2).output()?;
-//! assert_eq!(out.stdout, b"2\n");
+//! use msb_vmm::sandbox::{ExecRequest, Sandbox};
+//! let sb = Sandbox::builder().cpus(2).memory_mib(256).start()?;
+//! let out = sb.output(["sh", "-c", "echo hi; nproc"])?;
+//! assert_eq!(out.stdout, b"hi\n2\n");
+//! sb.write_file("/tmp/greeting", b"hello", 0o644)?;
+//! assert_eq!(sb.read_file("/tmp/greeting")?, b"hello");
+//! let outcome = sb.shutdown()?;
 //! # Ok::<(), msb_vmm::sandbox::SandboxError>(())
 //! ```
+//!
+//! One-shot: `Sandbox::command(["make", "test"]).output()` boots, runs, and powers off.
 
 use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use msb_devices::bus::lock;
-pub use msb_init::control::ExitStatus;
-use msb_init::control::{ControlError, ControlEvent, ControlReceiver};
-use msb_init::spec::{RunSpec, SpecError};
-use msb_init::PROTOCOL_VERSION;
+pub use msb_init::agent::{
+    DirEntry, ExecRequest, ExitStatus, FileStat, TermSize, User, AGENT_PORT,
+};
+pub use msb_init::client::{
+    AgentClient, ClientError, ExecController, ExecEvent, ExecHandle, ExecOutput,
+};
 use thiserror::Error;
 
-use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::hypervisor::HypervisorError;
 use crate::initramfs::{self, InitramfsError};
 use crate::vm::{
-    Console, GuestExit, Initrd, StopHandle, VmBuilder, VmError, VmOutcome, DEFAULT_CMDLINE,
+    Console, GuestExit, Initrd, RunningVm, VmBuilder, VmError, VmOutcome, DEFAULT_CMDLINE,
 };
 
-/// Errors running a sandboxed command. Guest failures carry the console's last lines.
+/// How long a sandbox may take from start to a connected agent, by default.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest may take to power off after the agent acknowledged Shutdown.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors starting or driving a sandbox. Guest failures carry the console's last lines.
 #[derive(Debug, Error)]
 pub enum SandboxError {
-    #[error("invalid command: {0}")]
-    Spec(#[from] SpecError),
-    #[error("the command, arguments and environment take {0} bytes on the kernel command line; the limit is about {limit}", limit = CMDLINE_MAX_SIZE - DEFAULT_CMDLINE.len() - 16)]
-    SpecTooLong(usize),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
     Initramfs(#[from] InitramfsError),
-    #[error("timed out after {} s", .after.as_secs_f64())]
-    Timeout {
-        after: Duration,
-        console_tail: Vec<String>,
-    },
+    #[error("invalid hostname {0:?}: use 1-64 of a-z, 0-9, '-', '.'")]
+    BadHostname(String),
     #[error("the guest kernel panicked")]
     KernelPanic { console_tail: Vec<String> },
-    #[error("guest protocol version {guest} does not match this msb-vmm's version {host}: rebuild msb-init (`./x setup`)")]
-    Version { guest: u32, host: u32 },
-    #[error("the guest stopped without reporting an exit status ({exit})")]
-    NoExitStatus {
+    #[error("the guest stopped before its agent was ready ({exit})")]
+    GuestStopped {
         exit: GuestExit,
         console_tail: Vec<String>,
     },
+    #[error("the guest's agent was not ready after {} s", .after.as_secs_f64())]
+    BootTimeout {
+        after: Duration,
+        console_tail: Vec<String>,
+    },
+    #[error("timed out after {} s", .after.as_secs_f64())]
+    Timeout { after: Duration },
+    #[error(transparent)]
+    Agent(#[from] ClientError),
 }
 
 impl SandboxError {
     /// The guest console's last lines, for errors where the guest failed.
     pub fn console_tail(&self) -> &[String] {
         match self {
-            SandboxError::Timeout { console_tail, .. }
-            | SandboxError::KernelPanic { console_tail }
-            | SandboxError::NoExitStatus { console_tail, .. } => console_tail,
+            SandboxError::KernelPanic { console_tail }
+            | SandboxError::GuestStopped { console_tail, .. }
+            | SandboxError::BootTimeout { console_tail, .. } => console_tail,
             _ => &[],
         }
     }
 }
 
-/// Entry point of the sandbox API.
-#[derive(Debug)]
-pub struct Sandbox;
-
-impl Sandbox {
-    /// A command to run in a new sandbox: `argv[0]` is looked up in the guest's `PATH`.
-    pub fn command<I, S>(argv: I) -> SandboxCommand
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        SandboxCommand {
-            spec: RunSpec::new(
-                argv.into_iter()
-                    .map(|a| a.as_ref().as_bytes().to_vec())
-                    .collect(),
-            ),
-            cpus: 1,
-            memory_mib: 128,
-            timeout: None,
-            console: false,
-            kernel: None,
-            start: crate::process_start(),
-            defer_teardown: false,
-        }
-    }
-}
-
-/// A command and the sandbox it runs in.
+/// Configures a sandbox.
 #[derive(Debug, Clone)]
-pub struct SandboxCommand {
-    spec: RunSpec,
+pub struct SandboxBuilder {
     cpus: u32,
     memory_mib: u64,
-    timeout: Option<Duration>,
-    console: bool,
     kernel: Option<PathBuf>,
+    console: bool,
+    hostname: String,
+    boot_timeout: Duration,
     start: Instant,
     defer_teardown: bool,
+    vsock_uds: Option<PathBuf>,
+    vm_timeout: Option<Duration>,
 }
 
-/// How a sandboxed command ended.
-#[derive(Debug, Clone)]
-pub struct RunOutcome {
-    /// The command's exit status.
-    pub status: ExitStatus,
-    /// Messages msb-init reported (for example "foo: command not found").
-    pub guest_errors: Vec<String>,
-    /// Boot-timer time since VMM start.
-    pub boot_time: Option<Duration>,
-    /// The VM's own outcome.
-    pub vm: VmOutcome,
-}
-
-/// Captured output of a sandboxed command.
-#[derive(Debug, Clone)]
-pub struct Output {
-    pub status: ExitStatus,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub guest_errors: Vec<String>,
-    pub boot_time: Option<Duration>,
-}
-
-impl SandboxCommand {
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.spec.env.push((
-            key.as_ref().as_bytes().to_vec(),
-            value.as_ref().as_bytes().to_vec(),
-        ));
-        self
-    }
-
-    /// The working directory in the guest.
-    pub fn workdir(mut self, dir: impl AsRef<OsStr>) -> Self {
-        self.spec.workdir = Some(dir.as_ref().as_bytes().to_vec());
-        self
-    }
-
-    /// The guest's hostname.
-    pub fn hostname(mut self, name: impl Into<String>) -> Self {
-        self.spec.hostname = name.into();
-        self
-    }
-
-    /// Number of vCPUs.
+impl SandboxBuilder {
+    /// Number of vCPUs (default 1).
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.cpus = cpus;
         self
     }
 
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (default 128).
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
-        self
-    }
-
-    /// Stop the sandbox after this long ([`SandboxError::Timeout`]).
-    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Show the guest kernel's console on standard error.
-    pub fn console(mut self, on: bool) -> Self {
-        self.console = on;
         self
     }
 
@@ -185,7 +111,31 @@ impl SandboxCommand {
         self
     }
 
-    /// The instant boot times are measured from.
+    /// Show the guest kernel's console on standard error.
+    pub fn console(mut self, on: bool) -> Self {
+        self.console = on;
+        self
+    }
+
+    /// The guest's hostname (default `msb`).
+    pub fn hostname(mut self, name: impl Into<String>) -> Self {
+        self.hostname = name.into();
+        self
+    }
+
+    /// How long start may take until the agent answers (default 60 s).
+    pub fn boot_timeout(mut self, t: Duration) -> Self {
+        self.boot_timeout = t;
+        self
+    }
+
+    /// Stop the whole VM after this long, whatever runs in it.
+    pub fn vm_timeout(mut self, t: Option<Duration>) -> Self {
+        self.vm_timeout = t;
+        self
+    }
+
+    /// The instant boot times are measured from (default: this process's start).
     pub fn start_time(mut self, start: Instant) -> Self {
         self.start = start;
         self
@@ -197,49 +147,28 @@ impl SandboxCommand {
         self
     }
 
-    /// Runs the command with its output on this process's stdout and stderr.
-    pub fn status(self) -> Result<RunOutcome, SandboxError> {
-        self.run_with(Box::new(io::stdout()), Box::new(io::stderr()))
+    /// Also serve the guest's vsock on this Unix socket (hybrid vsock, for other processes).
+    pub fn vsock_uds(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vsock_uds = Some(path.into());
+        self
     }
 
-    /// Runs the command and captures its output.
-    pub fn output(self) -> Result<Output, SandboxError> {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let r = self.run_with(
-            Box::new(SharedBuf(out.clone())),
-            Box::new(SharedBuf(err.clone())),
-        )?;
-        let take = |b: &Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *lock(b));
-        Ok(Output {
-            status: r.status,
-            stdout: take(&out),
-            stderr: take(&err),
-            guest_errors: r.guest_errors,
-            boot_time: r.boot_time,
-        })
-    }
-
-    /// Runs the command, writing its stdout and stderr to the given writers as they arrive.
-    pub fn run_with(
-        self,
-        stdout: Box<dyn Write + Send>,
-        stderr: Box<dyn Write + Send>,
-    ) -> Result<RunOutcome, SandboxError> {
+    /// Boots the VM and connects to its agent.
+    pub fn start(self) -> Result<Sandbox, SandboxError> {
         // A sandbox always boots Linux: refuse at once where /dev/kvm cannot run it.
         if crate::host::is_pvm() && std::env::var_os("MSB_ALLOW_PVM").is_none() {
             return Err(VmError::Hypervisor(HypervisorError::Pvm).into());
         }
-        self.spec.validate()?;
-        let param = self.spec.to_cmdline_param();
-        let mut cmdline = DEFAULT_CMDLINE.to_string();
+        if !msb_init::cmdline::valid_hostname(&self.hostname) {
+            return Err(SandboxError::BadHostname(self.hostname));
+        }
+        let mut cmdline = format!(
+            "{DEFAULT_CMDLINE} {}{}",
+            msb_init::cmdline::HOSTNAME,
+            self.hostname
+        );
         if !self.console {
             cmdline.push_str(" quiet");
-        }
-        cmdline.push(' ');
-        cmdline.push_str(&param);
-        if cmdline.len() >= CMDLINE_MAX_SIZE {
-            return Err(SandboxError::SpecTooLong(param.len()));
         }
         let cache = crate::assets::cache_dir();
         let image = initramfs::cached_default(
@@ -251,12 +180,12 @@ impl SandboxCommand {
             .kernel
             .clone()
             .unwrap_or_else(crate::assets::default_kernel);
-        let mut builder = VmBuilder::new(kernel)
+        let mut b = VmBuilder::new(kernel)
             .initrd(Initrd::Path(image))
             .cmdline(cmdline)
             .cpus(self.cpus)
             .memory_mib(self.memory_mib)
-            .timeout(self.timeout)
+            .timeout(self.vm_timeout)
             .start_time(self.start)
             .defer_teardown_to_exit(self.defer_teardown)
             .console(if self.console {
@@ -264,165 +193,396 @@ impl SandboxCommand {
             } else {
                 Console::Off
             });
-        let state = Arc::new(Mutex::new(ControlState::default()));
-        let sink = ControlSink {
-            receiver: ControlReceiver::new(),
-            state: state.clone(),
-            stdout,
-            stderr,
-            stop: builder.stop_handle(),
+        if let Some(p) = &self.vsock_uds {
+            b = b.vsock_uds(p);
+        }
+        let vm = b.start()?;
+        let started = Instant::now();
+        match connect_agent(&vm, self.boot_timeout) {
+            Ok(agent) => {
+                let ready = self.start.elapsed();
+                tracing::info!(
+                    "agent ready {:.3} ms after VMM start",
+                    ready.as_secs_f64() * 1000.0
+                );
+                Ok(Sandbox {
+                    boot_time: vm.boot_time(),
+                    vm: Some(vm),
+                    agent: Some(agent),
+                    ready_time: ready,
+                })
+            }
+            Err(e) => {
+                let outcome = stop_and_wait(vm);
+                Err(match e {
+                    ConnectFailure::Stopped(exit) if outcome.kernel_panicked => {
+                        let _ = exit;
+                        SandboxError::KernelPanic {
+                            console_tail: outcome.console_tail,
+                        }
+                    }
+                    ConnectFailure::Stopped(exit) => SandboxError::GuestStopped {
+                        exit,
+                        console_tail: outcome.console_tail,
+                    },
+                    ConnectFailure::Timeout => SandboxError::BootTimeout {
+                        after: started.elapsed(),
+                        console_tail: outcome.console_tail,
+                    },
+                    ConnectFailure::Agent(e) => SandboxError::Agent(e),
+                })
+            }
+        }
+    }
+}
+
+enum ConnectFailure {
+    Stopped(GuestExit),
+    Timeout,
+    Agent(ClientError),
+}
+
+/// Waits for the boot signal, then connects to the agent (retrying while the guest refuses:
+/// msb-init listens before it signals boot, but the first SYN may race it).
+fn connect_agent(vm: &RunningVm, timeout: Duration) -> Result<AgentClient, ConnectFailure> {
+    let deadline = Instant::now() + timeout;
+    match vm.wait_boot(timeout) {
+        Ok(_) => {}
+        Err(Some(exit)) => return Err(ConnectFailure::Stopped(exit)),
+        Err(None) => return Err(ConnectFailure::Timeout),
+    }
+    let host = vm
+        .vsock()
+        .ok_or(ConnectFailure::Agent(ClientError::Closed))?;
+    loop {
+        if let Some(exit) = vm.stop_reason() {
+            return Err(ConnectFailure::Stopped(exit));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ConnectFailure::Timeout);
+        }
+        match host.connect(AGENT_PORT, left.min(Duration::from_secs(5))) {
+            Ok(stream) => return AgentClient::connect(stream, left).map_err(ConnectFailure::Agent),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::NotConnected
+                        | io::ErrorKind::TimedOut
+                ) =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(ConnectFailure::Agent(ClientError::Io(e.to_string()))),
+        }
+    }
+}
+
+/// Stops a VM that is still running and waits for it.
+fn stop_and_wait(vm: RunningVm) -> VmOutcome {
+    vm.stop_handle().stop();
+    vm.wait()
+}
+
+/// A running sandbox. Dropping it powers the VM off.
+#[derive(Debug)]
+pub struct Sandbox {
+    vm: Option<RunningVm>,
+    agent: Option<AgentClient>,
+    boot_time: Option<Duration>,
+    ready_time: Duration,
+}
+
+impl Sandbox {
+    /// A builder with 1 vCPU, 128 MiB, the default kernel.
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder {
+            cpus: 1,
+            memory_mib: 128,
+            kernel: None,
+            console: false,
+            hostname: "msb".into(),
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            start: crate::process_start(),
+            defer_teardown: false,
+            vsock_uds: None,
+            vm_timeout: None,
+        }
+    }
+
+    /// A one-shot command: boot, run `argv`, power off.
+    pub fn command<I, S>(argv: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command {
+            builder: Sandbox::builder(),
+            req: request(argv),
+            timeout: None,
+        }
+    }
+
+    /// The agent connection.
+    pub fn agent(&self) -> &AgentClient {
+        // Present until shutdown consumes the sandbox.
+        self.agent
+            .as_ref()
+            .expect("agent present while the sandbox lives")
+    }
+
+    /// Boot-timer time since VMM start.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time
+    }
+
+    /// Time from VMM start until the agent answered.
+    pub fn ready_time(&self) -> Duration {
+        self.ready_time
+    }
+
+    /// A handle that stops the VM at once (no clean power-off).
+    pub fn stop_handle(&self) -> crate::vm::StopHandle {
+        self.vm
+            .as_ref()
+            .expect("VM present while the sandbox lives")
+            .stop_handle()
+    }
+
+    /// Waits until the VM stopped (the guest powered off, or it was stopped), at most
+    /// `timeout`; true if it stopped.
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> bool {
+        let Some(vm) = self.vm.as_ref() else {
+            return true;
         };
-        builder = builder.control_port(Box::new(sink));
-        let vm = builder.run()?;
-        let st = std::mem::take(&mut *lock(&state));
-        if let Some(v) = st.version_mismatch {
-            return Err(SandboxError::Version {
-                guest: v,
-                host: PROTOCOL_VERSION,
-            });
-        }
-        match (st.exit, &vm.exit) {
-            (Some(status), _) => Ok(RunOutcome {
-                status,
-                guest_errors: st.errors,
-                boot_time: vm.boot_time,
-                vm,
-            }),
-            (None, GuestExit::Timeout(after)) => Err(SandboxError::Timeout {
-                after: *after,
-                console_tail: vm.console_tail,
-            }),
-            (None, _) if vm.kernel_panicked => Err(SandboxError::KernelPanic {
-                console_tail: vm.console_tail,
-            }),
-            (None, exit) => Err(SandboxError::NoExitStatus {
-                exit: exit.clone(),
-                console_tail: vm.console_tail,
-            }),
-        }
-    }
-}
-
-/// A `Write` into a shared buffer.
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        lock(&self.0).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-#[derive(Debug, Default)]
-struct ControlState {
-    exit: Option<ExitStatus>,
-    errors: Vec<String>,
-    version_mismatch: Option<u32>,
-}
-
-/// Most msb-init messages kept per run.
-const MAX_GUEST_ERRORS: usize = 16;
-
-/// Feeds msb-init's control stream (as it arrives on the UART, in the vCPU thread, so a slow
-/// reader of our stdout slows the guest down instead of buffering without bound) through the
-/// protocol's [`ControlReceiver`]; any violation fails the VM.
-struct ControlSink {
-    receiver: ControlReceiver,
-    state: Arc<Mutex<ControlState>>,
-    stdout: Box<dyn Write + Send>,
-    stderr: Box<dyn Write + Send>,
-    stop: StopHandle,
-}
-
-impl Write for ControlSink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let (state, stdout, stderr) = (&self.state, &mut self.stdout, &mut self.stderr);
-        let res = self.receiver.push(buf, |event| match event {
-            ControlEvent::Stdout(b) => {
-                let _ = stdout.write_all(&b).and_then(|_| stdout.flush());
-            }
-            ControlEvent::Stderr(b) => {
-                let _ = stderr.write_all(&b).and_then(|_| stderr.flush());
-            }
-            ControlEvent::Error(e) => {
-                let mut st = lock(state);
-                if st.errors.len() < MAX_GUEST_ERRORS {
-                    st.errors.push(e);
+        match timeout {
+            Some(t) => vm.wait_stopped(t),
+            None => loop {
+                if vm.wait_stopped(Duration::from_secs(3600)) {
+                    return true;
                 }
-            }
-            ControlEvent::Exited(status) => lock(state).exit = Some(status),
-        });
-        if let Err(e) = res {
-            tracing::error!("guest control stream: {e}");
-            if let ControlError::Version { guest, .. } = e {
-                lock(&self.state).version_mismatch = Some(guest);
-            }
-            self.stop.fail(format!("guest control stream: {e}"));
+            },
         }
-        Ok(buf.len())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    /// Starts a process.
+    pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle, SandboxError> {
+        Ok(self.agent().exec(req)?)
+    }
+
+    /// Runs `argv` and collects its output.
+    pub fn output<I, S>(&self, argv: I) -> Result<ExecOutput, SandboxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self.agent().exec(request(argv))?.output()?)
+    }
+
+    /// Writes a file in the guest (parents created).
+    pub fn write_file(
+        &self,
+        path: impl AsRef<OsStr>,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<(), SandboxError> {
+        self.agent()
+            .write_file(path.as_ref().as_bytes(), mode, true, &mut &data[..])?;
         Ok(())
+    }
+
+    /// Reads a file from the guest.
+    pub fn read_file(&self, path: impl AsRef<OsStr>) -> Result<Vec<u8>, SandboxError> {
+        let mut out = Vec::new();
+        self.agent().read_file(path.as_ref().as_bytes(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Asks the guest to power off cleanly (stopping it if it does not) and waits for it.
+    pub fn shutdown(mut self) -> Result<VmOutcome, SandboxError> {
+        self.shutdown_inner()
+    }
+
+    fn shutdown_inner(&mut self) -> Result<VmOutcome, SandboxError> {
+        let Some(vm) = self.vm.take() else {
+            return Err(SandboxError::Agent(ClientError::Closed));
+        };
+        let agent = self.agent.take();
+        let acked = agent
+            .as_ref()
+            .map(|a| a.shutdown().is_ok())
+            .unwrap_or(false);
+        drop(agent);
+        if acked {
+            vm.wait_stopped(POWER_OFF_GRACE);
+        }
+        Ok(stop_and_wait(vm))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use msb_init::control::GuestMessage;
-    use msb_init::frame::encode;
-
-    #[test]
-    fn output_exit_and_failures_reach_the_run() {
-        let state = Arc::new(Mutex::new(ControlState::default()));
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let stop = VmBuilder::new("/nonexistent").stop_handle();
-        let mut sink = ControlSink {
-            receiver: ControlReceiver::new(),
-            state: state.clone(),
-            stdout: Box::new(SharedBuf(out.clone())),
-            stderr: Box::new(io::sink()),
-            stop,
-        };
-        let mut stream = encode(&GuestMessage::Hello {
-            version: PROTOCOL_VERSION,
-        })
-        .unwrap();
-        stream.extend(encode(&GuestMessage::Stdout(b"hi\n".to_vec())).unwrap());
-        stream.extend(encode(&GuestMessage::Error("boom".into())).unwrap());
-        stream.extend(encode(&GuestMessage::Exited(ExitStatus::Code(7))).unwrap());
-        for b in stream {
-            sink.write_all(&[b]).unwrap();
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.vm.is_some() {
+            let _ = self.shutdown_inner();
         }
-        assert_eq!(&*lock(&out), b"hi\n");
-        assert_eq!(lock(&state).exit, Some(ExitStatus::Code(7)));
-        assert_eq!(lock(&state).errors, vec!["boom".to_string()]);
-        sink.write_all(&encode(&GuestMessage::Stdout(b"late".to_vec())).unwrap())
-            .unwrap();
-        assert_eq!(&*lock(&out), b"hi\n", "nothing after Exited reaches stdout");
+    }
+}
+
+/// An [`ExecRequest`] for `argv`.
+pub fn request<I, S>(argv: I) -> ExecRequest
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    ExecRequest {
+        argv: argv
+            .into_iter()
+            .map(|a| a.as_ref().as_bytes().to_vec())
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A one-shot command in a fresh sandbox.
+#[derive(Debug, Clone)]
+pub struct Command {
+    builder: SandboxBuilder,
+    req: ExecRequest,
+    timeout: Option<Duration>,
+}
+
+/// How a one-shot command ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub status: ExitStatus,
+    /// Boot-timer time since VMM start.
+    pub boot_time: Option<Duration>,
+    /// VMM start until the agent answered.
+    pub ready_time: Duration,
+}
+
+/// Captured output of a one-shot command.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub boot_time: Option<Duration>,
+}
+
+impl Command {
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.req.env.push((
+            key.as_ref().as_bytes().to_vec(),
+            value.as_ref().as_bytes().to_vec(),
+        ));
+        self
     }
 
-    #[test]
-    fn version_mismatch_is_recorded() {
-        let state = Arc::new(Mutex::new(ControlState::default()));
-        let mut sink = ControlSink {
-            receiver: ControlReceiver::new(),
-            state: state.clone(),
-            stdout: Box::new(io::sink()),
-            stderr: Box::new(io::sink()),
-            stop: VmBuilder::new("/nonexistent").stop_handle(),
-        };
-        sink.write_all(
-            &encode(&GuestMessage::Hello {
-                version: PROTOCOL_VERSION + 1,
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(lock(&state).version_mismatch, Some(PROTOCOL_VERSION + 1));
+    /// The working directory in the guest.
+    pub fn workdir(mut self, dir: impl AsRef<OsStr>) -> Self {
+        self.req.workdir = Some(dir.as_ref().as_bytes().to_vec());
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.builder = self.builder.cpus(cpus);
+        self
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.builder = self.builder.memory_mib(mib);
+        self
+    }
+
+    /// Kill the command after this long ([`SandboxError::Timeout`]).
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self.req.timeout_ms = timeout.map(|t| t.as_millis().max(1) as u64);
+        self
+    }
+
+    /// Show the guest kernel's console on standard error.
+    pub fn console(mut self, on: bool) -> Self {
+        self.builder = self.builder.console(on);
+        self
+    }
+
+    /// Boot this kernel instead of the default one.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.builder = self.builder.kernel(path);
+        self
+    }
+
+    /// Changes the sandbox configuration.
+    pub fn configure(mut self, f: impl FnOnce(SandboxBuilder) -> SandboxBuilder) -> Self {
+        self.builder = f(self.builder);
+        self
+    }
+
+    /// Runs the command with its output on this process's stdout and stderr.
+    pub fn status(self) -> Result<RunOutcome, SandboxError> {
+        self.run_with(&mut io::stdout(), &mut io::stderr())
+    }
+
+    /// Runs the command and captures its output.
+    pub fn output(self) -> Result<Output, SandboxError> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = self.run_with(&mut out, &mut err)?;
+        Ok(Output {
+            status: r.status,
+            stdout: out,
+            stderr: err,
+            boot_time: r.boot_time,
+        })
+    }
+
+    /// Runs the command, writing its output to the given writers as it arrives.
+    pub fn run_with(
+        self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<RunOutcome, SandboxError> {
+        // The whole VM also gets a deadline, in case the guest stops answering.
+        let vm_timeout = self
+            .timeout
+            .map(|t| t + self.builder.boot_timeout + POWER_OFF_GRACE);
+        let sb = self.builder.vm_timeout(vm_timeout).start()?;
+        let mut h = sb.exec(self.req)?;
+        let mut status = None;
+        while let Some(e) = h.next_event()? {
+            match e {
+                ExecEvent::Stdout(d) => {
+                    let _ = stdout.write_all(&d).and_then(|_| stdout.flush());
+                }
+                ExecEvent::Stderr(d) => {
+                    let _ = stderr.write_all(&d).and_then(|_| stderr.flush());
+                }
+                ExecEvent::Exited {
+                    status: s,
+                    timed_out,
+                } => {
+                    if timed_out {
+                        let after = self.timeout.unwrap_or_default();
+                        let _ = sb.shutdown();
+                        return Err(SandboxError::Timeout { after });
+                    }
+                    status = Some(s);
+                }
+                ExecEvent::Started { .. } => {}
+            }
+        }
+        let (boot_time, ready_time) = (sb.boot_time(), sb.ready_time());
+        sb.shutdown()?;
+        let status = status.ok_or(SandboxError::Agent(ClientError::Closed))?;
+        Ok(RunOutcome {
+            status,
+            boot_time,
+            ready_time,
+        })
     }
 }

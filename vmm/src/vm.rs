@@ -26,7 +26,11 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use msb_devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use msb_devices::bus::{lock, Bus};
 use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
-use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, COM1, COM2, UART_PORTS};
+use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, COM1, UART_PORTS};
+use msb_devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+use msb_devices::virtio::vsock::hybrid::HybridListener;
+use msb_devices::virtio::vsock::{VsockDevice, VsockHost};
+use msb_devices::virtio::IrqStatus;
 use msb_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -34,7 +38,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{write_boot_info, BootError, BootLayout, BootProtocol};
-use crate::arch::x86_64::layout::{low_ram_end, ram_ranges, BOOT_TIMER_START, HIMEM_START};
+use crate::arch::x86_64::layout::{
+    low_ram_end, ram_ranges, BOOT_TIMER_START, HIMEM_START, VIRTIO_MMIO_START,
+};
 use crate::arch::x86_64::mptable::MAX_CPUS;
 use crate::hypervisor::{self, Hypervisor, HypervisorError, Kicker, VcpuBoot, VmExit};
 use crate::loader::{self, KernelInfo, LoaderError};
@@ -49,6 +55,8 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 pub const MIN_LINUX_MEMORY_MIB: u64 = 32;
 /// Largest guest memory accepted (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Interrupt line (GSI) of the vsock device.
+pub const VSOCK_IRQ: u32 = 5;
 /// Console lines kept for error reports.
 const CONSOLE_TAIL_LINES: usize = 40;
 /// Console bytes kept in the ring.
@@ -173,6 +181,9 @@ pub struct VmOutcome {
 
 struct StopState {
     reason: Mutex<Option<GuestExit>>,
+    /// Woken when the guest signals boot or the VM stops (see `RunningVm::wait_boot`).
+    boot: Mutex<Option<Duration>>,
+    boot_cond: std::sync::Condvar,
     /// Wakes the event loop; `None` if it could not be created (fd exhaustion), which
     /// `start` reports.
     evt: Option<EventFd>,
@@ -189,6 +200,25 @@ impl StopState {
         if let Some(evt) = &self.evt {
             let _ = evt.write(1);
         }
+        let _g = lock(&self.boot);
+        self.boot_cond.notify_all();
+    }
+}
+
+/// The boot timer's notification: records the boot time for waiters.
+#[derive(Debug)]
+struct BootSignal {
+    state: StopHandle,
+    time: Arc<OnceLock<Duration>>,
+}
+
+impl Interrupt for BootSignal {
+    fn trigger(&self) -> io::Result<()> {
+        let mut b = lock(&self.state.0.boot);
+        *b = self.time.get().copied();
+        self.state.0.boot_cond.notify_all();
+        drop(b);
+        Ok(())
     }
 }
 
@@ -245,8 +275,9 @@ pub struct VmBuilder {
     memory_mib: u64,
     console: Console,
     console_input: bool,
-    control: Option<Box<dyn Write + Send>>,
     timeout: Option<Duration>,
+    vsock: bool,
+    vsock_uds: Option<PathBuf>,
     start: Instant,
     hypervisor: Option<Arc<dyn Hypervisor>>,
     allow_pvm_linux: bool,
@@ -279,14 +310,17 @@ impl VmBuilder {
             memory_mib: 128,
             console: Console::Off,
             console_input: false,
-            control: None,
             timeout: None,
             start: crate::process_start(),
             hypervisor: None,
             allow_pvm_linux: std::env::var_os("MSB_ALLOW_PVM").is_some(),
             defer_teardown: false,
+            vsock: true,
+            vsock_uds: None,
             stop: StopHandle(Arc::new(StopState {
                 reason: Mutex::new(None),
+                boot: Mutex::new(None),
+                boot_cond: std::sync::Condvar::new(),
                 evt: EventFd::new(EFD_NONBLOCK).ok(),
             })),
         }
@@ -328,9 +362,16 @@ impl VmBuilder {
         self
     }
 
-    /// Receives what the guest writes to the second UART (msb-init's control port).
-    pub fn control_port(mut self, sink: Box<dyn Write + Send>) -> Self {
-        self.control = Some(sink);
+    /// Give the guest a virtio-vsock device (on by default): the host↔guest channel.
+    pub fn vsock(mut self, on: bool) -> Self {
+        self.vsock = on;
+        self
+    }
+
+    /// Also serve the vsock device on this Unix socket (hybrid vsock: a client writes
+    /// `CONNECT <port>\n` and reads `OK <port>\n`, then talks to the guest port).
+    pub fn vsock_uds(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vsock_uds = Some(path.into());
         self
     }
 
@@ -448,11 +489,17 @@ impl VmBuilder {
             }
             _ => None,
         };
-        let cmdline = match &self.cmdline {
+        let mut cmdline = match &self.cmdline {
             Some(c) => c.clone(),
             None if matches!(self.console, Console::Off) => format!("{DEFAULT_CMDLINE} quiet"),
             None => DEFAULT_CMDLINE.to_string(),
         };
+        if self.vsock {
+            // virtio-mmio devices are announced on the command line (no ACPI, no device tree).
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{VIRTIO_MMIO_START:#x}:{VSOCK_IRQ}"
+            ));
+        }
         write_boot_info(
             &mem,
             &BootLayout {
@@ -477,21 +524,20 @@ impl VmBuilder {
             vm.create_irq(COM1.1)?,
             ConsoleSink::new(ring.clone(), echo),
         )));
-        let control: Box<dyn Write + Send> = self.control.unwrap_or_else(|| Box::new(io::sink()));
-        let com2 = Arc::new(Mutex::new(SerialDevice::new(
-            vm.create_irq(COM2.1)?,
-            control,
-        )));
         let reset = Arc::new(StopLine {
             state: self.stop.clone(),
             reason: GuestExit::PowerOff,
         });
         let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
         let boot_time = Arc::new(OnceLock::new());
+        let boot_signal = Arc::new(BootSignal {
+            state: self.stop.clone(),
+            time: boot_time.clone(),
+        });
         let timer = Arc::new(Mutex::new(BootTimer::new(
             self.start,
             boot_time.clone(),
-            None,
+            Some(boot_signal),
         )));
 
         let mut pio = Bus::new();
@@ -499,12 +545,34 @@ impl VmBuilder {
         let bus_err = |e: msb_devices::bus::BusError| VmError::Memory(e.to_string());
         pio.insert(u64::from(COM1.0), UART_PORTS, com1.clone())
             .map_err(bus_err)?;
-        pio.insert(u64::from(COM2.0), UART_PORTS, com2)
-            .map_err(bus_err)?;
         pio.insert(u64::from(I8042_BASE), I8042_PORTS, i8042)
             .map_err(bus_err)?;
         mmio.insert(BOOT_TIMER_START, BOOT_TIMER_LEN, timer)
             .map_err(bus_err)?;
+        let mut vsock = None;
+        let mut hybrid = None;
+        if self.vsock {
+            let dev_err = |what| move |source| VmError::Io { what, source };
+            let (device, host) =
+                VsockDevice::new().map_err(dev_err("creating the vsock device"))?;
+            let irq = IrqStatus::new(vm.create_irq(VSOCK_IRQ)?);
+            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)
+                .map_err(dev_err("creating the vsock transport"))?;
+            for (i, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(VIRTIO_MMIO_START + QUEUE_NOTIFY, i as u32, evt)?;
+            }
+            mmio.insert(VIRTIO_MMIO_START, MMIO_LEN, Arc::new(Mutex::new(transport)))
+                .map_err(bus_err)?;
+            if let Some(path) = &self.vsock_uds {
+                hybrid = Some(HybridListener::bind(path, host.clone()).map_err(|source| {
+                    VmError::Io {
+                        what: "binding the vsock socket",
+                        source,
+                    }
+                })?);
+            }
+            vsock = Some(host);
+        }
         let buses = Arc::new(Buses { pio, mmio });
 
         // vCPU threads: each creates its vCPU (HVF binds vCPUs to threads), reports, then all
@@ -602,6 +670,8 @@ impl VmBuilder {
             boot_time: boot_time.clone(),
             timeout: self.timeout,
             stdin_to_console,
+            buses,
+            hybrid,
             defer_teardown: self.defer_teardown,
             vm,
             mem,
@@ -616,6 +686,7 @@ impl VmBuilder {
         Ok(RunningVm {
             stop: self.stop,
             boot_time,
+            vsock,
             event_loop: Some(event_loop),
         })
     }
@@ -774,6 +845,9 @@ struct LoopShared {
     boot_time: Arc<OnceLock<Duration>>,
     timeout: Option<Duration>,
     stdin_to_console: Option<Arc<Mutex<SerialDevice<ConsoleSink>>>>,
+    /// Devices; dropped (joining device workers) after the vCPUs stopped.
+    buses: Arc<Buses>,
+    hybrid: Option<HybridListener>,
     defer_teardown: bool,
     vm: Arc<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
@@ -913,6 +987,9 @@ impl LoopShared {
         let exit = lock(&self.stop.0.reason)
             .clone()
             .unwrap_or(GuestExit::Stopped);
+        // Device workers stop here (the vCPUs held the other references to the buses).
+        drop(self.hybrid);
+        drop(self.buses);
         if self.defer_teardown {
             // Released by the process exit (see `VmBuilder::defer_teardown_to_exit`).
             std::mem::forget(self.vm);
@@ -968,6 +1045,7 @@ impl Drop for RawTerminal {
 pub struct RunningVm {
     stop: StopHandle,
     boot_time: Arc<OnceLock<Duration>>,
+    vsock: Option<VsockHost>,
     event_loop: Option<JoinHandle<VmOutcome>>,
 }
 
@@ -980,6 +1058,62 @@ impl RunningVm {
     /// Boot-timer time since VMM start, once the guest signalled it.
     pub fn boot_time(&self) -> Option<Duration> {
         self.boot_time.get().copied()
+    }
+
+    /// Waits until the guest signals boot (`Ok(boot time)`) or the VM stops first, or
+    /// `timeout` passes (`Err` with the stop reason, or `None` on timeout).
+    pub fn wait_boot(&self, timeout: Duration) -> Result<Duration, Option<GuestExit>> {
+        let deadline = Instant::now() + timeout;
+        let st = &self.stop.0;
+        let mut b = lock(&st.boot);
+        loop {
+            if let Some(t) = self.boot_time.get() {
+                return Ok(*t);
+            }
+            if let Some(r) = lock(&st.reason).clone() {
+                return Err(Some(r));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(None);
+            }
+            b = st
+                .boot_cond
+                .wait_timeout(b, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits until the VM stopped (for any reason) or `timeout` passed; true if it stopped.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let st = &self.stop.0;
+        let mut b = lock(&st.boot);
+        loop {
+            if lock(&st.reason).is_some() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            b = st
+                .boot_cond
+                .wait_timeout(b, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Why the VM stopped, if it did (it may still be shutting down).
+    pub fn stop_reason(&self) -> Option<GuestExit> {
+        lock(&self.stop.0.reason).clone()
+    }
+
+    /// The host side of the guest's vsock device.
+    pub fn vsock(&self) -> Option<&VsockHost> {
+        self.vsock.as_ref()
     }
 
     /// Waits until the VM stops; every vCPU thread is joined and every fd closed on return.

@@ -82,6 +82,7 @@ fn pvh_entry_state_start_info_and_memory_map() {
         VmBuilder::new(guests::pvh_boot())
             .memory_mib(mem_mib)
             .initrd(Initrd::Bytes(initrd.clone()))
+            .vsock(false)
             .cmdline("test=1 msb \"quoted\""),
     );
     assert_eq!(out.exit, GuestExit::PowerOff, "console:\n{text}");
@@ -132,7 +133,10 @@ fn linux_64bit_protocol_long_mode_and_zero_page() {
     assert_eq!(one(&m, "zero_page"), 0x7000);
     assert_eq!(one(&m, "hdr_magic"), 0x5372_6448);
     assert_eq!(one(&m, "e820_entries"), 2);
-    assert!(text.contains("cmdline=console=ttyS0 x=y\n"), "{text}");
+    assert!(
+        text.contains("cmdline=console=ttyS0 x=y virtio_mmio.device=4K@0xc0001000:5\n"),
+        "{text}"
+    );
     assert_eq!(
         one(&m, "mem_512m"),
         0x1234,

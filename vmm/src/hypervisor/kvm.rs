@@ -8,7 +8,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use msb_devices::Interrupt;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -185,6 +185,12 @@ impl Vm for KvmVm {
         self.fd.register_irqfd(&evt, gsi).map_err(os("KVM_IRQFD"))?;
         msb_devices::bus::lock(&self.irqs).push(evt.clone());
         Ok(evt)
+    }
+
+    fn register_ioevent(&self, addr: u64, datamatch: u32, evt: &EventFd) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(os("KVM_IOEVENTFD"))
     }
 
     fn create_vcpu(&self, boot: &VcpuBoot) -> Result<Box<dyn Vcpu>> {

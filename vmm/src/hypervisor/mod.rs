@@ -93,6 +93,14 @@ pub trait Vm: Send + Sync {
     fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()>;
     /// An interrupt line for a device wired to `gsi`.
     fn create_irq(&self, gsi: u32) -> Result<Arc<dyn Interrupt>>;
+    /// Signals `evt` (instead of exiting to the VMM) when the guest writes the 32-bit value
+    /// `datamatch` to MMIO address `addr`: virtio queue notifications stay in the kernel.
+    fn register_ioevent(
+        &self,
+        addr: u64,
+        datamatch: u32,
+        evt: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<()>;
     /// Creates and configures a vCPU; call it on the thread that will run the vCPU.
     fn create_vcpu(&self, boot: &VcpuBoot) -> Result<Box<dyn Vcpu>>;
 }

@@ -1,0 +1,289 @@
+//! `msb-bench exec`: exec round trip and stdout throughput through the agent, over a Unix
+//! socket to the agent running as a host process and end to end in a sandbox; plus
+//! spawn → agent ready and `msb-vmm run -- true` spawn → exit.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use msb_init::agent::ExecRequest;
+use msb_init::client::{AgentClient, ExecEvent};
+use serde::Serialize;
+
+use crate::stats::{summarize, Summary};
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// Where the agent runs: `unix` (a host process over a Unix socket), `sandbox` (in a
+    /// microVM over vsock), or `both`.
+    #[arg(long, default_value = "both")]
+    transport: String,
+    /// Exec round trips of `true` per transport.
+    #[arg(long, default_value_t = 1000)]
+    iterations: usize,
+    /// Bytes of stdout per throughput run.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    /// Throughput runs per transport.
+    #[arg(long, default_value_t = 3)]
+    throughput_runs: usize,
+    /// `msb-vmm run -- true` launches for spawn → agent ready and spawn → exit.
+    #[arg(long, default_value_t = 20)]
+    launches: usize,
+    /// Static msb-init binary for the host-process agent (default: the one `./x setup` cached).
+    #[arg(long)]
+    msb_init: Option<PathBuf>,
+    /// The msb-vmm binary (default: next to msb-bench).
+    #[arg(long)]
+    msb_vmm: Option<PathBuf>,
+    /// Write samples and summaries as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize, Default)]
+struct TransportResult {
+    transport: String,
+    round_trip_ms: Option<Summary>,
+    throughput_mb_s: Option<Summary>,
+    round_trips: Vec<f64>,
+    throughputs: Vec<f64>,
+}
+
+struct HostAgent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn host_agent(bin: &Path) -> Result<(HostAgent, AgentClient)> {
+    let dir = std::env::temp_dir().join(format!("msb-bench-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("agent.sock");
+    let child = Command::new(bin)
+        .args(["agent", "--listen"])
+        .arg(&sock)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let agent = HostAgent { child, dir };
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the host agent did not start");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let client = AgentClient::connect(UnixStream::connect(&sock)?, Duration::from_secs(10))?;
+    Ok((agent, client))
+}
+
+fn req(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Round trips of `true` and stdout throughput over one agent connection.
+fn measure(
+    name: &str,
+    client: &AgentClient,
+    iterations: usize,
+    bytes: u64,
+    runs: usize,
+) -> Result<TransportResult> {
+    let mut r = TransportResult {
+        transport: name.into(),
+        ..Default::default()
+    };
+    // Warm up: page cache, first fork.
+    for _ in 0..5 {
+        client.exec(req(&["true"]))?.wait()?;
+    }
+    for _ in 0..iterations {
+        let t = Instant::now();
+        let status = client.exec(req(&["true"]))?.wait()?;
+        r.round_trips.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !status.success() {
+            bail!("`true` failed with {status:?}");
+        }
+    }
+    let count = bytes.to_string();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut h = client.exec(req(&["head", "-c", &count, "/dev/zero"]))?;
+        let mut got = 0u64;
+        while let Some(e) = h.next_event()? {
+            if let ExecEvent::Stdout(d) = e {
+                got += d.len() as u64;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        if got != bytes {
+            bail!("received {got} of {bytes} bytes");
+        }
+        r.throughputs.push(bytes as f64 / secs / 1e6);
+    }
+    r.round_trip_ms = summarize(&r.round_trips);
+    r.throughput_mb_s = summarize(&r.throughputs);
+    Ok(r)
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
+        return d.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    base.join("msb-vmm")
+}
+
+#[derive(Serialize, Default)]
+struct Launches {
+    spawn_to_exit_ms: Option<Summary>,
+    agent_ready_ms: Option<Summary>,
+    boot_timer_ms: Option<Summary>,
+}
+
+/// `msb-vmm run -- true`, `n` times: spawn → exit and the reported agent-ready time.
+fn launches(msb_vmm: &Path, n: usize) -> Result<Launches> {
+    let report = std::env::temp_dir().join(format!("msb-bench-run-{}.json", std::process::id()));
+    let (mut exit, mut ready, mut boot) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = Command::new(msb_vmm)
+            .args(["run", "--report"])
+            .arg(&report)
+            .args(["--", "true"])
+            .output()?;
+        exit.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !out.status.success() {
+            bail!(
+                "msb-vmm run failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+        if let Some(us) = r["agent_ready_us"].as_u64() {
+            ready.push(us as f64 / 1000.0);
+        }
+        if let Some(us) = r["boot_time_us"].as_u64() {
+            boot.push(us as f64 / 1000.0);
+        }
+    }
+    let _ = std::fs::remove_file(&report);
+    Ok(Launches {
+        spawn_to_exit_ms: summarize(&exit),
+        agent_ready_ms: summarize(&ready),
+        boot_timer_ms: summarize(&boot),
+    })
+}
+
+fn row(name: &str, metric: &str, s: &Option<Summary>) {
+    if let Some(s) = s {
+        println!(
+            "{name:<10} {metric:<26} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            s.min, s.p50, s.p90, s.p99, s.max
+        );
+    }
+}
+
+pub fn run(a: ExecArgs) -> Result<()> {
+    let machine = crate::machine();
+    let (unix, sandbox) = match a.transport.as_str() {
+        "unix" => (true, false),
+        "sandbox" => (false, true),
+        "both" => (true, true),
+        other => bail!("--transport {other}: expected unix, sandbox or both"),
+    };
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if sandbox && pvm {
+        bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run `--transport unix` here and the sandbox part inside the L2 VM, `./x l2 -- target/release/msb-bench exec --transport sandbox`");
+    }
+    let mut results = Vec::new();
+    let mut launch = None;
+    if unix {
+        let bin = a
+            .msb_init
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("msb-init"));
+        let (_agent, client) = host_agent(&bin)?;
+        eprintln!(
+            "agent over a Unix socket: {} round trips, {} x {} bytes",
+            a.iterations, a.throughput_runs, a.bytes
+        );
+        results.push(measure(
+            "unix",
+            &client,
+            a.iterations,
+            a.bytes,
+            a.throughput_runs,
+        )?);
+    }
+    if sandbox {
+        let msb_vmm = match &a.msb_vmm {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("msb-vmm"),
+        };
+        eprintln!("sandbox: {} launches of `msb-vmm run -- true`", a.launches);
+        launch = Some(launches(&msb_vmm, a.launches)?);
+        let sb = msb_vmm::sandbox::Sandbox::builder()
+            .start()
+            .context("starting a sandbox")?;
+        eprintln!(
+            "sandbox: {} round trips, {} x {} bytes",
+            a.iterations, a.throughput_runs, a.bytes
+        );
+        results.push(measure(
+            "sandbox",
+            sb.agent(),
+            a.iterations,
+            a.bytes,
+            a.throughput_runs,
+        )?);
+        let _ = sb.shutdown();
+    }
+    println!(
+        "machine: {} ({} cores), host kernel {}, {}",
+        machine.cpu, machine.cores, machine.kernel, machine.kvm
+    );
+    println!(
+        "{:<10} {:<26} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "transport", "metric", "min", "p50", "p90", "p99", "max"
+    );
+    for r in &results {
+        row(
+            &r.transport,
+            "exec `true` round trip (ms)",
+            &r.round_trip_ms,
+        );
+        row(&r.transport, "stdout throughput (MB/s)", &r.throughput_mb_s);
+    }
+    if let Some(l) = &launch {
+        row("sandbox", "spawn→agent ready (ms)", &l.agent_ready_ms);
+        row("sandbox", "VMM start→boot timer (ms)", &l.boot_timer_ms);
+        row(
+            "sandbox",
+            "run -- true spawn→exit (ms)",
+            &l.spawn_to_exit_ms,
+        );
+    }
+    if let Some(j) = &a.json {
+        let doc = serde_json::json!({ "machine": machine, "results": results, "launches": launch });
+        std::fs::write(j, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("json: {}", j.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.x, "modern" only).
+//!
+//! [`mmio::MmioTransport`] is the register interface the guest driver programs; it owns a
+//! [`VirtioDevice`] and activates it once the driver is done negotiating. Devices process
+//! their queues on their own worker threads and raise interrupts through [`IrqStatus`].
+//! Everything the guest writes is validated; a driver that breaks the rules gets its device
+//! marked failed (DEVICE_NEEDS_RESET), never a VMM panic.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::Interrupt;
+
+pub mod mmio;
+pub mod vsock;
+
+/// The queue implementation shared by all devices.
+pub use virtio_queue::Queue;
+
+/// VIRTIO_F_VERSION_1: the only mode we offer.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits (InterruptStatus register).
+pub const INT_VRING: u32 = 1;
+/// Configuration changed (also used to announce DEVICE_NEEDS_RESET).
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one virtio-mmio device plus its InterruptStatus register.
+#[derive(Debug)]
+pub struct IrqStatus {
+    status: AtomicU32,
+    line: Arc<dyn Interrupt>,
+}
+
+impl IrqStatus {
+    /// Status register over an interrupt line.
+    pub fn new(line: Arc<dyn Interrupt>) -> Arc<IrqStatus> {
+        Arc::new(IrqStatus {
+            status: AtomicU32::new(0),
+            line,
+        })
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            tracing::error!("virtio interrupt: {e}");
+        }
+    }
+
+    /// Current InterruptStatus.
+    pub fn read(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not ready or its rings lie outside guest memory")]
+    BadQueue(usize),
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// Set when a device saw a driver break the rules; the transport then reports
+/// DEVICE_NEEDS_RESET and the device stops touching its queues until reset.
+#[derive(Debug, Default)]
+pub struct DeviceFailure(std::sync::atomic::AtomicBool);
+
+impl DeviceFailure {
+    /// Marks the device failed, logging why (once).
+    pub fn fail(&self, why: &str) {
+        if !self.0.swap(true, Ordering::SeqCst) {
+            tracing::error!("virtio device failed: {why}");
+        }
+    }
+
+    /// Whether the device failed.
+    pub fn is_failed(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Clears the failure (device reset).
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst)
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub irq: Arc<IrqStatus>,
+    /// The device's queues with the eventfds the guest's notifications arrive on.
+    pub queues: Vec<(Queue, Arc<EventFd>)>,
+    /// Set by the device when the driver misbehaves.
+    pub failure: Arc<DeviceFailure>,
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// virtio device id (19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space (most devices ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts processing; called once per activation.
+    fn activate(&mut self, activation: Activation, features: u64) -> Result<(), ActivateError>;
+    /// Stops processing and drops all queue state (the driver reset the device).
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes of a little-endian config structure at `offset`, zero past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if off >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - off);
+    data[..n].copy_from_slice(&config[off..off + n]);
+}

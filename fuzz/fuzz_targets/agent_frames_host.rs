@@ -1,0 +1,36 @@
+//! What the host decodes from a (hostile) guest agent: a stream of frames split at arbitrary
+//! points. Decoding must never panic, never allocate past the frame cap, and the blocking
+//! reader must agree with the incremental decoder.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use msb_init::agent::AgentMessage;
+use msb_init::frame::{read_frame, FrameDecoder, MAX_FRAME_LEN};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&split, rest)) = data.split_first() else { return };
+    let mut d = FrameDecoder::new();
+    let mut incremental = Vec::new();
+    'outer: for chunk in rest.chunks(usize::from(split).max(1)) {
+        d.push(chunk);
+        assert!(d.pending() <= rest.len());
+        loop {
+            match d.next_frame::<AgentMessage>() {
+                Ok(Some(m)) => {
+                    if let AgentMessage::Response { response, .. } = &m {
+                        let _ = response.is_final();
+                        assert!(response.payload_len() <= MAX_FRAME_LEN);
+                    }
+                    incremental.push(m);
+                }
+                Ok(None) => break,
+                Err(_) => break 'outer,
+            }
+        }
+    }
+    let mut r = rest;
+    let mut buf = Vec::new();
+    for m in &incremental {
+        assert_eq!(read_frame::<AgentMessage, _>(&mut r, &mut buf).ok().flatten().as_ref(), Some(m));
+    }
+});

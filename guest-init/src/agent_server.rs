@@ -1,0 +1,1097 @@
+//! The agent: serves the protocol of `msb_init::agent` on every accepted connection. In a guest
+//! it listens on vsock port [`AGENT_PORT`]; `msb-init agent --listen PATH` runs the very same
+//! code as a host process on a Unix socket, for tests and benchmarks.
+//!
+//! Threads: one per connection reading host messages, one per request doing the work (an exec
+//! forwards its output, a file write consumes its data), one for an exec's stdin, and one
+//! reaper for all children (as PID 1 it also reaps orphans). Output is read from a process only
+//! while the host has granted credit, so a slow host reader throttles the process.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use msb_init::agent::{
+    AgentError, AgentMessage, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileStat,
+    HostMessage, Request, Response, RlimitResource, DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE,
+    MAX_CHUNK, WINDOW,
+};
+use msb_init::frame::{read_frame, write_frame, ReadError};
+use msb_init::PROTOCOL_VERSION;
+
+use crate::sys;
+
+/// After the main process exited, output is still forwarded this long for descendants that
+/// keep its pipes open (a backgrounded writer must not keep the exec alive).
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+/// Default search path for executed programs.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the agent does on a Shutdown request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnShutdown {
+    /// PID 1 in a guest: sync and power off.
+    PowerOff,
+    /// A host process: exit.
+    Exit,
+}
+
+/// Agent-wide state.
+pub struct Agent {
+    reaper: Arc<Reaper>,
+    on_shutdown: OnShutdown,
+}
+
+impl Agent {
+    /// An agent; starts the reaper thread.
+    pub fn new(on_shutdown: OnShutdown) -> Arc<Agent> {
+        let reaper = Reaper::start();
+        Arc::new(Agent {
+            reaper,
+            on_shutdown,
+        })
+    }
+
+    /// Serves one connection until it closes; kills the process groups it started.
+    pub fn serve(self: &Arc<Self>, stream: UnixStream) {
+        let writer = match stream.try_clone() {
+            Ok(w) => w,
+            Err(e) => return eprintln!("msb-init: agent connection: {e}"),
+        };
+        let conn = Arc::new(Conn {
+            writer: Mutex::new(writer),
+            requests: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        });
+        if conn
+            .send(&AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let mut reader = stream;
+        let mut buf = Vec::new();
+        loop {
+            let msg = match read_frame::<HostMessage, _>(&mut reader, &mut buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(ReadError::Io(e)) => {
+                    eprintln!("msb-init: agent connection: {e}");
+                    break;
+                }
+                Err(ReadError::Frame(e)) => {
+                    eprintln!("msb-init: agent connection: bad frame from host: {e}");
+                    break;
+                }
+            };
+            if let Err(e) = self.handle(&conn, msg) {
+                eprintln!("msb-init: agent connection: protocol error: {e}");
+                break;
+            }
+        }
+        conn.close();
+        let _ = reader.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn handle(self: &Arc<Self>, conn: &Arc<Conn>, msg: HostMessage) -> Result<(), String> {
+        match msg {
+            HostMessage::Request { id, request } => {
+                if lock(&conn.requests).contains_key(&id) {
+                    return Err(format!("request id {id} reused while in flight"));
+                }
+                let ctl = match ReqCtl::new() {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        let _ = conn.respond(id, Response::Error(io_error(e)));
+                        return Ok(());
+                    }
+                };
+                lock(&conn.requests).insert(id, ctl.clone());
+                let (agent, conn) = (self.clone(), conn.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name(format!("req-{id}"))
+                        .spawn(move || {
+                            let response = agent.run_request(&conn, id, &ctl, request);
+                            lock(&conn.requests).remove(&id);
+                            let _ = conn.respond(id, response);
+                            if ctl.shutdown_after.load(Ordering::SeqCst) {
+                                agent.shut_down();
+                            }
+                        });
+                if let Err(e) = spawned {
+                    return Err(format!("cannot start a thread: {e}"));
+                }
+            }
+            HostMessage::Ack { id, bytes } => {
+                if let Some(ctl) = conn.get(id) {
+                    ctl.add_credit(u64::from(bytes))?;
+                }
+            }
+            HostMessage::Stdin { id, data }
+            | HostMessage::FileData {
+                id,
+                data,
+                last: false,
+            } => {
+                if let Some(ctl) = conn.get(id) {
+                    ctl.input(Input::Data(data))?;
+                }
+            }
+            HostMessage::FileData {
+                id,
+                data,
+                last: true,
+            } => {
+                if let Some(ctl) = conn.get(id) {
+                    if !data.is_empty() {
+                        ctl.input(Input::Data(data))?;
+                    }
+                    ctl.input(Input::Close)?;
+                }
+            }
+            HostMessage::CloseStdin { id } => {
+                if let Some(ctl) = conn.get(id) {
+                    ctl.input(Input::Close)?;
+                }
+            }
+            HostMessage::Signal { id, signal } => {
+                if let Some(ctl) = conn.get(id) {
+                    ctl.signal(signal);
+                }
+            }
+            HostMessage::Resize { id, size } => {
+                if let Some(ctl) = conn.get(id) {
+                    if let Some(fd) = *lock(&ctl.pty) {
+                        sys::set_winsize(fd, size);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Does the work of one request; returns its final response.
+    fn run_request(
+        &self,
+        conn: &Arc<Conn>,
+        id: u64,
+        ctl: &Arc<ReqCtl>,
+        request: Request,
+    ) -> Response {
+        let result = match request {
+            Request::Ping => Ok(Response::Pong),
+            Request::Exec(e) => self.exec(conn, id, ctl, e),
+            Request::WriteFile {
+                path,
+                mode,
+                create_parents,
+            } => write_file(conn, id, ctl, &path, mode, create_parents),
+            Request::ReadFile { path } => read_file(conn, id, ctl, &path),
+            Request::Stat { path } => stat(&path).map(Response::Stat),
+            Request::ListDir { path } => list_dir(conn, id, &path),
+            Request::Remove { path, recursive } => remove(&path, recursive),
+            Request::Shutdown => {
+                sys::sync();
+                ctl.shutdown_after.store(true, Ordering::SeqCst);
+                Ok(Response::Done)
+            }
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    fn shut_down(&self) {
+        match self.on_shutdown {
+            OnShutdown::PowerOff => crate::pid1::power_off(),
+            OnShutdown::Exit => std::process::exit(0),
+        }
+    }
+
+    fn exec(
+        &self,
+        conn: &Arc<Conn>,
+        id: u64,
+        ctl: &Arc<ReqCtl>,
+        req: ExecRequest,
+    ) -> Result<Response, AgentError> {
+        let slot = ExitSlot::new().map_err(io_error)?;
+        let spawned = spawn(&req)?;
+        let pid = spawned.pid;
+        let exit = self.reaper.watch(pid, slot);
+        ctl.pgid.store(pid, Ordering::SeqCst);
+        *lock(&ctl.pty) = spawned.pty.as_ref().map(|f| f.as_raw_fd());
+        conn.respond(id, Response::Started { pid: pid as u32 })
+            .map_err(io_error)?;
+        // Stdin: pipe, or the terminal itself.
+        let stdin_thread = match (spawned.stdin, &spawned.pty) {
+            (Some(pipe), _) => Some(start_stdin(conn, id, ctl, File::from(pipe), false)),
+            (None, Some(master)) if req.stdin => match master.try_clone() {
+                Ok(m) => Some(start_stdin(conn, id, ctl, File::from(m), true)),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let deadline = req
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let outputs: Vec<(OwnedFd, bool)> = match spawned.pty {
+            Some(master) => vec![(master, true)],
+            None => spawned
+                .outputs
+                .into_iter()
+                .enumerate()
+                .map(|(i, fd)| (fd, i == 0))
+                .collect(),
+        };
+        let (status, timed_out) = forward(conn, id, ctl, outputs, &exit, pid, deadline);
+        *lock(&ctl.pty) = None;
+        ctl.close_input();
+        if let Some(t) = stdin_thread {
+            let _ = t.join();
+        }
+        Ok(Response::Exited { status, timed_out })
+    }
+}
+
+/// One connection's shared state.
+struct Conn {
+    writer: Mutex<UnixStream>,
+    requests: Mutex<HashMap<u64, Arc<ReqCtl>>>,
+    closed: AtomicBool,
+}
+
+impl Conn {
+    fn send(&self, msg: &AgentMessage) -> io::Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let mut w = lock(&self.writer);
+        write_frame(&mut *w, msg)
+    }
+
+    fn respond(&self, id: u64, response: Response) -> io::Result<()> {
+        self.send(&AgentMessage::Response { id, response })
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<ReqCtl>> {
+        lock(&self.requests).get(&id).cloned()
+    }
+
+    /// The host went away: its processes get SIGKILL, waiting threads wake up.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        for ctl in lock(&self.requests).values() {
+            ctl.signal(libc::SIGKILL);
+            ctl.close_input();
+            ctl.wake();
+        }
+    }
+}
+
+enum Input {
+    Data(Vec<u8>),
+    Close,
+}
+
+/// Per-request control: output credit, input channel, process group.
+struct ReqCtl {
+    credit: Mutex<u64>,
+    credit_cond: Condvar,
+    /// Woken on credit and on connection close, for threads blocked in poll.
+    wake_fd: OwnedFd,
+    input_tx: Mutex<Option<Sender<Input>>>,
+    input_rx: Mutex<Option<Receiver<Input>>>,
+    /// Payload the host sent and we have not acknowledged yet.
+    input_in_flight: AtomicU64,
+    pgid: AtomicI32,
+    pty: Mutex<Option<RawFd>>,
+    shutdown_after: AtomicBool,
+}
+
+impl ReqCtl {
+    fn new() -> io::Result<ReqCtl> {
+        let (tx, rx) = mpsc::channel();
+        Ok(ReqCtl {
+            credit: Mutex::new(u64::from(WINDOW)),
+            credit_cond: Condvar::new(),
+            wake_fd: sys::eventfd()?,
+            input_tx: Mutex::new(Some(tx)),
+            input_rx: Mutex::new(Some(rx)),
+            input_in_flight: AtomicU64::new(0),
+            pgid: AtomicI32::new(0),
+            pty: Mutex::new(None),
+            shutdown_after: AtomicBool::new(false),
+        })
+    }
+
+    fn add_credit(&self, n: u64) -> Result<(), String> {
+        let mut c = lock(&self.credit);
+        *c += n;
+        if *c > u64::from(WINDOW) {
+            return Err("host acknowledged more output than it was sent".into());
+        }
+        drop(c);
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        self.credit_cond.notify_all();
+        sys::eventfd_signal(self.wake_fd.as_raw_fd());
+    }
+
+    fn input(&self, i: Input) -> Result<(), String> {
+        if let Input::Data(d) = &i {
+            let now = self
+                .input_in_flight
+                .fetch_add(d.len() as u64, Ordering::SeqCst)
+                + d.len() as u64;
+            if now > u64::from(WINDOW) {
+                return Err("host sent past the flow-control window".into());
+            }
+        }
+        if let Some(tx) = lock(&self.input_tx).as_ref() {
+            let _ = tx.send(i);
+        }
+        Ok(())
+    }
+
+    fn close_input(&self) {
+        lock(&self.input_tx).take();
+    }
+
+    fn signal(&self, signal: i32) {
+        let pgid = self.pgid.load(Ordering::SeqCst);
+        if pgid > 0 {
+            sys::kill(-pgid, signal);
+        }
+    }
+
+    /// Takes up to `want` bytes of output credit, waiting until some is available or the
+    /// connection closes (`None`).
+    fn take_credit(&self, conn: &Conn, want: usize) -> Option<usize> {
+        let mut c = lock(&self.credit);
+        while *c == 0 {
+            if conn.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            c = self.credit_cond.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        let n = (*c as usize).min(want);
+        *c -= n as u64;
+        Some(n)
+    }
+
+    fn has_credit(&self) -> bool {
+        *lock(&self.credit) > 0
+    }
+}
+
+fn io_error(e: io::Error) -> AgentError {
+    let kind = match e.kind() {
+        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+        io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+        io::ErrorKind::InvalidInput => ErrorKind::InvalidRequest,
+        _ => ErrorKind::Io,
+    };
+    AgentError {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+fn path_error(path: &[u8], e: io::Error) -> AgentError {
+    let mut err = io_error(e);
+    err.message = format!("{}: {}", String::from_utf8_lossy(path), err.message);
+    err
+}
+
+fn invalid(message: impl Into<String>) -> AgentError {
+    AgentError {
+        kind: ErrorKind::InvalidRequest,
+        message: message.into(),
+    }
+}
+
+fn check_path(path: &[u8]) -> Result<&OsStr, AgentError> {
+    if path.is_empty() || path.contains(&0) {
+        return Err(invalid("path is empty or contains a NUL byte"));
+    }
+    Ok(OsStr::from_bytes(path))
+}
+
+/// Feeds a request's input channel into `out` (a stdin pipe or a terminal), acknowledging
+/// what was written.
+fn start_stdin(
+    conn: &Arc<Conn>,
+    id: u64,
+    ctl: &Arc<ReqCtl>,
+    mut out: File,
+    pty: bool,
+) -> std::thread::JoinHandle<()> {
+    let rx = lock(&ctl.input_rx).take();
+    let (ctl, conn) = (ctl.clone(), conn.clone());
+    std::thread::spawn(move || {
+        let Some(rx) = rx else { return };
+        let mut broken = false;
+        for i in rx {
+            match i {
+                Input::Data(d) => {
+                    // After the process closed its stdin, input is dropped; credit still goes
+                    // back so the host never blocks on it.
+                    if !broken && out.write_all(&d).is_err() {
+                        broken = true;
+                    }
+                    ctl.input_in_flight
+                        .fetch_sub(d.len() as u64, Ordering::SeqCst);
+                    let _ = conn.respond(id, Response::Ack(d.len() as u32));
+                }
+                Input::Close => {
+                    if pty {
+                        // End of input on a terminal is ^D at the start of a line.
+                        let _ = out.write_all(&[4]);
+                    }
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// A started process.
+struct Spawned {
+    pid: i32,
+    stdin: Option<OwnedFd>,
+    /// stdout and stderr pipes (without a PTY).
+    outputs: Vec<OwnedFd>,
+    /// The terminal's master side (with a PTY).
+    pty: Option<OwnedFd>,
+}
+
+fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(invalid("no command given"));
+    }
+    if req.argv.iter().any(|a| a.contains(&0)) {
+        return Err(invalid("an argument contains a NUL byte"));
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
+            return Err(invalid("invalid environment variable name or value"));
+        }
+    }
+    let user = match &req.user {
+        None => None,
+        Some(u) => Some(sys::resolve_user(u).map_err(|m| AgentError {
+            kind: ErrorKind::NotFound,
+            message: m,
+        })?),
+    };
+    let mut cmd = Command::new(OsStr::from_bytes(&req.argv[0]));
+    cmd.args(req.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
+    cmd.env_clear();
+    let has = |k: &[u8]| req.env.iter().any(|(key, _)| key == k);
+    if !has(b"PATH") {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    let home = user
+        .as_ref()
+        .map(|u| u.home.clone())
+        .unwrap_or_else(|| b"/root".to_vec());
+    if !has(b"HOME") {
+        cmd.env("HOME", OsStr::from_bytes(&home));
+    }
+    if req.pty.is_some() && !has(b"TERM") {
+        cmd.env("TERM", "xterm-256color");
+    }
+    for (k, v) in &req.env {
+        cmd.env(OsStr::from_bytes(k), OsStr::from_bytes(v));
+    }
+    let workdir = match &req.workdir {
+        Some(w) => w.clone(),
+        None if std::path::Path::new(OsStr::from_bytes(&home)).is_dir() => home.clone(),
+        None => b"/".to_vec(),
+    };
+    if workdir.contains(&0) {
+        return Err(invalid("working directory contains a NUL byte"));
+    }
+    if !std::path::Path::new(OsStr::from_bytes(&workdir)).is_dir() {
+        return Err(AgentError {
+            kind: ErrorKind::NotFound,
+            message: format!(
+                "working directory {}: no such directory",
+                String::from_utf8_lossy(&workdir)
+            ),
+        });
+    }
+    cmd.current_dir(OsStr::from_bytes(&workdir));
+
+    let mut limits: Vec<(sys::Resource, u64, u64)> = Vec::new();
+    let default_nofile = !req
+        .rlimits
+        .iter()
+        .any(|l| l.resource == RlimitResource::Nofile);
+    for l in &req.rlimits {
+        let r = match l.resource {
+            RlimitResource::Nofile => libc::RLIMIT_NOFILE,
+            RlimitResource::Nproc => libc::RLIMIT_NPROC,
+            RlimitResource::As => libc::RLIMIT_AS,
+            RlimitResource::Core => libc::RLIMIT_CORE,
+            RlimitResource::Cpu => libc::RLIMIT_CPU,
+            RlimitResource::Fsize => libc::RLIMIT_FSIZE,
+            RlimitResource::Stack => libc::RLIMIT_STACK,
+            RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
+        };
+        if l.soft > l.hard {
+            return Err(invalid("an rlimit's soft value exceeds its hard value"));
+        }
+        limits.retain(|(res, _, _)| *res != r);
+        limits.push((r, l.soft, l.hard));
+    }
+
+    let mut pty_master = None;
+    let mut stdin_pipe = None;
+    let mut outputs = Vec::new();
+    match req.pty {
+        Some(size) => {
+            let (master, slave) = sys::openpty(size).map_err(io_error)?;
+            let dup = |f: &OwnedFd| f.try_clone().map(Stdio::from).map_err(io_error);
+            cmd.stdin(dup(&slave)?)
+                .stdout(dup(&slave)?)
+                .stderr(Stdio::from(slave));
+            pty_master = Some(master);
+        }
+        None => {
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+    }
+    let pty = req.pty.is_some();
+    let ids = user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-
+    // safe system calls (setsid/ioctl/setpgid/setrlimit/setgroups/setgid/setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if pty {
+                sys::become_session_leader_with_tty()?;
+            } else {
+                sys::setpgid_self()?;
+            }
+            if default_nofile {
+                sys::raise_nofile(DEFAULT_NOFILE);
+            }
+            for (r, soft, hard) in &limits {
+                sys::setrlimit(*r, *soft, *hard)?;
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                sys::drop_to(*uid, *gid, groups)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let name = String::from_utf8_lossy(&req.argv[0]).into_owned();
+        match e.kind() {
+            io::ErrorKind::NotFound => AgentError {
+                kind: ErrorKind::NotFound,
+                message: format!("{name}: command not found"),
+            },
+            io::ErrorKind::PermissionDenied => AgentError {
+                kind: ErrorKind::PermissionDenied,
+                message: format!("{name}: permission denied"),
+            },
+            _ => AgentError {
+                kind: ErrorKind::Spawn,
+                message: format!("{name}: cannot execute: {e}"),
+            },
+        }
+    })?;
+    // The command (and its copies of the terminal's slave side) is dropped with `cmd` below.
+    drop(cmd);
+    if let Some(s) = child.stdin.take() {
+        stdin_pipe = Some(OwnedFd::from(s));
+    }
+    if let Some(o) = child.stdout.take() {
+        outputs.push(OwnedFd::from(o));
+    }
+    if let Some(e) = child.stderr.take() {
+        outputs.push(OwnedFd::from(e));
+    }
+    for fd in &outputs {
+        sys::grow_pipe(fd.as_raw_fd());
+    }
+    Ok(Spawned {
+        pid: child.id() as i32,
+        stdin: stdin_pipe,
+        outputs,
+        pty: pty_master,
+    })
+}
+
+/// Forwards output within the host's credit until the process exited and its output ended
+/// (or went on past the drain grace period); enforces the timeout.
+fn forward(
+    conn: &Conn,
+    id: u64,
+    ctl: &ReqCtl,
+    mut outputs: Vec<(OwnedFd, bool)>,
+    exit: &ExitWatch,
+    pid: i32,
+    deadline: Option<Instant>,
+) -> (ExitStatus, bool) {
+    let mut status: Option<ExitStatus> = None;
+    // Bytes each pipe held when the main process exited: written before the exit, so they are
+    // always delivered, however slowly the host reads. Only after them does the drain grace
+    // for descendants (which may hold the pipes open and keep writing) start.
+    let mut owed: Vec<usize> = Vec::new();
+    let mut grace_from: Option<Instant> = None;
+    let mut timed_out = false;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        if status.is_none() {
+            status = exit.try_status();
+            if status.is_some() {
+                owed = outputs
+                    .iter()
+                    .map(|(fd, _)| sys::bytes_available(fd.as_raw_fd()))
+                    .collect();
+            }
+        }
+        if status.is_some() && grace_from.is_none() && owed.iter().all(|&o| o == 0) {
+            grace_from = Some(Instant::now());
+        }
+        if status.is_some() && outputs.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if grace_from.is_some_and(|t| now.duration_since(t) >= DRAIN_GRACE) {
+            break;
+        }
+        if !timed_out && status.is_none() && deadline.is_some_and(|d| now >= d) {
+            timed_out = true;
+            sys::kill(-pid, libc::SIGKILL);
+            sys::kill(pid, libc::SIGKILL);
+        }
+        let connected = !conn.closed.load(Ordering::SeqCst);
+        let credit = ctl.has_credit() || !connected;
+        let mut fds = Vec::with_capacity(4);
+        if credit {
+            for (fd, _) in &outputs {
+                fds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        let n_out = fds.len();
+        fds.push(libc::pollfd {
+            fd: exit.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.push(libc::pollfd {
+            fd: ctl.wake_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let mut timeout = -1i64;
+        if let Some(t) = grace_from {
+            timeout = DRAIN_GRACE
+                .saturating_sub(now.duration_since(t))
+                .as_millis() as i64
+                + 1;
+        } else if let (Some(d), false, None) = (deadline, timed_out, status) {
+            timeout = d.saturating_duration_since(now).as_millis() as i64 + 1;
+        }
+        sys::poll(&mut fds, timeout);
+        if fds[n_out + 1].revents != 0 {
+            sys::eventfd_drain(ctl.wake_fd.as_raw_fd());
+        }
+        if fds[n_out].revents != 0 {
+            exit.drain();
+        }
+        let mut closed = Vec::new();
+        for (i, pfd) in fds[..n_out].iter().enumerate() {
+            if pfd.revents == 0 {
+                continue;
+            }
+            let want = if connected {
+                ctl.take_credit(conn, MAX_CHUNK).unwrap_or(MAX_CHUNK)
+            } else {
+                MAX_CHUNK
+            };
+            match sys::read(pfd.fd, &mut buf[..want]) {
+                Ok(0) | Err(_) => {
+                    if connected {
+                        let _ = ctl.add_credit(want as u64);
+                    }
+                    closed.push(i);
+                }
+                Ok(n) => {
+                    if let Some(o) = owed.get_mut(i) {
+                        *o = o.saturating_sub(n);
+                    }
+                    if connected {
+                        let _ = ctl.add_credit((want - n) as u64);
+                        let data = buf[..n].to_vec();
+                        let r = if outputs[i].1 {
+                            Response::Stdout(data)
+                        } else {
+                            Response::Stderr(data)
+                        };
+                        let _ = conn.respond(id, r);
+                    }
+                }
+            }
+        }
+        for i in closed.into_iter().rev() {
+            outputs.remove(i);
+            if i < owed.len() {
+                owed.remove(i);
+            }
+        }
+    }
+    let status = match status {
+        Some(s) => s,
+        None => exit.wait(),
+    };
+    (status, timed_out)
+}
+
+fn write_file(
+    conn: &Conn,
+    id: u64,
+    ctl: &Arc<ReqCtl>,
+    path: &[u8],
+    mode: u32,
+    create_parents: bool,
+) -> Result<Response, AgentError> {
+    let p = std::path::Path::new(check_path(path)?);
+    if create_parents {
+        if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| path_error(path, e))?;
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode & 0o7777)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(p)
+        .map_err(|e| path_error(path, e))?;
+    // Apply the mode exactly (the umask narrowed it at creation).
+    let _ = f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777));
+    let rx = lock(&ctl.input_rx)
+        .take()
+        .ok_or_else(|| invalid("file data channel missing"))?;
+    let mut failure = None;
+    for i in rx {
+        match i {
+            Input::Data(d) => {
+                if failure.is_none() {
+                    if let Err(e) = f.write_all(&d) {
+                        failure = Some(path_error(path, e));
+                    }
+                }
+                ctl.input_in_flight
+                    .fetch_sub(d.len() as u64, Ordering::SeqCst);
+                let _ = conn.respond(id, Response::Ack(d.len() as u32));
+            }
+            Input::Close => break,
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    f.sync_all().map_err(|e| path_error(path, e))?;
+    Ok(Response::Done)
+}
+
+fn read_file(conn: &Conn, id: u64, ctl: &ReqCtl, path: &[u8]) -> Result<Response, AgentError> {
+    let p = check_path(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| path_error(path, e))?;
+    if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(AgentError {
+            kind: ErrorKind::InvalidRequest,
+            message: format!("{}: is a directory", String::from_utf8_lossy(path)),
+        });
+    }
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        let want = ctl
+            .take_credit(conn, MAX_CHUNK)
+            .ok_or_else(|| io_error(io::Error::from(io::ErrorKind::BrokenPipe)))?;
+        let n = loop {
+            match f.read(&mut buf[..want]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other.map_err(|e| path_error(path, e))?,
+            }
+        };
+        let _ = ctl.add_credit((want - n) as u64);
+        if n == 0 {
+            return Ok(Response::Done);
+        }
+        conn.respond(id, Response::FileData(buf[..n].to_vec()))
+            .map_err(io_error)?;
+    }
+}
+
+fn file_stat(md: &std::fs::Metadata) -> FileStat {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else if ft.is_char_device() {
+        FileKind::CharDevice
+    } else if ft.is_block_device() {
+        FileKind::BlockDevice
+    } else if ft.is_fifo() {
+        FileKind::Fifo
+    } else if ft.is_socket() {
+        FileKind::Socket
+    } else {
+        FileKind::File
+    };
+    FileStat {
+        kind,
+        mode: md.mode() & 0o7777,
+        size: md.size(),
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+    }
+}
+
+fn stat(path: &[u8]) -> Result<FileStat, AgentError> {
+    let md = std::fs::symlink_metadata(check_path(path)?).map_err(|e| path_error(path, e))?;
+    Ok(file_stat(&md))
+}
+
+fn list_dir(conn: &Conn, id: u64, path: &[u8]) -> Result<Response, AgentError> {
+    let dir = std::fs::read_dir(check_path(path)?).map_err(|e| path_error(path, e))?;
+    let mut batch = Vec::new();
+    for entry in dir {
+        let entry = entry.map_err(|e| path_error(path, e))?;
+        let Ok(md) = entry.metadata() else { continue };
+        batch.push(DirEntry {
+            name: entry.file_name().as_bytes().to_vec(),
+            stat: file_stat(&md),
+        });
+        if batch.len() == DIR_ENTRIES_PER_MESSAGE {
+            conn.respond(id, Response::DirEntries(std::mem::take(&mut batch)))
+                .map_err(io_error)?;
+        }
+    }
+    if !batch.is_empty() {
+        conn.respond(id, Response::DirEntries(batch))
+            .map_err(io_error)?;
+    }
+    Ok(Response::Done)
+}
+
+fn remove(path: &[u8], recursive: bool) -> Result<Response, AgentError> {
+    let p = check_path(path)?;
+    let md = std::fs::symlink_metadata(p).map_err(|e| path_error(path, e))?;
+    let r = if md.is_dir() {
+        if recursive {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_dir(p)
+        }
+    } else {
+        std::fs::remove_file(p)
+    };
+    r.map_err(|e| path_error(path, e))?;
+    Ok(Response::Done)
+}
+
+/// Collects exit statuses for every child (and, as PID 1, every orphan).
+pub struct Reaper {
+    state: Mutex<ReaperState>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct ReaperState {
+    watched: HashMap<i32, Arc<ExitSlot>>,
+    /// Statuses of children that exited before anyone watched them.
+    early: HashMap<i32, ExitStatus>,
+    children: u64,
+}
+
+struct ExitSlot {
+    status: Mutex<Option<ExitStatus>>,
+    cond: Condvar,
+    /// Signalled when the status arrives, for threads waiting in poll.
+    fd: OwnedFd,
+}
+
+impl ExitSlot {
+    fn new() -> io::Result<Arc<ExitSlot>> {
+        Ok(Arc::new(ExitSlot {
+            status: Mutex::new(None),
+            cond: Condvar::new(),
+            fd: sys::eventfd()?,
+        }))
+    }
+}
+
+/// A handle to one child's exit.
+struct ExitWatch(Arc<ExitSlot>);
+
+impl ExitWatch {
+    fn fd(&self) -> RawFd {
+        self.0.fd.as_raw_fd()
+    }
+    fn drain(&self) {
+        sys::eventfd_drain(self.fd());
+    }
+    fn try_status(&self) -> Option<ExitStatus> {
+        *lock(&self.0.status)
+    }
+    fn wait(&self) -> ExitStatus {
+        let mut s = lock(&self.0.status);
+        loop {
+            if let Some(st) = *s {
+                return st;
+            }
+            s = self.0.cond.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Reaper {
+    fn start() -> Arc<Reaper> {
+        let r = Arc::new(Reaper {
+            state: Mutex::new(ReaperState::default()),
+            cond: Condvar::new(),
+        });
+        let r2 = r.clone();
+        let _ = std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || r2.run());
+        r
+    }
+
+    /// Starts watching `pid` (call right after spawning it).
+    fn watch(&self, pid: i32, slot: Arc<ExitSlot>) -> ExitWatch {
+        let mut st = lock(&self.state);
+        st.children += 1;
+        if let Some(s) = st.early.remove(&pid) {
+            *lock(&slot.status) = Some(s);
+            sys::eventfd_signal(slot.fd.as_raw_fd());
+        } else {
+            st.watched.insert(pid, slot.clone());
+        }
+        drop(st);
+        self.cond.notify_all();
+        ExitWatch(slot)
+    }
+
+    fn run(&self) {
+        loop {
+            match sys::wait_any() {
+                Some((pid, status)) => {
+                    let mut st = lock(&self.state);
+                    match st.watched.remove(&pid) {
+                        Some(slot) => {
+                            *lock(&slot.status) = Some(status);
+                            slot.cond.notify_all();
+                            sys::eventfd_signal(slot.fd.as_raw_fd());
+                        }
+                        None => {
+                            // A child not yet watched (or an orphan, as PID 1). Bounded: orphans'
+                            // statuses are dropped once the table is large.
+                            if st.early.len() < 4096 {
+                                st.early.insert(pid, status);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    // No children: sleep until one is started.
+                    let st = lock(&self.state);
+                    let seen = st.children;
+                    let _unused = self
+                        .cond
+                        .wait_while(st, |s| s.children == seen && s.watched.is_empty())
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+}
+
+/// Runs the agent on a Unix socket (host-process mode for tests and benchmarks).
+pub fn serve_unix(path: &std::path::Path) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let agent = Agent::new(OnShutdown::Exit);
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                let a = agent.clone();
+                std::thread::spawn(move || a.serve(s));
+            }
+            Err(e) => eprintln!("msb-init: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Accepts vsock connections on `listener` forever (PID 1 mode).
+pub fn serve_vsock(listener: OwnedFd, agent: Arc<Agent>) -> ! {
+    loop {
+        match sys::accept(listener.as_raw_fd()) {
+            Ok(fd) => {
+                // A connected vsock socket behaves like any stream socket for read, write,
+                // shutdown and timeouts, which is all UnixStream's methods do with it.
+                let stream = UnixStream::from(fd);
+                let a = agent.clone();
+                if std::thread::Builder::new()
+                    .name("agent-conn".into())
+                    .spawn(move || a.serve(stream))
+                    .is_err()
+                {
+                    eprintln!("msb-init: cannot start a connection thread");
+                }
+            }
+            Err(e) => {
+                eprintln!("msb-init: vsock accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! Long-running sandboxes: `start` launches a detached `msb-vmm __serve` process per sandbox
+//! and waits for its agent; `exec`, `cp`, `ls` and `stop` reach it through its state directory:
+//!
+//! ```text
+//! $MSB_STATE_DIR (default $XDG_RUNTIME_DIR/msb-vmm, else ~/.local/state/msb-vmm)
+//!   NAME/pid         the serving process
+//!   NAME/vsock.sock  hybrid vsock (CONNECT <port>\n → OK <port>\n)
+//!   NAME/info.json   cpus, memory, start time, boot figures
+//!   NAME/ready       written once the agent answered
+//!   NAME/log         the serving process's stderr
+//! ```
+//!
+//! A sandbox whose serving process died is noticed by any command that touches it, and its
+//! directory removed.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context};
+use msb_vmm::sandbox::{AgentClient, FileStat, Sandbox, AGENT_PORT};
+
+use super::{exec_request, exec_result_code, interact, Signals, EXIT_FAILURE};
+use crate::{ExecArgs, StartArgs};
+
+/// How long `start` waits for the sandbox's agent.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `stop` waits for a clean power-off before killing the VMM.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Where sandboxes' state directories live.
+fn state_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSB_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("msb-vmm");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/state/msb-vmm")
+}
+
+/// Sandbox names: safe as a directory name and readable in `ls`.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.'
+        })
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if !valid_name(name) {
+        bail!("invalid sandbox name {name:?}: use 1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit");
+    }
+    Ok(())
+}
+
+fn read_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a live msb-vmm process (not a recycled pid).
+fn vmm_alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|&b| b == 0).any(|a| a == b"__serve"))
+        .unwrap_or(false)
+}
+
+/// The state of one sandbox directory.
+enum Status {
+    Running(i32),
+    /// Being started: no pid yet, or not ready yet (and the starter still runs).
+    Starting,
+    Dead,
+}
+
+fn status(dir: &Path) -> Status {
+    match read_pid(dir) {
+        Some(pid) if vmm_alive(pid) => {
+            if dir.join("ready").exists() {
+                Status::Running(pid)
+            } else {
+                Status::Starting
+            }
+        }
+        Some(_) => Status::Dead,
+        // A directory just created by `start`: give it a moment before calling it dead.
+        None => match std::fs::metadata(dir).and_then(|m| m.modified()) {
+            Ok(t) if t.elapsed().unwrap_or_default() < Duration::from_secs(10) => Status::Starting,
+            _ => Status::Dead,
+        },
+    }
+}
+
+/// The directory of a running sandbox, cleaning up after a dead one.
+fn running(name: &str) -> anyhow::Result<PathBuf> {
+    check_name(name)?;
+    let dir = state_root().join(name);
+    if !dir.exists() {
+        bail!("no sandbox named {name} (see `msb-vmm ls`)");
+    }
+    match status(&dir) {
+        Status::Running(_) => Ok(dir),
+        Status::Starting => bail!("sandbox {name} is still starting"),
+        Status::Dead => {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("sandbox {name} is not running (its VMM exited); removed its leftovers")
+        }
+    }
+}
+
+/// `msb-vmm start`.
+pub fn start(a: StartArgs) -> anyhow::Result<u8> {
+    check_name(&a.name)?;
+    let root = state_root();
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let dir = root.join(&a.name);
+    if dir.exists() {
+        match status(&dir) {
+            Status::Dead => {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            _ => bail!(
+                "a sandbox named {} already exists (`msb-vmm stop {}` first, or pick another name)",
+                a.name,
+                a.name
+            ),
+        }
+    }
+    // mkdir is the lock: two concurrent starts of one name cannot both get here.
+    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow!("a sandbox named {} already exists", a.name),
+        _ => anyhow!("creating {}: {e}", dir.display()),
+    })?;
+    let log = std::fs::File::create(dir.join("log")).context("creating the sandbox log")?;
+    let exe = std::env::current_exe().context("finding the msb-vmm executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__serve")
+        .arg("--name")
+        .arg(&a.name)
+        .arg("--cpus")
+        .arg(a.vm.cpus.to_string())
+        .arg("--memory")
+        .arg(a.vm.memory.to_string());
+    if let Some(k) = &a.kernel {
+        cmd.arg("--kernel").arg(k);
+    }
+    if let Some(h) = &a.hostname {
+        cmd.arg("--hostname").arg(h);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid in the child before exec is async-signal-safe; it detaches the sandbox
+    // from our terminal and session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("starting the sandbox process: {e}");
+        }
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if dir.join("ready").exists() {
+            return Ok(0);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&dir);
+            for l in log.lines() {
+                eprintln!("{l}");
+            }
+            if log.trim().is_empty() {
+                eprintln!(
+                    "msb-vmm: the sandbox process exited ({status}) before its agent was ready"
+                );
+            }
+            return Ok(EXIT_FAILURE);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!(
+                "sandbox {} did not become ready within {} s",
+                a.name,
+                START_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `msb-vmm __serve`: runs a sandbox until it powers off, then removes its directory.
+pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
+    let dir = state_root().join(&a.name);
+    std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))
+        .context("writing the pid file")?;
+    let _signals = Signals::block();
+    let hostname = a.hostname.clone().unwrap_or_else(|| {
+        if msb_init::cmdline::valid_hostname(&a.name) {
+            a.name.clone()
+        } else {
+            "msb".into()
+        }
+    });
+    let mut b = Sandbox::builder()
+        .cpus(a.vm.cpus)
+        .memory_mib(a.vm.memory)
+        .hostname(hostname)
+        .vsock_uds(dir.join("vsock.sock"))
+        .boot_timeout(START_TIMEOUT);
+    if let Some(k) = &a.kernel {
+        b = b.kernel(k);
+    }
+    let sb = match b.start() {
+        Ok(sb) => sb,
+        Err(e) => {
+            eprintln!("msb-vmm: error: {e}");
+            for l in e.console_tail() {
+                eprintln!("  | {l}");
+            }
+            return Ok(EXIT_FAILURE);
+        }
+    };
+    let started = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let info = serde_json::json!({
+        "name": a.name,
+        "cpus": a.vm.cpus,
+        "memory_mib": a.vm.memory,
+        "started": started,
+        "boot_time_us": sb.boot_time().map(|d| d.as_micros() as u64),
+        "agent_ready_us": sb.ready_time().as_micros() as u64,
+    });
+    std::fs::write(dir.join("info.json"), format!("{info}\n"))?;
+    std::fs::write(dir.join("ready"), b"")?;
+    // Until the guest powers off (a `stop` asks its agent to) or we are told to stop.
+    let stop = sb.stop_handle();
+    std::thread::spawn(move || {
+        // SIGTERM/SIGINT/SIGHUP to the sandbox process: stop the VM.
+        let set = Signals::block();
+        let _ = set.wait();
+        stop.stop();
+    });
+    sb.wait_stopped(None);
+    drop(sb);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}
+
+/// Connects to a sandbox's agent through its hybrid vsock socket.
+fn connect(dir: &Path) -> anyhow::Result<AgentClient> {
+    let mut s = UnixStream::connect(dir.join("vsock.sock")).context("connecting to the sandbox")?;
+    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        if s.read(&mut b)? == 0 {
+            bail!("the sandbox refused the agent connection");
+        }
+        line.push(b[0]);
+        if line.len() > 64 {
+            bail!("unexpected reply from the sandbox");
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        bail!(
+            "unexpected reply from the sandbox: {}",
+            String::from_utf8_lossy(&line).trim()
+        );
+    }
+    s.set_read_timeout(None)?;
+    Ok(AgentClient::connect(s, Duration::from_secs(10))?)
+}
+
+/// `msb-vmm exec`.
+pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
+    let dir = running(&a.name)?;
+    let req = exec_request(&a.exec, &a.command)?;
+    let signals = Signals::block();
+    let agent = connect(&dir)?;
+    Ok(exec_result_code(
+        interact(&agent, req, &a.exec, signals),
+        a.exec.timeout,
+    ))
+}
+
+/// `NAME:/PATH` → (NAME, PATH); anything else is a local path.
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    let (name, path) = spec.split_once(':')?;
+    (valid_name(name) && path.starts_with('/')).then_some((name, path))
+}
+
+/// `msb-vmm cp`.
+pub fn cp(src: &str, dst: &str) -> anyhow::Result<u8> {
+    match (remote(src), remote(dst)) {
+        (Some(_), Some(_)) => {
+            bail!("copy between two sandboxes is not supported: copy to the host first")
+        }
+        (None, None) => bail!("one side of cp must be NAME:/PATH in a sandbox"),
+        (None, Some((name, path))) => {
+            let agent = connect(&running(name)?)?;
+            let local = Path::new(src);
+            let md = std::fs::metadata(local).with_context(|| format!("{src}"))?;
+            if md.is_dir() {
+                bail!("{src} is a directory; cp copies files");
+            }
+            let mut target = path.to_string();
+            let is_dir = path.ends_with('/')
+                || matches!(
+                    agent.stat(path.as_bytes()),
+                    Ok(FileStat {
+                        kind: msb_init::agent::FileKind::Dir,
+                        ..
+                    })
+                );
+            if is_dir {
+                let file = local
+                    .file_name()
+                    .ok_or_else(|| anyhow!("{src} has no file name"))?;
+                target = format!("{}/{}", path.trim_end_matches('/'), file.to_string_lossy());
+            }
+            let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777;
+            let mut f = std::fs::File::open(local).with_context(|| src.to_string())?;
+            agent
+                .write_file(target.as_bytes(), mode, false, &mut f)
+                .map_err(|e| anyhow!("{name}:{target}: {e}"))?;
+            Ok(0)
+        }
+        (Some((name, path)), None) => {
+            let agent = connect(&running(name)?)?;
+            let mut target = PathBuf::from(dst);
+            if target.is_dir() {
+                let file = Path::new(path)
+                    .file_name()
+                    .ok_or_else(|| anyhow!("{path} has no file name"))?;
+                target = target.join(file);
+            }
+            let tmp = target.with_extension(format!("msb-cp-{}", std::process::id()));
+            let mut f =
+                std::fs::File::create(&tmp).with_context(|| target.display().to_string())?;
+            let r = agent.read_file(path.as_bytes(), &mut f);
+            drop(f);
+            match r {
+                Ok(_) => {
+                    std::fs::rename(&tmp, &target).with_context(|| target.display().to_string())?
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    bail!("{name}:{path}: {e}");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `msb-vmm ls`.
+pub fn ls() -> anyhow::Result<u8> {
+    let root = state_root();
+    let mut rows = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !valid_name(&name) {
+                continue;
+            }
+            let dir = e.path();
+            match status(&dir) {
+                Status::Dead => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Status::Starting => rows.push((
+                    name,
+                    "starting".to_string(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                )),
+                Status::Running(pid) => {
+                    let info: serde_json::Value = std::fs::read(dir.join("info.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    let age = info["started"].as_u64().map(|s| {
+                        let now = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(s);
+                        format!("{}s", now.saturating_sub(s))
+                    });
+                    rows.push((
+                        name,
+                        format!("running (pid {pid})"),
+                        info["cpus"].to_string(),
+                        format!("{} MiB", info["memory_mib"]),
+                        age.unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    rows.sort();
+    println!(
+        "{:<24} {:<22} {:>5} {:>10} {:>8}",
+        "NAME", "STATE", "CPUS", "MEMORY", "AGE"
+    );
+    for (n, s, c, m, a) in rows {
+        println!("{n:<24} {s:<22} {c:>5} {m:>10} {a:>8}");
+    }
+    Ok(0)
+}
+
+/// `msb-vmm stop`.
+pub fn stop(name: &str) -> anyhow::Result<u8> {
+    check_name(name)?;
+    let dir = state_root().join(name);
+    if !dir.exists() {
+        bail!("no sandbox named {name} (see `msb-vmm ls`)");
+    }
+    let pid = match status(&dir) {
+        Status::Dead => {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("sandbox {name} was not running (its VMM had exited); removed its leftovers");
+        }
+        Status::Starting => read_pid(&dir),
+        Status::Running(pid) => Some(pid),
+    };
+    // Ask the guest to power off cleanly; the serving process then exits and cleans up.
+    if let Ok(agent) = connect(&dir) {
+        let _ = agent.shutdown();
+    } else if let Some(pid) = pid {
+        // SAFETY: plain kill(2) on the sandbox's own process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while pid.is_some_and(vmm_alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(pid) = pid.filter(|p| vmm_alive(*p)) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "box-1", "ci_job.7", "0abc"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "A", "a b", "a/b", "..", &"x".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn remote_specs() {
+        assert_eq!(remote("box:/tmp/x"), Some(("box", "/tmp/x")));
+        assert_eq!(remote("box:tmp/x"), None);
+        assert_eq!(remote("./a:/b"), None);
+        assert_eq!(remote("/abs/path"), None);
+    }
+}

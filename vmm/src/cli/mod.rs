@@ -1,0 +1,366 @@
+//! The CLI's commands (Linux x86_64 hosts).
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use msb_vmm::sandbox::{
+    AgentClient, ClientError, ExecEvent, ExecRequest, ExitStatus, Sandbox, SandboxError, TermSize,
+    User,
+};
+use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
+
+use super::{BootArgs, ExecOpts, RunArgs, EXIT_FAILURE, EXIT_TIMEOUT};
+
+pub mod daemon;
+
+/// Exit code when the command could not be executed.
+const EXIT_CANNOT_EXEC: u8 = 126;
+/// Exit code when the command was not found.
+const EXIT_NOT_FOUND: u8 = 127;
+
+fn print_tail(tail: &[String]) {
+    if tail.is_empty() {
+        return;
+    }
+    eprintln!("msb-vmm: last guest console lines:");
+    for l in tail {
+        eprintln!("  | {l}");
+    }
+}
+
+fn write_report(path: &Option<PathBuf>, fields: serde_json::Value) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let mut report = fields;
+    report["vmm_start_to_report_us"] =
+        serde_json::json!(msb_vmm::process_start().elapsed().as_micros() as u64);
+    std::fs::write(path, format!("{report}\n"))
+        .with_context(|| format!("writing --report {}", path.display()))
+}
+
+/// `msb-vmm boot`.
+pub fn boot(a: BootArgs) -> anyhow::Result<u8> {
+    let mut b = VmBuilder::new(&a.kernel)
+        .defer_teardown_to_exit(true)
+        .cpus(a.vm.cpus)
+        .memory_mib(a.vm.memory)
+        .timeout(a.timeout)
+        .vsock(!a.no_vsock)
+        .console(if a.vm.console {
+            Console::Stdout
+        } else {
+            Console::Off
+        })
+        .console_input(a.vm.console);
+    if let Some(i) = a.initrd {
+        b = b.initrd(Initrd::Path(i));
+    }
+    if let Some(c) = a.cmdline {
+        b = b.cmdline(c);
+    }
+    let out = b.run()?;
+    let code = match &out.exit {
+        GuestExit::PowerOff if !out.kernel_panicked => 0,
+        GuestExit::Timeout(_) => EXIT_TIMEOUT,
+        _ => EXIT_FAILURE,
+    };
+    write_report(
+        &a.vm.report,
+        serde_json::json!({ "exit": out.exit.to_string(), "exit_code": code, "boot_time_us": out.boot_time.map(|d| d.as_micros() as u64) }),
+    )?;
+    if code != 0 {
+        let what = if out.kernel_panicked && out.exit.is_power_off() {
+            "the guest kernel panicked".to_string()
+        } else {
+            out.exit.to_string()
+        };
+        eprintln!("msb-vmm: {what}");
+        if !a.vm.console {
+            print_tail(&out.console_tail);
+        }
+    }
+    Ok(code)
+}
+
+/// `msb-vmm run`: a fresh sandbox, one command through the agent, power-off.
+pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let req = exec_request(&a.exec, &a.command)?;
+    let mut b = Sandbox::builder()
+        .defer_teardown_to_exit(true)
+        .cpus(a.vm.cpus)
+        .memory_mib(a.vm.memory)
+        .console(a.vm.console)
+        .hostname(a.hostname.clone());
+    if let Some(k) = &a.kernel {
+        b = b.kernel(k);
+    }
+    // Blocked before any thread starts, so every thread inherits the mask and only the
+    // forwarding thread receives them.
+    let signals = Signals::block();
+    let sb = match b.start() {
+        Ok(sb) => sb,
+        Err(e) => return Ok(sandbox_error(&e, &a.vm.report)),
+    };
+    let ready = sb.ready_time();
+    let boot = sb.boot_time();
+    let result = interact(sb.agent(), req, &a.exec, signals);
+    let _ = sb.shutdown();
+    let code = exec_result_code(result, a.exec.timeout);
+    write_report(
+        &a.vm.report,
+        serde_json::json!({ "exit_code": code, "boot_time_us": boot.map(|d| d.as_micros() as u64), "agent_ready_us": ready.as_micros() as u64 }),
+    )?;
+    Ok(code)
+}
+
+fn sandbox_error(e: &SandboxError, report: &Option<PathBuf>) -> u8 {
+    eprintln!("msb-vmm: error: {e}");
+    print_tail(e.console_tail());
+    let _ = write_report(
+        report,
+        serde_json::json!({ "exit": e.to_string(), "exit_code": EXIT_FAILURE }),
+    );
+    EXIT_FAILURE
+}
+
+/// Maps how an exec ended to our exit code, printing one line for failures.
+fn exec_result_code(
+    result: Result<(ExitStatus, bool), ClientError>,
+    timeout: Option<Duration>,
+) -> u8 {
+    match result {
+        Ok((_, true)) => {
+            eprintln!(
+                "msb-vmm: timed out after {} s",
+                timeout.unwrap_or_default().as_secs_f64()
+            );
+            EXIT_TIMEOUT
+        }
+        Ok((status, false)) => status.shell_code() as u8,
+        Err(ClientError::Agent(e)) => {
+            eprintln!("msb-vmm: {e}");
+            match e.kind {
+                msb_init::agent::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                msb_init::agent::ErrorKind::PermissionDenied
+                | msb_init::agent::ErrorKind::Spawn => EXIT_CANNOT_EXEC,
+                _ => EXIT_FAILURE,
+            }
+        }
+        Err(e) => {
+            eprintln!("msb-vmm: error: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Builds the agent request from the command-line options.
+fn exec_request(o: &ExecOpts, argv: &[std::ffi::OsString]) -> anyhow::Result<ExecRequest> {
+    let mut req = msb_vmm::sandbox::request(argv);
+    for e in &o.env {
+        let bytes = e.as_bytes();
+        match bytes.iter().position(|&c| c == b'=') {
+            Some(i) => req.env.push((bytes[..i].to_vec(), bytes[i + 1..].to_vec())),
+            None => match std::env::var_os(e) {
+                Some(v) => req.env.push((bytes.to_vec(), v.as_bytes().to_vec())),
+                None => bail!(
+                    "--env {}: not set in this environment (use --env KEY=VALUE)",
+                    e.to_string_lossy()
+                ),
+            },
+        }
+    }
+    req.workdir = o.workdir.as_ref().map(|w| w.as_bytes().to_vec());
+    req.user = match &o.user {
+        None => None,
+        Some(u) => Some(match u.split_once(':') {
+            Some((uid, gid)) => User::Id {
+                uid: uid
+                    .parse()
+                    .with_context(|| format!("--user {u}: expected NAME, UID or UID:GID"))?,
+                gid: gid
+                    .parse()
+                    .with_context(|| format!("--user {u}: expected NAME, UID or UID:GID"))?,
+            },
+            None => User::Name(u.clone()),
+        }),
+    };
+    req.timeout_ms = o.timeout.map(|t| t.as_millis().max(1) as u64);
+    if o.tty {
+        req.pty = Some(terminal_size().unwrap_or(TermSize { rows: 24, cols: 80 }));
+    }
+    req.stdin = o.tty || o.interactive || !io::stdin().is_terminal();
+    Ok(req)
+}
+
+fn terminal_size() -> Option<TermSize> {
+    // SAFETY: winsize is plain old data filled by TIOCGWINSZ.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    for fd in [io::stdin().as_raw_fd(), io::stdout().as_raw_fd()] {
+        // SAFETY: TIOCGWINSZ writes a winsize to a valid pointer.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some(TermSize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            });
+        }
+    }
+    None
+}
+
+/// The signals we forward to the command, blocked in every thread and taken by one.
+pub struct Signals(libc::sigset_t);
+
+impl Signals {
+    /// Blocks SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGWINCH in this thread (and the threads it
+    /// starts later).
+    pub fn block() -> Signals {
+        // SAFETY: sigset_t is plain old data initialised by sigemptyset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        for s in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGWINCH,
+        ] {
+            // SAFETY: as above, with a valid signal number.
+            unsafe { libc::sigaddset(&mut set, s) };
+        }
+        // SAFETY: changes this thread's mask only.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        Signals(set)
+    }
+
+    /// Waits for one of the signals.
+    pub fn wait(&self) -> i32 {
+        let mut sig = 0;
+        // SAFETY: the set is valid and the signals in it are blocked.
+        unsafe { libc::sigwait(&self.0, &mut sig) };
+        sig
+    }
+}
+
+/// Puts the local terminal in raw mode for a PTY session; restores it on drop.
+struct RawMode(Option<libc::termios>);
+
+impl RawMode {
+    fn enter() -> RawMode {
+        let fd = io::stdin().as_raw_fd();
+        if !io::stdin().is_terminal() {
+            return RawMode(None);
+        }
+        // SAFETY: termios is plain old data filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a terminal and t is valid for writes.
+        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
+            return RawMode(None);
+        }
+        let saved = t;
+        // SAFETY: t is a valid termios.
+        unsafe { libc::cfmakeraw(&mut t) };
+        // SAFETY: fd is a terminal; t is valid.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+        RawMode(Some(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restoring attributes read from the same terminal.
+            unsafe { libc::tcsetattr(io::stdin().as_raw_fd(), libc::TCSANOW, t) };
+        }
+    }
+}
+
+/// Runs `req` through `agent` with our stdio: output streamed as it comes, stdin forwarded,
+/// signals forwarded (Ctrl-C as SIGINT; a third one as SIGKILL), window-size changes forwarded
+/// with a terminal. Returns the exit status and whether the agent's timeout killed it.
+pub fn interact(
+    agent: &AgentClient,
+    req: ExecRequest,
+    opts: &ExecOpts,
+    signals: Signals,
+) -> Result<(ExitStatus, bool), ClientError> {
+    let forward_stdin = req.stdin;
+    let tty = req.pty.is_some();
+    let mut h = agent.exec(req)?;
+    let _raw = tty.then(RawMode::enter);
+    let ctl = h.controller();
+    if forward_stdin {
+        let ctl = ctl.clone();
+        let _ = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut stdin = io::stdin().lock();
+                loop {
+                    match stdin.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = ctl.close_stdin();
+                            return;
+                        }
+                        Ok(n) => {
+                            if ctl.write_stdin(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            let _ = ctl.close_stdin();
+                            return;
+                        }
+                    }
+                }
+            });
+    }
+    {
+        let ctl = ctl.clone();
+        let _ = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut interrupts = 0;
+                loop {
+                    let sig = signals.wait();
+                    let r = match sig {
+                        libc::SIGWINCH => match terminal_size() {
+                            Some(size) if tty => ctl.resize(size),
+                            _ => Ok(()),
+                        },
+                        libc::SIGINT => {
+                            interrupts += 1;
+                            ctl.signal(if interrupts >= 3 {
+                                libc::SIGKILL
+                            } else {
+                                libc::SIGINT
+                            })
+                        }
+                        s => ctl.signal(s),
+                    };
+                    if r.is_err() {
+                        return;
+                    }
+                }
+            });
+    }
+    let _ = opts;
+    let (mut out, mut err) = (io::stdout().lock(), io::stderr());
+    while let Some(e) = h.next_event()? {
+        match e {
+            ExecEvent::Stdout(d) => {
+                let _ = out.write_all(&d).and_then(|_| out.flush());
+            }
+            ExecEvent::Stderr(d) => {
+                let _ = err.write_all(&d).and_then(|_| err.flush());
+            }
+            ExecEvent::Exited { status, timed_out } => return Ok((status, timed_out)),
+            ExecEvent::Started { .. } => {}
+        }
+    }
+    Err(ClientError::Closed)
+}
