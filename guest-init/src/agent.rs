@@ -53,7 +53,11 @@ pub enum HostMessage {
     /// Start request `id`.
     Request { id: u64, request: Request },
     /// Bytes for exec `id`'s standard input (counts against the window).
-    Stdin { id: u64, data: Vec<u8> },
+    Stdin {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Close exec `id`'s standard input.
     CloseStdin { id: u64 },
     /// Send a signal to exec `id`'s process group.
@@ -61,7 +65,12 @@ pub enum HostMessage {
     /// Resize exec `id`'s terminal.
     Resize { id: u64, size: TermSize },
     /// Data for file write `id`; `last` ends the file (counts against the window).
-    FileData { id: u64, data: Vec<u8>, last: bool },
+    FileData {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        last: bool,
+    },
     /// The host consumed this many payload bytes of request `id`'s responses.
     Ack { id: u64, bytes: u32 },
 }
@@ -171,15 +180,15 @@ pub enum Response {
     /// The process started.
     Started { pid: u32 },
     /// Standard output (or terminal output) bytes; counts against the window.
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Standard error bytes; counts against the window.
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The agent consumed this many bytes the host sent for this request (stdin, file data).
     Ack(u32),
     /// The process ended (final). `timed_out` when the agent killed it for its timeout.
     Exited { status: ExitStatus, timed_out: bool },
     /// File contents; counts against the window. The last chunk is followed by `Done`.
-    FileData(Vec<u8>),
+    FileData(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Metadata (final).
     Stat(FileStat),
     /// Some directory entries; more may follow, then `Done`.
@@ -188,6 +197,53 @@ pub enum Response {
     Done,
     /// The request failed (final).
     Error(AgentError),
+}
+
+/// Which payload response [`payload_message`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Stdout,
+    Stderr,
+    FileData,
+}
+
+/// `AgentMessage::Response { id, response: Response::Stdout(data) }` (or `Stderr`,
+/// `FileData`) borrowing `data`: the agent sends output straight from its read buffer instead
+/// of copying each chunk into an owned message. Serializes to the same bytes (tested).
+pub fn payload_message(id: u64, kind: Payload, data: &[u8]) -> impl Serialize + '_ {
+    let response = match kind {
+        Payload::Stdout => ResponseRef::Stdout(data),
+        Payload::Stderr => ResponseRef::Stderr(data),
+        Payload::FileData => ResponseRef::FileData(data),
+    };
+    AgentMessageRef::Response { id, response }
+}
+
+/// Mirrors of [`AgentMessage`] and [`Response`] up to `FileData`. Postcard encodes a variant by
+/// its position, so the placeholders keep the positions; their shapes do not matter.
+#[derive(Serialize)]
+enum AgentMessageRef<'a> {
+    #[allow(dead_code)]
+    Hello,
+    Response {
+        id: u64,
+        response: ResponseRef<'a>,
+    },
+}
+
+#[derive(Serialize)]
+enum ResponseRef<'a> {
+    #[allow(dead_code)]
+    Pong,
+    #[allow(dead_code)]
+    Started,
+    Stdout(#[serde(with = "serde_bytes")] &'a [u8]),
+    Stderr(#[serde(with = "serde_bytes")] &'a [u8]),
+    #[allow(dead_code)]
+    Ack,
+    #[allow(dead_code)]
+    Exited,
+    FileData(#[serde(with = "serde_bytes")] &'a [u8]),
 }
 
 impl Response {
@@ -280,6 +336,25 @@ pub const DIR_ENTRIES_PER_MESSAGE: usize = 1024;
 mod tests {
     use super::*;
     use crate::frame::{encode, FrameDecoder, MAX_FRAME_LEN};
+
+    #[test]
+    fn payload_messages_encode_like_the_owned_ones() {
+        let data: Vec<u8> = (0..=255).collect();
+        for (kind, owned) in [
+            (Payload::Stdout, Response::Stdout(data.clone())),
+            (Payload::Stderr, Response::Stderr(data.clone())),
+            (Payload::FileData, Response::FileData(data.clone())),
+        ] {
+            let id = 0x1234_5678_9abc;
+            let a = postcard::to_stdvec(&payload_message(id, kind, &data)).unwrap();
+            let b = postcard::to_stdvec(&AgentMessage::Response {
+                id,
+                response: owned.clone(),
+            })
+            .unwrap();
+            assert_eq!(a, b, "{kind:?}");
+        }
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -23,11 +23,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use msb_init::agent::{
-    AgentError, AgentMessage, DirEntry, ErrorKind, ExecRequest, ExitStatus, FileKind, FileStat,
-    HostMessage, Request, Response, RlimitResource, DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE,
-    MAX_CHUNK, WINDOW,
+    payload_message, AgentError, AgentMessage, DirEntry, ErrorKind, ExecRequest, ExitStatus,
+    FileKind, FileStat, HostMessage, Payload, Request, Response, RlimitResource, DEFAULT_NOFILE,
+    DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
 };
-use msb_init::frame::{read_frame, write_frame, ReadError};
+use msb_init::frame::{read_frame, FrameWriter, ReadError};
 use msb_init::PROTOCOL_VERSION;
 
 use crate::sys;
@@ -75,7 +75,7 @@ impl Agent {
             Err(e) => return eprintln!("msb-init: agent connection: {e}"),
         };
         let conn = Arc::new(Conn {
-            writer: Mutex::new(writer),
+            writer: Mutex::new(FrameWriter::new(writer)),
             requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         });
@@ -273,7 +273,7 @@ impl Agent {
 
 /// One connection's shared state.
 struct Conn {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<FrameWriter<UnixStream>>,
     requests: Mutex<HashMap<u64, Arc<ReqCtl>>>,
     closed: AtomicBool,
 }
@@ -283,8 +283,15 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
-        let mut w = lock(&self.writer);
-        write_frame(&mut *w, msg)
+        lock(&self.writer).send(msg)
+    }
+
+    /// Sends a payload response straight from `data`.
+    fn respond_payload(&self, id: u64, kind: Payload, data: &[u8]) -> io::Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        lock(&self.writer).send(&payload_message(id, kind, data))
     }
 
     fn respond(&self, id: u64, response: Response) -> io::Result<()> {
@@ -298,7 +305,9 @@ impl Conn {
     /// The host went away: its processes get SIGKILL, waiting threads wake up.
     fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        let _ = lock(&self.writer)
+            .get_ref()
+            .shutdown(std::net::Shutdown::Both);
         for ctl in lock(&self.requests).values() {
             ctl.signal(libc::SIGKILL);
             ctl.close_input();
@@ -758,13 +767,12 @@ fn forward(
                     }
                     if connected {
                         let _ = ctl.add_credit((want - n) as u64);
-                        let data = buf[..n].to_vec();
-                        let r = if outputs[i].1 {
-                            Response::Stdout(data)
+                        let kind = if outputs[i].1 {
+                            Payload::Stdout
                         } else {
-                            Response::Stderr(data)
+                            Payload::Stderr
                         };
-                        let _ = conn.respond(id, r);
+                        let _ = conn.respond_payload(id, kind, &buf[..n]);
                     }
                 }
             }
@@ -861,7 +869,7 @@ fn read_file(conn: &Conn, id: u64, ctl: &ReqCtl, path: &[u8]) -> Result<Response
         if n == 0 {
             return Ok(Response::Done);
         }
-        conn.respond(id, Response::FileData(buf[..n].to_vec()))
+        conn.respond_payload(id, Payload::FileData, &buf[..n])
             .map_err(io_error)?;
     }
 }

@@ -19,7 +19,7 @@ use crate::agent::{
     AgentError, AgentMessage, DirEntry, ExecRequest, ExitStatus, FileStat, HostMessage, Request,
     Response, TermSize, MAX_CHUNK, WINDOW,
 };
-use crate::frame::{read_frame, write_frame, ReadError};
+use crate::frame::{read_frame, FrameWriter, ReadError};
 use crate::PROTOCOL_VERSION;
 
 /// Errors talking to the agent.
@@ -95,7 +95,7 @@ struct Req {
 
 struct Inner {
     conn: Box<dyn Connection>,
-    writer: Mutex<Box<dyn Write + Send>>,
+    writer: Mutex<FrameWriter<Box<dyn Write + Send>>>,
     requests: Mutex<HashMap<u64, Arc<Req>>>,
     next_id: AtomicU64,
     /// Set once when the connection fails; every request then fails with it.
@@ -107,9 +107,8 @@ impl Inner {
         if let Some(e) = lock(&self.dead).clone() {
             return Err(e);
         }
-        let mut w = lock(&self.writer);
-        write_frame(&mut **w, msg)
-            .and_then(|_| w.flush())
+        lock(&self.writer)
+            .send(msg)
             .map_err(|e| ClientError::Io(e.to_string()))
     }
 
@@ -184,7 +183,7 @@ impl AgentClient {
         conn.set_read_timeout(None).map_err(io_err)?;
         let inner = Arc::new(Inner {
             conn: Box::new(conn),
-            writer: Mutex::new(writer),
+            writer: Mutex::new(FrameWriter::new(writer)),
             requests: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             dead: Mutex::new(None),
@@ -665,6 +664,11 @@ impl ExecHandle {
         })
     }
 
+    /// Kills the process group (SIGKILL in the guest); `Exited` follows.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(SIGKILL)
+    }
+
     /// Resizes the process's terminal.
     pub fn resize(&self, size: TermSize) -> Result<()> {
         self.h.inner.send(&HostMessage::Resize {
@@ -768,8 +772,30 @@ impl ExecController {
         })
     }
 
+    /// See [`ExecHandle::kill`].
+    pub fn kill(&self) -> Result<()> {
+        self.signal(SIGKILL)
+    }
+
     /// See [`ExecHandle::resize`].
     pub fn resize(&self, size: TermSize) -> Result<()> {
         self.inner.send(&HostMessage::Resize { id: self.id, size })
     }
 }
+
+/// The controller is the process's stdin as a [`Write`]r (`io::copy(&mut file, &mut ctl)`).
+impl Write for ExecController {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(MAX_CHUNK);
+        self.write_stdin(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// SIGKILL as the guest (Linux) numbers it, whatever the host is.
+const SIGKILL: i32 = 9;

@@ -27,12 +27,12 @@ pub enum FrameError {
 /// Encodes `msg` as one frame, length prefix included.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let out = vec![0u8; 4];
-    let body = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut body =
+        postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = body.len() - 4;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = body;
     body[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(body)
 }
@@ -159,6 +159,49 @@ pub fn write_frame<T: Serialize, W: std::io::Write + ?Sized>(
 ) -> std::io::Result<()> {
     let bytes = encode(msg).map_err(std::io::Error::other)?;
     w.write_all(&bytes)
+}
+
+/// A stream plus one frame-sized buffer that every frame is encoded in: the output path then
+/// neither allocates (under musl, maps and unmaps) nor grows a buffer byte by byte per chunk.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: std::io::Write> FrameWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Encodes `msg` and writes it as one frame.
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            // Zeroed pages from the allocator are only backed once written.
+            self.buf = vec![0u8; 4 + MAX_FRAME_LEN];
+        }
+        let len = match postcard::to_slice(msg, &mut self.buf[4..]) {
+            Ok(body) => body.len(),
+            Err(postcard::Error::SerializeBufferFull) => {
+                return Err(std::io::Error::other(FrameError::TooLarge(
+                    MAX_FRAME_LEN + 1,
+                )))
+            }
+            Err(e) => return Err(std::io::Error::other(FrameError::Malformed(e.to_string()))),
+        };
+        self.buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.inner.write_all(&self.buf[..4 + len])?;
+        self.inner.flush()
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
 }
 
 #[cfg(test)]

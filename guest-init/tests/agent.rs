@@ -204,10 +204,11 @@ fn stdin_round_trip() {
     let data: Vec<u8> = (0..10_000_000u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let ctl = h.controller();
+    let mut ctl = h.controller();
     let input = data.clone();
     let writer = std::thread::spawn(move || {
-        ctl.write_stdin(&input).unwrap();
+        // The controller is an io::Write for stdin.
+        std::io::copy(&mut &input[..], &mut ctl).unwrap();
         ctl.close_stdin().unwrap();
     });
     let mut out = Vec::new();
@@ -391,7 +392,7 @@ fn a_slow_reader_throttles_the_process() {
         .parse()
         .unwrap();
     assert!(rss_kib < 64 << 10, "agent RSS {rss_kib} KiB");
-    h.signal(libc::SIGKILL).unwrap();
+    h.kill().unwrap();
     assert_eq!(h.wait().unwrap(), ExitStatus::Signal(9));
 }
 

@@ -45,11 +45,19 @@ enum Command {
     /// Run a command in a running sandbox.
     Exec(ExecArgs),
     /// Copy a file into or out of a running sandbox: SRC and DST are PATH or NAME:/PATH.
-    Cp { src: String, dst: String },
+    Cp {
+        /// A host path, or NAME:/PATH in a sandbox.
+        src: String,
+        /// A host path or directory, or NAME:/PATH in a sandbox (a directory there keeps the name).
+        dst: String,
+    },
     /// List running sandboxes (leftovers of ones whose VMM died are removed).
     Ls,
     /// Power off a running sandbox.
-    Stop { name: String },
+    Stop {
+        /// The sandbox.
+        name: String,
+    },
     /// The process behind `start` (internal).
     #[command(hide = true, name = "__serve")]
     Serve(StartArgs),

@@ -26,6 +26,34 @@ fn check_host() {
     });
 }
 
+/// Turns a hung test into a failure: CI gets one clear line and a process listing instead of
+/// a run that never ends. Generous, since the L2 VM emulates the CPU.
+struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.take();
+    }
+}
+
+fn watchdog(test: &'static str) -> Watchdog {
+    const LIMIT: Duration = Duration::from_secs(600);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(LIMIT) {
+            eprintln!(
+                "e2e test {test} hung for {} s; aborting the run",
+                LIMIT.as_secs()
+            );
+            let _ = Command::new("ps")
+                .args(["-eo", "pid,ppid,stat,etime,args"])
+                .status();
+            std::process::abort();
+        }
+    });
+    Watchdog(Some(tx))
+}
+
 fn msb_vmm(args: &[&str]) -> Output {
     check_host();
     Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
@@ -40,6 +68,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn command_output_and_exit_code() {
+    let _w = watchdog("command_output_and_exit_code");
     let out = msb_vmm(&[
         "run",
         "--",
@@ -54,6 +83,7 @@ fn command_output_and_exit_code() {
 
 #[test]
 fn signal_exit_is_128_plus_signal() {
+    let _w = watchdog("signal_exit_is_128_plus_signal");
     let out = msb_vmm(&["run", "--", "sh", "-c", "kill -TERM $$"]);
     assert_eq!(
         out.status.code(),
@@ -65,6 +95,7 @@ fn signal_exit_is_128_plus_signal() {
 
 #[test]
 fn nproc_matches_cpus_and_memtotal_matches_memory() {
+    let _w = watchdog("nproc_matches_cpus_and_memtotal_matches_memory");
     let out = msb_vmm(&[
         "run",
         "--cpus",
@@ -98,6 +129,7 @@ fn nproc_matches_cpus_and_memtotal_matches_memory() {
 
 #[test]
 fn arguments_environment_and_workdir_survive_any_bytes() {
+    let _w = watchdog("arguments_environment_and_workdir_survive_any_bytes");
     let arg = "quotes ' \" and $dollar `tick` \\ back\nnew line";
     let out = msb_vmm(&[
         "run",
@@ -118,6 +150,7 @@ fn arguments_environment_and_workdir_survive_any_bytes() {
 
 #[test]
 fn missing_command_is_127_with_a_message() {
+    let _w = watchdog("missing_command_is_127_with_a_message");
     let out = msb_vmm(&["run", "--", "no-such-command"]);
     assert_eq!(out.status.code(), Some(127));
     assert!(
@@ -129,6 +162,7 @@ fn missing_command_is_127_with_a_message() {
 
 #[test]
 fn timeout_is_honoured() {
+    let _w = watchdog("timeout_is_honoured");
     let out = msb_vmm(&["run", "--timeout", "3", "--", "sleep", "1000"]);
     assert_eq!(out.status.code(), Some(124));
     assert!(
@@ -140,6 +174,7 @@ fn timeout_is_honoured() {
 
 #[test]
 fn kernel_panic_exits_nonzero_with_console_lines() {
+    let _w = watchdog("kernel_panic_exits_nonzero_with_console_lines");
     let kernel = msb_vmm_kernel();
     let out = msb_vmm(&[
         "boot",
@@ -165,6 +200,7 @@ fn msb_vmm_kernel() -> String {
 
 #[test]
 fn boot_timer_is_reported() {
+    let _w = watchdog("boot_timer_is_reported");
     let report = std::env::temp_dir().join(format!("msb-e2e-report-{}.json", std::process::id()));
     let out = msb_vmm(&["run", "--report", report.to_str().unwrap(), "--", "true"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
@@ -176,6 +212,7 @@ fn boot_timer_is_reported() {
 
 #[test]
 fn library_api_captures_output() {
+    let _w = watchdog("library_api_captures_output");
     check_host();
     let out = Sandbox::command(["sh", "-c", "echo out; echo err >&2; exit 3"])
         .cpus(2)
@@ -198,6 +235,7 @@ fn count(dir: &str) -> usize {
 
 #[test]
 fn twenty_boots_in_one_process_leak_nothing() {
+    let _w = watchdog("twenty_boots_in_one_process_leak_nothing");
     check_host();
     // This test runs alone in its own process when run by `./x test` (--test-threads applies
     // to the others); it still tolerates a few fds/threads from tests running beside it.
@@ -220,6 +258,7 @@ fn twenty_boots_in_one_process_leak_nothing() {
 
 #[test]
 fn background_processes_do_not_keep_the_sandbox_alive() {
+    let _w = watchdog("background_processes_do_not_keep_the_sandbox_alive");
     // A writer that never stops and a sleeper that holds the pipes: the main process's exit
     // ends the sandbox after a short drain.
     let out = msb_vmm(&[
@@ -251,6 +290,7 @@ fn sandbox() -> msb_vmm::sandbox::Sandbox {
 
 #[test]
 fn thirty_two_concurrent_execs_in_one_sandbox() {
+    let _w = watchdog("thirty_two_concurrent_execs_in_one_sandbox");
     let sb = std::sync::Arc::new(sandbox());
     let threads: Vec<_> = (0..32)
         .map(|i| {
@@ -270,6 +310,7 @@ fn thirty_two_concurrent_execs_in_one_sandbox() {
 
 #[test]
 fn output_checksummed_end_to_end_and_files_round_trip() {
+    let _w = watchdog("output_checksummed_end_to_end_and_files_round_trip");
     use sha2::{Digest, Sha256};
     let sb = sandbox();
     // Bulk volume is covered by the host-transport tier (1 GiB); here 64 MiB proves the vsock
@@ -308,6 +349,7 @@ fn output_checksummed_end_to_end_and_files_round_trip() {
 
 #[test]
 fn stdin_is_forwarded() {
+    let _w = watchdog("stdin_is_forwarded");
     check_host();
     let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
@@ -336,6 +378,7 @@ fn stdin_is_forwarded() {
 
 #[test]
 fn pty_exec_sees_a_terminal_and_resizes() {
+    let _w = watchdog("pty_exec_sees_a_terminal_and_resizes");
     use msb_vmm::sandbox::{ExecEvent, TermSize};
     let sb = sandbox();
     let mut req = msb_vmm::sandbox::request(["sh", "-c", "tty; stty size; read x; stty size"]);
@@ -365,6 +408,7 @@ fn pty_exec_sees_a_terminal_and_resizes() {
 
 #[test]
 fn ctrl_c_reaches_the_command() {
+    let _w = watchdog("ctrl_c_reaches_the_command");
     check_host();
     let mut child = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
         .args(["run", "--", "sh", "-c", "echo started; exec sleep 1000"])
@@ -404,6 +448,7 @@ fn msb_vmm_state(args: &[&str]) -> Output {
 
 #[test]
 fn long_running_sandbox_start_exec_cp_ls_stop() {
+    let _w = watchdog("long_running_sandbox_start_exec_cp_ls_stop");
     let out = msb_vmm_state(&["start", "--name", "box1", "--cpus", "2"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     let again = msb_vmm_state(&["start", "--name", "box1"]);
@@ -478,6 +523,7 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
 
 #[test]
 fn dead_sandboxes_are_detected_and_cleaned() {
+    let _w = watchdog("dead_sandboxes_are_detected_and_cleaned");
     let out = msb_vmm_state(&["start", "--name", "box2"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     let pid: i32 = std::fs::read_to_string(state_dir().join("box2/pid"))

@@ -163,14 +163,15 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: setsid in the child before exec is async-signal-safe; it detaches the sandbox
-    // from our terminal and session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // Detach the sandbox from our terminal and session so a Ctrl-C there does not reach it.
+    let detach = || {
+        // SAFETY: setsid takes no arguments and touches no memory of ours.
+        unsafe { libc::setsid() };
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and only calls setsid, which is
+    // async-signal-safe and allocates nothing.
+    unsafe { cmd.pre_exec(detach) };
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -324,7 +325,7 @@ pub fn cp(src: &str, dst: &str) -> anyhow::Result<u8> {
         (None, Some((name, path))) => {
             let agent = connect(&running(name)?)?;
             let local = Path::new(src);
-            let md = std::fs::metadata(local).with_context(|| format!("{src}"))?;
+            let md = std::fs::metadata(local).with_context(|| src.to_string())?;
             if md.is_dir() {
                 bail!("{src} is a directory; cp copies files");
             }
