@@ -7,6 +7,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod fs;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

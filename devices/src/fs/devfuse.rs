@@ -1,0 +1,146 @@
+//! The host transport: mounts a [`PassthroughFs`] through `/dev/fuse`, so the host kernel's
+//! own FUSE client drives the very server the virtio-fs device uses. Conformance suites and
+//! benches run against it at full speed (needs root or CAP_SYS_ADMIN to mount).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::abi;
+use super::passthrough::{PassthroughFs, MAX_WRITE};
+
+/// A mounted share; dropping it unmounts and joins the server threads.
+#[derive(Debug)]
+pub struct FuseMount {
+    mountpoint: PathBuf,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl FuseMount {
+    /// Mounts `fs` at `mountpoint` with `threads` server threads.
+    pub fn mount(
+        fs: Arc<PassthroughFs>,
+        mountpoint: &Path,
+        threads: usize,
+    ) -> io::Result<FuseMount> {
+        // Non-blocking, so server threads can poll with a timeout and notice the unmount.
+        let dev = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/fuse")?;
+        let opts = format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
+            dev.as_raw_fd(),
+            MAX_WRITE
+        );
+        let target = CString::new(mountpoint.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let opts_c = CString::new(opts).expect("no NUL");
+        // SAFETY: all strings are NUL-terminated and live across the call.
+        let r = unsafe {
+            libc::mount(
+                c"msb-fs".as_ptr(),
+                target.as_ptr(),
+                c"fuse.msb".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                opts_c.as_ptr().cast(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let dev = Arc::new(dev);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut m = FuseMount {
+            mountpoint: mountpoint.into(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        for i in 0..threads.max(1) {
+            let (dev, fs, stop) = (dev.clone(), fs.clone(), stop.clone());
+            m.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-{i}"))
+                    .spawn(move || serve(&dev, &fs, &stop))?,
+            );
+        }
+        Ok(m)
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+fn serve(dev: &File, fs: &PassthroughFs, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_WRITE as usize + 4096];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut pfd = libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if r == 0 || (r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)) {
+            continue;
+        }
+        // SAFETY: the buffer is valid for its length; the fd lives as long as `dev`.
+        let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) => continue,
+                // The request was interrupted before we read it.
+                Some(libc::ENOENT) => continue,
+                // Unmounted.
+                _ => return,
+            }
+        }
+        let req = &buf[..n as usize];
+        let is_destroy = req.len() >= abi::IN_HEADER_LEN
+            && u32::from_le_bytes([req[4], req[5], req[6], req[7]]) == abi::op::DESTROY;
+        if let Some(reply) = fs.handle(req) {
+            // SAFETY: the reply is valid for its length.
+            let w = unsafe { libc::write(dev.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+            if w < 0 {
+                let e = io::Error::last_os_error();
+                // ENOENT: the request was interrupted meanwhile; anything else ends us.
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::debug!("fuse: writing a reply: {e}");
+                    return;
+                }
+            }
+        }
+        if is_destroy {
+            return;
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.mountpoint.as_os_str().as_bytes()) {
+            // SAFETY: NUL-terminated path.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        // Readers see ENODEV once the kernel drops the connection, or the flag within a poll
+        // interval when files are still open on the detached mount.
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The server driven with raw FUSE requests, as a hostile client would send them.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+
+use super::*;
+
+struct T {
+    fs: PassthroughFs,
+    share: PathBuf,
+    outside: PathBuf,
+    unique: AtomicU64,
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "msb-fs-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+impl Drop for T {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.share);
+        let _ = std::fs::remove_dir_all(&self.outside);
+    }
+}
+
+impl T {
+    fn new(cfg: Config) -> T {
+        let share = tempdir("share");
+        let outside = tempdir("outside");
+        std::fs::write(outside.join("secret"), b"host secret").unwrap();
+        let fs = PassthroughFs::new(&share, cfg).unwrap();
+        let t = T {
+            fs,
+            share,
+            outside,
+            unique: AtomicU64::new(1),
+        };
+        let mut w = Writer::default();
+        w.u32(7).u32(41).u32(1 << 16).u32(0xffff_ffff);
+        let (e, _) = t.call(op::INIT, 0, &w.buf);
+        assert_eq!(e, 0);
+        t
+    }
+
+    fn call(&self, opcode: u32, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+        let unique = self.unique.fetch_add(1, Ordering::Relaxed);
+        let h = InHeader {
+            len: (abi::IN_HEADER_LEN + body.len()) as u32,
+            opcode,
+            unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let mut req = h.encode().to_vec();
+        req.extend_from_slice(body);
+        let reply = self.fs.handle(&req).expect("a reply");
+        let mut r = Reader::new(&reply);
+        let len = r.u32().unwrap();
+        assert_eq!(len as usize, reply.len());
+        let err = r.u32().unwrap() as i32;
+        assert_eq!(r.u64().unwrap(), unique);
+        (-err, r.rest().to_vec())
+    }
+
+    fn lookup(&self, parent: u64, name: &str) -> std::result::Result<(u64, Attr), i32> {
+        let (e, b) = self.call(op::LOOKUP, parent, &cname(name));
+        if e != 0 {
+            return Err(e);
+        }
+        Ok(parse_entry(&b))
+    }
+
+    fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        flags: i32,
+        mode: u32,
+    ) -> std::result::Result<(u64, u64), i32> {
+        let mut w = Writer::default();
+        w.u32(flags as u32)
+            .u32(mode)
+            .u32(0)
+            .u32(0)
+            .bytes(&cname(name));
+        let (e, b) = self.call(op::CREATE, parent, &w.buf);
+        if e != 0 {
+            return Err(e);
+        }
+        let (id, _) = parse_entry(&b);
+        let fh = u64::from_le_bytes(
+            b[abi::ENTRY_OUT_LEN..abi::ENTRY_OUT_LEN + 8]
+                .try_into()
+                .unwrap(),
+        );
+        Ok((id, fh))
+    }
+
+    fn open(&self, id: u64, flags: i32) -> std::result::Result<u64, i32> {
+        let mut w = Writer::default();
+        w.u32(flags as u32).u32(0);
+        let (e, b) = self.call(op::OPEN, id, &w.buf);
+        if e != 0 {
+            return Err(e);
+        }
+        Ok(u64::from_le_bytes(b[..8].try_into().unwrap()))
+    }
+
+    fn setattr_mode_uid(&self, id: u64, mode: Option<u32>, uid: Option<u32>) -> (i32, Vec<u8>) {
+        let mut valid = 0;
+        if mode.is_some() {
+            valid |= fattr::MODE;
+        }
+        if uid.is_some() {
+            valid |= fattr::UID;
+        }
+        let mut w = Writer::default();
+        w.u32(valid)
+            .u32(0)
+            .u64(0)
+            .u64(0)
+            .u64(0)
+            .u64(0)
+            .u64(0)
+            .u64(0);
+        w.u32(0)
+            .u32(0)
+            .u32(0)
+            .u32(mode.unwrap_or(0))
+            .u32(0)
+            .u32(uid.unwrap_or(0))
+            .u32(0)
+            .u32(0);
+        self.call(op::SETATTR, id, &w.buf)
+    }
+}
+
+fn cname(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn parse_entry(b: &[u8]) -> (u64, Attr) {
+    let mut r = Reader::new(b);
+    let id = r.u64().unwrap();
+    r.skip(32).unwrap();
+    let ino = r.u64().unwrap();
+    let size = r.u64().unwrap();
+    r.skip(8 * 4 + 12).unwrap();
+    let mode = r.u32().unwrap();
+    let nlink = r.u32().unwrap();
+    let uid = r.u32().unwrap();
+    let gid = r.u32().unwrap();
+    let rdev = r.u32().unwrap();
+    (
+        id,
+        Attr {
+            ino,
+            size,
+            mode,
+            nlink,
+            uid,
+            gid,
+            rdev,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn requests_before_init_and_unknown_opcodes() {
+    let share = tempdir("pre");
+    let fs = PassthroughFs::new(&share, Config::default()).unwrap();
+    let h = InHeader {
+        len: abi::IN_HEADER_LEN as u32 + 2,
+        opcode: op::LOOKUP,
+        unique: 5,
+        nodeid: 1,
+        ..Default::default()
+    };
+    let mut req = h.encode().to_vec();
+    req.extend_from_slice(b"a\0");
+    let reply = fs.handle(&req).unwrap();
+    assert_eq!(
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        -libc::EIO
+    );
+    let _ = std::fs::remove_dir_all(share);
+
+    let t = T::new(Config::default());
+    assert_eq!(t.call(9999, 1, &[]).0, libc::ENOSYS);
+    assert_eq!(t.call(op::GETLK, 1, &[0; 48]).0, libc::ENOSYS);
+    // Truncated bodies are EINVAL, not a panic.
+    for opcode in [
+        op::SETATTR,
+        op::MKNOD,
+        op::MKDIR,
+        op::RENAME,
+        op::READ,
+        op::WRITE,
+        op::CREATE,
+        op::SETXATTR,
+        op::COPY_FILE_RANGE,
+        op::FALLOCATE,
+    ] {
+        assert_eq!(
+            t.call(opcode, 1, &[1, 2, 3]).0,
+            libc::EINVAL,
+            "opcode {opcode}"
+        );
+    }
+    // A header that claims more bytes than were sent.
+    let mut bad = InHeader {
+        len: 4096,
+        opcode: op::GETATTR,
+        unique: 9,
+        nodeid: 1,
+        ..Default::default()
+    }
+    .encode()
+    .to_vec();
+    bad.extend_from_slice(&[0; 16]);
+    let reply = t.fs.handle(&bad).unwrap();
+    assert_eq!(
+        i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+        -libc::EINVAL
+    );
+    assert!(t.fs.handle(&[1, 2, 3]).is_none());
+    // Unknown node ids and handles.
+    assert_eq!(t.call(op::GETATTR, 12345, &[0; 16]).0, libc::EBADF);
+    let mut w = Writer::default();
+    w.u64(777).u64(0).u32(10).u32(0).u64(0).u32(0).u32(0);
+    assert_eq!(t.call(op::READ, 1, &w.buf).0, libc::EBADF);
+    // FORGET of unknown nodes, BATCH_FORGET with a lying count: no reply, no panic.
+    let mut f = InHeader {
+        len: 48,
+        opcode: op::FORGET,
+        unique: 1,
+        nodeid: 999,
+        ..Default::default()
+    }
+    .encode()
+    .to_vec();
+    f.extend_from_slice(&5u64.to_le_bytes());
+    assert!(t.fs.handle(&f).is_none());
+    let mut w = Writer::default();
+    w.u32(1000).u32(0).u64(1).u64(1);
+    let mut bf = InHeader {
+        len: (40 + w.buf.len()) as u32,
+        opcode: op::BATCH_FORGET,
+        unique: 2,
+        ..Default::default()
+    }
+    .encode()
+    .to_vec();
+    bf.extend_from_slice(&w.buf);
+    assert!(t.fs.handle(&bf).is_none());
+    // The root survives any forget.
+    assert_eq!(t.call(op::GETATTR, 1, &[0; 16]).0, 0);
+}
+
+#[test]
+fn names_cannot_leave_the_share() {
+    let t = T::new(Config::default());
+    std::fs::create_dir(t.share.join("d")).unwrap();
+    for name in ["a/b", "../secret", "d/../../x", ""] {
+        assert_eq!(t.lookup(1, name).unwrap_err(), libc::EINVAL, "{name:?}");
+    }
+    // `..` at the root is the root; `.` is the node itself.
+    assert_eq!(t.lookup(1, "..").unwrap().0, 1);
+    assert_eq!(t.lookup(1, ".").unwrap().0, 1);
+    let (d, _) = t.lookup(1, "d").unwrap();
+    assert_eq!(t.lookup(d, "..").unwrap().0, 1);
+    // Names with NUL inside cannot even be expressed; an unterminated one is EINVAL.
+    assert_eq!(t.call(op::LOOKUP, 1, b"abc").0, libc::EINVAL);
+    for op_ in [op::MKDIR, op::MKNOD] {
+        let mut w = Writer::default();
+        w.u32(0o40755).u32(0);
+        if op_ == op::MKNOD {
+            w.u32(0).u32(0);
+        }
+        w.bytes(b"..\0");
+        assert_eq!(t.call(op_, 1, &w.buf).0, libc::EINVAL);
+    }
+}
+
+#[test]
+fn symlinks_are_never_followed_on_the_host() {
+    let t = T::new(Config::default());
+    let secret = t.outside.join("secret");
+    std::os::unix::fs::symlink(&secret, t.share.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../..", t.share.join("up")).unwrap();
+    std::os::unix::fs::symlink(t.outside.join("new"), t.share.join("dangling")).unwrap();
+    let (abs, a) = t.lookup(1, "abs").unwrap();
+    assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(t.open(abs, libc::O_RDONLY).unwrap_err(), libc::EACCES);
+    assert_eq!(
+        t.open(abs, libc::O_WRONLY | libc::O_TRUNC).unwrap_err(),
+        libc::EACCES
+    );
+    let (_, body) = t.call(op::READLINK, abs, &[]);
+    assert_eq!(body, secret.as_os_str().as_bytes());
+    // A symlink used as a directory.
+    let (up, _) = t.lookup(1, "up").unwrap();
+    assert!(t.lookup(up, "etc").is_err());
+    assert!(t.create(up, "x", libc::O_WRONLY, 0o644).is_err());
+    // Creating through a dangling symlink must not create its target.
+    assert!(t.create(1, "dangling", libc::O_WRONLY, 0o644).is_err());
+    assert!(!t.outside.join("new").exists());
+    // Truncating or chmod-ing the symlink's node leaves the target alone.
+    let _ = t.setattr_mode_uid(abs, Some(0o777), Some(0));
+    assert_eq!(std::fs::read(&secret).unwrap(), b"host secret");
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o7777,
+        0o644
+    );
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_is_not_followed() {
+    let t = T::new(Config::default());
+    std::fs::create_dir(t.share.join("d")).unwrap();
+    let (d, _) = t.lookup(1, "d").unwrap();
+    // The host (or a racing guest) moves the directory away and plants a symlink.
+    std::fs::rename(t.share.join("d"), t.share.join("moved")).unwrap();
+    std::os::unix::fs::symlink(&t.outside, t.share.join("d")).unwrap();
+    let (d2, a) = t.lookup(1, "d").unwrap();
+    assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
+    assert!(t.create(d2, "planted", libc::O_WRONLY, 0o644).is_err());
+    // The old node still names the moved directory, inside the share.
+    t.create(d, "inside", libc::O_WRONLY, 0o644).unwrap();
+    assert!(t.share.join("moved/inside").exists());
+    assert!(!t.outside.join("planted").exists() && !t.outside.join("inside").exists());
+}
+
+#[test]
+fn special_files_and_ownership_live_in_the_xattr() {
+    let t = T::new(Config::default());
+    // A char device 1:3 (/dev/null) made by the guest.
+    let mut w = Writer::default();
+    w.u32(libc::S_IFCHR | 0o666)
+        .u32(259)
+        .u32(0)
+        .u32(0)
+        .bytes(b"null\0");
+    let (e, b) = t.call(op::MKNOD, 1, &w.buf);
+    assert_eq!(e, 0);
+    let (id, a) = parse_entry(&b);
+    assert_eq!(a.mode, libc::S_IFCHR | 0o666);
+    assert_eq!(a.rdev, 259);
+    let host = std::fs::symlink_metadata(t.share.join("null")).unwrap();
+    assert!(host.file_type().is_file(), "a plain file on the host");
+    assert_eq!(host.mode() & 0o7777, 0o600);
+    let v = xattr(&t.share.join("null"));
+    assert_eq!(Override::parse(&v).unwrap().mode, libc::S_IFCHR | 0o666);
+    let _ = id;
+
+    // setuid root executable: setuid only in the guest's view.
+    let (f, _) = t.create(1, "su", libc::O_WRONLY, 0o755).unwrap();
+    let (e, b) = t.setattr_mode_uid(f, Some(0o4755), Some(0));
+    assert_eq!(e, 0);
+    let mode = u32::from_le_bytes(b[16 + 60..16 + 64].try_into().unwrap());
+    assert_eq!(mode, libc::S_IFREG | 0o4755);
+    let host = std::fs::metadata(t.share.join("su")).unwrap();
+    assert_eq!(host.mode() & 0o7000, 0, "no setuid on the host");
+    // chown to another user.
+    let (e, b) = t.setattr_mode_uid(f, None, Some(1234));
+    assert_eq!(e, 0);
+    assert_eq!(
+        u32::from_le_bytes(b[16 + 68..16 + 72].try_into().unwrap()),
+        1234
+    );
+    // Clients can neither read nor write our attribute.
+    let mut w = Writer::default();
+    w.u32(64).u32(0).bytes(b"user.msb.stat\0");
+    assert_eq!(t.call(op::GETXATTR, f, &w.buf).0, libc::ENODATA);
+    let mut w = Writer::default();
+    w.u32(5).u32(0).bytes(b"user.msb.stat\0").bytes(b"0:0:1");
+    assert_eq!(t.call(op::SETXATTR, f, &w.buf).0, libc::EPERM);
+    let mut w = Writer::default();
+    w.u32(4096).u32(0);
+    let (e, list) = t.call(op::LISTXATTR, f, &w.buf);
+    assert_eq!(e, 0);
+    assert!(!list.windows(8).any(|x| x == b"user.msb"), "{list:?}");
+
+    // A fifo on the host is never opened (it would block or reach another process).
+    let fifo = CString::new(t.share.join("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let (fid, _) = t.lookup(1, "fifo").unwrap();
+    assert_eq!(t.open(fid, libc::O_RDONLY).unwrap_err(), libc::EACCES);
+}
+
+fn xattr(p: &Path) -> Vec<u8> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 128];
+    // SAFETY: valid strings and buffer.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            OVERRIDE_XATTR_C.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "xattr missing on {}", p.display());
+    buf[..n as usize].to_vec()
+}
+
+#[test]
+fn read_only_shares_refuse_every_write() {
+    let t = T::new(Config {
+        read_only: true,
+        ..Default::default()
+    });
+    std::fs::write(t.share.join("f"), b"data").unwrap();
+    let (f, _) = t.lookup(1, "f").unwrap();
+    assert_eq!(t.open(f, libc::O_RDWR).unwrap_err(), libc::EROFS);
+    assert_eq!(
+        t.open(f, libc::O_RDONLY | libc::O_TRUNC).unwrap_err(),
+        libc::EROFS
+    );
+    let fh = t.open(f, libc::O_RDONLY).unwrap();
+    let mut w = Writer::default();
+    w.u64(fh).u64(0).u32(4096).u32(0).u64(0).u32(0).u32(0);
+    assert_eq!(t.call(op::READ, f, &w.buf), (0, b"data".to_vec()));
+    for opcode in [
+        op::SETATTR,
+        op::SYMLINK,
+        op::MKNOD,
+        op::MKDIR,
+        op::UNLINK,
+        op::RMDIR,
+        op::RENAME,
+        op::RENAME2,
+        op::LINK,
+        op::WRITE,
+        op::CREATE,
+        op::SETXATTR,
+        op::REMOVEXATTR,
+        op::FALLOCATE,
+        op::COPY_FILE_RANGE,
+    ] {
+        assert_eq!(
+            t.call(opcode, 1, &[0; 128]).0,
+            libc::EROFS,
+            "opcode {opcode}"
+        );
+    }
+    assert_eq!(std::fs::read(t.share.join("f")).unwrap(), b"data");
+}
+
+#[test]
+fn links_renames_readdir_and_limits() {
+    let t = T::new(Config {
+        max_inodes: 12,
+        max_handles: 8,
+        ..Default::default()
+    });
+    let (f, fh) = t.create(1, "a", libc::O_RDWR, 0o644).unwrap();
+    let mut w = Writer::default();
+    w.u64(fh)
+        .u64(0)
+        .u32(5)
+        .u32(0)
+        .u64(0)
+        .u32(0)
+        .u32(0)
+        .bytes(b"hello");
+    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    // Hard link: same node, nlink 2.
+    let mut w = Writer::default();
+    w.u64(f).bytes(b"b\0");
+    let (e, b) = t.call(op::LINK, 1, &w.buf);
+    assert_eq!(e, 0);
+    let (id, a) = parse_entry(&b);
+    assert_eq!((id, a.nlink), (f, 2));
+    // Linking a node id the client was never given.
+    let mut w = Writer::default();
+    w.u64(4242).bytes(b"c\0");
+    assert_eq!(t.call(op::LINK, 1, &w.buf).0, libc::EBADF);
+    // Rename over, and RENAME2 flags we do not support.
+    std::fs::write(t.share.join("c"), b"old").unwrap();
+    let mut w = Writer::default();
+    w.u64(1).bytes(b"a\0c\0");
+    assert_eq!(t.call(op::RENAME, 1, &w.buf).0, 0);
+    assert_eq!(std::fs::read(t.share.join("c")).unwrap(), b"hello");
+    let mut w = Writer::default();
+    w.u64(1).u32(libc::RENAME_WHITEOUT).u32(0).bytes(b"b\0d\0");
+    assert_eq!(t.call(op::RENAME2, 1, &w.buf).0, libc::EINVAL);
+    // READDIR with an absurd size is capped, and lists what is there.
+    for i in 0..20 {
+        std::fs::write(t.share.join(format!("f{i}")), b"").unwrap();
+    }
+    let (e, b) = t.call(op::OPENDIR, 1, &[0; 8]);
+    assert_eq!(e, 0);
+    let dfh = u64::from_le_bytes(b[..8].try_into().unwrap());
+    let mut w = Writer::default();
+    w.u64(dfh).u64(0).u32(u32::MAX).u32(0).u64(0).u32(0).u32(0);
+    let (e, list) = t.call(op::READDIR, 1, &w.buf);
+    assert_eq!(e, 0);
+    assert!(list.len() <= MAX_READDIR);
+    let mut names = Vec::new();
+    let mut r = Reader::new(&list);
+    while r.remaining() > 0 {
+        r.skip(16).unwrap();
+        let n = r.u32().unwrap() as usize;
+        r.skip(4).unwrap();
+        names.push(String::from_utf8(r.bytes(n).unwrap().to_vec()).unwrap());
+        r.skip(abi::dirent_len(n) - abi::DIRENT_LEN - n).unwrap();
+    }
+    assert_eq!(names.len(), 2 + 2 + 20, "{names:?}");
+    // Released handles are gone.
+    let mut w = Writer::default();
+    w.u64(dfh).u32(0).u32(0).u64(0);
+    assert_eq!(t.call(op::RELEASEDIR, 1, &w.buf).0, 0);
+    let mut w2 = Writer::default();
+    w2.u64(dfh).u64(0).u32(4096).u32(0).u64(0).u32(0).u32(0);
+    assert_eq!(t.call(op::READDIR, 1, &w2.buf).0, libc::EBADF);
+    // Inode and handle limits: ENFILE, not unbounded fds.
+    let mut last = 0;
+    for i in 0..20 {
+        if let Err(e) = t.lookup(1, &format!("f{i}")) {
+            last = e;
+        }
+    }
+    assert_eq!(last, libc::ENFILE);
+    assert!(t.fs.inode_count() <= 12);
+    let mut last = 0;
+    for _ in 0..12 {
+        if let Err(e) = t.open(f, libc::O_RDONLY) {
+            last = e;
+        }
+    }
+    assert_eq!(last, libc::ENFILE);
+    assert!(t.fs.handle_count() <= 8);
+}
+
+#[test]
+fn override_values_parse_strictly() {
+    assert_eq!(
+        Override::parse(b"0:0:0100644"),
+        Some(Override {
+            uid: 0,
+            gid: 0,
+            mode: 0o100644,
+            rdev: 0
+        })
+    );
+    assert_eq!(Override::parse(b"1:2:020666:259").unwrap().rdev, 259);
+    for bad in [
+        &b""[..],
+        b"0:0",
+        b"x:0:0644",
+        b"0:0:0644:1:2",
+        b"0:0:01000000000",
+        b"0:0:9",
+    ] {
+        assert_eq!(
+            Override::parse(bad),
+            None,
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let o = Override {
+        uid: 5,
+        gid: 6,
+        mode: 0o104755,
+        rdev: 0,
+    };
+    assert_eq!(Override::parse(o.encode().as_bytes()), Some(o));
+}
+
+#[test]
+fn a_missing_share_is_one_clear_error() {
+    let e = PassthroughFs::new(Path::new("/nonexistent/share"), Config::default()).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/share"), "{e}");
+    let f = tempdir("file").join("f");
+    std::fs::write(&f, b"").unwrap();
+    let e = PassthroughFs::new(&f, Config::default()).unwrap_err();
+    assert!(e.to_string().contains("not a directory"), "{e}");
+}
