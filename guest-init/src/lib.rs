@@ -38,6 +38,98 @@ pub mod cmdline {
     /// VMMs that cannot talk to the agent).
     pub const EXIT_AFTER_BOOT: &str = "msb.exit_after_boot";
 
+    /// `msb.mount=SPEC`, repeatable: a file system msb-init mounts before signalling boot
+    /// (see [`MountSpec`]).
+    pub const MOUNT: &str = "msb.mount=";
+
+    /// A mount msb-init makes. Paths are hex on the command line so any bytes survive it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum MountSpec {
+        /// `virtiofs:TAG:HEXPATH:ro|rw`: a shared host directory.
+        Virtiofs {
+            tag: String,
+            path: Vec<u8>,
+            read_only: bool,
+        },
+        /// `tmpfs:SIZE:HEXPATH`: a tmpfs of at most SIZE bytes (0: the kernel's default).
+        Tmpfs { size: u64, path: Vec<u8> },
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Option<Vec<u8>> {
+        if s.len() % 2 != 0 {
+            return None;
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
+
+    /// A tag as the VMM generates them: 1-36 of a-z, 0-9, `-`, `_`.
+    pub fn valid_tag(tag: &str) -> bool {
+        !tag.is_empty()
+            && tag.len() <= 36
+            && tag
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+    }
+
+    impl MountSpec {
+        /// The `msb.mount=` word for this mount.
+        pub fn encode(&self) -> String {
+            match self {
+                MountSpec::Virtiofs {
+                    tag,
+                    path,
+                    read_only,
+                } => format!(
+                    "{MOUNT}virtiofs:{tag}:{}:{}",
+                    hex(path),
+                    if *read_only { "ro" } else { "rw" }
+                ),
+                MountSpec::Tmpfs { size, path } => format!("{MOUNT}tmpfs:{size}:{}", hex(path)),
+            }
+        }
+
+        /// Parses the value after `msb.mount=`. Paths must be absolute, without NUL.
+        pub fn parse(v: &str) -> Option<MountSpec> {
+            let parts: Vec<&str> = v.split(':').collect();
+            let spec = match parts.as_slice() {
+                ["virtiofs", tag, path, mode] if valid_tag(tag) => MountSpec::Virtiofs {
+                    tag: tag.to_string(),
+                    path: unhex(path)?,
+                    read_only: match *mode {
+                        "ro" => true,
+                        "rw" => false,
+                        _ => return None,
+                    },
+                },
+                ["tmpfs", size, path] => MountSpec::Tmpfs {
+                    size: size.parse().ok()?,
+                    path: unhex(path)?,
+                },
+                _ => return None,
+            };
+            let path = match &spec {
+                MountSpec::Virtiofs { path, .. } | MountSpec::Tmpfs { path, .. } => path,
+            };
+            (path.first() == Some(&b'/') && !path.contains(&0)).then_some(spec)
+        }
+
+        /// Every `msb.mount=` on `cmdline`, in order; malformed ones are returned as errors.
+        pub fn all(cmdline: &str) -> Vec<Result<MountSpec, String>> {
+            cmdline
+                .split_ascii_whitespace()
+                .filter_map(|w| w.strip_prefix(MOUNT))
+                .map(|v| MountSpec::parse(v).ok_or_else(|| format!("bad {MOUNT}{v}")))
+                .collect()
+        }
+    }
+
     /// Whether the whitespace-separated `cmdline` contains `flag`.
     pub fn has(cmdline: &str, flag: &str) -> bool {
         cmdline.split_ascii_whitespace().any(|w| w == flag)
@@ -62,6 +154,38 @@ pub mod cmdline {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn mount_specs_round_trip_any_path_bytes() {
+            let specs = [
+                MountSpec::Virtiofs {
+                    tag: "vol0".into(),
+                    path: b"/data/with space/\xff\n".to_vec(),
+                    read_only: true,
+                },
+                MountSpec::Tmpfs {
+                    size: 64 << 20,
+                    path: b"/scratch".to_vec(),
+                },
+            ];
+            let line = format!("quiet {} {} x", specs[0].encode(), specs[1].encode());
+            let got: Vec<_> = MountSpec::all(&line)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(got, specs);
+            for bad in [
+                "virtiofs:vol0:2f:xx",
+                "virtiofs:Bad:2f:ro",
+                "virtiofs:vol0:61:ro",
+                "tmpfs:x:2f",
+                "tmpfs:0:2f00",
+                "tmpfs:0:2",
+                "nfs:a:b",
+            ] {
+                assert_eq!(MountSpec::parse(bad), None, "{bad}");
+            }
+        }
 
         #[test]
         fn flags_and_values() {

@@ -27,6 +27,11 @@ pub fn main() {
         eprintln!("msb-init: {e}");
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for spec in cmdline::MountSpec::all(&cmdline) {
+        if let Err(e) = spec.map_err(io::Error::other).and_then(|s| mount_spec(&s)) {
+            eprintln!("msb-init: {e}");
+        }
+    }
     let hostname = match cmdline::value(&cmdline, cmdline::HOSTNAME) {
         Some(h) if cmdline::valid_hostname(h) => h,
         Some(h) => {
@@ -66,6 +71,49 @@ pub fn main() {
             std::thread::park();
         },
     }
+}
+
+/// Mounts a volume or tmpfs the VMM asked for.
+fn mount_spec(spec: &cmdline::MountSpec) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let (src, fstype, path, flags, data) = match spec {
+        cmdline::MountSpec::Virtiofs {
+            tag,
+            path,
+            read_only,
+        } => {
+            let ro = if *read_only { libc::MS_RDONLY } else { 0 };
+            (tag.clone(), "virtiofs", path, ro, String::new())
+        }
+        cmdline::MountSpec::Tmpfs { size, path } => {
+            let data = if *size > 0 {
+                format!("size={size},mode=1777")
+            } else {
+                "mode=1777".into()
+            };
+            ("tmpfs".into(), "tmpfs", path, 0, data)
+        }
+    };
+    let shown = String::from_utf8_lossy(path).into_owned();
+    std::fs::create_dir_all(std::ffi::OsStr::from_bytes(path))
+        .map_err(|e| io::Error::new(e.kind(), format!("creating mount point {shown:?}: {e}")))?;
+    let target = CString::new(path.as_slice()).map_err(|_| io::Error::other("NUL in path"))?;
+    let (src, fstype, data) = (cstr(&src), cstr(fstype), cstr(&data));
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags | libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("mount {shown:?}: {e}")));
+    }
+    Ok(())
 }
 
 fn cstr(s: &str) -> CString {

@@ -79,6 +79,17 @@ struct VmArgs {
     report: Option<PathBuf>,
 }
 
+/// File systems for a sandbox.
+#[derive(Args, Debug, Clone, Default)]
+struct MountArgs {
+    /// Mount host directory HOST at GUEST (repeatable); `:ro` makes it read-only.
+    #[arg(long = "volume", short = 'V', value_name = "HOST:GUEST[:ro]")]
+    volumes: Vec<String>,
+    /// Mount a tmpfs at GUEST (repeatable), at most SIZE (bytes, or with k/m/g).
+    #[arg(long = "tmpfs", value_name = "GUEST[:SIZE]")]
+    tmpfs: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct BootArgs {
     /// Uncompressed ELF kernel (vmlinux), PVH entry preferred.
@@ -135,6 +146,8 @@ struct RunArgs {
     #[arg(long, default_value = "msb")]
     hostname: String,
     #[command(flatten)]
+    mounts: MountArgs,
+    #[command(flatten)]
     vm: VmArgs,
     /// The command and its arguments.
     #[arg(
@@ -157,6 +170,8 @@ struct StartArgs {
     /// Guest hostname (default: the sandbox name where valid, else msb).
     #[arg(long)]
     hostname: Option<String>,
+    #[command(flatten)]
+    mounts: MountArgs,
     #[command(flatten)]
     vm: VmArgs,
 }

@@ -27,6 +27,11 @@ pub use msb_init::client::{
 };
 use thiserror::Error;
 
+use std::sync::Arc;
+
+use msb_devices::fs::passthrough::{CachePolicy, Config as FsConfig, PassthroughFs};
+use msb_init::cmdline::MountSpec;
+
 use crate::hypervisor::HypervisorError;
 use crate::initramfs::{self, InitramfsError};
 use crate::vm::{
@@ -47,6 +52,10 @@ pub enum SandboxError {
     Initramfs(#[from] InitramfsError),
     #[error("invalid hostname {0:?}: use 1-64 of a-z, 0-9, '-', '.'")]
     BadHostname(String),
+    #[error("invalid volume {0:?}: use HOST_DIR:/GUEST/PATH[:ro]")]
+    BadVolume(String),
+    #[error("{0}")]
+    Share(String),
     #[error("the guest kernel panicked")]
     KernelPanic { console_tail: Vec<String> },
     #[error("the guest stopped before its agent was ready ({exit})")]
@@ -90,9 +99,60 @@ pub struct SandboxBuilder {
     defer_teardown: bool,
     vsock_uds: Option<PathBuf>,
     vm_timeout: Option<Duration>,
+    volumes: Vec<Volume>,
+    tmpfs: Vec<(PathBuf, u64)>,
+}
+
+/// A host directory mounted in the guest.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub guest: PathBuf,
+    pub read_only: bool,
+    pub cache: CachePolicy,
+}
+
+impl Volume {
+    /// Parses the CLI's `HOST:GUEST[:ro|:rw]` (GUEST absolute).
+    pub fn parse(spec: &str) -> Result<Volume, SandboxError> {
+        let bad = || SandboxError::BadVolume(spec.to_string());
+        let mut parts = spec.split(':');
+        let host = parts.next().filter(|h| !h.is_empty()).ok_or_else(bad)?;
+        let guest = parts
+            .next()
+            .filter(|g| g.starts_with('/'))
+            .ok_or_else(bad)?;
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Volume {
+            host: host.into(),
+            guest: guest.into(),
+            read_only,
+            cache: CachePolicy::Auto,
+        })
+    }
 }
 
 impl SandboxBuilder {
+    /// Mounts host directory `host` at `guest` (served by our virtio-fs; the guest can never
+    /// reach outside it).
+    pub fn volume(mut self, v: Volume) -> Self {
+        self.volumes.push(v);
+        self
+    }
+
+    /// Mounts a tmpfs at `guest`, at most `size` bytes (0: half the guest's memory).
+    pub fn tmpfs(mut self, guest: impl Into<PathBuf>, size: u64) -> Self {
+        self.tmpfs.push((guest.into(), size));
+        self
+    }
+
     /// Number of vCPUs (default 1).
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.cpus = cpus;
@@ -195,6 +255,45 @@ impl SandboxBuilder {
             });
         if let Some(p) = &self.vsock_uds {
             b = b.vsock_uds(p);
+        }
+        let mut mounts = String::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let fs = PassthroughFs::new(
+                &v.host,
+                FsConfig {
+                    read_only: v.read_only,
+                    cache: v.cache,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| SandboxError::Share(e.to_string()))?;
+            let tag = format!("vol{i}");
+            b = b.share(tag.clone(), Arc::new(fs));
+            mounts.push(' ');
+            mounts.push_str(
+                &MountSpec::Virtiofs {
+                    tag,
+                    path: v.guest.as_os_str().as_bytes().to_vec(),
+                    read_only: v.read_only,
+                }
+                .encode(),
+            );
+        }
+        for (guest, size) in &self.tmpfs {
+            if !guest.is_absolute() {
+                return Err(SandboxError::BadVolume(guest.display().to_string()));
+            }
+            mounts.push(' ');
+            mounts.push_str(
+                &MountSpec::Tmpfs {
+                    size: *size,
+                    path: guest.as_os_str().as_bytes().to_vec(),
+                }
+                .encode(),
+            );
+        }
+        if !mounts.is_empty() {
+            b = b.append_cmdline(&mounts);
         }
         let vm = b.start()?;
         let started = Instant::now();
@@ -308,6 +407,8 @@ impl Sandbox {
             defer_teardown: false,
             vsock_uds: None,
             vm_timeout: None,
+            volumes: Vec::new(),
+            tmpfs: Vec::new(),
         }
     }
 

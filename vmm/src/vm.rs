@@ -25,8 +25,10 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use msb_devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use msb_devices::bus::{lock, Bus};
+use msb_devices::fs::passthrough::PassthroughFs;
 use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
 use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, COM1, UART_PORTS};
+use msb_devices::virtio::fs::FsDevice;
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use msb_devices::virtio::vsock::hybrid::HybridListener;
 use msb_devices::virtio::vsock::{VsockDevice, VsockHost};
@@ -57,6 +59,14 @@ pub const MIN_LINUX_MEMORY_MIB: u64 = 32;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Interrupt line (GSI) of the vsock device.
 pub const VSOCK_IRQ: u32 = 5;
+/// Interrupt lines of virtio-fs devices, in order (legacy ISA lines of devices we lack).
+pub const FS_IRQS: [u32; 8] = [6, 7, 9, 10, 11, 12, 14, 15];
+const _: () = assert!(FS_IRQS.len() == 8, "keep VmError::TooManyShares in step");
+/// Where the `i`-th virtio-fs device's registers live (slot 0 is the vsock device's).
+fn fs_slot(i: usize) -> u64 {
+    VIRTIO_MMIO_START + MMIO_LEN * (1 + i as u64)
+}
+
 /// Console lines kept for error reports.
 const CONSOLE_TAIL_LINES: usize = 40;
 /// Console bytes kept in the ring.
@@ -67,6 +77,10 @@ const CONSOLE_RING_BYTES: usize = 64 * 1024;
 pub enum VmError {
     #[error("--cpus {0} is out of range: use 1 to {MAX_CPUS}")]
     BadCpus(u32),
+    #[error("{0} shared directories: at most 8 are supported")]
+    TooManyShares(usize),
+    #[error("{0}")]
+    BadShare(String),
     #[error("--memory {0} MiB is out of range: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
     BadMemory(u64),
     #[error("--memory {given} MiB is too small for this kernel and initramfs: use --memory {needed} or more")]
@@ -278,6 +292,7 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     vsock: bool,
     vsock_uds: Option<PathBuf>,
+    shares: Vec<(String, Arc<PassthroughFs>)>,
     start: Instant,
     hypervisor: Option<Arc<dyn Hypervisor>>,
     allow_pvm_linux: bool,
@@ -317,6 +332,7 @@ impl VmBuilder {
             defer_teardown: false,
             vsock: true,
             vsock_uds: None,
+            shares: Vec::new(),
             stop: StopHandle(Arc::new(StopState {
                 reason: Mutex::new(None),
                 boot: Mutex::new(None),
@@ -335,6 +351,16 @@ impl VmBuilder {
     /// The kernel command line; [`DEFAULT_CMDLINE`] (plus `quiet` when the console is off) if unset.
     pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
         self.cmdline = Some(cmdline.into());
+        self
+    }
+
+    /// Appends to the command line (set with [`VmBuilder::cmdline`], else the default).
+    pub fn append_cmdline(mut self, extra: &str) -> Self {
+        let base = self
+            .cmdline
+            .take()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        self.cmdline = Some(base + extra);
         self
     }
 
@@ -359,6 +385,12 @@ impl VmBuilder {
     /// Forward this process's standard input to the serial console.
     pub fn console_input(mut self, on: bool) -> Self {
         self.console_input = on;
+        self
+    }
+
+    /// Give the guest a virtio-fs device serving `fs` under `tag` (`mount -t virtiofs TAG`).
+    pub fn share(mut self, tag: impl Into<String>, fs: Arc<PassthroughFs>) -> Self {
+        self.shares.push((tag.into(), fs));
         self
     }
 
@@ -500,6 +532,16 @@ impl VmBuilder {
                 " virtio_mmio.device=4K@{VIRTIO_MMIO_START:#x}:{VSOCK_IRQ}"
             ));
         }
+        if self.shares.len() > FS_IRQS.len() {
+            return Err(VmError::TooManyShares(self.shares.len()));
+        }
+        for (i, _) in self.shares.iter().enumerate() {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                fs_slot(i),
+                FS_IRQS[i]
+            ));
+        }
         write_boot_info(
             &mem,
             &BootLayout {
@@ -572,6 +614,18 @@ impl VmBuilder {
                 })?);
             }
             vsock = Some(host);
+        }
+        for (i, (tag, fs)) in self.shares.iter().enumerate() {
+            let dev_err = |what| move |source| VmError::Io { what, source };
+            let device = FsDevice::new(tag, fs.clone()).map_err(VmError::BadShare)?;
+            let irq = IrqStatus::new(vm.create_irq(FS_IRQS[i])?);
+            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)
+                .map_err(dev_err("creating a virtio-fs transport"))?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(fs_slot(i) + QUEUE_NOTIFY, q as u32, evt)?;
+            }
+            mmio.insert(fs_slot(i), MMIO_LEN, Arc::new(Mutex::new(transport)))
+                .map_err(bus_err)?;
         }
         let buses = Arc::new(Buses { pio, mmio });
 

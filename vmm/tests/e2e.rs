@@ -543,3 +543,111 @@ fn dead_sandboxes_are_detected_and_cleaned() {
     );
     assert!(!state_dir().join("box2").exists(), "leftovers removed");
 }
+
+#[test]
+fn volumes_tmpfs_and_escape_attempts() {
+    let _w = watchdog("volumes_tmpfs_and_escape_attempts");
+    check_host();
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let base = std::env::temp_dir().join(format!("msb-e2e-vol-{}", std::process::id()));
+    let (rw, ro, outside) = (base.join("rw"), base.join("ro"), base.join("outside"));
+    for d in [&rw, &ro, &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    std::fs::write(ro.join("keep"), b"read only").unwrap();
+    // A tree to extract in the guest, and its checksum computed on the host.
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(rw.join("blob"), &data).unwrap();
+    let want: String = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Planted by the host: symlinks that point outside the share.
+    std::os::unix::fs::symlink(outside.join("secret"), rw.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", rw.join("rel")).unwrap();
+
+    let script = r#"
+set -e
+cd /data
+mkdir tree && cd tree
+for d in 1 2 3 4 5; do mkdir -p d$d; for i in $(seq 1 60); do echo "$d-$i" > d$d/f$i; done; done
+cp /data/blob big && ln big big.hard && ln -s big big.sym
+cd /data && tar -cf t.tar tree && mkdir x && tar -xf t.tar -C x
+diff -r tree x/tree && echo tree-ok
+sha256sum /data/x/tree/big | cut -d' ' -f1
+# escape attempts: each must fail or stay inside
+echo pwned > /data/abs 2>/dev/null && echo "abs-write-succeeded" || echo abs-refused
+echo pwned > /data/rel 2>/dev/null && echo "rel-write-succeeded" || echo rel-refused
+ls /data/../../../.. | grep -qx scratch && echo dotdot-stays-in-guest
+ln /bin/busybox /data/hardlink 2>/dev/null && echo hardlink-made || echo hardlink-refused
+mknod /data/null c 1 3 && [ -c /data/null ] && echo dev-ok
+cp /bin/busybox /data/su && chmod 4755 /data/su && ls -l /data/su | cut -c1-10
+echo w > /ro/w 2>/dev/null && echo ro-writable || echo ro-refused
+cat /ro/keep; echo
+echo t > /scratch/t && df /scratch | tail -1 | awk '{print $2}'
+"#;
+    let out = msb_vmm(&[
+        "run",
+        "-V",
+        &format!("{}:/data", rw.display()),
+        "-V",
+        &format!("{}:/ro:ro", ro.display()),
+        "--tmpfs",
+        "/scratch:8m",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"tree-ok"), "{stdout}");
+    assert!(
+        lines.contains(&want.as_str()),
+        "checksum through virtio-fs: {stdout}"
+    );
+    // In the guest the absolute symlink names a guest path (absent there), the relative one
+    // climbs to the guest's /data/.. : neither reaches the host file.
+    assert_eq!(
+        std::fs::read(outside.join("secret")).unwrap(),
+        b"host secret"
+    );
+    assert!(lines.contains(&"dotdot-stays-in-guest"), "{stdout}");
+    assert!(lines.contains(&"hardlink-refused"), "{stdout}");
+    assert!(lines.contains(&"dev-ok"), "{stdout}");
+    let host_null = std::fs::symlink_metadata(rw.join("null")).unwrap();
+    assert!(
+        host_null.file_type().is_file(),
+        "a guest device node is a plain host file"
+    );
+    assert!(
+        lines.contains(&"-rwsr-xr-x"),
+        "setuid in the guest: {stdout}"
+    );
+    let su = std::fs::metadata(rw.join("su")).unwrap();
+    assert_eq!(
+        su.permissions().mode() & 0o7000,
+        0,
+        "no setuid bit on the host"
+    );
+    assert_eq!(su.uid(), unsafe_geteuid(), "owned by the serving user");
+    assert!(lines.contains(&"ro-refused"), "{stdout}");
+    assert!(lines.contains(&"read only"), "{stdout}");
+    assert!(lines.contains(&"8192"), "tmpfs size: {stdout}");
+    assert!(!ro.join("w").exists());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}

@@ -15,7 +15,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::Interrupt;
 
+#[cfg(target_os = "linux")]
+pub mod fs;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vsock;
 
 /// The queue implementation shared by all devices.
@@ -147,4 +151,32 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - off);
     data[..n].copy_from_slice(&config[off..off + n]);
+}
+
+/// Rejects chains that revisit a descriptor (a loop: virtio-queue would silently cut it at the
+/// queue size) or mix device-writable buffers before readable ones.
+pub fn check_chain(
+    chain: &virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    queue_size: u16,
+) -> Result<(), String> {
+    let size = usize::from(queue_size).max(1);
+    let mut seen = vec![false; size];
+    seen[usize::from(chain.head_index()) % size] = true;
+    let mut writable_seen = false;
+    for d in chain.clone() {
+        if d.is_write_only() {
+            writable_seen = true;
+        } else if writable_seen {
+            return Err("descriptor chain has a readable buffer after a writable one".into());
+        }
+        if d.has_next() {
+            let next = usize::from(d.next());
+            if next >= seen.len() || std::mem::replace(&mut seen[next], true) {
+                return Err(format!(
+                    "descriptor chain loops or leaves the table (next {next})"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

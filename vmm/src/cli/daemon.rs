@@ -124,6 +124,8 @@ fn running(name: &str) -> anyhow::Result<PathBuf> {
 /// `msb-vmm start`.
 pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     check_name(&a.name)?;
+    // Validate here, so mistakes are one line from `start` rather than a log entry.
+    super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
     let root = state_root();
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let dir = root.join(&a.name);
@@ -156,6 +158,17 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         .arg(a.vm.memory.to_string());
     if let Some(k) = &a.kernel {
         cmd.arg("--kernel").arg(k);
+    }
+    for v in &a.mounts.volumes {
+        // Absolute host paths: the sandbox process may not share our working directory.
+        let abs = match v.split_once(':') {
+            Some((h, rest)) => format!("{}:{rest}", std::fs::canonicalize(h)?.display()),
+            None => v.clone(),
+        };
+        cmd.arg("--volume").arg(abs);
+    }
+    for t in &a.mounts.tmpfs {
+        cmd.arg("--tmpfs").arg(t);
     }
     if let Some(h) = &a.hostname {
         cmd.arg("--hostname").arg(h);
@@ -233,6 +246,7 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
     if let Some(k) = &a.kernel {
         b = b.kernel(k);
     }
+    b = super::with_mounts(b, &a.mounts)?;
     let sb = match b.start() {
         Ok(sb) => sb,
         Err(e) => {

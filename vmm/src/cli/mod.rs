@@ -97,6 +97,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     if let Some(k) = &a.kernel {
         b = b.kernel(k);
     }
+    b = with_mounts(b, &a.mounts)?;
     // Blocked before any thread starts, so every thread inherits the mask and only the
     // forwarding thread receives them.
     let signals = Signals::block();
@@ -363,4 +364,49 @@ pub fn interact(
         }
     }
     Err(ClientError::Closed)
+}
+
+/// Adds `--volume` and `--tmpfs` to a sandbox; a missing host directory is one clear line.
+pub fn with_mounts(
+    mut b: msb_vmm::sandbox::SandboxBuilder,
+    m: &crate::MountArgs,
+) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
+    for spec in &m.volumes {
+        let mut v = msb_vmm::sandbox::Volume::parse(spec)?;
+        v.host = std::fs::canonicalize(&v.host)
+            .map_err(|e| anyhow::anyhow!("--volume {spec}: {}: {e}", v.host.display()))?;
+        if !v.host.is_dir() {
+            anyhow::bail!("--volume {spec}: {} is not a directory", v.host.display());
+        }
+        b = b.volume(v);
+    }
+    for spec in &m.tmpfs {
+        let (path, size) = match spec.split_once(':') {
+            Some((p, s)) => (
+                p,
+                parse_size(s).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--tmpfs {spec}: size {s:?} is not a number of bytes (k, m, g allowed)"
+                    )
+                })?,
+            ),
+            None => (spec.as_str(), 0),
+        };
+        if !path.starts_with('/') {
+            anyhow::bail!("--tmpfs {spec}: the guest path must be absolute");
+        }
+        b = b.tmpfs(path, size);
+    }
+    Ok(b)
+}
+
+/// `64m` → 64 MiB; plain numbers are bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }

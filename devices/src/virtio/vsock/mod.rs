@@ -22,6 +22,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
+
+use super::check_chain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -993,31 +995,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// Rejects chains that revisit a descriptor (a loop: virtio-queue would silently cut it at the
-/// queue size) or mix device-writable buffers before readable ones.
-fn check_chain(chain: &DescriptorChain<&GuestMemoryMmap>, queue_size: u16) -> Result<(), String> {
-    let size = usize::from(queue_size).max(1);
-    let mut seen = vec![false; size];
-    seen[usize::from(chain.head_index()) % size] = true;
-    let mut writable_seen = false;
-    for d in chain.clone() {
-        if d.is_write_only() {
-            writable_seen = true;
-        } else if writable_seen {
-            return Err("descriptor chain has a readable buffer after a writable one".into());
-        }
-        if d.has_next() {
-            let next = usize::from(d.next());
-            if next >= seen.len() || std::mem::replace(&mut seen[next], true) {
-                return Err(format!(
-                    "descriptor chain loops or leaves the table (next {next})"
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 enum RxItem {

@@ -2,10 +2,8 @@
 //! test playing the guest (posting buffers, sending packets, notifying).
 
 use std::io::{Read, Write};
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
@@ -17,87 +15,7 @@ const RX_BUFS: u64 = 0x100000;
 const TX_BUFS: u64 = 0x400000;
 const BUF_SIZE: u32 = 4096 + HDR_LEN as u32;
 
-#[derive(Debug, Default)]
-struct Line(AtomicUsize);
-impl crate::Interrupt for Line {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-/// The driver's view of one split ring.
-struct Ring {
-    base: u64,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Ring {
-    fn desc(&self, i: u16) -> u64 {
-        self.base + 16 * u64::from(i)
-    }
-    fn avail(&self) -> u64 {
-        self.base + 16 * u64::from(self.size)
-    }
-    fn used(&self) -> u64 {
-        (self.avail() + 6 + 2 * u64::from(self.size)).next_multiple_of(4)
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.set_size(self.size);
-        q.set_desc_table_address(Some(self.base as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail() as u32), Some(0));
-        q.set_used_ring_address(Some(self.used() as u32), Some(0));
-        q.set_ready(true);
-        q
-    }
-
-    /// Publishes a chain of (address, length, device-writable) descriptors.
-    fn add(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) {
-        let head = self.next_desc;
-        for (k, &(addr, len, write)) in descs.iter().enumerate() {
-            let i = (head + k as u16) % self.size;
-            let last = k + 1 == descs.len();
-            let flags: u16 = if last { 0 } else { 1 } | if write { 2 } else { 0 };
-            let next = (i + 1) % self.size;
-            mem.write_obj(addr, GuestAddress(self.desc(i))).unwrap();
-            mem.write_obj(len, GuestAddress(self.desc(i) + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(self.desc(i) + 12))
-                .unwrap();
-            mem.write_obj(
-                if last { 0u16 } else { next },
-                GuestAddress(self.desc(i) + 14),
-            )
-            .unwrap();
-        }
-        self.next_desc = (head + descs.len() as u16) % self.size;
-        let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
-            .unwrap();
-    }
-
-    /// New used entries: (descriptor id, length).
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used() + 4 + 8 * u64::from(self.used_seen % self.size);
-            out.push((
-                mem.read_obj(GuestAddress(e)).unwrap(),
-                mem.read_obj(GuestAddress(e + 4)).unwrap(),
-            ));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
+use crate::virtio::testing::{Line, Ring};
 
 struct Guest {
     mem: GuestMemoryMmap,
