@@ -3,6 +3,7 @@
 //! the machine it ran on.
 
 mod exec;
+mod fs;
 mod stats;
 mod svg;
 
@@ -34,6 +35,8 @@ enum Cmd {
     Boot(BootArgs),
     /// Exec round trip and stdout throughput through the agent (Unix socket and sandbox).
     Exec(exec::ExecArgs),
+    /// File-system throughput and metadata rates: our FUSE server via /dev/fuse vs the host.
+    Fs(fs::FsArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -96,6 +99,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Boot(a) => boot(a),
         Cmd::Exec(a) => exec::run(a),
+        Cmd::Fs(a) => fs::run(a),
     }
 }
 

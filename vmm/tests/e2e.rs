@@ -550,7 +550,16 @@ fn volumes_tmpfs_and_escape_attempts() {
     check_host();
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Pids repeat from one L2 VM to the next: start clean, and clean up even on failure.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let base = std::env::temp_dir().join(format!("msb-e2e-vol-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let _cleanup = Cleanup(base.clone());
     let (rw, ro, outside) = (base.join("rw"), base.join("ro"), base.join("outside"));
     for d in [&rw, &ro, &outside] {
         std::fs::create_dir_all(d).unwrap();
@@ -644,7 +653,6 @@ echo t > /scratch/t && df /scratch | tail -1 | awk '{print $2}'
     assert!(lines.contains(&"read only"), "{stdout}");
     assert!(lines.contains(&"8192"), "tmpfs size: {stdout}");
     assert!(!ro.join("w").exists());
-    let _ = std::fs::remove_dir_all(&base);
 }
 
 fn unsafe_geteuid() -> u32 {

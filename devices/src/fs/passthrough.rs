@@ -123,6 +123,9 @@ struct Inode {
     /// Host file type (S_IFMT bits): fixed for the inode's life.
     kind: u32,
     refs: AtomicU64,
+    /// The override xattr as last read or written: `None` until loaded, `Some(None)` when
+    /// the file has none. We are the only writer of the attribute.
+    ov: Mutex<Option<Option<Override>>>,
 }
 
 #[derive(Default)]
@@ -357,6 +360,7 @@ impl PassthroughFs {
                 key,
                 kind: st.st_mode & libc::S_IFMT,
                 refs: AtomicU64::new(1),
+                ov: Mutex::new(None),
             }),
         );
         // SAFETY: geteuid has no preconditions.
@@ -463,7 +467,14 @@ impl PassthroughFs {
             }
             op::LOOKUP => {
                 let name = r.cstr().map_err(bad)?;
-                self.lookup(h.nodeid, name).map(|e| entry_body(&e))
+                match self.lookup(h.nodeid, name) {
+                    // A negative entry the client may cache (node id 0): a create's lookup
+                    // or a PATH search does not come back for the same missing name.
+                    Err(libc::ENOENT) if self.cfg.cache != CachePolicy::None => {
+                        Ok(entry_body(&self.entry(0, Attr::default())))
+                    }
+                    other => other.map(|e| entry_body(&e)),
+                }
             }
             op::GETATTR => self.getattr(h.nodeid),
             op::SETATTR => self.setattr(h.nodeid, r),
@@ -792,6 +803,7 @@ impl PassthroughFs {
                 key,
                 kind: st.st_mode & libc::S_IFMT,
                 refs: AtomicU64::new(1),
+                ov: Mutex::new(None),
             }),
         );
         Ok(id)
@@ -870,6 +882,17 @@ impl PassthroughFs {
         if ino.kind == libc::S_IFLNK || self.no_xattrs.load(Ordering::Relaxed) {
             return None;
         }
+        if self.cfg.cache != CachePolicy::None {
+            if let Some(cached) = *lock(&ino.ov) {
+                return cached;
+            }
+        }
+        let ov = self.load_override(ino);
+        *lock(&ino.ov) = Some(ov);
+        ov
+    }
+
+    fn load_override(&self, ino: &Inode) -> Option<Override> {
         let path = self.proc_path(ino);
         let mut buf = [0u8; 64];
         // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
@@ -904,7 +927,10 @@ impl PassthroughFs {
                 0,
             )
         };
-        if r < 0 {
+        if r >= 0 {
+            *lock(&ino.ov) = Some(Some(*ov));
+        } else {
+            *lock(&ino.ov) = None;
             let e = errno();
             if e == libc::ENOTSUP {
                 self.no_xattrs.store(true, Ordering::Relaxed);
@@ -926,25 +952,7 @@ impl PassthroughFs {
     /// What the client sees: host attributes, ownership mapped (our own files look like
     /// root's), overridden by the xattr where present.
     fn attr(&self, ino: &Inode, st: &libc::stat64) -> Attr {
-        let map_uid = |u: u32| if u == self.euid { 0 } else { u };
-        let map_gid = |g: u32| if g == self.egid { 0 } else { g };
-        let mut a = Attr {
-            ino: st.st_ino,
-            size: st.st_size as u64,
-            blocks: st.st_blocks as u64,
-            atime: st.st_atime,
-            mtime: st.st_mtime,
-            ctime: st.st_ctime,
-            atimensec: st.st_atime_nsec as u32,
-            mtimensec: st.st_mtime_nsec as u32,
-            ctimensec: st.st_ctime_nsec as u32,
-            mode: st.st_mode,
-            nlink: st.st_nlink as u32,
-            uid: map_uid(st.st_uid),
-            gid: map_gid(st.st_gid),
-            rdev: new_encode_dev(st.st_rdev),
-            blksize: st.st_blksize as u32,
-        };
+        let mut a = self.host_view(st);
         if let Some(ov) = self.read_override(ino) {
             a.uid = ov.uid;
             a.gid = ov.gid;
@@ -962,6 +970,29 @@ impl PassthroughFs {
             }
         }
         a
+    }
+
+    /// The host's attributes with our own uid/gid shown as root's, before any override.
+    fn host_view(&self, st: &libc::stat64) -> Attr {
+        let map_uid = |u: u32| if u == self.euid { 0 } else { u };
+        let map_gid = |g: u32| if g == self.egid { 0 } else { g };
+        Attr {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: st.st_atime,
+            mtime: st.st_mtime,
+            ctime: st.st_ctime,
+            atimensec: st.st_atime_nsec as u32,
+            mtimensec: st.st_mtime_nsec as u32,
+            ctimensec: st.st_ctime_nsec as u32,
+            mode: st.st_mode,
+            nlink: st.st_nlink as u32,
+            uid: map_uid(st.st_uid),
+            gid: map_gid(st.st_gid),
+            rdev: new_encode_dev(st.st_rdev),
+            blksize: st.st_blksize as u32,
+        }
     }
 
     fn getattr(&self, id: u64) -> Result<Vec<u8>> {
@@ -1018,7 +1049,14 @@ impl PassthroughFs {
             if valid & fattr::GID != 0 {
                 ov.gid = gid;
             }
-            self.write_override(&ino, &ov)?;
+            // A file without the attribute whose new view is what the host already shows
+            // (tar restoring 0644 on a file it just made) needs no write.
+            let plain = self.host_view(&fstat(ino.fd.as_raw_fd())?);
+            let unchanged_plain = self.read_override(&ino).is_none()
+                && (plain.uid, plain.gid, plain.mode) == (ov.uid, ov.gid, ov.mode);
+            if !unchanged_plain {
+                self.write_override(&ino, &ov)?;
+            }
         }
         if valid & fattr::SIZE != 0 {
             if ino.kind != libc::S_IFREG {
@@ -1102,6 +1140,17 @@ impl PassthroughFs {
         let st = fstat(fd.as_raw_fd())?;
         let id = self.register(fd, &st)?;
         let ino = self.inode(id)?;
+        // When the host file already shows what the client asked for (root creating a file
+        // with owner-writable permissions: the common case), no attribute is needed.
+        let plain = self.host_view(&st);
+        let ty_matches = ov.mode & libc::S_IFMT == st.st_mode & libc::S_IFMT;
+        if ty_matches
+            && (plain.uid, plain.gid, plain.mode & 0o7777) == (ov.uid, ov.gid, ov.mode & 0o7777)
+            && ov.rdev == 0
+        {
+            *lock(&ino.ov) = Some(None);
+            return Ok(self.entry(id, plain));
+        }
         if let Err(e) = self.write_override(&ino, &ov) {
             // Undo: the client must not see a half-made file.
             let flags = if ino.kind == libc::S_IFDIR {
@@ -1186,7 +1235,9 @@ impl PassthroughFs {
         let name = component(name)?;
         let parent = self.inode(h.nodeid)?;
         // SAFETY: NUL-terminated name and a valid parent fd.
-        check(unsafe { libc::mkdirat(parent.fd.as_raw_fd(), name.as_ptr(), 0o700) })?;
+        check(unsafe {
+            libc::mkdirat(parent.fd.as_raw_fd(), name.as_ptr(), (mode & 0o777) | 0o700)
+        })?;
         let (gid, inherit) = self.new_gid(&parent, h)?;
         let mut perm = mode & 0o7777;
         if inherit {
@@ -1310,7 +1361,8 @@ impl PassthroughFs {
         let name = component(name)?;
         let parent = self.inode(h.nodeid)?;
         let oflags = self.open_flags(flags)? | libc::O_CREAT | (flags & libc::O_EXCL);
-        let host_mode = if mode & 0o111 != 0 { 0o700 } else { 0o600 };
+        // The client's permission bits (never setuid/setgid/sticky), always owner-writable.
+        let host_mode = (mode & 0o777) | 0o600;
         // O_NOFOLLOW (added by open_beneath): a symlink planted under this name is an error,
         // never a file created wherever it points.
         let fd = open_beneath(parent.fd.as_raw_fd(), &name, oflags, host_mode)?;

@@ -77,7 +77,10 @@ impl T {
         if e != 0 {
             return Err(e);
         }
-        Ok(parse_entry(&b))
+        match parse_entry(&b) {
+            (0, _) => Err(libc::ENOENT), // a cacheable negative entry
+            found => Ok(found),
+        }
     }
 
     fn create(
@@ -591,4 +594,20 @@ fn a_missing_share_is_one_clear_error() {
     std::fs::write(&f, b"").unwrap();
     let e = PassthroughFs::new(&f, Config::default()).unwrap_err();
     assert!(e.to_string().contains("not a directory"), "{e}");
+}
+
+#[test]
+fn missing_names_are_cacheable_negative_entries_unless_caching_is_off() {
+    let t = T::new(Config::default());
+    let (e, b) = t.call(op::LOOKUP, 1, &cname("missing"));
+    assert_eq!(e, 0);
+    let mut r = Reader::new(&b);
+    assert_eq!(r.u64().unwrap(), 0, "node id 0: a negative entry");
+    r.skip(8).unwrap();
+    assert_eq!(r.u64().unwrap(), 1, "cached for the auto policy's second");
+    let t = T::new(Config {
+        cache: CachePolicy::None,
+        ..Default::default()
+    });
+    assert_eq!(t.call(op::LOOKUP, 1, &cname("missing")).0, libc::ENOENT);
 }

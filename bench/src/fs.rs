@@ -1,0 +1,281 @@
+//! `msb-bench fs`: file-system throughput and metadata rates through our FUSE server mounted
+//! via `/dev/fuse` (the host kernel as its client), against the same operations directly on
+//! the host directory, in the same run; the table shows the ratio.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use msb_devices::fs::devfuse::FuseMount;
+use msb_devices::fs::passthrough::{CachePolicy, Config, PassthroughFs};
+use serde::Serialize;
+
+use crate::stats::summarize;
+
+#[derive(clap::Args, Debug)]
+pub struct FsArgs {
+    /// Scratch directory on the file system to measure (default: the temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Bytes for the sequential read and write runs.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    /// Files created, stat'ed and unlinked per metadata run.
+    #[arg(long, default_value_t = 10_000)]
+    files: usize,
+    /// 4 KiB random reads per run.
+    #[arg(long, default_value_t = 20_000)]
+    random_reads: usize,
+    /// Runs per metric and target.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// FUSE cache policy of the mounted server: none, auto or always.
+    #[arg(long, default_value = "auto")]
+    cache: CachePolicy,
+    /// Write samples and summaries as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize, Default)]
+struct Metrics {
+    seq_write_mb_s: Vec<f64>,
+    seq_read_mb_s: Vec<f64>,
+    rand_read_iops: Vec<f64>,
+    metadata_ops_s: Vec<f64>,
+    tar_x_s: Vec<f64>,
+}
+
+const METRICS: [(&str, bool); 5] = [
+    ("seq write (MB/s)", true),
+    ("seq read (MB/s)", true),
+    ("4K random read (IOPS)", true),
+    ("create+stat+unlink (ops/s)", true),
+    ("tar x of the tree (s)", false),
+];
+
+impl Metrics {
+    fn get(&self, i: usize) -> &[f64] {
+        match i {
+            0 => &self.seq_write_mb_s,
+            1 => &self.seq_read_mb_s,
+            2 => &self.rand_read_iops,
+            3 => &self.metadata_ops_s,
+            _ => &self.tar_x_s,
+        }
+    }
+}
+
+/// Drops the page cache so reads come through the file system, not memory (root only).
+fn drop_caches() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", b"3");
+}
+
+fn measure(dir: &Path, a: &FsArgs, tarball: &Path, m: &mut Metrics) -> Result<()> {
+    let chunk = vec![0x5au8; 1 << 20];
+    let file = dir.join("seq.bin");
+    // Sequential write, fsync included.
+    let t = Instant::now();
+    let mut f = File::create(&file).with_context(|| file.display().to_string())?;
+    let mut left = a.bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    drop(f);
+    m.seq_write_mb_s
+        .push(a.bytes as f64 / t.elapsed().as_secs_f64() / 1e6);
+    // Sequential read from a cold cache.
+    drop_caches();
+    let t = Instant::now();
+    let mut f = File::open(&file)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    if got != a.bytes {
+        bail!("read {got} of {} bytes back", a.bytes);
+    }
+    m.seq_read_mb_s
+        .push(a.bytes as f64 / t.elapsed().as_secs_f64() / 1e6);
+    // Random 4 KiB reads over the file, cold.
+    drop_caches();
+    let blocks = (a.bytes / 4096).max(1);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut page = [0u8; 4096];
+    let t = Instant::now();
+    for _ in 0..a.random_reads {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.read_exact_at(&mut page, (x % blocks) * 4096)?;
+    }
+    m.rand_read_iops
+        .push(a.random_reads as f64 / t.elapsed().as_secs_f64());
+    drop(f);
+    std::fs::remove_file(&file)?;
+    // Metadata: create, stat, unlink.
+    let md = dir.join("meta");
+    std::fs::create_dir_all(&md)?;
+    let t = Instant::now();
+    for i in 0..a.files {
+        File::create(md.join(format!("f{i}")))?;
+    }
+    for i in 0..a.files {
+        std::fs::metadata(md.join(format!("f{i}")))?;
+    }
+    for i in 0..a.files {
+        std::fs::remove_file(md.join(format!("f{i}")))?;
+    }
+    m.metadata_ops_s
+        .push(3.0 * a.files as f64 / t.elapsed().as_secs_f64());
+    std::fs::remove_dir(&md)?;
+    // tar x of a tree of many small files and a few big ones.
+    let x_dir = dir.join("tree");
+    std::fs::create_dir_all(&x_dir)?;
+    let t = Instant::now();
+    let ok = Command::new("tar")
+        .arg("-xf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(&x_dir)
+        .status()?
+        .success();
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    m.tar_x_s.push(t.elapsed().as_secs_f64());
+    if !ok {
+        bail!("tar -x into {} failed", x_dir.display());
+    }
+    std::fs::remove_dir_all(&x_dir)?;
+    Ok(())
+}
+
+/// A tarball of 4000 small files in 40 directories plus 8 files of 4 MiB.
+fn make_tarball(scratch: &Path) -> Result<PathBuf> {
+    let src = scratch.join("tar-src");
+    for d in 0..40 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..100 {
+            std::fs::write(
+                dir.join(format!("f{i}.txt")),
+                format!("{d} {i}\n").repeat(20),
+            )?;
+        }
+    }
+    for i in 0..8 {
+        std::fs::write(src.join(format!("big{i}")), vec![i as u8; 4 << 20])?;
+    }
+    let tar = scratch.join("tree.tar");
+    let ok = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()?
+        .success();
+    if !ok {
+        bail!("creating the benchmark tarball failed");
+    }
+    std::fs::remove_dir_all(&src)?;
+    Ok(tar)
+}
+
+pub fn run(a: FsArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("msb-bench fs mounts our server through /dev/fuse and drops caches: run it as root");
+    }
+    let base = a
+        .dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("msb-bench-fs-{}", std::process::id()));
+    let (host_dir, share, mnt) = (base.join("host"), base.join("share"), base.join("mnt"));
+    for d in [&host_dir, &share, &mnt] {
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+    }
+    let result = (|| -> Result<(Metrics, Metrics)> {
+        let tarball = make_tarball(&base)?;
+        let fs = Arc::new(PassthroughFs::new(
+            &share,
+            Config {
+                cache: a.cache,
+                ..Default::default()
+            },
+        )?);
+        let mount = FuseMount::mount(fs, &mnt, 2).context("mounting through /dev/fuse")?;
+        let (mut host, mut fuse) = (Metrics::default(), Metrics::default());
+        for run in 0..a.runs {
+            eprintln!("run {}/{}: host directory", run + 1, a.runs);
+            measure(&host_dir, &a, &tarball, &mut host)?;
+            eprintln!("run {}/{}: our server via /dev/fuse", run + 1, a.runs);
+            measure(&mnt, &a, &tarball, &mut fuse)?;
+        }
+        drop(mount);
+        Ok((host, fuse))
+    })();
+    let _ = std::fs::remove_dir_all(&base);
+    let (host, fuse) = result?;
+    let machine = crate::machine();
+    println!(
+        "machine: {} ({} cores), host kernel {}; {} runs, {} MiB sequential, {} files, cache {:?}",
+        machine.cpu,
+        machine.cores,
+        machine.kernel,
+        a.runs,
+        a.bytes >> 20,
+        a.files,
+        a.cache
+    );
+    println!(
+        "{:<28} {:<10} {:>11} {:>11} {:>11} {:>11} {:>9}",
+        "metric", "target", "min", "p50", "p90", "max", "vs host"
+    );
+    let mut summaries = Vec::new();
+    for (i, (name, higher_better)) in METRICS.iter().enumerate() {
+        let h = summarize(host.get(i));
+        let f = summarize(fuse.get(i));
+        for (target, s) in [("host", &h), ("fuse", &f)] {
+            if let Some(s) = s {
+                let ratio = match (target, &h) {
+                    ("fuse", Some(hs)) if *higher_better => {
+                        format!("{:.0}%", 100.0 * s.p50 / hs.p50)
+                    }
+                    ("fuse", Some(hs)) => format!("{:.0}%", 100.0 * hs.p50 / s.p50),
+                    _ => String::new(),
+                };
+                println!(
+                    "{name:<28} {target:<10} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {ratio:>9}",
+                    s.min, s.p50, s.p90, s.max
+                );
+            }
+        }
+        summaries.push(serde_json::json!({ "metric": name, "host": h, "fuse": f }));
+    }
+    println!("(vs host: our figure as a share of the host's at p50; for times, host time / ours)");
+    if let Some(j) = &a.json {
+        let doc = serde_json::json!({
+            "machine": machine, "host": host, "fuse": fuse, "summaries": summaries,
+        });
+        std::fs::write(j, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("json: {}", j.display());
+    }
+    Ok(())
+}
