@@ -23,11 +23,26 @@ pub fn main() {
         eprintln!("msb-init: must run as PID 1 inside an msb-vmm guest (or: msb-init agent --listen PATH)");
         std::process::exit(2);
     }
+    let cmdline = read_cmdline();
+    let specs = cmdline::MountSpec::all(&cmdline);
+    // A virtiofs mount at `/` is the root file system: move into it first, staying PID 1.
+    if let Some(Ok(cmdline::MountSpec::Virtiofs { tag, read_only, .. })) = specs
+        .iter()
+        .find(|s| matches!(s, Ok(cmdline::MountSpec::Virtiofs { path, .. }) if path == b"/"))
+    {
+        if let Err(e) = switch_root(tag, *read_only) {
+            eprintln!("msb-init: cannot use the root file system {tag:?}: {e}");
+            power_off();
+        }
+    }
     if let Err(e) = mount_basics() {
         eprintln!("msb-init: {e}");
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    for spec in cmdline::MountSpec::all(&cmdline) {
+    for spec in specs {
+        let spec = match spec {
+            Ok(cmdline::MountSpec::Virtiofs { ref path, .. }) if path == b"/" => continue,
+            other => other,
+        };
         if let Err(e) = spec.map_err(io::Error::other).and_then(|s| mount_spec(&s)) {
             eprintln!("msb-init: {e}");
         }
@@ -71,6 +86,50 @@ pub fn main() {
             std::thread::park();
         },
     }
+}
+
+/// The kernel command line, read through a /proc mounted just for that (the real /proc is
+/// mounted in whichever root we end up in).
+fn read_cmdline() -> String {
+    let _ = mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    );
+    let c = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let p = cstr("/proc");
+    // SAFETY: NUL-terminated path.
+    unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    c
+}
+
+/// Mounts the virtio-fs share `tag` and makes it `/` (as switch_root does: the initramfs
+/// stays underneath, unreachable; we keep running from memory).
+fn switch_root(tag: &str, read_only: bool) -> io::Result<()> {
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    mount(tag, "/newroot", "virtiofs", flags, "")?;
+    std::env::set_current_dir("/newroot")?;
+    let (dot, root) = (cstr("."), cstr("/"));
+    // SAFETY: NUL-terminated paths; MS_MOVE takes no fstype or data.
+    if unsafe {
+        libc::mount(
+            dot.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
 }
 
 /// Mounts a volume or tmpfs the VMM asked for.

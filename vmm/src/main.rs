@@ -82,8 +82,12 @@ struct VmArgs {
 /// File systems for a sandbox.
 #[derive(Args, Debug, Clone, Default)]
 struct MountArgs {
-    /// Mount host directory HOST at GUEST (repeatable); `:ro` makes it read-only.
-    #[arg(long = "volume", short = 'V', value_name = "HOST:GUEST[:ro]")]
+    /// Host directory to boot as the guest's root file system (default: the initramfs's
+    /// busybox root).
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Mount host directory HOST at GUEST (repeatable); OPTS: ro, rw, cache=none|auto|always.
+    #[arg(long = "volume", short = 'V', value_name = "HOST:GUEST[:OPTS]")]
     volumes: Vec<String>,
     /// Mount a tmpfs at GUEST (repeatable), at most SIZE (bytes, or with k/m/g).
     #[arg(long = "tmpfs", value_name = "GUEST[:SIZE]")]

@@ -52,7 +52,7 @@ pub enum SandboxError {
     Initramfs(#[from] InitramfsError),
     #[error("invalid hostname {0:?}: use 1-64 of a-z, 0-9, '-', '.'")]
     BadHostname(String),
-    #[error("invalid volume {0:?}: use HOST_DIR:/GUEST/PATH[:ro]")]
+    #[error("invalid volume {0:?}: use HOST_DIR:/GUEST/PATH[:ro][,cache=none|auto|always]")]
     BadVolume(String),
     #[error("{0}")]
     Share(String),
@@ -101,6 +101,7 @@ pub struct SandboxBuilder {
     vm_timeout: Option<Duration>,
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
+    rootfs: Option<PathBuf>,
 }
 
 /// A host directory mounted in the guest.
@@ -113,7 +114,8 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Parses the CLI's `HOST:GUEST[:ro|:rw]` (GUEST absolute).
+    /// Parses the CLI's `HOST:GUEST[:OPTS]` (GUEST absolute), OPTS a comma-separated list of
+    /// `ro`, `rw`, `cache=none|auto|always` (default `rw,cache=auto`).
     pub fn parse(spec: &str) -> Result<Volume, SandboxError> {
         let bad = || SandboxError::BadVolume(spec.to_string());
         let mut parts = spec.split(':');
@@ -122,11 +124,19 @@ impl Volume {
             .next()
             .filter(|g| g.starts_with('/'))
             .ok_or_else(bad)?;
-        let read_only = match parts.next() {
-            None | Some("rw") => false,
-            Some("ro") => true,
-            Some(_) => return Err(bad()),
-        };
+        let (mut read_only, mut cache) = (false, CachePolicy::Auto);
+        if let Some(opts) = parts.next() {
+            for o in opts.split(',') {
+                match o {
+                    "ro" => read_only = true,
+                    "rw" => read_only = false,
+                    _ => match o.strip_prefix("cache=") {
+                        Some(c) => cache = c.parse().map_err(|_| bad())?,
+                        None => return Err(bad()),
+                    },
+                }
+            }
+        }
         if parts.next().is_some() {
             return Err(bad());
         }
@@ -134,7 +144,7 @@ impl Volume {
             host: host.into(),
             guest: guest.into(),
             read_only,
-            cache: CachePolicy::Auto,
+            cache,
         })
     }
 }
@@ -144,6 +154,13 @@ impl SandboxBuilder {
     /// reach outside it).
     pub fn volume(mut self, v: Volume) -> Self {
         self.volumes.push(v);
+        self
+    }
+
+    /// Boots with host directory `dir` as the root file system (over virtio-fs; msb-init
+    /// moves into it and stays PID 1). Without it the root is the initramfs's busybox.
+    pub fn rootfs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.rootfs = Some(dir.into());
         self
     }
 
@@ -257,6 +274,20 @@ impl SandboxBuilder {
             b = b.vsock_uds(p);
         }
         let mut mounts = String::new();
+        if let Some(dir) = &self.rootfs {
+            let fs = PassthroughFs::new(dir, FsConfig::default())
+                .map_err(|e| SandboxError::Share(format!("root file system: {e}")))?;
+            b = b.share("root", Arc::new(fs));
+            mounts.push(' ');
+            mounts.push_str(
+                &MountSpec::Virtiofs {
+                    tag: "root".into(),
+                    path: b"/".to_vec(),
+                    read_only: false,
+                }
+                .encode(),
+            );
+        }
         for (i, v) in self.volumes.iter().enumerate() {
             let fs = PassthroughFs::new(
                 &v.host,
@@ -409,6 +440,7 @@ impl Sandbox {
             vm_timeout: None,
             volumes: Vec::new(),
             tmpfs: Vec::new(),
+            rootfs: None,
         }
     }
 
@@ -685,5 +717,29 @@ impl Command {
             boot_time,
             ready_time,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_specs() {
+        let v = Volume::parse("/srv:/data").unwrap();
+        assert_eq!((v.read_only, v.cache), (false, CachePolicy::Auto));
+        let v = Volume::parse("rel/dir:/d:ro,cache=none").unwrap();
+        assert_eq!((v.read_only, v.cache), (true, CachePolicy::None));
+        assert_eq!(v.host, PathBuf::from("rel/dir"));
+        for bad in [
+            ":/d",
+            "/srv",
+            "/srv:rel",
+            "/srv:/d:xx",
+            "/srv:/d:cache=fast",
+            "/a:/b:ro:x",
+        ] {
+            assert!(Volume::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -170,6 +170,9 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     for t in &a.mounts.tmpfs {
         cmd.arg("--tmpfs").arg(t);
     }
+    if let Some(r) = &a.mounts.rootfs {
+        cmd.arg("--rootfs").arg(std::fs::canonicalize(r)?);
+    }
     if let Some(h) = &a.hostname {
         cmd.arg("--hostname").arg(h);
     }

@@ -371,6 +371,14 @@ pub fn with_mounts(
     mut b: msb_vmm::sandbox::SandboxBuilder,
     m: &crate::MountArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
+    if let Some(dir) = &m.rootfs {
+        let abs = std::fs::canonicalize(dir)
+            .map_err(|e| anyhow::anyhow!("--rootfs {}: {e}", dir.display()))?;
+        if !abs.is_dir() {
+            anyhow::bail!("--rootfs {}: not a directory", dir.display());
+        }
+        b = b.rootfs(abs);
+    }
     for spec in &m.volumes {
         let mut v = msb_vmm::sandbox::Volume::parse(spec)?;
         v.host = std::fs::canonicalize(&v.host)
