@@ -363,6 +363,16 @@ impl PassthroughFs {
                 ov: Mutex::new(None),
             }),
         );
+        // Every inode the client holds is an fd of ours: take the whole hard limit (the
+        // default soft limit of 1024 is gone after a thousand files), and keep both caps
+        // under it so we answer ENFILE rather than run the process out of fds.
+        let nofile = raise_nofile_limit();
+        let room = usize::try_from(nofile.saturating_sub(256))
+            .unwrap_or(usize::MAX)
+            .max(64);
+        let mut cfg = cfg;
+        cfg.max_handles = cfg.max_handles.min(room / 4);
+        cfg.max_inodes = cfg.max_inodes.min(room - cfg.max_handles);
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
         // SAFETY: getegid has no preconditions.
@@ -1679,6 +1689,27 @@ impl PassthroughFs {
         }
         Ok(Vec::new())
     }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+fn raise_nofile_limit() -> u64 {
+    // SAFETY: rlimit is plain old data; all-zero is valid.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: a valid rlimit; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    rl.rlim_cur
 }
 
 fn entry_body(e: &EntryOut) -> Vec<u8> {
