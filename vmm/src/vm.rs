@@ -32,7 +32,7 @@ use msb_devices::virtio::fs::FsDevice;
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use msb_devices::virtio::vsock::hybrid::HybridListener;
 use msb_devices::virtio::vsock::{VsockDevice, VsockHost};
-use msb_devices::virtio::IrqStatus;
+use msb_devices::virtio::{IrqStatus, VirtioDevice};
 use msb_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -591,20 +591,27 @@ impl VmBuilder {
             .map_err(bus_err)?;
         mmio.insert(BOOT_TIMER_START, BOOT_TIMER_LEN, timer)
             .map_err(bus_err)?;
+        // A virtio device on its MMIO slot: transport, interrupt line, queue notifications.
+        let mut attach = |device: Box<dyn VirtioDevice>, base: u64, gsi: u32| {
+            let irq = IrqStatus::new(vm.create_irq(gsi)?);
+            let transport =
+                MmioTransport::new(device, mem.clone(), irq).map_err(|source| VmError::Io {
+                    what: "creating a virtio-mmio transport",
+                    source,
+                })?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(base + QUEUE_NOTIFY, q as u32, evt)?;
+            }
+            mmio.insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))
+                .map_err(bus_err)
+        };
         let mut vsock = None;
         let mut hybrid = None;
         if self.vsock {
             let dev_err = |what| move |source| VmError::Io { what, source };
             let (device, host) =
                 VsockDevice::new().map_err(dev_err("creating the vsock device"))?;
-            let irq = IrqStatus::new(vm.create_irq(VSOCK_IRQ)?);
-            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)
-                .map_err(dev_err("creating the vsock transport"))?;
-            for (i, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(VIRTIO_MMIO_START + QUEUE_NOTIFY, i as u32, evt)?;
-            }
-            mmio.insert(VIRTIO_MMIO_START, MMIO_LEN, Arc::new(Mutex::new(transport)))
-                .map_err(bus_err)?;
+            attach(Box::new(device), VIRTIO_MMIO_START, VSOCK_IRQ)?;
             if let Some(path) = &self.vsock_uds {
                 hybrid = Some(HybridListener::bind(path, host.clone()).map_err(|source| {
                     VmError::Io {
@@ -616,16 +623,8 @@ impl VmBuilder {
             vsock = Some(host);
         }
         for (i, (tag, fs)) in self.shares.iter().enumerate() {
-            let dev_err = |what| move |source| VmError::Io { what, source };
             let device = FsDevice::new(tag, fs.clone()).map_err(VmError::BadShare)?;
-            let irq = IrqStatus::new(vm.create_irq(FS_IRQS[i])?);
-            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)
-                .map_err(dev_err("creating a virtio-fs transport"))?;
-            for (q, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(fs_slot(i) + QUEUE_NOTIFY, q as u32, evt)?;
-            }
-            mmio.insert(fs_slot(i), MMIO_LEN, Arc::new(Mutex::new(transport)))
-                .map_err(bus_err)?;
+            attach(Box::new(device), fs_slot(i), FS_IRQS[i])?;
         }
         let buses = Arc::new(Buses { pio, mmio });
 

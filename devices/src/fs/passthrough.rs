@@ -902,22 +902,29 @@ impl PassthroughFs {
         ov
     }
 
-    fn load_override(&self, ino: &Inode) -> Option<Override> {
+    /// Reads extended attribute `name` of the inode (through /proc/self/fd: O_PATH fds take
+    /// no fgetxattr) into `buf`; returns its length.
+    fn get_xattr(&self, ino: &Inode, name: &CStr, buf: &mut [u8]) -> Result<usize> {
         let path = self.proc_path(ino);
-        let mut buf = [0u8; 64];
-        // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
+        // SAFETY: NUL-terminated strings and a buffer of the length passed.
         let n = unsafe {
             libc::getxattr(
                 path.as_ptr(),
-                OVERRIDE_XATTR_C.as_ptr(),
+                name.as_ptr(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
             )
         };
         if n < 0 {
-            return None;
+            return Err(errno());
         }
-        Override::parse(&buf[..n as usize])
+        Ok(n as usize)
+    }
+
+    fn load_override(&self, ino: &Inode) -> Option<Override> {
+        let mut buf = [0u8; 64];
+        let n = self.get_xattr(ino, OVERRIDE_XATTR_C, &mut buf).ok()?;
+        Override::parse(&buf[..n])
     }
 
     fn write_override(&self, ino: &Inode, ov: &Override) -> Result<()> {
@@ -1049,7 +1056,14 @@ impl PassthroughFs {
         let ino = self.inode(id)?;
 
         if valid & (fattr::MODE | fattr::UID | fattr::GID) != 0 && ino.kind != libc::S_IFLNK {
-            let mut ov = self.current_override(&ino)?;
+            let st = fstat(ino.fd.as_raw_fd())?;
+            let cur = self.attr(&ino, &st);
+            let mut ov = Override {
+                uid: cur.uid,
+                gid: cur.gid,
+                mode: cur.mode,
+                rdev: cur.rdev,
+            };
             if valid & fattr::MODE != 0 {
                 ov.mode = (ov.mode & libc::S_IFMT) | (mode & 0o7777);
             }
@@ -1061,7 +1075,7 @@ impl PassthroughFs {
             }
             // A file without the attribute whose new view is what the host already shows
             // (tar restoring 0644 on a file it just made) needs no write.
-            let plain = self.host_view(&fstat(ino.fd.as_raw_fd())?);
+            let plain = self.host_view(&st);
             let unchanged_plain = self.read_override(&ino).is_none()
                 && (plain.uid, plain.gid, plain.mode) == (ov.uid, ov.gid, ov.mode);
             if !unchanged_plain {
@@ -1504,21 +1518,9 @@ impl PassthroughFs {
         if ino.kind == libc::S_IFLNK {
             return Err(libc::ENODATA);
         }
-        let path = self.proc_path(&ino);
         let mut buf = vec![0u8; MAX_XATTR];
-        // SAFETY: NUL-terminated strings and a buffer of the length passed.
-        let n = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(errno());
-        }
-        buf.truncate(n as usize);
+        let n = self.get_xattr(&ino, &name, &mut buf)?;
+        buf.truncate(n);
         size_or_data(buf, size)
     }
 
