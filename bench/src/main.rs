@@ -355,8 +355,11 @@ fn boot(a: BootArgs) -> Result<()> {
             "--memory".into(),
             mem.clone().into(),
         ],
+        // The initramfs root: the same guest the peers boot.
         Guest::Linux => vec![
             "run".into(),
+            "--rootfs".into(),
+            "initramfs".into(),
             "--kernel".into(),
             kernel.clone().into(),
             "--cpus".into(),

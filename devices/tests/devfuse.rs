@@ -30,6 +30,12 @@ impl Drop for Fixture {
 }
 
 fn fixture(cfg: Config) -> Fixture {
+    fixture_with_mountpoint(cfg, "")
+}
+
+/// A fixture mounted at `<base>.mnt/<sub>`: a mount point deeper than the share makes a
+/// relative symlink resolve to different places for the client and for the host.
+fn fixture_with_mountpoint(cfg: Config, sub: &str) -> Fixture {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         panic!("the /dev/fuse tests mount a file system: run them as root (./x test does)");
@@ -44,7 +50,7 @@ fn fixture(cfg: Config) -> Fixture {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     let share = base.with_extension("share");
-    let mnt = base.with_extension("mnt");
+    let mnt = base.with_extension("mnt").join(sub);
     std::fs::create_dir_all(&share).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
     let fs = Arc::new(PassthroughFs::new(&share, cfg).unwrap());
@@ -275,4 +281,182 @@ fn read_only_mounts_refuse_writes() {
         Some(libc::EROFS)
     );
     assert_eq!(std::fs::read(f.share.join("ro")).unwrap(), b"keep");
+}
+
+/// pjdfstest runs we tolerate failing through our server although they pass on tmpfs, each with
+/// the reason. Keep this list short and explained; anything else that regresses fails the test.
+const PJDFSTEST_KNOWN: &[(&str, &str)] = &[];
+
+/// The pjdfstest binary: `$MSB_PJDFSTEST`, else the one `./x setup` installs in the cache.
+fn pjdfstest_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MSB_PJDFSTEST") {
+        return p.into();
+    }
+    let cache = std::env::var_os("MSB_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("msb-vmm")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/msb-vmm")
+        });
+    cache.join("tools/bin/pjdfstest")
+}
+
+/// Runs pjdfstest in `dir`; returns each test's verdict (`ok`, `FAILED`, `skipped`, ...).
+fn pjdfstest(bin: &Path, dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let config = dir.with_extension("pjdfstest.toml");
+    // Debian's own accounts stand in for the suite's dummy users (it switches to them to test
+    // permission checks), so the host needs no new users.
+    std::fs::write(
+        &config,
+        "[features]\nposix_fallocate = {}\nutimensat = {}\nutime_now = {}\n\
+         [settings]\nnaptime = 0.02\nallow_remount = false\n\
+         [dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"], [\"bin\", \"bin\"]]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("-p")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    let _ = std::fs::remove_file(&config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Summary:"),
+        "pjdfstest did not finish in {}: {}{}",
+        dir.display(),
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (name, verdict) = (w.next()?, w.next()?);
+            (name.contains("::") && w.next().is_none()).then(|| (name.into(), verdict.into()))
+        })
+        .collect()
+}
+
+/// A recognised POSIX conformance suite (pjdfstest, the Rust rewrite of FreeBSD's, from
+/// crates.io) against our server through /dev/fuse and against a host tmpfs in the same run:
+/// every case that passes on tmpfs must pass through our server.
+#[test]
+fn pjdfstest_passes_through_our_server_wherever_it_passes_on_tmpfs() {
+    let bin = pjdfstest_bin();
+    assert!(
+        bin.exists(),
+        "pjdfstest is not installed at {}: run ./x setup (it installs it with cargo install), \
+         or set MSB_PJDFSTEST",
+        bin.display()
+    );
+    let f = fixture(Config::default());
+    let tmpfs = f.share.with_extension("tmpfs");
+    std::fs::create_dir_all(&tmpfs).unwrap();
+    let t = std::ffi::CString::new(tmpfs.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            t.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"mode=0755".as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mounting a tmpfs: {}",
+        std::io::Error::last_os_error()
+    );
+    let reference = pjdfstest(&bin, &tmpfs);
+    // SAFETY: NUL-terminated path.
+    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_dir(&tmpfs);
+    let ours = pjdfstest(&bin, &f.mnt);
+    let count = |m: &std::collections::BTreeMap<String, String>, v: &str| {
+        m.values().filter(|x| *x == v).count()
+    };
+    for (name, m) in [("host tmpfs", &reference), ("msb FUSE server", &ours)] {
+        eprintln!(
+            "pjdfstest on {name}: {} passed, {} failed, {} skipped, {} total",
+            count(m, "ok"),
+            count(m, "FAILED"),
+            count(m, "skipped"),
+            m.len()
+        );
+    }
+    let regressions: Vec<&String> = reference
+        .iter()
+        .filter(|(name, v)| {
+            *v == "ok"
+                && ours.get(*name).map(String::as_str) != Some("ok")
+                && !PJDFSTEST_KNOWN.iter().any(|(k, _)| k == name)
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        regressions.is_empty(),
+        "pass on tmpfs, not through our server: {regressions:#?}"
+    );
+    assert!(count(&ours, "ok") >= 300, "suspiciously few cases ran");
+}
+
+/// The host swaps a directory in the share for a symlink to outside, over and over, while a
+/// client writes and reads through the mount: no lookup may follow the symlink on the host.
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_lookup_never_leads_outside() {
+    // The client resolves `d -> ../<base>.outside` beside its deeper mount point, where
+    // nothing exists; only a server that followed it on the host could reach the file.
+    let mut f = fixture_with_mountpoint(
+        Config {
+            cache: msb_devices::fs::passthrough::CachePolicy::None,
+            ..Default::default()
+        },
+        "deeper",
+    );
+    let outside = f.share.with_extension("outside");
+    let target = Path::new("..").join(outside.file_name().unwrap());
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    std::fs::create_dir(f.share.join("d")).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (share, target, stop) = (f.share.clone(), target.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = std::fs::rename(share.join("d"), share.join("real"));
+                let _ = std::os::unix::fs::symlink(&target, share.join("d"));
+                let _ = std::fs::remove_file(share.join("d"));
+                let _ = std::fs::rename(share.join("real"), share.join("d"));
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let mut leaked = 0;
+    for i in 0..20_000 {
+        let secret = f.mnt.join("d/secret");
+        if std::fs::read(&secret).is_ok_and(|b| b == b"host secret") {
+            leaked += 1;
+        }
+        let _ = std::fs::write(f.mnt.join(format!("d/pwned{}", i % 8)), b"x");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let _ = std::fs::remove_file(outside.join("secret"));
+    let left: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let _ = std::fs::remove_dir_all(&outside);
+    drop(f.mount.take());
+    let _ = std::fs::remove_dir_all(f.mnt.parent().unwrap());
+    assert!(swaps > 100, "the race hardly ran ({swaps} swaps)");
+    assert_eq!(leaked, 0, "read the host secret through the mount");
+    assert!(left.is_empty(), "created outside the share: {left:?}");
 }

@@ -45,14 +45,38 @@ pub mod cmdline {
     /// A mount msb-init makes. Paths are hex on the command line so any bytes survive it.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum MountSpec {
-        /// `virtiofs:TAG:HEXPATH:ro|rw`: a shared host directory.
+        /// `virtiofs:TAG:HEXPATH:ro|rw|overlay`: a shared host directory.
         Virtiofs {
             tag: String,
             path: Vec<u8>,
-            read_only: bool,
+            access: Access,
         },
         /// `tmpfs:SIZE:HEXPATH`: a tmpfs of at most SIZE bytes (0: the kernel's default).
         Tmpfs { size: u64, path: Vec<u8> },
+    }
+
+    /// How the guest may change a shared directory.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Access {
+        /// Writes reach the host directory.
+        ReadWrite,
+        /// No writes (the device refuses them too).
+        ReadOnly,
+        /// The share is mounted read-only under an overlay whose upper layer is a guest tmpfs:
+        /// the guest may change anything, the host directory never changes, and the changes
+        /// vanish with the sandbox. The default root file system is shared this way, so many
+        /// sandboxes can use one cached tree.
+        Overlay,
+    }
+
+    impl Access {
+        fn word(self) -> &'static str {
+            match self {
+                Access::ReadWrite => "rw",
+                Access::ReadOnly => "ro",
+                Access::Overlay => "overlay",
+            }
+        }
     }
 
     fn hex(b: &[u8]) -> String {
@@ -82,15 +106,9 @@ pub mod cmdline {
         /// The `msb.mount=` word for this mount.
         pub fn encode(&self) -> String {
             match self {
-                MountSpec::Virtiofs {
-                    tag,
-                    path,
-                    read_only,
-                } => format!(
-                    "{MOUNT}virtiofs:{tag}:{}:{}",
-                    hex(path),
-                    if *read_only { "ro" } else { "rw" }
-                ),
+                MountSpec::Virtiofs { tag, path, access } => {
+                    format!("{MOUNT}virtiofs:{tag}:{}:{}", hex(path), access.word())
+                }
                 MountSpec::Tmpfs { size, path } => format!("{MOUNT}tmpfs:{size}:{}", hex(path)),
             }
         }
@@ -102,9 +120,10 @@ pub mod cmdline {
                 ["virtiofs", tag, path, mode] if valid_tag(tag) => MountSpec::Virtiofs {
                     tag: tag.to_string(),
                     path: unhex(path)?,
-                    read_only: match *mode {
-                        "ro" => true,
-                        "rw" => false,
+                    access: match *mode {
+                        "ro" => Access::ReadOnly,
+                        "rw" => Access::ReadWrite,
+                        "overlay" => Access::Overlay,
                         _ => return None,
                     },
                 },
@@ -161,14 +180,24 @@ pub mod cmdline {
                 MountSpec::Virtiofs {
                     tag: "vol0".into(),
                     path: b"/data/with space/\xff\n".to_vec(),
-                    read_only: true,
+                    access: Access::ReadOnly,
+                },
+                MountSpec::Virtiofs {
+                    tag: "root".into(),
+                    path: b"/".to_vec(),
+                    access: Access::Overlay,
                 },
                 MountSpec::Tmpfs {
                     size: 64 << 20,
                     path: b"/scratch".to_vec(),
                 },
             ];
-            let line = format!("quiet {} {} x", specs[0].encode(), specs[1].encode());
+            let line = format!(
+                "quiet {} {} {} x",
+                specs[0].encode(),
+                specs[1].encode(),
+                specs[2].encode()
+            );
             let got: Vec<_> = MountSpec::all(&line)
                 .into_iter()
                 .map(Result::unwrap)

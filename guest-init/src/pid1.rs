@@ -26,11 +26,11 @@ pub fn main() {
     let cmdline = read_cmdline();
     let specs = cmdline::MountSpec::all(&cmdline);
     // A virtiofs mount at `/` is the root file system: move into it first, staying PID 1.
-    if let Some(Ok(cmdline::MountSpec::Virtiofs { tag, read_only, .. })) = specs
+    if let Some(Ok(cmdline::MountSpec::Virtiofs { tag, access, .. })) = specs
         .iter()
         .find(|s| matches!(s, Ok(cmdline::MountSpec::Virtiofs { path, .. }) if path == b"/"))
     {
-        if let Err(e) = switch_root(tag, *read_only) {
+        if let Err(e) = switch_root(tag, *access) {
             eprintln!("msb-init: cannot use the root file system {tag:?}: {e}");
             power_off();
         }
@@ -107,9 +107,8 @@ fn read_cmdline() -> String {
 
 /// Mounts the virtio-fs share `tag` and makes it `/` (as switch_root does: the initramfs
 /// stays underneath, unreachable; we keep running from memory).
-fn switch_root(tag: &str, read_only: bool) -> io::Result<()> {
-    let flags = if read_only { libc::MS_RDONLY } else { 0 };
-    mount(tag, "/newroot", "virtiofs", flags, "")?;
+fn switch_root(tag: &str, access: cmdline::Access) -> io::Result<()> {
+    mount_share(tag, "/newroot", access, 0)?;
     std::env::set_current_dir("/newroot")?;
     let (dot, root) = (cstr("."), cstr("/"));
     // SAFETY: NUL-terminated paths; MS_MOVE takes no fstype or data.
@@ -132,6 +131,50 @@ fn switch_root(tag: &str, read_only: bool) -> io::Result<()> {
     std::env::set_current_dir("/")
 }
 
+/// Mounts share `tag` at `target` (which exists). For [`cmdline::Access::Overlay`] the share
+/// goes read-only under `/.msb/TAG/lower` of the initramfs (out of reach once we have switched
+/// root) with a tmpfs for the upper layer, and an overlay of the two goes at `target`.
+fn mount_share(
+    tag: &str,
+    target: &str,
+    access: cmdline::Access,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    use cmdline::Access;
+    let ro = if access == Access::ReadWrite {
+        0
+    } else {
+        libc::MS_RDONLY
+    };
+    if access != Access::Overlay {
+        return mount(tag, target, "virtiofs", flags | ro, "");
+    }
+    // The layers live in the initramfs, which only PID 1 set-up touches.
+    let base = format!("/.msb/{tag}");
+    let (lower, rw) = (format!("{base}/lower"), format!("{base}/rw"));
+    mount(tag, &lower, "virtiofs", flags | ro, "")?;
+    mount("overlay-rw", &rw, "tmpfs", flags, "mode=0755")?;
+    let (upper, work) = (format!("{rw}/upper"), format!("{rw}/work"));
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    // The upper root takes the lower root's mode (a tmpfs root is 0755 root:root).
+    if let Ok(m) = std::fs::metadata(&lower) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::fs::set_permissions(
+            &upper,
+            std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
+        );
+        let _ = std::os::unix::fs::chown(&upper, Some(m.uid()), Some(m.gid()));
+    }
+    mount(
+        "overlay",
+        target,
+        "overlay",
+        flags,
+        &format!("lowerdir={lower},upperdir={upper},workdir={work}"),
+    )
+}
+
 /// Mounts a volume or tmpfs the VMM asked for.
 fn mount_spec(spec: &cmdline::MountSpec) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
@@ -139,9 +182,25 @@ fn mount_spec(spec: &cmdline::MountSpec) -> io::Result<()> {
         cmdline::MountSpec::Virtiofs {
             tag,
             path,
-            read_only,
+            access: cmdline::Access::Overlay,
         } => {
-            let ro = if *read_only { libc::MS_RDONLY } else { 0 };
+            let shown = String::from_utf8_lossy(path).into_owned();
+            let target = std::str::from_utf8(path)
+                .map_err(|_| io::Error::other(format!("overlay volume {shown:?}: not UTF-8")))?;
+            return mount_share(
+                tag,
+                target,
+                cmdline::Access::Overlay,
+                libc::MS_NOSUID | libc::MS_NODEV,
+            )
+            .map_err(|e| io::Error::new(e.kind(), format!("volume {shown:?}: {e}")));
+        }
+        cmdline::MountSpec::Virtiofs { tag, path, access } => {
+            let ro = if *access == cmdline::Access::ReadOnly {
+                libc::MS_RDONLY
+            } else {
+                0
+            };
             (tag.clone(), "virtiofs", path, ro, String::new())
         }
         cmdline::MountSpec::Tmpfs { size, path } => {

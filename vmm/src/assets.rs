@@ -44,3 +44,25 @@ pub fn busybox() -> PathBuf {
         PathBuf::from("/bin/busybox")
     }
 }
+
+/// The root file system a sandbox gets when none is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DefaultRoot {
+    /// The initramfs's busybox root (`MSB_ROOTFS=initramfs`).
+    Initramfs,
+    /// A host directory shared copy-on-write (see `SandboxBuilder::rootfs_overlay`).
+    Dir(PathBuf),
+}
+
+/// The word that selects the initramfs root in `--rootfs` and `$MSB_ROOTFS`.
+pub const INITRAMFS_ROOT: &str = "initramfs";
+
+/// The default root: `$MSB_ROOTFS` (a directory, or `initramfs`), else the Debian minbase
+/// tree that `rootfs/build.sh` (run by `./x setup`) caches at `<cache>/rootfs-debian`.
+pub fn default_root() -> DefaultRoot {
+    match std::env::var_os("MSB_ROOTFS") {
+        Some(v) if v == INITRAMFS_ROOT => DefaultRoot::Initramfs,
+        Some(v) => DefaultRoot::Dir(PathBuf::from(v)),
+        None => DefaultRoot::Dir(cache_dir().join("rootfs-debian")),
+    }
+}

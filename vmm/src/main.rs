@@ -82,9 +82,11 @@ struct VmArgs {
 /// File systems for a sandbox.
 #[derive(Args, Debug, Clone, Default)]
 struct MountArgs {
-    /// Host directory to boot as the guest's root file system (default: the initramfs's
-    /// busybox root).
-    #[arg(long, value_name = "DIR")]
+    /// Host directory to boot as the guest's root file system, shared read-write; or
+    /// `initramfs` for the small busybox root in memory (use ./initramfs for a directory of
+    /// that name). Default: $MSB_ROOTFS, else the Debian minbase tree `./x setup` builds,
+    /// shared copy-on-write (guest changes stay in guest memory and vanish with it).
+    #[arg(long, value_name = "DIR|initramfs")]
     rootfs: Option<PathBuf>,
     /// Mount host directory HOST at GUEST (repeatable); OPTS: ro, rw, cache=none|auto|always.
     #[arg(long = "volume", short = 'V', value_name = "HOST:GUEST[:OPTS]")]

@@ -30,7 +30,7 @@ use thiserror::Error;
 use std::sync::Arc;
 
 use msb_devices::fs::passthrough::{CachePolicy, Config as FsConfig, PassthroughFs};
-use msb_init::cmdline::MountSpec;
+use msb_init::cmdline::{Access, MountSpec};
 
 use crate::hypervisor::HypervisorError;
 use crate::initramfs::{self, InitramfsError};
@@ -101,7 +101,7 @@ pub struct SandboxBuilder {
     vm_timeout: Option<Duration>,
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
-    rootfs: Option<PathBuf>,
+    rootfs: Option<(PathBuf, Access)>,
 }
 
 /// A host directory mounted in the guest.
@@ -160,7 +160,15 @@ impl SandboxBuilder {
     /// Boots with host directory `dir` as the root file system (over virtio-fs; msb-init
     /// moves into it and stays PID 1). Without it the root is the initramfs's busybox.
     pub fn rootfs(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.rootfs = Some(dir.into());
+        self.rootfs = Some((dir.into(), Access::ReadWrite));
+        self
+    }
+
+    /// Boots with host directory `dir` as a copy-on-write root: the share is read-only and
+    /// the guest's changes go to an overlay in guest memory, lost when the sandbox ends. Many
+    /// sandboxes can share one such tree (the default root that setup builds is used so).
+    pub fn rootfs_overlay(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.rootfs = Some((dir.into(), Access::Overlay));
         self
     }
 
@@ -274,8 +282,12 @@ impl SandboxBuilder {
             b = b.vsock_uds(p);
         }
         let mut mounts = String::new();
-        if let Some(dir) = &self.rootfs {
-            let fs = PassthroughFs::new(dir, FsConfig::default())
+        if let Some((dir, access)) = &self.rootfs {
+            let config = FsConfig {
+                read_only: *access != Access::ReadWrite,
+                ..Default::default()
+            };
+            let fs = PassthroughFs::new(dir, config)
                 .map_err(|e| SandboxError::Share(format!("root file system: {e}")))?;
             b = b.share("root", Arc::new(fs));
             mounts.push(' ');
@@ -283,7 +295,7 @@ impl SandboxBuilder {
                 &MountSpec::Virtiofs {
                     tag: "root".into(),
                     path: b"/".to_vec(),
-                    read_only: false,
+                    access: *access,
                 }
                 .encode(),
             );
@@ -305,7 +317,11 @@ impl SandboxBuilder {
                 &MountSpec::Virtiofs {
                     tag,
                     path: v.guest.as_os_str().as_bytes().to_vec(),
-                    read_only: v.read_only,
+                    access: if v.read_only {
+                        Access::ReadOnly
+                    } else {
+                        Access::ReadWrite
+                    },
                 }
                 .encode(),
             );

@@ -136,3 +136,22 @@ fn stub_boot_succeeds_and_reports() {
     assert_eq!(r["exit_code"], 0);
     assert!(r["boot_time_us"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn missing_root_file_systems() {
+    let env = [
+        ("MSB_ALLOW_PVM", "1"),
+        ("MSB_ROOTFS", "/nonexistent/root"),
+        ("MSB_KERNEL", stub()),
+    ];
+    one_line_error(
+        &msb_vmm(&["run", "--", "true"], &env),
+        125,
+        "run ./x setup to build it",
+    );
+    one_line_error(
+        &msb_vmm(&["run", "--rootfs", "/nonexistent/dir", "--", "true"], &env),
+        125,
+        "--rootfs /nonexistent/dir",
+    );
+}

@@ -55,10 +55,30 @@ fn watchdog(test: &'static str) -> Watchdog {
     Watchdog(Some(tx))
 }
 
+/// `msb-vmm ARGS` on the small initramfs root: most tests exercise the VMM and the agent, and
+/// the busybox root boots fastest in the emulated L2 VM. The Debian root has its own tests.
 fn msb_vmm(args: &[&str]) -> Output {
     check_host();
     Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
         .args(args)
+        .env("MSB_ROOTFS", "initramfs")
+        .output()
+        .expect("msb-vmm runs")
+}
+
+/// `msb-vmm ARGS` with the default root (the Debian tree `./x setup` builds).
+fn msb_vmm_default_root(args: &[&str]) -> Output {
+    check_host();
+    if let msb_vmm::assets::DefaultRoot::Dir(d) = msb_vmm::assets::default_root() {
+        assert!(
+            d.is_dir(),
+            "no default root file system at {}: run `./x setup` first",
+            d.display()
+        );
+    }
+    Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+        .args(args)
+        .env_remove("MSB_ROOTFS")
         .output()
         .expect("msb-vmm runs")
 }
@@ -355,6 +375,7 @@ fn stdin_is_forwarded() {
     let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
         .args(["run", "--", "sh", "-c", "cat; echo done >&2"])
+        .env("MSB_ROOTFS", "initramfs")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -413,6 +434,7 @@ fn ctrl_c_reaches_the_command() {
     check_host();
     let mut child = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
         .args(["run", "--", "sh", "-c", "echo started; exec sleep 1000"])
+        .env("MSB_ROOTFS", "initramfs")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -443,6 +465,7 @@ fn msb_vmm_state(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
         .args(args)
         .env("MSB_STATE_DIR", state_dir())
+        .env("MSB_ROOTFS", "initramfs")
         .output()
         .expect("msb-vmm runs")
 }
@@ -714,5 +737,207 @@ fn a_host_directory_boots_as_the_root_file_system() {
         1,
         "{}",
         text(&bad.stderr)
+    );
+}
+
+/// The default root is the Debian minbase tree, shared copy-on-write: Debian's tools work,
+/// real workloads run on a volume (permissions, ownership by guest root, links, rename over,
+/// sparse files, mmap, fsync, a tarball checksummed against the host), a guest racing renames
+/// against symlinks reaches nothing outside, and the cached tree never changes.
+#[test]
+fn the_default_debian_root_runs_real_workloads_copy_on_write() {
+    let _w = watchdog("the_default_debian_root_runs_real_workloads_copy_on_write");
+    check_host();
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let base = std::env::temp_dir().join(format!("msb-e2e-debian-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let _cleanup = Cleanup(base.clone());
+    let (data, outside) = (base.join("data"), base.join("outside"));
+    std::fs::create_dir_all(data.join("src")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    // A tarball made on the host: 400 files; the guest extracts it and reports checksums.
+    let mut want = Vec::new();
+    for i in 0..400u32 {
+        let body: Vec<u8> = (0..(i * 97 % 5000)).map(|j| (j * 7 + i) as u8).collect();
+        let name = format!("f{i:03}");
+        std::fs::write(data.join("src").join(&name), &body).unwrap();
+        let sum: String = Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        want.push(format!("{sum}  ./{name}"));
+    }
+    let st = Command::new("tar")
+        .args(["-cf", "tree.tar", "-C", "src", "."])
+        .current_dir(&data)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(data.join("src")).unwrap();
+    let root = match msb_vmm::assets::default_root() {
+        msb_vmm::assets::DefaultRoot::Dir(d) => d,
+        _ => unreachable!("MSB_ROOTFS is not set by this test"),
+    };
+    let before = std::fs::read(root.join("etc/hostname")).unwrap_or_default();
+
+    let script = r#"
+set -euo pipefail
+echo "debian $(cat /etc/debian_version | cut -d. -f1)"
+dpkg-query -W -f='${Status}\n' coreutils bash apt
+apt-get --version | sed -n '1s/ .*//p'
+python3 -c 'print("python", 6 * 7)'
+# Copy-on-write root: changes land in guest memory only.
+echo changed > /etc/hostname && rm /usr/bin/sha1sum && [ ! -e /usr/bin/sha1sum ] && echo root-writable
+cd /data
+mkdir x && tar -xf tree.tar -C x && (cd x && sha256sum ./f* > ../sums) && echo extracted
+# A shell-heavy workload: word frequencies over the extracted names with bash and awk.
+n=0; for f in x/f*; do n=$((n + ${#f})); done; echo "name-bytes $n"
+echo a > perm && chmod 640 perm && stat -c 'perm %a' perm
+chown 1234:5678 perm && stat -c 'owner %u:%g' perm
+ln perm perm.hard && stat -c 'links %h' perm
+ln -s perm perm.sym && echo "sym $(readlink perm.sym) $(cat perm.sym)"
+echo old > over && echo new > over.tmp && mv -f over.tmp over && echo "over $(cat over)"
+truncate -s 1G sparse && echo tail >> sparse && echo "sparse $(stat -c %s sparse) $(du -k sparse | cut -f1)"
+python3 - <<'PY'
+import mmap, os, threading
+fd = os.open("/data/mm", os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, 8192)
+m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+m[4096:4101] = b"mmap!"
+m.flush()
+os.fsync(fd)
+with open("/data/mm", "rb") as f:
+    f.seek(4096)
+    print("mmap", f.read(5).decode())
+# Race: one thread swaps a directory for a symlink that, read on the host, would lead out
+# of the share; the other writes and reads through it. Nothing may reach the host's file.
+os.makedirs("/data/race/d")
+stop = False
+def swap():
+    while not stop:
+        try:
+            os.rename("/data/race/d", "/data/race/real")
+            os.symlink("../../outside", "/data/race/d")
+            os.unlink("/data/race/d")
+            os.rename("/data/race/real", "/data/race/d")
+        except OSError:
+            pass
+t = threading.Thread(target=swap)
+t.start()
+leaked = 0
+for i in range(300):
+    for p in ("/data/race/d/secret", "/data/race/d/pwned"):
+        try:
+            with open(p, "a+") as f:
+                f.seek(0)
+                if "host secret" in f.read():
+                    leaked += 1
+        except OSError:
+            pass
+stop = True
+t.join()
+print("race-leaks", leaked)
+PY
+"#;
+    let out = msb_vmm_default_root(&[
+        "run",
+        "--memory",
+        "256",
+        "-V",
+        &format!("{}:/data", data.display()),
+        "--",
+        "bash",
+        "-c",
+        script,
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want_line in [
+        "debian 12",
+        "install ok installed",
+        "apt",
+        "python 42",
+        "root-writable",
+        "extracted",
+        "perm 640",
+        "owner 1234:5678",
+        "links 2",
+        "sym perm a",
+        "over new",
+        "mmap mmap!",
+        "race-leaks 0",
+    ] {
+        assert!(
+            lines.contains(&want_line),
+            "missing {want_line:?} in {stdout}"
+        );
+    }
+    let sparse = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("sparse "))
+        .expect("sparse line");
+    let (size, kib) = sparse.split_once(' ').unwrap();
+    assert_eq!(size, "1073741829");
+    assert!(
+        kib.parse::<u64>().unwrap() < 1024,
+        "sparse file allocated {kib} KiB"
+    );
+    // The checksums the guest computed over what it extracted match the host's.
+    let mut got: Vec<String> = std::fs::read_to_string(data.join("sums"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    // Ownership set by guest root lives in the xattr; the host file keeps the server's user.
+    let perm = std::fs::metadata(data.join("perm")).unwrap();
+    assert_eq!(perm.uid(), unsafe_geteuid());
+    assert_eq!(
+        std::fs::read(data.join("mm")).unwrap()[4096..4101],
+        *b"mmap!"
+    );
+    // Nothing outside the share changed; the cached root did not either.
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["secret"]);
+    assert_eq!(
+        std::fs::read(outside.join("secret")).unwrap(),
+        b"host secret"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/hostname")).unwrap_or_default(),
+        before
+    );
+    assert!(root.join("usr/bin/sha1sum").exists());
+    // And the next sandbox starts from the pristine tree.
+    let again = msb_vmm_default_root(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "ls /usr/bin/sha1sum; cat /etc/hostname",
+    ]);
+    assert_eq!(
+        text(&again.stdout),
+        "/usr/bin/sha1sum\nmsb\n",
+        "{}",
+        text(&again.stderr)
     );
 }

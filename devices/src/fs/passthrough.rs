@@ -298,10 +298,13 @@ fn open_beneath(dirfd: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// One path component from the client: non-empty, at most 255 bytes, no `/`, not `.`/`..`.
+/// One path component from the client: non-empty, at most 255 bytes (else ENAMETOOLONG, as
+/// POSIX wants), no `/`, not `.`/`..`.
 fn component(name: &[u8]) -> Result<CString> {
-    if name.is_empty() || name.len() > 255 || name.contains(&b'/') || name == b"." || name == b".."
-    {
+    if name.len() > 255 {
+        return Err(libc::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
         return Err(libc::EINVAL);
     }
     CString::new(name).map_err(|_| libc::EINVAL)
@@ -1102,7 +1105,7 @@ impl PassthroughFs {
             // SAFETY: `fd` is open for the duration of this call.
             check(unsafe { libc::ftruncate64(fd, size as i64) })?;
         }
-        if valid & (fattr::ATIME | fattr::MTIME) != 0 && ino.kind != libc::S_IFLNK {
+        if valid & (fattr::ATIME | fattr::MTIME) != 0 {
             let ts = |set: bool, now: bool, s: u64, ns: u32| libc::timespec {
                 tv_sec: if set { s as i64 } else { 0 },
                 tv_nsec: if !set {
@@ -1127,11 +1130,24 @@ impl PassthroughFs {
                     mtimensec,
                 ),
             ];
-            let name = Self::proc_name(ino.fd.as_raw_fd());
-            // SAFETY: valid NUL-terminated name and a two-element timespec array.
-            check(unsafe {
-                libc::utimensat(self.proc_fd.as_raw_fd(), name.as_ptr(), times.as_ptr(), 0)
-            })?;
+            if ino.kind == libc::S_IFLNK {
+                // The link itself (lutimes): through /proc the link would be followed.
+                // SAFETY: the empty path names the O_PATH fd; a two-element timespec array.
+                check(unsafe {
+                    libc::utimensat(
+                        ino.fd.as_raw_fd(),
+                        c"".as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                })?;
+            } else {
+                let name = Self::proc_name(ino.fd.as_raw_fd());
+                // SAFETY: valid NUL-terminated name and a two-element timespec array.
+                check(unsafe {
+                    libc::utimensat(self.proc_fd.as_raw_fd(), name.as_ptr(), times.as_ptr(), 0)
+                })?;
+            }
         }
         self.getattr(id)
     }

@@ -170,8 +170,14 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     for t in &a.mounts.tmpfs {
         cmd.arg("--tmpfs").arg(t);
     }
-    if let Some(r) = &a.mounts.rootfs {
-        cmd.arg("--rootfs").arg(std::fs::canonicalize(r)?);
+    match &a.mounts.rootfs {
+        Some(r) if r.as_os_str() == msb_vmm::assets::INITRAMFS_ROOT => {
+            cmd.arg("--rootfs").arg(r);
+        }
+        Some(r) => {
+            cmd.arg("--rootfs").arg(std::fs::canonicalize(r)?);
+        }
+        None => {}
     }
     if let Some(h) = &a.hostname {
         cmd.arg("--hostname").arg(h);

@@ -371,13 +371,28 @@ pub fn with_mounts(
     mut b: msb_vmm::sandbox::SandboxBuilder,
     m: &crate::MountArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
-    if let Some(dir) = &m.rootfs {
-        let abs = std::fs::canonicalize(dir)
-            .map_err(|e| anyhow::anyhow!("--rootfs {}: {e}", dir.display()))?;
-        if !abs.is_dir() {
-            anyhow::bail!("--rootfs {}: not a directory", dir.display());
+    use msb_vmm::assets::{default_root, DefaultRoot, INITRAMFS_ROOT};
+    match &m.rootfs {
+        Some(word) if word.as_os_str() == INITRAMFS_ROOT => {}
+        Some(dir) => {
+            let abs = std::fs::canonicalize(dir)
+                .map_err(|e| anyhow::anyhow!("--rootfs {}: {e}", dir.display()))?;
+            if !abs.is_dir() {
+                anyhow::bail!("--rootfs {}: not a directory", dir.display());
+            }
+            b = b.rootfs(abs);
         }
-        b = b.rootfs(abs);
+        None => match default_root() {
+            DefaultRoot::Initramfs => {}
+            DefaultRoot::Dir(dir) => match std::fs::canonicalize(&dir) {
+                Ok(abs) if abs.is_dir() => b = b.rootfs_overlay(abs),
+                _ => anyhow::bail!(
+                    "no default root file system at {}: run ./x setup to build it (a Debian \
+                     minbase), or pass --rootfs DIR or --rootfs initramfs",
+                    dir.display()
+                ),
+            },
+        },
     }
     for spec in &m.volumes {
         let mut v = msb_vmm::sandbox::Volume::parse(spec)?;
