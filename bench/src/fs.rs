@@ -83,7 +83,14 @@ fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", b"3");
 }
 
-fn measure(dir: &Path, a: &FsArgs, tarball: &Path, m: &mut Metrics) -> Result<()> {
+/// `fs`: our server behind `dir`, whose request counts are reported for the tar run.
+fn measure(
+    dir: &Path,
+    a: &FsArgs,
+    tarball: &Path,
+    m: &mut Metrics,
+    fs: Option<&PassthroughFs>,
+) -> Result<()> {
     let chunk = vec![0x5au8; 1 << 20];
     let file = dir.join("seq.bin");
     // Sequential write, fsync included.
@@ -152,6 +159,7 @@ fn measure(dir: &Path, a: &FsArgs, tarball: &Path, m: &mut Metrics) -> Result<()
     // tar x of a tree of many small files and a few big ones.
     let x_dir = dir.join("tree");
     std::fs::create_dir_all(&x_dir)?;
+    let before = fs.map(PassthroughFs::request_counts).unwrap_or_default();
     let t = Instant::now();
     let ok = Command::new("tar")
         .arg("-xf")
@@ -166,9 +174,29 @@ fn measure(dir: &Path, a: &FsArgs, tarball: &Path, m: &mut Metrics) -> Result<()
     if !ok {
         bail!("tar -x into {} failed", x_dir.display());
     }
+    if let Some(fs) = fs {
+        // Where the time goes: small-file workloads are bound by request round trips.
+        let mut total = 0;
+        let by_op: Vec<String> = fs
+            .request_counts()
+            .into_iter()
+            .filter_map(|(op, n)| {
+                let was = before.iter().find(|(o, _)| *o == op).map_or(0, |(_, b)| *b);
+                total += n - was;
+                (n > was).then(|| format!("{op} {}", n - was))
+            })
+            .collect();
+        eprintln!(
+            "  tar x through our server: {total} requests for {TAR_FILES} files ({})",
+            by_op.join(", ")
+        );
+    }
     std::fs::remove_dir_all(&x_dir)?;
     Ok(())
 }
+
+/// Files in the benchmark tarball.
+const TAR_FILES: usize = 40 * 100 + 8;
 
 /// A tarball of 4000 small files in 40 directories plus 8 files of 4 MiB.
 fn make_tarball(scratch: &Path) -> Result<PathBuf> {
@@ -279,13 +307,13 @@ pub fn run(a: FsArgs) -> Result<()> {
                 ..Default::default()
             },
         )?);
-        let mount = FuseMount::mount(fs, &mnt, 2).context("mounting through /dev/fuse")?;
+        let mount = FuseMount::mount(fs.clone(), &mnt, 2).context("mounting through /dev/fuse")?;
         let (mut host, mut fuse) = (Metrics::default(), Metrics::default());
         for run in 0..a.runs {
             eprintln!("run {}/{}: host directory", run + 1, a.runs);
-            measure(&host_dir, &a, &tarball, &mut host)?;
+            measure(&host_dir, &a, &tarball, &mut host, None)?;
             eprintln!("run {}/{}: our server via /dev/fuse", run + 1, a.runs);
-            measure(&mnt, &a, &tarball, &mut fuse)?;
+            measure(&mnt, &a, &tarball, &mut fuse, Some(&fs))?;
         }
         drop(mount);
         let mut sandbox = Metrics::default();

@@ -67,6 +67,55 @@ pub mod op {
     pub const LSEEK: u32 = 46;
     pub const COPY_FILE_RANGE: u32 = 47;
     pub const SYNCFS: u32 = 50;
+
+    /// The request's name, for statistics and logs.
+    pub fn name(op: u32) -> &'static str {
+        match op {
+            LOOKUP => "LOOKUP",
+            FORGET => "FORGET",
+            GETATTR => "GETATTR",
+            SETATTR => "SETATTR",
+            READLINK => "READLINK",
+            SYMLINK => "SYMLINK",
+            MKNOD => "MKNOD",
+            MKDIR => "MKDIR",
+            UNLINK => "UNLINK",
+            RMDIR => "RMDIR",
+            RENAME => "RENAME",
+            LINK => "LINK",
+            OPEN => "OPEN",
+            READ => "READ",
+            WRITE => "WRITE",
+            STATFS => "STATFS",
+            RELEASE => "RELEASE",
+            FSYNC => "FSYNC",
+            SETXATTR => "SETXATTR",
+            GETXATTR => "GETXATTR",
+            LISTXATTR => "LISTXATTR",
+            REMOVEXATTR => "REMOVEXATTR",
+            FLUSH => "FLUSH",
+            INIT => "INIT",
+            OPENDIR => "OPENDIR",
+            READDIR => "READDIR",
+            RELEASEDIR => "RELEASEDIR",
+            FSYNCDIR => "FSYNCDIR",
+            GETLK => "GETLK",
+            SETLK => "SETLK",
+            SETLKW => "SETLKW",
+            ACCESS => "ACCESS",
+            CREATE => "CREATE",
+            INTERRUPT => "INTERRUPT",
+            DESTROY => "DESTROY",
+            BATCH_FORGET => "BATCH_FORGET",
+            FALLOCATE => "FALLOCATE",
+            READDIRPLUS => "READDIRPLUS",
+            RENAME2 => "RENAME2",
+            LSEEK => "LSEEK",
+            COPY_FILE_RANGE => "COPY_FILE_RANGE",
+            SYNCFS => "SYNCFS",
+            _ => "other",
+        }
+    }
 }
 
 /// INIT flags.
@@ -80,7 +129,15 @@ pub mod init {
     pub const PARALLEL_DIROPS: u64 = 1 << 18;
     pub const MAX_PAGES: u64 = 1 << 22;
     pub const CACHE_SYMLINKS: u64 = 1 << 23;
+    /// The server clears setuid/setgid on write, truncate and chown when the flags below ask
+    /// (so the client needs no GETATTR before each chown nor an xattr probe per write).
+    pub const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
 }
+
+/// WRITE `write_flags`: kill setuid/setgid (the writer lacks CAP_FSETID).
+pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+/// OPEN/CREATE `open_flags`: kill setuid/setgid (O_TRUNC by a caller without CAP_FSETID).
+pub const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// SETATTR `valid` bits.
 pub mod fattr {
@@ -94,6 +151,7 @@ pub mod fattr {
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
     pub const CTIME: u32 = 1 << 10;
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
 
 /// OPEN reply flags.

@@ -32,6 +32,10 @@ pub const OVERRIDE_XATTR: &str = "user.msb.stat";
 const OVERRIDE_XATTR_C: &CStr = c"user.msb.stat";
 /// Prefix of our own attributes, hidden from clients.
 const PRIVATE_XATTR_PREFIX: &[u8] = b"user.msb.";
+/// A client's extended attributes outside `user.` are stored on the host as `user.msb.x.NAME`:
+/// a guest's `security.capability`, `trusted.*` or POSIX ACL must never take effect on the
+/// host (file capabilities set in a sandbox would otherwise arm a host binary).
+const MAPPED_XATTR_PREFIX: &[u8] = b"user.msb.x.";
 
 /// Largest READ/WRITE payload we negotiate (and accept).
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -212,6 +216,8 @@ pub struct PassthroughFs {
     initialized: AtomicBool,
     /// The share's filesystem has no user xattrs: ownership changes and special files fail.
     no_xattrs: AtomicBool,
+    /// Requests served, by opcode (`request_counts`).
+    op_counts: [AtomicU64; 64],
 }
 
 impl std::fmt::Debug for PassthroughFs {
@@ -391,6 +397,7 @@ impl PassthroughFs {
             egid,
             initialized: AtomicBool::new(false),
             no_xattrs: AtomicBool::new(false),
+            op_counts: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
 
@@ -402,6 +409,18 @@ impl PassthroughFs {
     /// Open file and directory handles.
     pub fn handle_count(&self) -> usize {
         lock(&self.handles).len()
+    }
+
+    /// Requests served so far by opcode (only opcodes seen), for benches and diagnostics.
+    pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
+        self.op_counts
+            .iter()
+            .enumerate()
+            .filter_map(|(op, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then(|| (abi::op::name(op as u32), n))
+            })
+            .collect()
     }
 
     /// Handles one request; returns the reply, or `None` for requests that get none
@@ -425,6 +444,9 @@ impl PassthroughFs {
             return Some(abi::reply(h.unique, -libc::EINVAL, &[]));
         }
         let mut r = Reader::new(&req[abi::IN_HEADER_LEN..h.len as usize]);
+        if let Some(n) = self.op_counts.get(h.opcode as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         match h.opcode {
             op::FORGET => {
                 if let Ok(n) = r.u64() {
@@ -542,7 +564,8 @@ impl PassthroughFs {
             }
             op::OPEN => {
                 let flags = r.u32().map_err(bad)?;
-                self.open(h.nodeid, flags as i32)
+                let open_flags = r.u32().unwrap_or(0);
+                self.open(h.nodeid, flags as i32, open_flags)
             }
             op::READ => {
                 let fh = r.u64().map_err(bad)?;
@@ -554,9 +577,14 @@ impl PassthroughFs {
                 let fh = r.u64().map_err(bad)?;
                 let off = r.u64().map_err(bad)?;
                 let size = r.u32().map_err(bad)?;
-                r.skip(20).map_err(bad)?;
+                let write_flags = r.u32().map_err(bad)?;
+                r.skip(16).map_err(bad)?;
                 let data = r.bytes(size as usize).map_err(bad)?;
-                self.write(fh, off, data)
+                let reply = self.write(fh, off, data)?;
+                if write_flags & abi::WRITE_KILL_SUIDGID != 0 {
+                    self.kill_suidgid(&*self.inode(h.nodeid)?)?;
+                }
+                Ok(reply)
             }
             op::STATFS => self.statfs(h.nodeid),
             op::RELEASE | op::RELEASEDIR => {
@@ -622,9 +650,10 @@ impl PassthroughFs {
             op::CREATE => {
                 let flags = r.u32().map_err(bad)?;
                 let mode = r.u32().map_err(bad)?;
-                r.skip(8).map_err(bad)?;
+                r.skip(4).map_err(bad)?;
+                let open_flags = r.u32().map_err(bad)?;
                 let name = r.cstr().map_err(bad)?;
-                self.create(h, name, flags as i32, mode)
+                self.create(h, name, flags as i32, mode, open_flags)
             }
             op::FALLOCATE => {
                 let fh = r.u64().map_err(bad)?;
@@ -709,7 +738,8 @@ impl PassthroughFs {
             | init::DO_READDIRPLUS
             | init::READDIRPLUS_AUTO
             | init::PARALLEL_DIROPS
-            | init::MAX_PAGES;
+            | init::MAX_PAGES
+            | init::HANDLE_KILLPRIV_V2;
         if self.cfg.cache != CachePolicy::None {
             want |= init::CACHE_SYMLINKS;
         }
@@ -965,6 +995,18 @@ impl PassthroughFs {
         Ok(())
     }
 
+    fn remove_override(&self, ino: &Inode) -> Result<()> {
+        let path = self.proc_path(ino);
+        // SAFETY: valid NUL-terminated strings.
+        let r = unsafe { libc::removexattr(path.as_ptr(), OVERRIDE_XATTR_C.as_ptr()) };
+        if r < 0 && errno() != libc::ENODATA {
+            *lock(&ino.ov) = None;
+            return Err(errno());
+        }
+        *lock(&ino.ov) = Some(None);
+        Ok(())
+    }
+
     fn proc_path(&self, ino: &Inode) -> CString {
         CString::new(format!("/proc/self/fd/{}", ino.fd.as_raw_fd())).expect("no NUL")
     }
@@ -1076,14 +1118,41 @@ impl PassthroughFs {
             if valid & fattr::GID != 0 {
                 ov.gid = gid;
             }
-            // A file without the attribute whose new view is what the host already shows
-            // (tar restoring 0644 on a file it just made) needs no write.
+            // Plain permission bits are mirrored on the host file where that is harmless
+            // (never setuid, setgid or sticky, never writable by group or others, always the
+            // owner's read-write), so the common chmod (tar restoring 0644 or 0755 on a file
+            // it made) needs no xattr. A host file we may not chmod keeps its bits.
+            let mut st = st;
+            if valid & fattr::MODE != 0 && matches!(ino.kind, libc::S_IFREG | libc::S_IFDIR) {
+                let owner = if ino.kind == libc::S_IFDIR {
+                    0o700
+                } else {
+                    0o600
+                };
+                let host = (ov.mode & 0o755) | owner;
+                if st.st_mode & 0o7777 != host {
+                    let name = Self::proc_name(ino.fd.as_raw_fd());
+                    // SAFETY: NUL-terminated name relative to our /proc/self/fd.
+                    let r =
+                        unsafe { libc::fchmodat(self.proc_fd.as_raw_fd(), name.as_ptr(), host, 0) };
+                    if r == 0 {
+                        st.st_mode = (st.st_mode & libc::S_IFMT) | host;
+                    }
+                }
+            }
+            // When the host file already shows the new view, no attribute is needed (and a
+            // stale one goes).
             let plain = self.host_view(&st);
-            let unchanged_plain = self.read_override(&ino).is_none()
-                && (plain.uid, plain.gid, plain.mode) == (ov.uid, ov.gid, ov.mode);
-            if !unchanged_plain {
+            if (plain.uid, plain.gid, plain.mode) == (ov.uid, ov.gid, ov.mode) {
+                if self.read_override(&ino).is_some() {
+                    self.remove_override(&ino)?;
+                }
+            } else {
                 self.write_override(&ino, &ov)?;
             }
+        }
+        if valid & fattr::KILL_SUIDGID != 0 {
+            self.kill_suidgid(&ino)?;
         }
         if valid & fattr::SIZE != 0 {
             if ino.kind != libc::S_IFREG {
@@ -1383,7 +1452,7 @@ impl PassthroughFs {
         w.buf
     }
 
-    fn open(&self, id: u64, flags: i32) -> Result<Vec<u8>> {
+    fn open(&self, id: u64, flags: i32, open_flags: u32) -> Result<Vec<u8>> {
         let ino = self.inode(id)?;
         match ino.kind {
             libc::S_IFREG => {}
@@ -1393,19 +1462,82 @@ impl PassthroughFs {
         }
         let flags = self.open_flags(flags)?;
         let f = self.reopen(&ino, flags)?;
+        if open_flags & abi::OPEN_KILL_SUIDGID != 0 {
+            self.kill_suidgid(&ino)?;
+        }
         let fh = self.add_handle(Handle::File(f))?;
         Ok(self.open_reply(fh))
     }
 
-    fn create(&self, h: &InHeader, name: &[u8], flags: i32, mode: u32) -> Result<Vec<u8>> {
+    /// What the VFS does on write, truncate or chown by a caller without CAP_FSETID (we
+    /// negotiate FUSE_HANDLE_KILLPRIV_V2, so the client leaves it to us): setuid goes, and
+    /// setgid too when the file is group-executable (otherwise it marks mandatory locking).
+    fn kill_suidgid(&self, ino: &Inode) -> Result<()> {
+        if ino.kind != libc::S_IFREG {
+            return Ok(());
+        }
+        let st = fstat(ino.fd.as_raw_fd())?;
+        let cur = self.attr(ino, &st);
+        let mut mode = cur.mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode == cur.mode {
+            return Ok(());
+        }
+        self.write_override(
+            ino,
+            &Override {
+                uid: cur.uid,
+                gid: cur.gid,
+                mode,
+                rdev: cur.rdev,
+            },
+        )
+    }
+
+    fn create(
+        &self,
+        h: &InHeader,
+        name: &[u8],
+        flags: i32,
+        mode: u32,
+        open_flags: u32,
+    ) -> Result<Vec<u8>> {
         let name = component(name)?;
         let parent = self.inode(h.nodeid)?;
-        let oflags = self.open_flags(flags)? | libc::O_CREAT | (flags & libc::O_EXCL);
+        let oflags = self.open_flags(flags)? | libc::O_CREAT;
         // The client's permission bits (never setuid/setgid/sticky), always owner-writable.
         let host_mode = (mode & 0o777) | 0o600;
         // O_NOFOLLOW (added by open_beneath): a symlink planted under this name is an error,
-        // never a file created wherever it points.
-        let fd = open_beneath(parent.fd.as_raw_fd(), &name, oflags, host_mode)?;
+        // never a file created wherever it points. O_EXCL always: a file that already exists
+        // (made by the host since the client last looked) is opened as it is, never given
+        // the creator's ownership, and never removed if something fails.
+        let fd = match open_beneath(
+            parent.fd.as_raw_fd(),
+            &name,
+            oflags | libc::O_EXCL,
+            host_mode,
+        ) {
+            Ok(fd) => fd,
+            Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => {
+                let fd = open_beneath(parent.fd.as_raw_fd(), &name, oflags & !libc::O_CREAT, 0)?;
+                let entry = self.lookup(h.nodeid, name.as_bytes())?;
+                let ino = self.inode(entry.nodeid)?;
+                if ino.kind != libc::S_IFREG {
+                    self.forget(entry.nodeid, 1);
+                    return Err(libc::EISDIR);
+                }
+                if open_flags & abi::OPEN_KILL_SUIDGID != 0 {
+                    self.kill_suidgid(&ino)?;
+                }
+                let fh = self.add_handle(Handle::File(File::from(fd)))?;
+                let mut body = entry_body(&entry);
+                body.extend(self.open_reply(fh));
+                return Ok(body);
+            }
+            Err(e) => return Err(e),
+        };
         let file = File::from(fd);
         let (gid, _) = self.new_gid(&parent, h)?;
         let ov = Override {
@@ -1494,6 +1626,7 @@ impl PassthroughFs {
         Ok(w.buf)
     }
 
+    /// The host name of the client's attribute `name` (see [`MAPPED_XATTR_PREFIX`]).
     fn xattr_name(name: &[u8]) -> Result<CString> {
         if name.starts_with(PRIVATE_XATTR_PREFIX) {
             return Err(libc::EPERM);
@@ -1501,7 +1634,15 @@ impl PassthroughFs {
         if name.is_empty() || name.len() > 255 {
             return Err(libc::ERANGE);
         }
-        CString::new(name).map_err(|_| libc::EINVAL)
+        let host = if name.starts_with(b"user.") {
+            name.to_vec()
+        } else {
+            [MAPPED_XATTR_PREFIX, name].concat()
+        };
+        if host.len() > 255 {
+            return Err(libc::ERANGE);
+        }
+        CString::new(host).map_err(|_| libc::EINVAL)
     }
 
     fn setxattr(&self, id: u64, name: &[u8], value: &[u8], flags: i32) -> Result<Vec<u8>> {
@@ -1553,11 +1694,18 @@ impl PassthroughFs {
             return Err(errno());
         }
         buf.truncate(n as usize);
-        let list: Vec<u8> = buf
-            .split(|&b| b == 0)
-            .filter(|n| !n.is_empty() && !n.starts_with(PRIVATE_XATTR_PREFIX))
-            .flat_map(|n| n.iter().copied().chain([0]))
-            .collect();
+        // The client's names: ours mapped back, our own hidden, and the host's attributes
+        // outside `user.` (which the client could not read) left out.
+        let list: Vec<u8> =
+            buf.split(|&b| b == 0)
+                .filter_map(|n| match n.strip_prefix(MAPPED_XATTR_PREFIX) {
+                    Some(orig) if !orig.starts_with(b"user.") => Some(orig),
+                    Some(_) => None,
+                    None => (n.starts_with(b"user.") && !n.starts_with(PRIVATE_XATTR_PREFIX))
+                        .then_some(n),
+                })
+                .flat_map(|n| n.iter().copied().chain([0]))
+                .collect();
         size_or_data(list, size)
     }
 

@@ -396,6 +396,40 @@ fn special_files_and_ownership_live_in_the_xattr() {
     let (e, list) = t.call(op::LISTXATTR, f, &w.buf);
     assert_eq!(e, 0);
     assert!(!list.windows(8).any(|x| x == b"user.msb"), "{list:?}");
+    // A client's file capability (or any attribute outside `user.`) is stored under our
+    // prefix: it reads back in the client and never arms the host file.
+    let cap = [
+        1u8, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let mut w = Writer::default();
+    w.u32(cap.len() as u32)
+        .u32(0)
+        .bytes(b"security.capability\0")
+        .bytes(&cap);
+    assert_eq!(t.call(op::SETXATTR, f, &w.buf).0, 0);
+    let host = CString::new(t.share.join("su").as_os_str().as_bytes()).unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: NUL-terminated strings, a buffer of the length passed.
+    let n = unsafe {
+        libc::getxattr(
+            host.as_ptr(),
+            c"security.capability".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert_eq!(n, -1, "the host file has no capability");
+    let mut w = Writer::default();
+    w.u32(64).u32(0).bytes(b"security.capability\0");
+    let (e, got) = t.call(op::GETXATTR, f, &w.buf);
+    assert_eq!((e, &got[..]), (0, &cap[..]));
+    let mut w = Writer::default();
+    w.u32(4096).u32(0);
+    let (_, list) = t.call(op::LISTXATTR, f, &w.buf);
+    assert_eq!(list, b"security.capability\0");
+    let mut w = Writer::default();
+    w.u32(1).u32(0).bytes(b"user.msb.x.trusted.a\0").bytes(b"x");
+    assert_eq!(t.call(op::SETXATTR, f, &w.buf).0, libc::EPERM);
 
     // A fifo on the host is never opened (it would block or reach another process).
     let fifo = CString::new(t.share.join("fifo").as_os_str().as_bytes()).unwrap();
@@ -610,4 +644,119 @@ fn missing_names_are_cacheable_negative_entries_unless_caching_is_off() {
         ..Default::default()
     });
     assert_eq!(t.call(op::LOOKUP, 1, &cname("missing")).0, libc::ENOENT);
+}
+
+fn attr_mode(reply: &[u8]) -> u32 {
+    u32::from_le_bytes(reply[16 + 60..16 + 64].try_into().unwrap())
+}
+
+#[test]
+fn writes_and_chown_kill_setuid_as_the_vfs_would() {
+    let t = T::new(Config::default());
+    let (f, fh) = t.create(1, "tool", libc::O_RDWR, 0o755).unwrap();
+    let (e, b) = t.setattr_mode_uid(f, Some(0o6755), None);
+    assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o6755));
+    // A write that asks for it (the writer lacks CAP_FSETID) drops setuid and, as the file
+    // is group-executable, setgid.
+    let mut w = Writer::default();
+    w.u64(fh)
+        .u64(0)
+        .u32(2)
+        .u32(abi::WRITE_KILL_SUIDGID)
+        .u64(0)
+        .u32(0)
+        .u32(0)
+        .bytes(b"hi");
+    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    let (e, b) = t.call(op::GETATTR, f, &[0; 16]);
+    assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o755));
+    // A write without the flag (root's) keeps them.
+    t.setattr_mode_uid(f, Some(0o4755), None);
+    let mut w = Writer::default();
+    w.u64(fh)
+        .u64(0)
+        .u32(2)
+        .u32(0)
+        .u64(0)
+        .u32(0)
+        .u32(0)
+        .bytes(b"hi");
+    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    let (_, b) = t.call(op::GETATTR, f, &[0; 16]);
+    assert_eq!(attr_mode(&b), libc::S_IFREG | 0o4755);
+    // SETATTR with FATTR_KILL_SUIDGID (a chown) drops it.
+    let mut w = Writer::default();
+    w.u32(fattr::UID | fattr::KILL_SUIDGID)
+        .u32(0)
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        .u64(0);
+    w.u32(0).u32(0).u32(0).u32(0).u32(0).u32(7).u32(0).u32(0);
+    let (e, b) = t.call(op::SETATTR, f, &w.buf);
+    assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o755));
+    // An OPEN with O_TRUNC that asks for it as well.
+    t.setattr_mode_uid(f, Some(0o4755), None);
+    let mut w = Writer::default();
+    w.u32(libc::O_WRONLY as u32 | libc::O_TRUNC as u32)
+        .u32(abi::OPEN_KILL_SUIDGID);
+    assert_eq!(t.call(op::OPEN, f, &w.buf).0, 0);
+    let (_, b) = t.call(op::GETATTR, f, &[0; 16]);
+    assert_eq!(attr_mode(&b), libc::S_IFREG | 0o755);
+}
+
+#[test]
+fn plain_chmods_stay_on_the_host_file_and_create_keeps_existing_files() {
+    let t = T::new(Config::default());
+    let (f, _) = t.create(1, "script", libc::O_WRONLY, 0o600).unwrap();
+    let (e, b) = t.setattr_mode_uid(f, Some(0o755), None);
+    assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o755));
+    let host = std::fs::metadata(t.share.join("script")).unwrap();
+    assert_eq!(host.mode() & 0o7777, 0o755, "mirrored on the host");
+    assert!(!has_xattr(&t.share.join("script")), "no attribute needed");
+    // Group-writable is a guest-only view: the host file never becomes writable by others.
+    let (_, b) = t.setattr_mode_uid(f, Some(0o775), None);
+    assert_eq!(attr_mode(&b), libc::S_IFREG | 0o775);
+    let host = std::fs::metadata(t.share.join("script")).unwrap();
+    assert_eq!(host.mode() & 0o7777, 0o755);
+    assert_eq!(xattr(&t.share.join("script")), b"0:0:0100775");
+    // Back to a plain mode: the attribute goes.
+    t.setattr_mode_uid(f, Some(0o644), None);
+    assert!(!has_xattr(&t.share.join("script")));
+    // CREATE without O_EXCL on a file the host made meanwhile opens it as it is: its
+    // ownership is not the creator's and a failure could never remove it.
+    std::fs::write(t.share.join("hostfile"), b"keep").unwrap();
+    let mut w = Writer::default();
+    w.u32(libc::O_WRONLY as u32)
+        .u32(0o600)
+        .u32(0)
+        .u32(0)
+        .bytes(&cname("hostfile"));
+    let (e, b) = t.call(op::CREATE, 1, &w.buf);
+    assert_eq!(e, 0);
+    assert_eq!(parse_entry(&b).1.mode & 0o777, 0o644);
+    assert!(!has_xattr(&t.share.join("hostfile")));
+    assert_eq!(std::fs::read(t.share.join("hostfile")).unwrap(), b"keep");
+    let mut w = Writer::default();
+    w.u32((libc::O_WRONLY | libc::O_EXCL) as u32)
+        .u32(0o600)
+        .u32(0)
+        .u32(0)
+        .bytes(&cname("hostfile"));
+    assert_eq!(t.call(op::CREATE, 1, &w.buf).0, libc::EEXIST);
+}
+
+fn has_xattr(p: &Path) -> bool {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid strings; a zero-length query.
+    unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            OVERRIDE_XATTR_C.as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        ) >= 0
+    }
 }
