@@ -1,0 +1,249 @@
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn rule(s: &str) -> Rule {
+    Rule::parse(Action::Allow, s, s).unwrap()
+}
+
+fn flow<'a>(proto: Proto, ip_: &str, port: u16, names: &'a [&'a str]) -> Flow<'a> {
+    Flow {
+        proto,
+        ip: ip(ip_),
+        port: Some(port),
+        names,
+    }
+}
+
+#[test]
+fn rules_parse_every_destination_kind() {
+    let r = rule("tcp:*.github.com:443");
+    assert_eq!(
+        (r.proto, &r.dest, r.ports),
+        (
+            Proto::Tcp,
+            &Dest::Suffix("github.com".into()),
+            Some(Ports { lo: 443, hi: 443 })
+        )
+    );
+    assert_eq!(
+        rule("10.0.0.0/8").dest,
+        Dest::Cidr(Cidr::parse("10.0.0.0/8").unwrap())
+    );
+    let r = rule("udp:1.1.1.1:53");
+    assert_eq!((r.proto, r.ports.unwrap().lo), (Proto::Udp, 53));
+    assert_eq!(rule("host:8080").dest, Dest::Group(Group::Host));
+    assert_eq!(rule("metadata").dest, Dest::Group(Group::Metadata));
+    assert_eq!(rule("any").dest, Dest::Any);
+    assert_eq!(rule("*:80").dest, Dest::Any);
+    assert_eq!(
+        rule("Example.COM.").dest,
+        Dest::Domain("example.com".into())
+    );
+    assert_eq!(
+        rule("bücher.de").dest,
+        Dest::Domain("xn--bcher-kva.de".into())
+    );
+    assert_eq!(rule("2001:db8::1").ports, None);
+    assert_eq!(rule("2001:db8::/32").ports, None);
+    assert_eq!(rule("fd00:1:2:3:4:5:6:7/64").ports, None);
+    let r = rule("tcp:[2001:db8::1]:8000-9000");
+    assert_eq!(r.ports, Some(Ports { lo: 8000, hi: 9000 }));
+    assert_eq!(r.dest, Dest::Cidr(Cidr::parse("2001:db8::1/128").unwrap()));
+    assert_eq!(rule("icmp:8.8.8.8").proto, Proto::Icmp);
+    for bad in [
+        "",
+        "tcp:",
+        "tcp:example.com:0-",
+        "tcp:example.com:99999",
+        "tcp:example.com:9-1",
+        "icmp:8.8.8.8:1",
+        "[10.0.0.1]:80",
+        "[2001:db8::1",
+        "exa mple.com",
+        "a..b",
+        "10.0.0.0/40",
+        "*.",
+        &"a".repeat(64),
+        "-",
+    ] {
+        assert!(
+            Rule::parse(Action::Deny, bad, "t").is_err(),
+            "{bad:?} parsed"
+        );
+    }
+}
+
+#[test]
+fn deny_wins_over_allow_whatever_the_order() {
+    let mut p = Policy::preset(Preset::All);
+    p.add_flag(Action::Allow, "tcp:10.1.2.3:443").unwrap();
+    p.add_flag(Action::Deny, "10.0.0.0/8").unwrap();
+    let d = p.decide(&flow(Proto::Tcp, "10.1.2.3", 443, &[]));
+    assert_eq!(d.to_string(), "denied by --deny 10.0.0.0/8");
+    let d = p.decide(&flow(Proto::Tcp, "192.168.1.1", 443, &[]));
+    assert_eq!(d.to_string(), "allowed by preset all (private address)");
+}
+
+#[test]
+fn presets() {
+    let cases = [
+        ("1.1.1.1", [false, true, true, true]),
+        ("10.0.0.1", [false, false, true, true]),
+        ("127.0.0.1", [false, false, true, false]),
+        ("169.254.3.4", [false, false, true, false]),
+        ("169.254.169.254", [false, false, true, false]),
+        ("10.0.2.2", [false, false, false, false]),
+        ("224.0.0.1", [false, false, false, false]),
+        ("::ffff:127.0.0.1", [false, false, true, false]),
+    ];
+    for (addr, want) in cases {
+        for (preset, want) in [Preset::None, Preset::Public, Preset::All, Preset::NonLocal]
+            .into_iter()
+            .zip(want)
+        {
+            let d = Policy::preset(preset).decide(&flow(Proto::Tcp, addr, 80, &[]));
+            assert_eq!(d.allowed, want, "{addr} under {}: {d}", preset.name());
+        }
+    }
+}
+
+#[test]
+fn host_is_denied_unless_allowed_and_ports_and_protocols_matter() {
+    let mut p = Policy::preset(Preset::All);
+    assert!(!p.decide(&flow(Proto::Tcp, "10.0.2.2", 8080, &[])).allowed);
+    p.add_flag(Action::Allow, "host:8080").unwrap();
+    assert!(p.decide(&flow(Proto::Tcp, "10.0.2.2", 8080, &[])).allowed);
+    assert!(p.decide(&flow(Proto::Udp, "10.0.2.2", 8080, &[])).allowed);
+    assert!(!p.decide(&flow(Proto::Tcp, "10.0.2.2", 8081, &[])).allowed);
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "udp:1.1.1.1:53").unwrap();
+    assert!(p.decide(&flow(Proto::Udp, "1.1.1.1", 53, &[])).allowed);
+    assert!(!p.decide(&flow(Proto::Tcp, "1.1.1.1", 53, &[])).allowed);
+    let icmp = Flow {
+        proto: Proto::Icmp,
+        ip: ip("1.1.1.1"),
+        port: None,
+        names: &[],
+    };
+    assert!(!p.decide(&icmp).allowed, "a ported rule never matches ICMP");
+}
+
+#[test]
+fn domain_rules_match_the_names_a_flow_carries() {
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "tcp:*.github.com:443").unwrap();
+    p.add_flag(Action::Allow, "example.org").unwrap();
+    let gh = ["api.github.com"];
+    assert!(
+        p.decide(&flow(Proto::Tcp, "140.82.112.5", 443, &gh))
+            .allowed
+    );
+    assert!(
+        !p.decide(&flow(Proto::Tcp, "140.82.112.5", 443, &["github.com"]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&flow(Proto::Tcp, "140.82.112.5", 443, &["evilgithub.com"]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&flow(Proto::Tcp, "140.82.112.5", 443, &[]))
+            .allowed
+    );
+    assert!(!p.decide(&flow(Proto::Tcp, "140.82.112.5", 80, &gh)).allowed);
+    assert!(
+        p.decide(&flow(Proto::Udp, "93.184.215.14", 9, &["example.org"]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&flow(Proto::Tcp, "93.184.215.14", 9, &["www.example.org"]))
+            .allowed
+    );
+}
+
+#[test]
+fn dns_names_and_answers() {
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Deny, "*.tracker.example").unwrap();
+    p.add_flag(Action::Deny, "tcp:blocked-port.example:25")
+        .unwrap();
+    assert!(!p.decide_name("ads.tracker.example").allowed);
+    assert!(p.decide_name("blocked-port.example").allowed);
+    assert!(p.decide_name("anything.example").allowed);
+    // Rebinding: a public name answering with a private address is refused under `public`.
+    let d = p.decide_answer("evil.example", ip("192.168.1.10"));
+    assert!(!d.allowed && d.reason.contains("rebinding"), "{d}");
+    assert!(
+        !p.decide_answer("evil.example", ip("::ffff:127.0.0.1"))
+            .allowed
+    );
+    assert!(p.decide_answer("good.example", ip("93.184.215.14")).allowed);
+    // ...unless the user opted in for that address or that name.
+    p.add_flag(Action::Allow, "internal.corp.example").unwrap();
+    assert!(
+        p.decide_answer("internal.corp.example", ip("10.1.1.1"))
+            .allowed
+    );
+    p.add_flag(Action::Allow, "tcp:192.168.1.0/24:22").unwrap();
+    assert!(p.decide_answer("evil.example", ip("192.168.1.10")).allowed);
+    // Under `none`, only named domains resolve.
+    let mut n = Policy::preset(Preset::None);
+    n.add_flag(Action::Allow, "tcp:*.pypi.org:443").unwrap();
+    assert!(n.decide_name("files.pypi.org").allowed);
+    assert!(!n.decide_name("example.com").allowed);
+    assert!(
+        n.decide_answer("files.pypi.org", ip("151.101.0.223"))
+            .allowed
+    );
+}
+
+#[test]
+fn policy_files_parse_and_errors_name_the_line() {
+    let mut p = Policy::default();
+    p.merge_file(
+        "p.toml",
+        "# egress\npreset = \"none\"\nallow = [\n  \"tcp:*.github.com:443\",\n  \"udp:1.1.1.1:53\",\n]\ndeny = [\"metadata\"]\n",
+    )
+    .unwrap();
+    assert_eq!(p.preset, Preset::None);
+    assert_eq!(p.rules.len(), 3);
+    assert_eq!(p.rules[0].origin, "p.toml:7");
+    assert_eq!(p.rules[1].origin, "p.toml:4");
+    assert_eq!(p.rules[2].origin, "p.toml:5");
+    let err = |text: &str| {
+        Policy::default()
+            .merge_file("p.toml", text)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("preset = \"public\"\nalow = [\"x.com\"]\n");
+    assert!(e.starts_with("p.toml:2: unknown field `alow`"), "{e}");
+    let e = err("preset = \"pubic\"\n");
+    assert!(e.starts_with("p.toml:1: unknown network preset"), "{e}");
+    let e = err("\n\nallow = [\"tcp:x.com:http\"]\n");
+    assert!(e.starts_with("p.toml:3: bad rule"), "{e}");
+    let e = err("allow = \"x.com\"\n");
+    assert!(e.starts_with("p.toml:1:"), "{e}");
+    let e = err("allow = [\n");
+    assert!(e.starts_with("p.toml:"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+#[test]
+fn normalization() {
+    assert_eq!(
+        normalize_domain("WWW.Example.com."),
+        Some("www.example.com".into())
+    );
+    assert_eq!(
+        normalize_domain("_dmarc.example.com"),
+        Some("_dmarc.example.com".into())
+    );
+    assert_eq!(normalize_domain("1.2.3.4"), None);
+    assert_eq!(normalize_domain(".."), None);
+    assert_eq!(normalize_domain(&format!("{}.com", "a".repeat(250))), None);
+    assert_eq!(normalize_domain("a\0b.com"), None);
+}
