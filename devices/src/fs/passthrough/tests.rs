@@ -11,6 +11,8 @@ struct T {
     share: PathBuf,
     outside: PathBuf,
     unique: AtomicU64,
+    /// The share belongs to someone else (the unprivileged test): leave it.
+    keep: bool,
 }
 
 fn tempdir(tag: &str) -> PathBuf {
@@ -26,6 +28,9 @@ fn tempdir(tag: &str) -> PathBuf {
 
 impl Drop for T {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.share);
         let _ = std::fs::remove_dir_all(&self.outside);
     }
@@ -36,12 +41,17 @@ impl T {
         let share = tempdir("share");
         let outside = tempdir("outside");
         std::fs::write(outside.join("secret"), b"host secret").unwrap();
+        T::serve(share, outside, cfg, false)
+    }
+
+    fn serve(share: PathBuf, outside: PathBuf, cfg: Config, keep: bool) -> T {
         let fs = PassthroughFs::new(&share, cfg).unwrap();
         let t = T {
             fs,
             share,
             outside,
             unique: AtomicU64::new(1),
+            keep,
         };
         let mut w = Writer::default();
         w.u32(7).u32(41).u32(1 << 16).u32(0xffff_ffff);
@@ -759,4 +769,120 @@ fn has_xattr(p: &Path) -> bool {
             0,
         ) >= 0
     }
+}
+
+/// The unprivileged case the design is for: a root-owned tree (a setuid binary, a device
+/// node, a secret only root may read) served by `nobody`. Built here as root, then served by
+/// this same test binary re-run as nobody (the inner test below).
+#[test]
+fn an_unprivileged_user_serves_a_root_owned_tree() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test builds a root-owned tree, then serves it as nobody: run it as root (./x test does)"
+    );
+    let base = tempdir("unpriv");
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let share = base.join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(share.join("su"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(share.join("su"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(share.join("shadow"), b"root:hash").unwrap();
+    std::fs::set_permissions(share.join("shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let null = CString::new(share.join("null").as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
+        0
+    );
+    let home = share.join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let outside = base.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret").unwrap();
+    std::fs::set_permissions(
+        outside.join("secret"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fs::passthrough::tests::unprivileged_inner",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("MSB_UNPRIV_BASE", &base)
+        .output()
+        .expect("setpriv (util-linux) is needed for this test");
+    let _ = std::fs::remove_dir_all(&base);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "as nobody: {text}");
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run: {text}"
+    );
+}
+
+/// Run by the test above as nobody; not on its own.
+#[test]
+#[ignore = "run by an_unprivileged_user_serves_a_root_owned_tree as nobody"]
+fn unprivileged_inner() {
+    let base = PathBuf::from(std::env::var_os("MSB_UNPRIV_BASE").expect("run by the outer test"));
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 65534);
+    let t = T::serve(
+        base.join("share"),
+        base.join("outside"),
+        Config::default(),
+        true,
+    );
+    // The host's root-owned files show as root's, setuid included.
+    let (su, a) = t.lookup(1, "su").unwrap();
+    assert_eq!((a.uid, a.mode), (0, libc::S_IFREG | 0o4755));
+    let (_, a) = t.lookup(1, "null").unwrap();
+    assert_eq!(a.mode & libc::S_IFMT, libc::S_IFCHR);
+    // The host device is never opened; a file only root may read stays unreadable.
+    let (null, _) = t.lookup(1, "null").unwrap();
+    assert_eq!(t.open(null, libc::O_RDONLY).unwrap_err(), libc::EACCES);
+    let (shadow, _) = t.lookup(1, "shadow").unwrap();
+    assert_eq!(t.open(shadow, libc::O_RDONLY).unwrap_err(), libc::EACCES);
+    // The root-owned tree itself cannot be changed by the serving user.
+    assert!(t.create(1, "new", libc::O_WRONLY, 0o644).is_err());
+    let (e, _) = t.setattr_mode_uid(su, Some(0o755), None);
+    assert_ne!(e, 0);
+    // In a directory nobody owns, the guest's root makes root-owned, setuid and device files:
+    // guest views only, kept in the xattr; on the host they are nobody's plain files.
+    let (home, _) = t.lookup(1, "home").unwrap();
+    let (f, _) = t.create(home, "tool", libc::O_WRONLY, 0o755).unwrap();
+    let (e, b) = t.setattr_mode_uid(f, Some(0o4755), Some(0));
+    assert_eq!(e, 0);
+    assert_eq!(
+        u32::from_le_bytes(b[16 + 60..16 + 64].try_into().unwrap()),
+        libc::S_IFREG | 0o4755
+    );
+    let host = std::fs::metadata(base.join("share/home/tool")).unwrap();
+    assert_eq!((host.uid(), host.mode() & 0o7000), (65534, 0));
+    let mut w = Writer::default();
+    w.u32(libc::S_IFBLK | 0o660)
+        .u32(0x800)
+        .u32(0)
+        .u32(0)
+        .bytes(b"sda\0");
+    let (e, b) = t.call(op::MKNOD, home, &w.buf);
+    assert_eq!(e, 0);
+    assert_eq!(parse_entry(&b).1.mode, libc::S_IFBLK | 0o660);
+    assert!(std::fs::symlink_metadata(base.join("share/home/sda"))
+        .unwrap()
+        .file_type()
+        .is_file());
+    // A hard link to a file outside the share cannot be made from inside.
+    assert!(t.lookup(1, "..").is_ok());
+    assert_eq!(t.lookup(1, "outside").unwrap_err(), libc::ENOENT);
 }
