@@ -777,8 +777,9 @@ fn has_xattr(p: &Path) -> bool {
 #[test]
 fn an_unprivileged_user_serves_a_root_owned_tree() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
+        euid,
         0,
         "this test builds a root-owned tree, then serves it as nobody: run it as root (./x test does)"
     );
@@ -793,10 +794,8 @@ fn an_unprivileged_user_serves_a_root_owned_tree() {
     std::fs::set_permissions(share.join("shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let null = CString::new(share.join("null").as_os_str().as_bytes()).unwrap();
     // SAFETY: NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
-        0
-    );
+    let r = unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, 0);
     let home = share.join("home");
     std::fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
@@ -836,7 +835,8 @@ fn an_unprivileged_user_serves_a_root_owned_tree() {
 fn unprivileged_inner() {
     let base = PathBuf::from(std::env::var_os("MSB_UNPRIV_BASE").expect("run by the outer test"));
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 65534);
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 65534);
     let t = T::serve(
         base.join("share"),
         base.join("outside"),
