@@ -1,12 +1,15 @@
-//! msb-netstack will hold the sandbox's userspace network stack: virtio-net frames into smoltcp
-//! in any-IP mode, the egress policy engine (presets; rules by domain, suffix, IP, CIDR, port),
-//! DNS answered and filtered by the gateway, TLS interception with secret placeholders, host→
-//! guest port publishing, and the flow audit log (see DESIGN.md, Network, and issue 5).
+//! msb-netstack: the sandbox's userspace network stack. Planned: virtio-net frames into
+//! smoltcp in any-IP mode, allowed flows relayed over host sockets, TLS interception with
+//! secret placeholders, host→guest port publishing and a flow audit log (see DESIGN.md,
+//! Network, and issue 5).
 //!
-//! Implemented so far: the address plan and groups ([`addr`]), and the policy engine
-//! ([`policy`]). The device, the stack and the relays are not there yet: guests have
-//! loopback only.
+//! Implemented so far, as plain functions with unit tests and fuzz targets: the sandbox
+//! network's address plan and address groups ([`addr`]), the egress policy engine
+//! ([`policy`]), and the DNS codec with the name↔address bindings domain rules match against
+//! ([`dns`]). The device, the stack and the relays are not there yet: guests have loopback
+//! only.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod dns;
 pub mod policy;
