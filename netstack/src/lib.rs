@@ -3,13 +3,15 @@
 //! secret placeholders, host→guest port publishing and a flow audit log (see DESIGN.md,
 //! Network, and issue 5).
 //!
-//! Implemented so far, as plain functions with unit tests and fuzz targets: the sandbox
-//! network's address plan and address groups ([`addr`]), the egress policy engine
-//! ([`policy`]), and the DNS codec with the name↔address bindings domain rules match against
-//! ([`dns`]). The device, the stack and the relays are not there yet: guests have loopback
-//! only.
+//! Implemented so far: the sandbox network's address plan and address groups ([`addr`]), the
+//! egress policy engine ([`policy`]), the DNS codec with the name↔address bindings domain
+//! rules match against ([`dns`]), and the gateway itself ([`stack`]: smoltcp in any-IP mode,
+//! TCP and UDP relayed through the policy, DNS answered and filtered), tested with the host
+//! kernel as the guest through a TAP device in a network namespace. The virtio-net device
+//! that connects it to sandboxes is not there yet: guests have loopback only.
 #![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod dns;
 pub mod policy;
+pub mod stack;

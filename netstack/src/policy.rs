@@ -19,7 +19,7 @@
 //! carries the name (TLS SNI, HTTP Host).
 //!
 //! Presets: `none` (nothing), `public` (the default: public addresses only), `all`
-//! (everything but `host`), `non-local` (everything but loopback, link-local, metadata and
+//! (everything but `host` and loopback), `non-local` (everything but loopback, link-local, metadata and
 //! `host`). No preset allows `host` or reserved addresses: only rules do.
 
 use std::fmt;
@@ -135,7 +135,9 @@ impl Preset {
         match self {
             Preset::None => false,
             Preset::Public => g == Group::Public,
-            Preset::All => !matches!(g, Group::Host | Group::Reserved),
+            // The guest's loopback never leaves the guest: a packet for it that reaches us is
+            // forged, and relaying it would reach the host's own loopback.
+            Preset::All => !matches!(g, Group::Host | Group::Reserved | Group::Loopback),
             Preset::NonLocal => matches!(g, Group::Public | Group::Private),
         }
     }
@@ -324,6 +326,8 @@ pub struct Flow<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
+    /// Whether a rule decided (rather than the preset).
+    pub by_rule: bool,
     /// The rule's origin (`--deny 10.0.0.0/8`, `policy.toml:3`) or `preset public (private)`.
     pub reason: String,
 }
@@ -423,6 +427,7 @@ impl Policy {
             }) {
                 return Decision {
                     allowed: action == Action::Allow,
+                    by_rule: true,
                     reason: r.origin.clone(),
                 };
             }
@@ -430,6 +435,7 @@ impl Policy {
         let g = addr::group_of(ip);
         Decision {
             allowed: self.preset.allows(g),
+            by_rule: false,
             reason: format!("preset {} ({} address)", self.preset.name(), g.name()),
         }
     }
@@ -444,6 +450,7 @@ impl Policy {
         {
             return Decision {
                 allowed: false,
+                by_rule: true,
                 reason: r.origin.clone(),
             };
         }
@@ -455,16 +462,19 @@ impl Policy {
             {
                 Some(r) => Decision {
                     allowed: true,
+                    by_rule: true,
                     reason: r.origin.clone(),
                 },
                 None => Decision {
                     allowed: false,
+                    by_rule: false,
                     reason: "preset none (no rule names this domain)".into(),
                 },
             };
         }
         Decision {
             allowed: true,
+            by_rule: false,
             reason: format!("preset {}", self.preset.name()),
         }
     }
@@ -483,6 +493,7 @@ impl Policy {
         }) {
             return Decision {
                 allowed: false,
+                by_rule: true,
                 reason: r.origin.clone(),
             };
         }
@@ -490,6 +501,7 @@ impl Policy {
         if self.preset.allows(g) {
             return Decision {
                 allowed: true,
+                by_rule: false,
                 reason: format!("preset {} ({} address)", self.preset.name(), g.name()),
             };
         }
@@ -500,11 +512,13 @@ impl Policy {
         {
             return Decision {
                 allowed: true,
+                by_rule: true,
                 reason: r.origin.clone(),
             };
         }
         Decision {
             allowed: false,
+            by_rule: false,
             reason: format!(
                 "preset {} ({} address for {name}: rebinding protection)",
                 self.preset.name(),

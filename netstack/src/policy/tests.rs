@@ -92,12 +92,12 @@ fn presets() {
     let cases = [
         ("1.1.1.1", [false, true, true, true]),
         ("10.0.0.1", [false, false, true, true]),
-        ("127.0.0.1", [false, false, true, false]),
+        ("127.0.0.1", [false, false, false, false]),
         ("169.254.3.4", [false, false, true, false]),
         ("169.254.169.254", [false, false, true, false]),
         ("10.0.2.2", [false, false, false, false]),
         ("224.0.0.1", [false, false, false, false]),
-        ("::ffff:127.0.0.1", [false, false, true, false]),
+        ("::ffff:127.0.0.1", [false, false, false, false]),
     ];
     for (addr, want) in cases {
         for (preset, want) in [Preset::None, Preset::Public, Preset::All, Preset::NonLocal]

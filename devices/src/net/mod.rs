@@ -1,0 +1,3 @@
+//! Network host transports.
+
+pub mod tap;

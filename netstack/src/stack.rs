@@ -1,0 +1,1003 @@
+//! The gateway: Ethernet frames from the guest (a virtio-net queue, or a TAP device for tests)
+//! into smoltcp in any-IP mode; each new TCP connection and UDP flow is checked against the
+//! policy and, if allowed, relayed over a real host socket; DNS to the gateway is answered
+//! here through the host's resolver and filtered by the same policy.
+//!
+//! One thread runs the whole stack (mio for the link and host sockets, smoltcp for the guest
+//! side). Back-pressure both ways: guest data is taken from smoltcp only as fast as the host
+//! socket accepts it (so the guest's TCP window closes), and host data is read only while the
+//! guest's send buffer has room.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant as StdInstant};
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
+
+use crate::addr::{self, Group};
+use crate::dns::{self, Answer, Bindings};
+use crate::policy::{Decision, Flow, Policy, Proto};
+
+/// The gateway's MAC address (locally administered).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x73, 0x62, 0x00, 0x02];
+/// Default MTU of the sandbox link.
+pub const DEFAULT_MTU: usize = 1500;
+/// TTL we give DNS answers (the host resolver does not tell us theirs).
+pub const DNS_TTL: u32 = 60;
+
+/// Where the stack's Ethernet frames come from and go to.
+pub trait Link: Send {
+    /// An fd that polls readable when a frame is waiting.
+    fn raw_fd(&self) -> RawFd;
+    /// One frame, or `None` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Sends one frame (dropping it when the link is full is fine).
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+/// Resolves a name (normalized) to addresses; the default asks the host (getaddrinfo).
+pub type Resolver = Arc<dyn Fn(&str) -> io::Result<Vec<IpAddr>> + Send + Sync>;
+
+/// The host's resolver.
+pub fn host_resolver() -> Resolver {
+    Arc::new(|name: &str| {
+        use std::net::ToSocketAddrs;
+        Ok((name, 0).to_socket_addrs()?.map(|a| a.ip()).collect())
+    })
+}
+
+/// Receives every decision the stack takes.
+pub type DecisionHook = Arc<dyn Fn(&DecisionEvent) + Send + Sync>;
+
+/// How a stack behaves.
+#[derive(Clone)]
+pub struct Config {
+    pub policy: Policy,
+    pub mtu: usize,
+    /// TCP connections plus UDP flows open at once; more are refused.
+    pub max_flows: usize,
+    pub resolver: Resolver,
+    /// Called with each decision (flows and DNS), for the audit log.
+    pub on_decision: Option<DecisionHook>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            policy: Policy::default(),
+            mtu: DEFAULT_MTU,
+            max_flows: 1024,
+            resolver: host_resolver(),
+            on_decision: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("policy", &self.policy)
+            .field("mtu", &self.mtu)
+            .field("max_flows", &self.max_flows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One decision the stack took, for logs.
+#[derive(Debug, Clone)]
+pub struct DecisionEvent {
+    pub proto: Proto,
+    pub dst: SocketAddr,
+    /// The names bound to the destination (or the name asked, for DNS).
+    pub names: Vec<String>,
+    pub dns: bool,
+    pub decision: Decision,
+}
+
+/// Counters, for tests and diagnostics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub tcp_allowed: AtomicU64,
+    pub tcp_denied: AtomicU64,
+    pub udp_allowed: AtomicU64,
+    pub udp_denied: AtomicU64,
+    pub dns_answered: AtomicU64,
+    pub dns_refused: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// A running stack; dropping it stops the thread.
+#[derive(Debug)]
+pub struct NetStack {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl NetStack {
+    /// Starts the stack on its own thread, serving `link`.
+    pub fn spawn(link: Box<dyn Link>, cfg: Config) -> io::Result<NetStack> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let mut state = State::new(link, cfg, poll, waker.clone(), stats.clone())?;
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("netstack".into())
+            .spawn(move || {
+                if let Err(e) = state.run(&stop2) {
+                    tracing::error!("netstack stopped: {e}");
+                }
+            })?;
+        Ok(NetStack {
+            stop,
+            waker,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+impl Drop for NetStack {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+const LINK: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_FLOW: usize = 2;
+const TCP_BUFFER: usize = 64 << 10;
+/// How long a guest's SYN waits for the host connection before it is refused.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Phy<'a> {
+    rx: &'a mut VecDeque<Vec<u8>>,
+    link: &'a mut dyn Link,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut dyn Link);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        if let Err(e) = self.0.send(&buf) {
+            tracing::debug!("netstack: sending a frame: {e}");
+        }
+        r
+    }
+}
+
+impl Device for Phy<'_> {
+    type RxToken<'b>
+        = Rx
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = Tx<'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((Rx(frame), Tx(&mut *self.link)))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut *self.link))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = self.mtu + 14;
+        c
+    }
+}
+
+type FlowKey = (IpEndpoint, IpEndpoint);
+/// A finished lookup: the DNS socket and guest to answer, the query, the addresses.
+type Resolved = (
+    SocketHandle,
+    IpEndpoint,
+    dns::Query,
+    io::Result<Vec<IpAddr>>,
+);
+
+struct TcpFlow {
+    /// The guest-side socket, made once the host connection is up (until then the guest's
+    /// SYN waits in `syn`, so a refused host connection is a refused guest connection).
+    handle: Option<SocketHandle>,
+    syn: Option<Vec<u8>>,
+    since: StdInstant,
+    stream: TcpStream,
+    token: Token,
+    connected: bool,
+    established: bool,
+    host_eof: bool,
+    shut_wr: bool,
+    pending: Vec<u8>,
+    pending_off: usize,
+}
+
+struct UdpFlow {
+    sock: UdpSocket,
+    token: Token,
+    /// The guest-side smoltcp socket, bound to the destination.
+    handle: SocketHandle,
+    guest: IpEndpoint,
+    last: StdInstant,
+}
+
+struct State {
+    link: Box<dyn Link>,
+    cfg: Config,
+    poll: Poll,
+    waker: Arc<Waker>,
+    stats: Arc<Stats>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    rx: VecDeque<Vec<u8>>,
+    tcp: HashMap<FlowKey, TcpFlow>,
+    /// smoltcp UDP sockets by the destination they are bound to.
+    udp_socks: HashMap<IpEndpoint, SocketHandle>,
+    udp: HashMap<FlowKey, UdpFlow>,
+    dns_socks: Vec<SocketHandle>,
+    bindings: Bindings,
+    next_token: usize,
+    resolved: mpsc::Receiver<Resolved>,
+    resolved_tx: mpsc::Sender<Resolved>,
+    resolving: Arc<AtomicU64>,
+}
+
+fn now() -> Instant {
+    Instant::now()
+}
+
+impl State {
+    fn new(
+        mut link: Box<dyn Link>,
+        cfg: Config,
+        poll: Poll,
+        waker: Arc<Waker>,
+        stats: Arc<Stats>,
+    ) -> io::Result<State> {
+        let mut rx = VecDeque::new();
+        let mut phy = Phy {
+            rx: &mut rx,
+            link: &mut *link,
+            mtu: cfg.mtu,
+        };
+        let hw = HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC));
+        let mut iface = Interface::new(IfaceConfig::new(hw), &mut phy, now());
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(
+                IpAddress::Ipv4(addr::GATEWAY_V4),
+                addr::PREFIX_V4,
+            ));
+            let _ = a.push(IpCidr::new(
+                IpAddress::Ipv6(addr::GATEWAY_V6),
+                addr::PREFIX_V6,
+            ));
+        });
+        iface.set_any_ip(true);
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(addr::GATEWAY_V4)
+            .map_err(|_| io::Error::other("route table full"))?;
+        iface
+            .routes_mut()
+            .add_default_ipv6_route(addr::GATEWAY_V6)
+            .map_err(|_| io::Error::other("route table full"))?;
+        poll.registry()
+            .register(&mut SourceFd(&link.raw_fd()), LINK, Interest::READABLE)?;
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut dns_socks = Vec::new();
+        for gw in [
+            IpAddress::Ipv4(addr::GATEWAY_V4),
+            IpAddress::Ipv6(addr::GATEWAY_V6),
+        ] {
+            let mut s = udp::Socket::new(
+                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+            );
+            s.bind(IpListenEndpoint {
+                addr: Some(gw),
+                port: 53,
+            })
+            .map_err(|e| io::Error::other(format!("binding DNS: {e}")))?;
+            dns_socks.push(sockets.add(s));
+        }
+        let (resolved_tx, resolved) = mpsc::channel();
+        Ok(State {
+            link,
+            cfg,
+            poll,
+            waker,
+            stats,
+            iface,
+            sockets,
+            rx,
+            tcp: HashMap::new(),
+            udp_socks: HashMap::new(),
+            udp: HashMap::new(),
+            dns_socks,
+            bindings: Bindings::new(4096),
+            next_token: FIRST_FLOW,
+            resolved,
+            resolved_tx,
+            resolving: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; self.cfg.mtu + 14 + 4];
+        while !stop.load(Ordering::Relaxed) {
+            // Frames from the guest, a batch at a time.
+            for _ in 0..256 {
+                match self.link.recv(&mut buf)? {
+                    Some(n) => {
+                        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                        let frame = buf[..n].to_vec();
+                        if let Some(frame) = self.inspect(frame) {
+                            self.rx.push_back(frame);
+                        }
+                    }
+                    None => break,
+                }
+            }
+            let mut busy = self.step();
+            busy |= !self.rx.is_empty();
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                let d = self
+                    .iface
+                    .poll_delay(now(), &self.sockets)
+                    .map_or(Duration::from_millis(100), |d| {
+                        Duration::from_micros(d.total_micros())
+                    });
+                Some(d.min(Duration::from_millis(100)))
+            };
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
+    fn step(&mut self) -> bool {
+        let mut phy = Phy {
+            rx: &mut self.rx,
+            link: &mut *self.link,
+            mtu: self.cfg.mtu,
+        };
+        self.iface.poll(now(), &mut phy, &mut self.sockets);
+        let mut busy = self.serve_dns();
+        busy |= self.relay_tcp();
+        busy |= self.relay_udp();
+        let mut phy = Phy {
+            rx: &mut self.rx,
+            link: &mut *self.link,
+            mtu: self.cfg.mtu,
+        };
+        self.iface.poll(now(), &mut phy, &mut self.sockets);
+        busy
+    }
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn flows(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    fn decide(&self, proto: Proto, dst: IpEndpoint) -> (Decision, Vec<String>) {
+        let ip = to_std(dst.addr);
+        let names: Vec<String> = self
+            .bindings
+            .names(ip, StdInstant::now())
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut d = self.cfg.policy.decide(&Flow {
+            proto,
+            ip,
+            port: Some(dst.port),
+            names: &refs,
+        });
+        // DNS goes through the gateway: other resolvers only by an explicit rule.
+        if d.allowed && !d.by_rule && dst.port == 53 && addr::group_of(ip) != Group::Host {
+            d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: "DNS goes through the gateway (allow a resolver by a rule)".into(),
+            };
+        }
+        // The guest's own loopback and unspecified addresses are never relayed.
+        if addr::group_of(ip) == Group::Loopback || ip.is_unspecified() {
+            d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: "loopback is the guest's own".into(),
+            };
+        }
+        if d.allowed && self.flows() >= self.cfg.max_flows {
+            d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: format!("connection limit ({})", self.cfg.max_flows),
+            };
+        }
+        if let Some(cb) = &self.cfg.on_decision {
+            cb(&DecisionEvent {
+                proto,
+                dst: SocketAddr::new(ip, dst.port),
+                names: names.clone(),
+                dns: false,
+                decision: d.clone(),
+            });
+        }
+        (d, names)
+    }
+
+    /// Looks at a guest frame before smoltcp does: a new TCP connection or UDP flow is
+    /// decided here, and if allowed gets its smoltcp socket so smoltcp accepts it. Returns
+    /// the frame unless it is held (a SYN waiting for its host connection).
+    fn inspect(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let (src, dst, proto, payload): (IpAddress, IpAddress, IpProtocol, &[u8]) =
+            match eth.ethertype() {
+                EthernetProtocol::Ipv4 => {
+                    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    };
+                    if ip.more_frags() || ip.frag_offset() != 0 {
+                        return Some(frame);
+                    }
+                    (
+                        IpAddress::Ipv4(ip.src_addr()),
+                        IpAddress::Ipv4(ip.dst_addr()),
+                        ip.next_header(),
+                        ip.payload(),
+                    )
+                }
+                EthernetProtocol::Ipv6 => {
+                    let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) else {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    };
+                    (
+                        IpAddress::Ipv6(ip.src_addr()),
+                        IpAddress::Ipv6(ip.dst_addr()),
+                        ip.next_header(),
+                        ip.payload(),
+                    )
+                }
+                _ => return Some(frame),
+            };
+        match proto {
+            IpProtocol::Tcp => {
+                let Ok(tcp) = TcpPacket::new_checked(payload) else {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                if !tcp.syn() || tcp.ack() {
+                    return Some(frame);
+                }
+                let key = (
+                    IpEndpoint::new(src, tcp.src_port()),
+                    IpEndpoint::new(dst, tcp.dst_port()),
+                );
+                match self.tcp.get_mut(&key) {
+                    // A retransmitted SYN while the host connection is being made.
+                    Some(f) if f.handle.is_none() => return None,
+                    Some(_) => {}
+                    None => return self.open_tcp(key, frame),
+                }
+            }
+            IpProtocol::Udp => {
+                let Ok(udp) = UdpPacket::new_checked(payload) else {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                let dst = IpEndpoint::new(dst, udp.dst_port());
+                if is_gateway(dst.addr) && dst.port == 53 {
+                    return Some(frame);
+                }
+                let key = (IpEndpoint::new(src, udp.src_port()), dst);
+                if !self.udp.contains_key(&key) {
+                    self.open_udp(key);
+                }
+            }
+            _ => {}
+        }
+        Some(frame)
+    }
+
+    /// Decides a new connection; if allowed, starts the host connection and holds the SYN.
+    fn open_tcp(&mut self, key: FlowKey, syn: Vec<u8>) -> Option<Vec<u8>> {
+        let (guest, dst) = key;
+        let (d, _) = self.decide(Proto::Tcp, dst);
+        if !d.allowed {
+            tracing::debug!("netstack: tcp {dst} {d}");
+            self.stats.tcp_denied.fetch_add(1, Ordering::Relaxed);
+            return Some(syn); // no socket: smoltcp answers the SYN with a reset
+        }
+        let target = host_target(dst);
+        let mut stream = match TcpStream::connect(target) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("netstack: connecting to {target}: {e}");
+                return Some(syn);
+            }
+        };
+        let token = self.token();
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            return Some(syn);
+        }
+        self.stats.tcp_allowed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("netstack: tcp {guest} -> {dst} via {target}: {d}");
+        self.tcp.insert(
+            key,
+            TcpFlow {
+                handle: None,
+                syn: Some(syn),
+                since: StdInstant::now(),
+                stream,
+                token,
+                connected: false,
+                established: false,
+                host_eof: false,
+                shut_wr: false,
+                pending: Vec::new(),
+                pending_off: 0,
+            },
+        );
+        None
+    }
+
+    /// The guest-side socket for a flow whose host connection is up.
+    fn accept_tcp(sockets: &mut SocketSet<'static>, dst: IpEndpoint) -> Option<SocketHandle> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        s.set_nagle_enabled(false);
+        s.listen(IpListenEndpoint {
+            addr: Some(dst.addr),
+            port: dst.port,
+        })
+        .ok()?;
+        Some(sockets.add(s))
+    }
+
+    fn open_udp(&mut self, key: FlowKey) {
+        let (guest, dst) = key;
+        let (d, _) = self.decide(Proto::Udp, dst);
+        if !d.allowed {
+            self.stats.udp_denied.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let target = host_target(dst);
+        let bind: SocketAddr = if target.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(mut sock) = UdpSocket::bind(bind) else {
+            return;
+        };
+        if sock.connect(target).is_err() {
+            return;
+        }
+        let token = self.token();
+        if self
+            .poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+            .is_err()
+        {
+            return;
+        }
+        let handle = match self.udp_socks.get(&dst) {
+            Some(h) => *h,
+            None => {
+                let mut s = udp::Socket::new(
+                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+                );
+                if s.bind(IpListenEndpoint {
+                    addr: Some(dst.addr),
+                    port: dst.port,
+                })
+                .is_err()
+                {
+                    return;
+                }
+                let h = self.sockets.add(s);
+                self.udp_socks.insert(dst, h);
+                h
+            }
+        };
+        self.stats.udp_allowed.fetch_add(1, Ordering::Relaxed);
+        self.udp.insert(
+            key,
+            UdpFlow {
+                sock,
+                token,
+                handle,
+                guest,
+                last: StdInstant::now(),
+            },
+        );
+    }
+
+    fn relay_tcp(&mut self) -> bool {
+        let mut busy = false;
+        let mut dead = Vec::new();
+        let mut tmp = vec![0u8; 64 << 10];
+        for (key, f) in self.tcp.iter_mut() {
+            if !f.connected {
+                let failed = match f.stream.take_error() {
+                    Ok(Some(_)) | Err(_) => true,
+                    Ok(None) => match f.stream.peer_addr() {
+                        Ok(_) => false,
+                        // Still connecting; the guest has long given up after this.
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                            if f.since.elapsed() < CONNECT_TIMEOUT {
+                                continue;
+                            }
+                            true
+                        }
+                        Err(_) => true,
+                    },
+                };
+                busy = true;
+                let syn = f.syn.take().unwrap_or_default();
+                if failed {
+                    // Refused by the host: the held SYN meets no socket and is reset.
+                    self.rx.push_front(syn);
+                    dead.push(*key);
+                    continue;
+                }
+                f.connected = true;
+                f.handle = Self::accept_tcp(&mut self.sockets, key.1);
+                if f.handle.is_none() {
+                    dead.push(*key);
+                }
+                self.rx.push_front(syn);
+                continue;
+            }
+            let Some(handle) = f.handle else { continue };
+            let s = self.sockets.get_mut::<tcp::Socket>(handle);
+            // Past the handshake (data and FIN may have come in the same poll).
+            if !matches!(
+                s.state(),
+                tcp::State::Listen
+                    | tcp::State::SynReceived
+                    | tcp::State::SynSent
+                    | tcp::State::Closed
+            ) {
+                f.established = true;
+            }
+            // Guest to host, only as fast as the host takes it.
+            loop {
+                if f.pending_off == f.pending.len() {
+                    if !s.can_recv() {
+                        break;
+                    }
+                    match s.recv_slice(&mut tmp) {
+                        Ok(n) if n > 0 => {
+                            f.pending.clear();
+                            f.pending.extend_from_slice(&tmp[..n]);
+                            f.pending_off = 0;
+                        }
+                        _ => break,
+                    }
+                }
+                match f.stream.write(&f.pending[f.pending_off..]) {
+                    Ok(n) => {
+                        f.pending_off += n;
+                        busy = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        s.abort();
+                        dead.push(*key);
+                        break;
+                    }
+                }
+            }
+            // The guest's FIN, carried to the host once everything before it is written.
+            if f.established
+                && !f.shut_wr
+                && f.pending_off == f.pending.len()
+                && !s.may_recv()
+                && !s.can_recv()
+            {
+                let _ = f.stream.shutdown(std::net::Shutdown::Write);
+                f.shut_wr = true;
+            }
+            // Host to guest, only while the guest's send buffer has room.
+            while !f.host_eof && s.can_send() {
+                let room = s.send_capacity() - s.send_queue();
+                if room == 0 {
+                    break;
+                }
+                let want = room.min(tmp.len());
+                match f.stream.read(&mut tmp[..want]) {
+                    Ok(0) => {
+                        f.host_eof = true;
+                        s.close();
+                        busy = true;
+                    }
+                    Ok(n) => {
+                        let _ = s.send_slice(&tmp[..n]);
+                        busy = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        // A reset from the host resets the guest's connection.
+                        s.abort();
+                        dead.push(*key);
+                        break;
+                    }
+                }
+            }
+            // The socket exists only once the SYN is injected, so Closed means finished.
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                dead.push(*key);
+            }
+        }
+        for key in dead {
+            if let Some(mut f) = self.tcp.remove(&key) {
+                let _ = self.poll.registry().deregister(&mut f.stream);
+                let _ = f.token;
+                if let Some(h) = f.handle {
+                    self.sockets.remove(h);
+                }
+            }
+        }
+        busy
+    }
+
+    fn relay_udp(&mut self) -> bool {
+        let mut busy = false;
+        let mut tmp = vec![0u8; 65536];
+        // Guest datagrams to their flow's host socket.
+        let by_dst: Vec<(IpEndpoint, SocketHandle)> =
+            self.udp_socks.iter().map(|(k, v)| (*k, *v)).collect();
+        for (dst, handle) in by_dst {
+            let s = self.sockets.get_mut::<udp::Socket>(handle);
+            while let Ok((n, meta)) = s.recv_slice(&mut tmp) {
+                busy = true;
+                if let Some(f) = self.udp.get_mut(&(meta.endpoint, dst)) {
+                    let _ = f.sock.send(&tmp[..n]);
+                    f.last = StdInstant::now();
+                }
+            }
+        }
+        // Host datagrams back to the guest.
+        let now_std = StdInstant::now();
+        let mut dead = Vec::new();
+        for (key, f) in self.udp.iter_mut() {
+            let s = self.sockets.get_mut::<udp::Socket>(f.handle);
+            loop {
+                match f.sock.recv(&mut tmp) {
+                    Ok(n) => {
+                        busy = true;
+                        f.last = now_std;
+                        if s.can_send() {
+                            let _ = s.send_slice(&tmp[..n], f.guest);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+            if now_std.duration_since(f.last) > Duration::from_secs(60) {
+                dead.push(*key);
+            }
+        }
+        for key in dead {
+            if let Some(mut f) = self.udp.remove(&key) {
+                let _ = self.poll.registry().deregister(&mut f.sock);
+                let _ = f.token;
+                if !self.udp.values().any(|g| g.handle == f.handle) {
+                    self.udp_socks.remove(&key.1);
+                    self.sockets.remove(f.handle);
+                }
+            }
+        }
+        busy
+    }
+
+    fn serve_dns(&mut self) -> bool {
+        let mut busy = false;
+        let mut tmp = vec![0u8; dns::MAX_MESSAGE];
+        for &handle in &self.dns_socks.clone() {
+            loop {
+                let s = self.sockets.get_mut::<udp::Socket>(handle);
+                let Ok((n, meta)) = s.recv_slice(&mut tmp) else {
+                    break;
+                };
+                busy = true;
+                let msg = &tmp[..n];
+                let q = match dns::parse_query(msg) {
+                    Ok(q) => q,
+                    Err(_) => {
+                        if let Some(r) = dns::error_response(msg, dns::RCODE_FORMERR) {
+                            let _ = s.send_slice(&r, meta.endpoint);
+                        }
+                        continue;
+                    }
+                };
+                let reply = match (&q.name, q.qtype) {
+                    (None, _) => Some(dns::response(&q, dns::RCODE_REFUSED, &[])),
+                    (Some(name), dns::TYPE_A | dns::TYPE_AAAA) => {
+                        let d = self.cfg.policy.decide_name(name);
+                        self.log_dns(name, &d);
+                        if !d.allowed {
+                            self.stats.dns_refused.fetch_add(1, Ordering::Relaxed);
+                            Some(dns::response(&q, dns::RCODE_NXDOMAIN, &[]))
+                        } else if self.resolving.load(Ordering::Relaxed) >= 64 {
+                            Some(dns::response(&q, dns::RCODE_SERVFAIL, &[]))
+                        } else {
+                            self.resolve(handle, meta.endpoint, q.clone(), name.clone());
+                            None
+                        }
+                    }
+                    // Other types: an empty answer (we only serve addresses).
+                    (Some(_), _) => Some(dns::response(&q, 0, &[])),
+                };
+                if let Some(r) = reply {
+                    let s = self.sockets.get_mut::<udp::Socket>(handle);
+                    let _ = s.send_slice(&r, meta.endpoint);
+                }
+            }
+        }
+        // Answers the resolver threads finished.
+        while let Ok((handle, to, q, result)) = self.resolved.try_recv() {
+            busy = true;
+            let name = q.name.clone().unwrap_or_default();
+            let want_v4 = q.qtype == dns::TYPE_A;
+            let (rcode, answers) = match result {
+                Err(_) => (dns::RCODE_NXDOMAIN, Vec::new()),
+                Ok(ips) => {
+                    let mut answers = Vec::new();
+                    for ip in ips {
+                        if ip.is_ipv4() != want_v4 {
+                            continue;
+                        }
+                        let d = self.cfg.policy.decide_answer(&name, ip);
+                        if d.allowed {
+                            answers.push(Answer { ip, ttl: DNS_TTL });
+                        } else {
+                            self.log_dns(&name, &d);
+                        }
+                    }
+                    (0, answers)
+                }
+            };
+            let now_std = StdInstant::now();
+            for a in &answers {
+                self.bindings.insert(&name, *a, now_std);
+            }
+            self.stats.dns_answered.fetch_add(1, Ordering::Relaxed);
+            let r = dns::response(&q, rcode, &answers);
+            let s = self.sockets.get_mut::<udp::Socket>(handle);
+            let _ = s.send_slice(&r, to);
+        }
+        busy
+    }
+
+    fn log_dns(&self, name: &str, d: &Decision) {
+        tracing::debug!("netstack: dns {name}: {d}");
+        if let Some(cb) = &self.cfg.on_decision {
+            cb(&DecisionEvent {
+                proto: Proto::Udp,
+                dst: SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53),
+                names: vec![name.to_string()],
+                dns: true,
+                decision: d.clone(),
+            });
+        }
+    }
+
+    /// Resolves on a thread of its own (the host resolver blocks), with a deadline.
+    fn resolve(&self, handle: SocketHandle, to: IpEndpoint, q: dns::Query, name: String) {
+        let (tx, waker, resolver, count) = (
+            self.resolved_tx.clone(),
+            self.waker.clone(),
+            self.cfg.resolver.clone(),
+            self.resolving.clone(),
+        );
+        count.fetch_add(1, Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name("netstack-dns".into())
+            .spawn(move || {
+                let r = resolver(&name);
+                count.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send((handle, to, q, r));
+                let _ = waker.wake();
+            });
+        if spawned.is_err() {
+            self.resolving.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn is_gateway(a: IpAddress) -> bool {
+    a == IpAddress::Ipv4(addr::GATEWAY_V4) || a == IpAddress::Ipv6(addr::GATEWAY_V6)
+}
+
+fn to_std(a: IpAddress) -> IpAddr {
+    match a {
+        IpAddress::Ipv4(v4) => IpAddr::V4(v4),
+        IpAddress::Ipv6(v6) => IpAddr::V6(v6),
+    }
+}
+
+/// Where a flow to `dst` goes on the host: the gateway's address means the host's loopback.
+fn host_target(dst: IpEndpoint) -> SocketAddr {
+    let ip = match dst.addr {
+        IpAddress::Ipv4(v4) if v4 == addr::GATEWAY_V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddress::Ipv6(v6) if v6 == addr::GATEWAY_V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        a => addr::canonical(to_std(a)),
+    };
+    SocketAddr::new(ip, dst.port)
+}

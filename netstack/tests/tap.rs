@@ -1,0 +1,301 @@
+//! Test tier 3 for the netstack: the host kernel's own TCP/IP stack, in a network namespace
+//! we create, plays the guest through a TAP device. Servers listen on this host's loopback
+//! only (the guest reaches them as the `host` group); names resolve through a fixed table.
+//! Needs root (namespaces, TAP); asked to run without it, each test fails with the reason.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use msb_devices::net::tap::Tap;
+use msb_netstack::policy::{Action, Policy, Preset};
+use msb_netstack::stack::{Config, Link, NetStack};
+
+struct TapLink(Tap);
+
+impl Link for TapLink {
+    fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.0.recv(buf)
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.0.send(frame)
+    }
+}
+
+/// A namespace with a TAP device served by a netstack; removed on drop.
+struct Sandbox {
+    ns: String,
+    stack: Option<NetStack>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stack.take();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns));
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 (ip) is needed");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the netstack TAP tests create network namespaces and TAP devices: run them as root (./x test does)"
+    );
+    static N: AtomicU32 = AtomicU32::new(0);
+    let ns = format!(
+        "msbt{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    ip(&["netns", "add", &ns]);
+    // `ip netns exec` puts this file at /etc/resolv.conf for the namespace's processes.
+    std::fs::create_dir_all(format!("/etc/netns/{ns}")).unwrap();
+    std::fs::write(
+        format!("/etc/netns/{ns}/resolv.conf"),
+        "nameserver 10.0.2.2\noptions timeout:2 attempts:1\n",
+    )
+    .unwrap();
+    let mut sb = Sandbox {
+        ns: ns.clone(),
+        stack: None,
+    };
+    let tap = Tap::open(
+        "tap0",
+        Some(std::path::Path::new(&format!("/var/run/netns/{ns}"))),
+    )
+    .expect("creating a TAP device in the namespace");
+    for args in [
+        vec!["-n", &ns, "link", "set", "lo", "up"],
+        vec!["-n", &ns, "addr", "add", "10.0.2.15/24", "dev", "tap0"],
+        vec![
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "fd00:6d73:62::15/64",
+            "dev",
+            "tap0",
+            "nodad",
+        ],
+        vec!["-n", &ns, "link", "set", "tap0", "up"],
+        vec!["-n", &ns, "route", "add", "default", "via", "10.0.2.2"],
+        vec![
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:6d73:62::2",
+        ],
+    ] {
+        ip(&args);
+    }
+    let table: Vec<(String, IpAddr)> = names
+        .iter()
+        .map(|(n, a)| (n.to_string(), a.parse().unwrap()))
+        .collect();
+    let cfg = Config {
+        policy,
+        resolver: Arc::new(move |name: &str| {
+            let ips: Vec<IpAddr> = table
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, a)| *a)
+                .collect();
+            if ips.is_empty() {
+                Err(io::Error::new(io::ErrorKind::NotFound, "no such name"))
+            } else {
+                Ok(ips)
+            }
+        }),
+        ..Config::default()
+    };
+    sb.stack = Some(NetStack::spawn(Box::new(TapLink(tap)), cfg).unwrap());
+    sb
+}
+
+impl Sandbox {
+    /// Runs python3 code in the namespace (the guest's side).
+    fn py(&self, code: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, "python3", "-c", code])
+            .output()
+            .expect("python3 is needed")
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                // Half-close carried across: we saw the guest's FIN, now send ours.
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+const CONNECT: &str = r#"
+import socket, sys, hashlib
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    s = socket.create_connection((host, port), timeout=10)
+except OSError as e:
+    print("refused" if isinstance(e, ConnectionRefusedError) else "error %r" % (e,))
+    sys.exit(0)
+data = bytes((i * 7 + 3) & 0xff for i in range(size))
+import threading
+def send():
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send); t.start()
+got = bytearray()
+while True:
+    b = s.recv(1 << 16)
+    if not b: break
+    got += b
+t.join()
+print("echoed", len(got), hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest())
+"#;
+
+fn connect(sb: &Sandbox, host: &str, port: u16, size: usize) -> String {
+    let code = format!("import sys; sys.argv = ['x', {host:?}, '{port}', '{size}']\n{CONNECT}");
+    stdout(&sb.py(&code)).trim().to_string()
+}
+
+#[test]
+fn the_host_is_denied_until_a_rule_allows_its_port() {
+    let port = echo_server();
+    let sb = sandbox(Policy::preset(Preset::All), &[]);
+    assert_eq!(connect(&sb, "10.0.2.2", port, 10), "refused");
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    let sb = sandbox(p, &[]);
+    // 16 MiB each way, checksummed, with the guest's half-close carried to the host and the
+    // host's FIN back.
+    assert_eq!(
+        connect(&sb, "10.0.2.2", port, 16 << 20),
+        "echoed 16777216 True"
+    );
+    assert_eq!(
+        connect(&sb, "fd00:6d73:62::2", port, 1 << 20),
+        "refused",
+        "IPv6 host loopback has no server"
+    );
+}
+
+#[test]
+fn dns_answers_nxdomain_and_rebinding() {
+    let port = echo_server();
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    p.add_flag(Action::Deny, "*.blocked.test").unwrap();
+    let sb = sandbox(
+        p,
+        &[
+            ("ads.blocked.test", "93.184.215.14"),
+            ("public.test", "93.184.215.14"),
+            ("evil.test", "192.168.1.1"),
+            ("gw.test", "10.0.2.2"),
+        ],
+    );
+    let code = r#"
+import socket
+for n in ["public.test", "ads.blocked.test", "evil.test", "missing.test", "gw.test"]:
+    try:
+        print(n, sorted({a[4][0] for a in socket.getaddrinfo(n, 80, socket.AF_INET)}))
+    except socket.gaierror as e:
+        print(n, "error", e.errno)
+"#;
+    let out = stdout(&sb.py(code));
+    assert!(out.contains("public.test ['93.184.215.14']"), "{out}");
+    assert!(out.contains("ads.blocked.test error -2"), "NXDOMAIN: {out}");
+    assert!(!out.contains("192.168.1.1"), "rebinding refused: {out}");
+    assert!(out.contains("missing.test error -2"), "{out}");
+    assert!(
+        out.contains("gw.test ['10.0.2.2']"),
+        "an allowed host name: {out}"
+    );
+    // A domain bound by the sandbox's own lookup.
+    assert_eq!(connect(&sb, "gw.test", port, 1000), "echoed 1000 True");
+}
+
+#[test]
+fn udp_flows_relay_and_other_resolvers_are_denied() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Allow, &format!("udp:host:{port}"))
+        .unwrap();
+    let sb = sandbox(p, &[]);
+    let code = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+for i in range(20):
+    s.sendto(b"ping%d" % i, ("10.0.2.2", {port}))
+    print(s.recv(100).decode())
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.settimeout(1)
+d.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01", ("1.1.1.1", 53))
+try:
+    d.recv(512); print("resolver reached")
+except (socket.timeout, ConnectionRefusedError):
+    print("resolver denied")
+"#
+    );
+    let out = stdout(&sb.py(&code));
+    assert!(out.contains("ping0") && out.contains("ping19"), "{out}");
+    assert!(out.contains("resolver denied"), "{out}");
+}
