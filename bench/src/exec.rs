@@ -164,7 +164,7 @@ fn launches(msb_vmm: &Path, n: usize) -> Result<Launches> {
     for _ in 0..n {
         let t = Instant::now();
         let out = Command::new(msb_vmm)
-            .args(["run", "--rootfs", "initramfs", "--report"])
+            .args(["run", "--rootfs", "initramfs", "--net", "none", "--report"])
             .arg(&report)
             .args(["--", "true"])
             .output()?;

@@ -355,11 +355,13 @@ fn boot(a: BootArgs) -> Result<()> {
             "--memory".into(),
             mem.clone().into(),
         ],
-        // The initramfs root: the same guest the peers boot.
+        // The initramfs root and no network card: the same guest the peers boot.
         Guest::Linux => vec![
             "run".into(),
             "--rootfs".into(),
             "initramfs".into(),
+            "--net".into(),
+            "none".into(),
             "--kernel".into(),
             kernel.clone().into(),
             "--cpus".into(),

@@ -38,6 +38,50 @@ pub mod cmdline {
     /// VMMs that cannot talk to the agent).
     pub const EXIT_AFTER_BOOT: &str = "msb.exit_after_boot";
 
+    /// `msb.net=IP4/LEN,GW4,IP6/LEN,GW6`: configure the virtio-net card (`eth0`) with these
+    /// addresses and default routes, and the gateway as the resolver.
+    pub const NET: &str = "msb.net=";
+
+    /// The guest's network, as `msb.net=` carries it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct NetConfig {
+        pub v4: std::net::Ipv4Addr,
+        pub v4_prefix: u8,
+        pub gateway_v4: std::net::Ipv4Addr,
+        pub v6: std::net::Ipv6Addr,
+        pub v6_prefix: u8,
+        pub gateway_v6: std::net::Ipv6Addr,
+    }
+
+    impl NetConfig {
+        /// The `msb.net=` word.
+        pub fn encode(&self) -> String {
+            format!(
+                "{NET}{}/{},{},{}/{},{}",
+                self.v4, self.v4_prefix, self.gateway_v4, self.v6, self.v6_prefix, self.gateway_v6
+            )
+        }
+
+        /// Parses the value after `msb.net=`.
+        pub fn parse(v: &str) -> Option<NetConfig> {
+            let parts: Vec<&str> = v.split(',').collect();
+            let [a4, g4, a6, g6] = parts.as_slice() else {
+                return None;
+            };
+            let (v4, p4) = a4.split_once('/')?;
+            let (v6, p6) = a6.split_once('/')?;
+            let cfg = NetConfig {
+                v4: v4.parse().ok()?,
+                v4_prefix: p4.parse().ok()?,
+                gateway_v4: g4.parse().ok()?,
+                v6: v6.parse().ok()?,
+                v6_prefix: p6.parse().ok()?,
+                gateway_v6: g6.parse().ok()?,
+            };
+            (cfg.v4_prefix <= 32 && cfg.v6_prefix <= 128).then_some(cfg)
+        }
+    }
+
     /// `msb.mount=SPEC`, repeatable: a file system msb-init mounts before signalling boot
     /// (see [`MountSpec`]).
     pub const MOUNT: &str = "msb.mount=";
@@ -213,6 +257,32 @@ pub mod cmdline {
                 "nfs:a:b",
             ] {
                 assert_eq!(MountSpec::parse(bad), None, "{bad}");
+            }
+        }
+
+        #[test]
+        fn net_configs_round_trip() {
+            let c = NetConfig {
+                v4: "10.0.2.15".parse().unwrap(),
+                v4_prefix: 24,
+                gateway_v4: "10.0.2.2".parse().unwrap(),
+                v6: "fd00::15".parse().unwrap(),
+                v6_prefix: 64,
+                gateway_v6: "fd00::2".parse().unwrap(),
+            };
+            let word = c.encode();
+            assert_eq!(word, "msb.net=10.0.2.15/24,10.0.2.2,fd00::15/64,fd00::2");
+            assert_eq!(
+                value(&format!("quiet {word}"), NET).and_then(NetConfig::parse),
+                Some(c)
+            );
+            for bad in [
+                "",
+                "10.0.2.15/24,10.0.2.2,fd00::15/64",
+                "10.0.2.15/33,a,b/1,c",
+                "x/1,y,z/2,w",
+            ] {
+                assert_eq!(NetConfig::parse(bad), None, "{bad}");
             }
         }
 

@@ -9,6 +9,7 @@
 #[cfg(target_os = "linux")]
 mod agent_server;
 #[cfg(target_os = "linux")]
+mod net;
 mod pid1;
 #[cfg(target_os = "linux")]
 mod sys;

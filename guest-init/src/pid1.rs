@@ -59,6 +59,16 @@ pub fn main() {
     if let Err(e) = loopback_up() {
         eprintln!("msb-init: cannot bring up lo: {e}");
     }
+    if let Some(v) = cmdline::value(&cmdline, cmdline::NET) {
+        match cmdline::NetConfig::parse(v) {
+            Some(cfg) => {
+                if let Err(e) = crate::net::configure(&cfg) {
+                    eprintln!("msb-init: network: {e}");
+                }
+            }
+            None => eprintln!("msb-init: ignoring malformed {}{v}", cmdline::NET),
+        }
+    }
     // Listen before signalling boot: the boot timer tells the host the agent is reachable.
     let listener = sys::vsock_listen(AGENT_PORT)
         .map_err(|e| eprintln!("msb-init: agent cannot listen on vsock port {AGENT_PORT}: {e}"))
@@ -329,36 +339,7 @@ fn set_hostname(name: &str) {
 }
 
 fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS reads into the ifreq we pass, which is valid for writes.
-    if unsafe {
-        libc::ioctl(
-            sock.as_raw_fd(),
-            libc::SIOCGIFFLAGS as libc::Ioctl,
-            &mut req,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: ifru_flags is the union member SIOCGIFFLAGS filled in.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    // SAFETY: SIOCSIFFLAGS reads the ifreq we pass.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::net::link_up(b"lo")
 }
 
 /// Writes the magic byte to the VMM's boot-timer MMIO page through /dev/mem.

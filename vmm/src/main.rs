@@ -96,6 +96,28 @@ struct MountArgs {
     tmpfs: Vec<String>,
 }
 
+/// The sandbox's network (every packet ends in our netstack, which enforces the policy).
+#[derive(Args, Debug, Clone, Default)]
+struct NetArgs {
+    /// Egress preset: none (no network card), public (public internet only; the default),
+    /// all (everything but the host), non-local (no loopback, link-local, metadata or host).
+    /// Wins over a policy file's preset.
+    #[arg(long, value_name = "PRESET")]
+    net: Option<String>,
+    /// Allow [proto:]destination[:ports] (repeatable), e.g. tcp:*.github.com:443, host:8080.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
+    /// Deny [proto:]destination[:ports] (repeatable); deny rules win over allow rules.
+    #[arg(long = "deny", value_name = "RULE")]
+    deny: Vec<String>,
+    /// TOML policy file: preset = "...", allow = [...], deny = [...].
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Link MTU (68 to 65520).
+    #[arg(long, value_name = "BYTES", default_value_t = 1500)]
+    mtu: u16,
+}
+
 #[derive(Args, Debug)]
 struct BootArgs {
     /// Uncompressed ELF kernel (vmlinux), PVH entry preferred.
@@ -154,6 +176,8 @@ struct RunArgs {
     #[command(flatten)]
     mounts: MountArgs,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     vm: VmArgs,
     /// The command and its arguments.
     #[arg(
@@ -178,6 +202,8 @@ struct StartArgs {
     hostname: Option<String>,
     #[command(flatten)]
     mounts: MountArgs,
+    #[command(flatten)]
+    net: NetArgs,
     #[command(flatten)]
     vm: VmArgs,
 }

@@ -56,6 +56,8 @@ pub enum SandboxError {
     BadVolume(String),
     #[error("{0}")]
     Share(String),
+    #[error("network: {0}")]
+    Network(String),
     #[error("the guest kernel panicked")]
     KernelPanic { console_tail: Vec<String> },
     #[error("the guest stopped before its agent was ready ({exit})")]
@@ -102,6 +104,44 @@ pub struct SandboxBuilder {
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
     rootfs: Option<(PathBuf, Access)>,
+    #[cfg(target_os = "linux")]
+    network: Option<Network>,
+}
+
+/// A sandbox's network: a virtio-net card whose every packet ends in our netstack, which
+/// decides by `policy` and relays allowed flows over host sockets (see `msb_netstack`).
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub policy: msb_netstack::policy::Policy,
+    /// Link MTU (68 to 65520; default 1500).
+    pub mtu: u16,
+}
+
+#[cfg(target_os = "linux")]
+impl Network {
+    /// The default: the `public` preset, MTU 1500.
+    pub fn new(policy: msb_netstack::policy::Policy) -> Network {
+        Network { policy, mtu: 1500 }
+    }
+}
+
+/// The netstack's side of the virtio-net card.
+#[cfg(target_os = "linux")]
+struct PortLink(msb_devices::virtio::net::NetPort);
+
+#[cfg(target_os = "linux")]
+impl msb_netstack::stack::Link for PortLink {
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.raw_fd()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(self.0.recv(buf))
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.send(frame);
+        Ok(())
+    }
 }
 
 /// A host directory mounted in the guest.
@@ -173,6 +213,13 @@ impl SandboxBuilder {
     }
 
     /// Mounts a tmpfs at `guest`, at most `size` bytes (0: half the guest's memory).
+    /// Gives the sandbox a network through our netstack (without it: loopback only).
+    #[cfg(target_os = "linux")]
+    pub fn network(mut self, net: Network) -> Self {
+        self.network = Some(net);
+        self
+    }
+
     pub fn tmpfs(mut self, guest: impl Into<PathBuf>, size: u64) -> Self {
         self.tmpfs.push((guest.into(), size));
         self
@@ -342,6 +389,38 @@ impl SandboxBuilder {
         if !mounts.is_empty() {
             b = b.append_cmdline(&mounts);
         }
+        #[cfg(target_os = "linux")]
+        let netstack = match &self.network {
+            Some(net) => {
+                use msb_netstack::addr;
+                let (device, port) = msb_devices::virtio::net::NetDevice::new(
+                    [0x02, 0x6d, 0x73, 0x62, 0x00, 0x15],
+                    net.mtu,
+                )
+                .map_err(|e| SandboxError::Network(e.to_string()))?;
+                let stack = msb_netstack::stack::NetStack::spawn(
+                    Box::new(PortLink(port)),
+                    msb_netstack::stack::Config {
+                        policy: net.policy.clone(),
+                        mtu: net.mtu.into(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| SandboxError::Network(format!("starting the netstack: {e}")))?;
+                let word = msb_init::cmdline::NetConfig {
+                    v4: addr::GUEST_V4,
+                    v4_prefix: addr::PREFIX_V4,
+                    gateway_v4: addr::GATEWAY_V4,
+                    v6: addr::GUEST_V6,
+                    v6_prefix: addr::PREFIX_V6,
+                    gateway_v6: addr::GATEWAY_V6,
+                }
+                .encode();
+                b = b.net(device).append_cmdline(&format!(" {word}"));
+                Some(stack)
+            }
+            None => None,
+        };
         let vm = b.start()?;
         let started = Instant::now();
         match connect_agent(&vm, self.boot_timeout) {
@@ -356,6 +435,8 @@ impl SandboxBuilder {
                     vm: Some(vm),
                     agent: Some(agent),
                     ready_time: ready,
+                    #[cfg(target_os = "linux")]
+                    _netstack: netstack,
                 })
             }
             Err(e) => {
@@ -438,6 +519,9 @@ pub struct Sandbox {
     agent: Option<AgentClient>,
     boot_time: Option<Duration>,
     ready_time: Duration,
+    /// The sandbox's network stack, stopped with the sandbox.
+    #[cfg(target_os = "linux")]
+    _netstack: Option<msb_netstack::stack::NetStack>,
 }
 
 impl Sandbox {
@@ -457,6 +541,8 @@ impl Sandbox {
             volumes: Vec::new(),
             tmpfs: Vec::new(),
             rootfs: None,
+            #[cfg(target_os = "linux")]
+            network: None,
         }
     }
 

@@ -67,6 +67,13 @@ fn fs_slot(i: usize) -> u64 {
     VIRTIO_MMIO_START + MMIO_LEN * (1 + i as u64)
 }
 
+/// Interrupt line of the virtio-net device (COM2's legacy line; we have no COM2).
+pub const NET_IRQ: u32 = 3;
+/// Where the virtio-net device's registers live: after the vsock and eight virtio-fs slots.
+fn net_slot() -> u64 {
+    VIRTIO_MMIO_START + MMIO_LEN * (1 + FS_IRQS.len() as u64)
+}
+
 /// Console lines kept for error reports.
 const CONSOLE_TAIL_LINES: usize = 40;
 /// Console bytes kept in the ring.
@@ -293,6 +300,8 @@ pub struct VmBuilder {
     vsock: bool,
     vsock_uds: Option<PathBuf>,
     shares: Vec<(String, Arc<PassthroughFs>)>,
+    #[cfg(target_os = "linux")]
+    net: Option<msb_devices::virtio::net::NetDevice>,
     start: Instant,
     hypervisor: Option<Arc<dyn Hypervisor>>,
     allow_pvm_linux: bool,
@@ -333,6 +342,8 @@ impl VmBuilder {
             vsock: true,
             vsock_uds: None,
             shares: Vec::new(),
+            #[cfg(target_os = "linux")]
+            net: None,
             stop: StopHandle(Arc::new(StopState {
                 reason: Mutex::new(None),
                 boot: Mutex::new(None),
@@ -389,6 +400,13 @@ impl VmBuilder {
     }
 
     /// Give the guest a virtio-fs device serving `fs` under `tag` (`mount -t virtiofs TAG`).
+    /// Gives the guest this virtio-net card (its other end, the `NetPort`, goes to a netstack).
+    #[cfg(target_os = "linux")]
+    pub fn net(mut self, device: msb_devices::virtio::net::NetDevice) -> Self {
+        self.net = Some(device);
+        self
+    }
+
     pub fn share(mut self, tag: impl Into<String>, fs: Arc<PassthroughFs>) -> Self {
         self.shares.push((tag.into(), fs));
         self
@@ -445,7 +463,7 @@ impl VmBuilder {
     }
 
     /// Boots the VM; returns once every vCPU is created and running.
-    pub fn start(self) -> Result<RunningVm, VmError> {
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(VmError::BadCpus(self.cpus));
         }
@@ -542,6 +560,13 @@ impl VmBuilder {
                 FS_IRQS[i]
             ));
         }
+        #[cfg(target_os = "linux")]
+        if self.net.is_some() {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{NET_IRQ}",
+                net_slot()
+            ));
+        }
         write_boot_info(
             &mem,
             &BootLayout {
@@ -625,6 +650,10 @@ impl VmBuilder {
         for (i, (tag, fs)) in self.shares.iter().enumerate() {
             let device = FsDevice::new(tag, fs.clone()).map_err(VmError::BadShare)?;
             attach(Box::new(device), fs_slot(i), FS_IRQS[i])?;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(device) = self.net.take() {
+            attach(Box::new(device), net_slot(), NET_IRQ)?;
         }
         let buses = Arc::new(Buses { pio, mmio });
 

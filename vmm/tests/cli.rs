@@ -155,3 +155,35 @@ fn missing_root_file_systems() {
         "--rootfs /nonexistent/dir",
     );
 }
+
+#[test]
+fn network_policy_mistakes() {
+    let env = [
+        ("MSB_ALLOW_PVM", "1"),
+        ("MSB_ROOTFS", "initramfs"),
+        ("MSB_KERNEL", stub()),
+    ];
+    one_line_error(
+        &msb_vmm(&["run", "--net", "pubic", "--", "true"], &env),
+        125,
+        "unknown network preset \"pubic\"",
+    );
+    one_line_error(
+        &msb_vmm(&["run", "--allow", "tcp:x.com:http", "--", "true"], &env),
+        125,
+        "bad rule \"tcp:x.com:http\"",
+    );
+    let policy = std::env::temp_dir().join(format!("msb-cli-policy-{}.toml", std::process::id()));
+    std::fs::write(&policy, "preset = \"public\"\n\nalow = [\"x.com\"]\n").unwrap();
+    let out = msb_vmm(
+        &["run", "--policy", policy.to_str().unwrap(), "--", "true"],
+        &env,
+    );
+    let _ = std::fs::remove_file(&policy);
+    one_line_error(&out, 125, ".toml:3: unknown field `alow`");
+    one_line_error(
+        &msb_vmm(&["run", "--mtu", "65521", "--", "true"], &env),
+        125,
+        "--mtu 65521: use 68 to 65520",
+    );
+}

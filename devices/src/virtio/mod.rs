@@ -18,6 +18,8 @@ use crate::Interrupt;
 #[cfg(target_os = "linux")]
 pub mod fs;
 pub mod mmio;
+#[cfg(target_os = "linux")]
+pub mod net;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vsock;

@@ -126,6 +126,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     check_name(&a.name)?;
     // Validate here, so mistakes are one line from `start` rather than a log entry.
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
+    super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net)?;
     let root = state_root();
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let dir = root.join(&a.name);
@@ -182,6 +183,19 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     if let Some(h) = &a.hostname {
         cmd.arg("--hostname").arg(h);
     }
+    if let Some(p) = &a.net.net {
+        cmd.arg("--net").arg(p);
+    }
+    for r in &a.net.allow {
+        cmd.arg("--allow").arg(r);
+    }
+    for r in &a.net.deny {
+        cmd.arg("--deny").arg(r);
+    }
+    if let Some(f) = &a.net.policy {
+        cmd.arg("--policy").arg(std::fs::canonicalize(f)?);
+    }
+    cmd.arg("--mtu").arg(a.net.mtu.to_string());
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -256,6 +270,7 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = super::with_mounts(b, &a.mounts)?;
+    b = super::with_network(b, &a.net)?;
     let sb = match b.start() {
         Ok(sb) => sb,
         Err(e) => {

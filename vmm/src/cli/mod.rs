@@ -98,6 +98,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = with_mounts(b, &a.mounts)?;
+    b = with_network(b, &a.net)?;
     // Blocked before any thread starts, so every thread inherits the mask and only the
     // forwarding thread receives them.
     let signals = Signals::block();
@@ -421,6 +422,42 @@ pub fn with_mounts(
         b = b.tmpfs(path, size);
     }
     Ok(b)
+}
+
+/// Adds the network the flags describe; a bad rule, preset or policy file is one clear line.
+pub fn with_network(
+    b: msb_vmm::sandbox::SandboxBuilder,
+    n: &crate::NetArgs,
+) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
+    use msb_netstack::policy::{Action, Policy, Preset};
+    let mut policy = Policy::preset(Preset::Public);
+    if let Some(path) = &n.policy {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--policy {}: {e}", path.display()))?;
+        policy
+            .merge_file(&path.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("--policy {e}"))?;
+    }
+    if let Some(p) = &n.net {
+        policy.preset = Preset::parse(p).map_err(|e| anyhow::anyhow!("--net: {e}"))?;
+    }
+    for r in &n.deny {
+        policy.add_flag(Action::Deny, r)?;
+    }
+    for r in &n.allow {
+        policy.add_flag(Action::Allow, r)?;
+    }
+    if !(68..=65520).contains(&n.mtu) {
+        anyhow::bail!("--mtu {}: use 68 to 65520", n.mtu);
+    }
+    let airgapped =
+        policy.preset == Preset::None && !policy.rules.iter().any(|r| r.action == Action::Allow);
+    if airgapped {
+        return Ok(b);
+    }
+    let mut net = msb_vmm::sandbox::Network::new(policy);
+    net.mtu = n.mtu;
+    Ok(b.network(net))
 }
 
 /// `64m` → 64 MiB; plain numbers are bytes.

@@ -1,0 +1,400 @@
+//! virtio-net (device id 1): Ethernet frames between the guest's queues and a [`NetPort`],
+//! the bounded frame channel the netstack thread reads and writes. No offloads are offered
+//! (the netstack computes and checks every checksum itself), so each frame crosses as it is,
+//! behind the 12-byte `virtio_net_hdr_v1` the driver and we exchange (all zero from us).
+//!
+//! Back-pressure: the guest's transmit queue is drained only while the channel to the stack
+//! has room; frames for the guest wait (boundedly) for receive buffers, and are dropped past
+//! that, as a full link would.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    check_chain, read_config_bytes, ActivateError, Activation, DeviceFailure, IrqStatus, Queue,
+    VirtioDevice, INT_CONFIG, INT_VRING,
+};
+
+/// virtio device id of a network card.
+pub const DEVICE_TYPE: u32 = 1;
+/// Entries per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The header in front of every frame (virtio 1.x: `virtio_net_hdr_v1`).
+pub const HDR_LEN: usize = 12;
+/// Default and largest MTU.
+pub const DEFAULT_MTU: u16 = 1500;
+pub const MAX_MTU: u16 = 65520;
+/// Frames waiting in each direction.
+const CHANNEL_FRAMES: usize = 512;
+
+const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+const TOKEN_TO_GUEST: u64 = 3;
+const TOKEN_STACK_ROOM: u64 = 4;
+
+/// The channel between the device and the netstack.
+#[derive(Debug)]
+struct Channel {
+    to_stack: Mutex<VecDeque<Vec<u8>>>,
+    to_guest: Mutex<VecDeque<Vec<u8>>>,
+    /// Written when `to_stack` gets a frame (the stack polls it).
+    stack_evt: EventFd,
+    /// Written when `to_guest` gets a frame.
+    guest_evt: EventFd,
+    /// Written when the stack took frames from a full `to_stack`.
+    room_evt: EventFd,
+    mtu: usize,
+}
+
+/// The netstack's end of the device: frames from the guest, frames to the guest.
+#[derive(Debug, Clone)]
+pub struct NetPort {
+    ch: Arc<Channel>,
+}
+
+impl NetPort {
+    /// Polls readable when a frame from the guest may be waiting.
+    pub fn raw_fd(&self) -> RawFd {
+        self.ch.stack_evt.as_raw_fd()
+    }
+
+    /// The next frame from the guest, copied into `buf`; `None` when there is none.
+    pub fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        let mut q = self.ch.to_stack.lock().unwrap_or_else(|e| e.into_inner());
+        let was_full = q.len() >= CHANNEL_FRAMES;
+        let frame = match q.pop_front() {
+            Some(f) => f,
+            None => {
+                // Clear the readiness, then look once more (a frame may have raced in).
+                let _ = self.ch.stack_evt.read();
+                q.pop_front()?
+            }
+        };
+        drop(q);
+        if was_full {
+            let _ = self.ch.room_evt.write(1);
+        }
+        let n = frame.len().min(buf.len());
+        buf[..n].copy_from_slice(&frame[..n]);
+        Some(n)
+    }
+
+    /// Queues a frame for the guest (dropped when the guest is that far behind, or when it
+    /// is larger than the MTU allows).
+    pub fn send(&self, frame: &[u8]) {
+        if frame.len() > self.ch.mtu + 14 {
+            return;
+        }
+        let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= CHANNEL_FRAMES {
+            return;
+        }
+        q.push_back(frame.to_vec());
+        drop(q);
+        let _ = self.ch.guest_evt.write(1);
+    }
+}
+
+/// A virtio-net device.
+pub struct NetDevice {
+    mac: [u8; 6],
+    ch: Arc<Channel>,
+    worker: Option<(JoinHandle<()>, Arc<EventFd>)>,
+}
+
+impl std::fmt::Debug for NetDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetDevice")
+            .field("mac", &self.mac)
+            .field("mtu", &self.ch.mtu)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetDevice {
+    /// A card with address `mac` and `mtu` (68 to 65520), and the port the stack uses.
+    pub fn new(mac: [u8; 6], mtu: u16) -> std::io::Result<(NetDevice, NetPort)> {
+        if !(68..=MAX_MTU).contains(&mtu) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("MTU {mtu}: use 68 to {MAX_MTU}"),
+            ));
+        }
+        let ch = Arc::new(Channel {
+            to_stack: Mutex::new(VecDeque::new()),
+            to_guest: Mutex::new(VecDeque::new()),
+            stack_evt: EventFd::new(EFD_NONBLOCK)?,
+            guest_evt: EventFd::new(EFD_NONBLOCK)?,
+            room_evt: EventFd::new(EFD_NONBLOCK)?,
+            mtu: mtu.into(),
+        });
+        Ok((
+            NetDevice {
+                mac,
+                ch: ch.clone(),
+                worker: None,
+            },
+            NetPort { ch },
+        ))
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some((t, stop)) = self.worker.take() {
+            let _ = stop.write(1);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        F_MAC | F_MTU
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status u16, max_virtqueue_pairs u16, mtu u16.
+        let mut cfg = [0u8; 12];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[10..12].copy_from_slice(&(self.ch.mtu as u16).to_le_bytes());
+        read_config_bytes(&cfg, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation, _features: u64) -> Result<(), ActivateError> {
+        self.stop_worker();
+        let mut queues = a.queues.into_iter();
+        let mut next = |i| {
+            queues
+                .next()
+                .filter(|(q, _)| q.ready())
+                .ok_or(ActivateError::BadQueue(i))
+        };
+        let (rx, rx_evt) = next(RX)?;
+        let (tx, tx_evt) = next(TX)?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?);
+        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+        for (fd, token) in [
+            (rx_evt.as_raw_fd(), TOKEN_RX),
+            (tx_evt.as_raw_fd(), TOKEN_TX),
+            (stop.as_raw_fd(), TOKEN_STOP),
+            (self.ch.guest_evt.as_raw_fd(), TOKEN_TO_GUEST),
+            (self.ch.room_evt.as_raw_fd(), TOKEN_STACK_ROOM),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(ActivateError::Worker)?;
+        }
+        let mut worker = Worker {
+            mem: a.mem,
+            queues: [rx, tx],
+            evts: [rx_evt, tx_evt],
+            irq: a.irq,
+            failure: a.failure,
+            ch: self.ch.clone(),
+            epoll,
+        };
+        let t = std::thread::Builder::new()
+            .name("virtio-net".into())
+            .spawn(move || worker.run())
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some((t, stop));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.ch
+            .to_guest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+struct Worker {
+    mem: GuestMemoryMmap,
+    queues: [Queue; 2],
+    evts: [Arc<EventFd>; 2],
+    irq: Arc<IrqStatus>,
+    failure: Arc<DeviceFailure>,
+    ch: Arc<Channel>,
+    epoll: Epoll,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-net worker: epoll: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => return,
+                    TOKEN_RX => drop(self.evts[RX].read()),
+                    TOKEN_TX => drop(self.evts[TX].read()),
+                    TOKEN_TO_GUEST => drop(self.ch.guest_evt.read()),
+                    TOKEN_STACK_ROOM => drop(self.ch.room_evt.read()),
+                    _ => {}
+                }
+            }
+            if self.failure.is_failed() {
+                continue;
+            }
+            let result = self.transmit().and_then(|a| Ok(a | self.receive()?));
+            match result {
+                Ok(true) => self.irq.signal(INT_VRING),
+                Ok(false) => {}
+                Err(why) => {
+                    self.failure.fail(&format!("virtio-net: {why}"));
+                    self.irq.signal(INT_CONFIG);
+                }
+            }
+        }
+    }
+
+    /// Guest frames to the stack, while the channel has room. Returns whether to interrupt.
+    fn transmit(&mut self) -> Result<bool, String> {
+        let mem = self.mem.clone();
+        let mut used = false;
+        let max = self.ch.mtu + 14 + HDR_LEN;
+        loop {
+            if self
+                .ch
+                .to_stack
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
+                >= CHANNEL_FRAMES
+            {
+                break;
+            }
+            let chain = match self.queues[TX].iter(&mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("tx queue: {e}")),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            check_chain(&chain, self.queues[TX].size())?;
+            let mut reader =
+                Reader::new(&mem, chain).map_err(|e| format!("tx descriptors: {e}"))?;
+            let n = reader.available_bytes();
+            if n < HDR_LEN || n > max {
+                // A frame we cannot take: consume it, tell nobody (a link drops such frames).
+                tracing::debug!("virtio-net: dropping a {n}-byte transmit buffer");
+            } else {
+                let mut buf = vec![0u8; n];
+                reader
+                    .read_exact(&mut buf)
+                    .map_err(|e| format!("tx frame: {e}"))?;
+                let frame = buf.split_off(HDR_LEN);
+                self.ch
+                    .to_stack
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(frame);
+                let _ = self.ch.stack_evt.write(1);
+            }
+            self.queues[TX]
+                .add_used(&mem, head, 0)
+                .map_err(|e| format!("tx used ring: {e}"))?;
+            used = true;
+        }
+        Ok(used && self.queues[TX].needs_notification(&mem).unwrap_or(true))
+    }
+
+    /// Stack frames into the guest's receive buffers. Returns whether to interrupt.
+    fn receive(&mut self) -> Result<bool, String> {
+        let mem = self.mem.clone();
+        let mut used = false;
+        loop {
+            let Some(frame) = self
+                .ch
+                .to_guest
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                break;
+            };
+            let chain = match self.queues[RX].iter(&mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("rx queue: {e}")),
+            };
+            let Some(chain) = chain else {
+                // No buffers: keep the frame for when the guest posts some.
+                self.ch
+                    .to_guest
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_front(frame);
+                break;
+            };
+            let head = chain.head_index();
+            check_chain(&chain, self.queues[RX].size())?;
+            let mut writer =
+                Writer::new(&mem, chain).map_err(|e| format!("rx descriptors: {e}"))?;
+            let room = writer.available_bytes();
+            let len = if room < HDR_LEN + frame.len() {
+                tracing::debug!(
+                    "virtio-net: a {}-byte frame does not fit a {room}-byte buffer",
+                    frame.len()
+                );
+                0
+            } else {
+                let mut hdr = [0u8; HDR_LEN];
+                hdr[10] = 1; // num_buffers
+                writer
+                    .write_all(&hdr)
+                    .and_then(|_| writer.write_all(&frame))
+                    .map_err(|e| format!("rx frame: {e}"))?;
+                HDR_LEN + frame.len()
+            };
+            self.queues[RX]
+                .add_used(&mem, head, len as u32)
+                .map_err(|e| format!("rx used ring: {e}"))?;
+            used = true;
+        }
+        Ok(used && self.queues[RX].needs_notification(&mem).unwrap_or(true))
+    }
+}
+
+#[cfg(test)]
+mod tests;

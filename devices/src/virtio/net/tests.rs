@@ -1,0 +1,189 @@
+//! The device against a scripted driver: frames both ways, back-pressure, and drivers that
+//! break the rules.
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::virtio::testing::{Line, Ring};
+
+const MEM_SIZE: usize = 8 << 20;
+
+struct Driver {
+    mem: GuestMemoryMmap,
+    rings: Vec<Ring>,
+    evts: Vec<Arc<EventFd>>,
+    failure: Arc<DeviceFailure>,
+    device: NetDevice,
+    port: NetPort,
+}
+
+fn driver(mtu: u16) -> Driver {
+    let (mut device, port) = NetDevice::new([2, 0, 0, 0, 0, 0x15], mtu).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let rings: Vec<Ring> = [0x10000u64, 0x30000]
+        .iter()
+        .map(|&b| Ring {
+            base: b,
+            size: 64,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        })
+        .collect();
+    let evts: Vec<Arc<EventFd>> = (0..2)
+        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+        .collect();
+    let failure = Arc::new(DeviceFailure::default());
+    device
+        .activate(
+            Activation {
+                mem: mem.clone(),
+                irq: IrqStatus::new(Arc::new(Line::default())),
+                queues: rings
+                    .iter()
+                    .map(|r| r.queue())
+                    .zip(evts.iter().cloned())
+                    .collect(),
+                failure: failure.clone(),
+            },
+            1 << 32,
+        )
+        .unwrap();
+    Driver {
+        mem,
+        rings,
+        evts,
+        failure,
+        device,
+        port,
+    }
+}
+
+fn wait<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Driver {
+    /// Transmits `frame` behind a zero header at `at`.
+    fn transmit(&mut self, at: u64, frame: &[u8]) {
+        let mut buf = vec![0u8; HDR_LEN];
+        buf.extend_from_slice(frame);
+        self.mem.write_slice(&buf, GuestAddress(at)).unwrap();
+        self.rings[TX].add(&self.mem, &[(at, buf.len() as u32, false)]);
+        self.evts[TX].write(1).unwrap();
+    }
+
+    fn post_rx(&mut self, at: u64, len: u32) {
+        self.rings[RX].add(&self.mem, &[(at, len, true)]);
+        self.evts[RX].write(1).unwrap();
+    }
+}
+
+#[test]
+fn config_space_and_limits() {
+    let d = driver(9000);
+    let mut cfg = [0u8; 12];
+    d.device.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..6], &[2, 0, 0, 0, 0, 0x15]);
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000);
+    assert_eq!(d.device.features(), F_MAC | F_MTU);
+    assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 65521).is_err());
+    assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 67).is_err());
+}
+
+#[test]
+fn frames_cross_both_ways() {
+    let mut d = driver(1500);
+    let frame: Vec<u8> = (0..1514u32).map(|i| i as u8).collect();
+    d.transmit(0x100000, &frame);
+    let mut buf = vec![0u8; 2048];
+    let n = wait(|| d.port.recv(&mut buf)).expect("the frame reaches the stack");
+    assert_eq!(&buf[..n], &frame[..]);
+    assert_eq!(wait(|| d.rings[TX].take_used(&d.mem).pop()), Some((0, 0)));
+    // To the guest: waits for a buffer, then arrives behind a header with num_buffers 1.
+    d.port.send(&frame[..60]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(d.rings[RX].take_used(&d.mem).is_empty());
+    d.post_rx(0x200000, 2048);
+    let (_, len) = wait(|| d.rings[RX].take_used(&d.mem).pop()).expect("delivered");
+    assert_eq!(len as usize, HDR_LEN + 60);
+    let mut got = vec![0u8; len as usize];
+    d.mem.read_slice(&mut got, GuestAddress(0x200000)).unwrap();
+    assert_eq!(got[10], 1);
+    assert_eq!(&got[HDR_LEN..], &frame[..60]);
+    // Oversized frames are never queued for the guest.
+    d.port.send(&vec![0u8; 1515]);
+    d.post_rx(0x300000, 4096);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(d.rings[RX].take_used(&d.mem).is_empty());
+    assert!(!d.failure.is_failed());
+}
+
+#[test]
+fn the_stack_being_slow_holds_the_guest_back() {
+    let mut d = driver(1500);
+    // More frames than the channel holds: the rest stay in the guest's ring.
+    for i in 0..(CHANNEL_FRAMES as u64 + 40) {
+        d.transmit(0x100000 + (i % 32) * 0x1000, &[i as u8; 64]);
+        if i % 60 == 59 {
+            std::thread::sleep(Duration::from_millis(5));
+            // The test ring has 64 entries: wait until the device has consumed them.
+            wait(|| {
+                let u = d.rings[TX].take_used(&d.mem);
+                (!u.is_empty()).then_some(())
+            });
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let queued = d.device.ch.to_stack.lock().unwrap().len();
+    assert!(queued <= CHANNEL_FRAMES, "{queued}");
+    let mut buf = [0u8; 128];
+    let mut got = 0;
+    while wait(|| d.port.recv(&mut buf)).is_some() {
+        got += 1;
+        if got == CHANNEL_FRAMES + 40 {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        CHANNEL_FRAMES + 40,
+        "every frame arrives once there is room"
+    );
+}
+
+#[test]
+fn bad_buffers_are_dropped_or_fail_the_device() {
+    let mut d = driver(1500);
+    // Shorter than a header, and longer than the MTU: dropped, the device goes on.
+    d.mem
+        .write_slice(&[0u8; 8], GuestAddress(0x100000))
+        .unwrap();
+    d.rings[TX].add(&d.mem, &[(0x100000, 8, false)]);
+    d.rings[TX].add(&d.mem, &[(0x100000, 4000, false)]);
+    d.evts[TX].write(1).unwrap();
+    let mut used = 0;
+    assert!(wait(|| {
+        used += d.rings[TX].take_used(&d.mem).len();
+        (used >= 2).then_some(())
+    })
+    .is_some());
+    assert!(!d.failure.is_failed());
+    let mut buf = [0u8; 64];
+    assert_eq!(d.port.recv(&mut buf), None);
+    // A transmit buffer outside guest memory fails the device.
+    d.rings[TX].add(&d.mem, &[(MEM_SIZE as u64 - 4, 64, false)]);
+    d.evts[TX].write(1).unwrap();
+    assert!(wait(|| d.failure.is_failed().then_some(())).is_some());
+}
