@@ -60,8 +60,9 @@ pub fn host_resolver() -> Resolver {
     })
 }
 
-/// Receives every decision the stack takes.
-pub type DecisionHook = Arc<dyn Fn(&DecisionEvent) + Send + Sync>;
+/// Receives the audit log: one [`LogEvent`] per flow (when it ends, or when it is denied) and
+/// per DNS decision.
+pub type LogHook = Arc<dyn Fn(&LogEvent) + Send + Sync>;
 
 /// How a stack behaves.
 #[derive(Clone)]
@@ -71,8 +72,8 @@ pub struct Config {
     /// TCP connections plus UDP flows open at once; more are refused.
     pub max_flows: usize,
     pub resolver: Resolver,
-    /// Called with each decision (flows and DNS), for the audit log.
-    pub on_decision: Option<DecisionHook>,
+    /// The audit log (`--net-log`).
+    pub log: Option<LogHook>,
 }
 
 impl Default for Config {
@@ -82,7 +83,7 @@ impl Default for Config {
             mtu: DEFAULT_MTU,
             max_flows: 1024,
             resolver: host_resolver(),
-            on_decision: None,
+            log: None,
         }
     }
 }
@@ -97,15 +98,71 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// One decision the stack took, for logs.
-#[derive(Debug, Clone)]
-pub struct DecisionEvent {
-    pub proto: Proto,
-    pub dst: SocketAddr,
-    /// The names bound to the destination (or the name asked, for DNS).
+/// One line of the audit log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogEvent {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    /// `flow` or `dns`.
+    pub kind: &'static str,
+    /// `tcp` or `udp`.
+    pub proto: &'static str,
+    /// `IP:PORT` (the gateway's resolver for DNS).
+    pub dst: String,
+    /// The names bound to the destination, or the name asked.
     pub names: Vec<String>,
-    pub dns: bool,
-    pub decision: Decision,
+    /// `allowed` or `denied`.
+    pub verdict: &'static str,
+    /// What decided: the rule as written (`--allow host:8080`, `policy.toml:3`) or the preset.
+    pub rule: String,
+    /// Bytes guest → destination and destination → guest (flows).
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// How long the flow lasted.
+    pub duration_ms: u64,
+    /// Addresses answered (DNS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<String>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// What a flow's log line needs, kept from its decision to its end.
+#[derive(Debug, Clone)]
+struct Audit {
+    proto: Proto,
+    dst: SocketAddr,
+    names: Vec<String>,
+    rule: String,
+    started: StdInstant,
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
+impl Audit {
+    fn event(&self, verdict: &'static str) -> LogEvent {
+        LogEvent {
+            time: unix_now(),
+            kind: "flow",
+            proto: if self.proto == Proto::Tcp {
+                "tcp"
+            } else {
+                "udp"
+            },
+            dst: self.dst.to_string(),
+            names: self.names.clone(),
+            verdict,
+            rule: self.rule.clone(),
+            bytes_out: self.bytes_out,
+            bytes_in: self.bytes_in,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            answers: Vec::new(),
+        }
+    }
 }
 
 /// Counters, for tests and diagnostics.
@@ -156,6 +213,22 @@ impl NetStack {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Runs the stack on this thread for `rounds` non-blocking rounds over `link`, then stops:
+    /// for fuzzing (every frame the fuzzer makes goes through the same code as a guest's).
+    #[doc(hidden)]
+    pub fn drive(link: Box<dyn Link>, cfg: Config, rounds: usize) -> io::Result<Stats> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let stats = Arc::new(Stats::default());
+        let mut state = State::new(link, cfg, poll, waker, stats.clone())?;
+        let mut buf = vec![0u8; state.cfg.mtu + 14 + 4];
+        for _ in 0..rounds {
+            state.round(&mut buf)?;
+        }
+        drop(state);
+        Ok(Arc::try_unwrap(stats).unwrap_or_default())
     }
 }
 
@@ -252,6 +325,7 @@ struct TcpFlow {
     shut_wr: bool,
     pending: Vec<u8>,
     pending_off: usize,
+    audit: Audit,
 }
 
 struct UdpFlow {
@@ -261,6 +335,7 @@ struct UdpFlow {
     handle: SocketHandle,
     guest: IpEndpoint,
     last: StdInstant,
+    audit: Audit,
 }
 
 struct State {
@@ -368,21 +443,7 @@ impl State {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; self.cfg.mtu + 14 + 4];
         while !stop.load(Ordering::Relaxed) {
-            // Frames from the guest, a batch at a time.
-            for _ in 0..256 {
-                match self.link.recv(&mut buf)? {
-                    Some(n) => {
-                        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                        let frame = buf[..n].to_vec();
-                        if let Some(frame) = self.inspect(frame) {
-                            self.rx.push_back(frame);
-                        }
-                    }
-                    None => break,
-                }
-            }
-            let mut busy = self.step();
-            busy |= !self.rx.is_empty();
+            let busy = self.round(&mut buf)?;
             let timeout = if busy {
                 Some(Duration::ZERO)
             } else {
@@ -401,6 +462,24 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Takes a batch of guest frames and runs one step; whether there is more to do at once.
+    fn round(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        for _ in 0..256 {
+            match self.link.recv(buf)? {
+                Some(n) => {
+                    self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                    let frame = buf[..n.min(buf.len())].to_vec();
+                    if let Some(frame) = self.inspect(frame) {
+                        self.rx.push_back(frame);
+                    }
+                }
+                None => break,
+            }
+        }
+        let busy = self.step();
+        Ok(busy || !self.rx.is_empty())
     }
 
     /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
@@ -433,7 +512,7 @@ impl State {
         self.tcp.len() + self.udp.len()
     }
 
-    fn decide(&self, proto: Proto, dst: IpEndpoint) -> (Decision, Vec<String>) {
+    fn decide(&self, proto: Proto, dst: IpEndpoint) -> (Decision, Audit) {
         let ip = to_std(dst.addr);
         let names: Vec<String> = self
             .bindings
@@ -471,16 +550,25 @@ impl State {
                 reason: format!("connection limit ({})", self.cfg.max_flows),
             };
         }
-        if let Some(cb) = &self.cfg.on_decision {
-            cb(&DecisionEvent {
-                proto,
-                dst: SocketAddr::new(ip, dst.port),
-                names: names.clone(),
-                dns: false,
-                decision: d.clone(),
-            });
+        let audit = Audit {
+            proto,
+            dst: SocketAddr::new(ip, dst.port),
+            names,
+            rule: d.reason.clone(),
+            started: StdInstant::now(),
+            bytes_out: 0,
+            bytes_in: 0,
+        };
+        if !d.allowed {
+            self.log(audit.event("denied"));
         }
-        (d, names)
+        (d, audit)
+    }
+
+    fn log(&self, e: LogEvent) {
+        if let Some(hook) = &self.cfg.log {
+            hook(&e);
+        }
     }
 
     /// Looks at a guest frame before smoltcp does: a new TCP connection or UDP flow is
@@ -564,7 +652,7 @@ impl State {
     /// Decides a new connection; if allowed, starts the host connection and holds the SYN.
     fn open_tcp(&mut self, key: FlowKey, syn: Vec<u8>) -> Option<Vec<u8>> {
         let (guest, dst) = key;
-        let (d, _) = self.decide(Proto::Tcp, dst);
+        let (d, audit) = self.decide(Proto::Tcp, dst);
         if !d.allowed {
             tracing::debug!("netstack: tcp {dst} {d}");
             self.stats.tcp_denied.fetch_add(1, Ordering::Relaxed);
@@ -603,6 +691,7 @@ impl State {
                 shut_wr: false,
                 pending: Vec::new(),
                 pending_off: 0,
+                audit,
             },
         );
         None
@@ -625,7 +714,7 @@ impl State {
 
     fn open_udp(&mut self, key: FlowKey) {
         let (guest, dst) = key;
-        let (d, _) = self.decide(Proto::Udp, dst);
+        let (d, audit) = self.decide(Proto::Udp, dst);
         if !d.allowed {
             self.stats.udp_denied.fetch_add(1, Ordering::Relaxed);
             return;
@@ -680,6 +769,7 @@ impl State {
                 handle,
                 guest,
                 last: StdInstant::now(),
+                audit,
             },
         );
     }
@@ -750,6 +840,7 @@ impl State {
                 match f.stream.write(&f.pending[f.pending_off..]) {
                     Ok(n) => {
                         f.pending_off += n;
+                        f.audit.bytes_out += n as u64;
                         busy = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -786,6 +877,7 @@ impl State {
                     }
                     Ok(n) => {
                         let _ = s.send_slice(&tmp[..n]);
+                        f.audit.bytes_in += n as u64;
                         busy = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -805,6 +897,9 @@ impl State {
         }
         for key in dead {
             if let Some(mut f) = self.tcp.remove(&key) {
+                // A flow the host refused never carried anything; it is logged as it ends.
+                let ev = f.audit.event("allowed");
+                self.log(ev);
                 let _ = self.poll.registry().deregister(&mut f.stream);
                 let _ = f.token;
                 if let Some(h) = f.handle {
@@ -826,7 +921,9 @@ impl State {
             while let Ok((n, meta)) = s.recv_slice(&mut tmp) {
                 busy = true;
                 if let Some(f) = self.udp.get_mut(&(meta.endpoint, dst)) {
-                    let _ = f.sock.send(&tmp[..n]);
+                    if f.sock.send(&tmp[..n]).is_ok() {
+                        f.audit.bytes_out += n as u64;
+                    }
                     f.last = StdInstant::now();
                 }
             }
@@ -841,8 +938,8 @@ impl State {
                     Ok(n) => {
                         busy = true;
                         f.last = now_std;
-                        if s.can_send() {
-                            let _ = s.send_slice(&tmp[..n], f.guest);
+                        if s.can_send() && s.send_slice(&tmp[..n], f.guest).is_ok() {
+                            f.audit.bytes_in += n as u64;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -855,6 +952,8 @@ impl State {
         }
         for key in dead {
             if let Some(mut f) = self.udp.remove(&key) {
+                let ev = f.audit.event("allowed");
+                self.log(ev);
                 let _ = self.poll.registry().deregister(&mut f.sock);
                 let _ = f.token;
                 if !self.udp.values().any(|g| g.handle == f.handle) {
@@ -890,8 +989,8 @@ impl State {
                     (None, _) => Some(dns::response(&q, dns::RCODE_REFUSED, &[])),
                     (Some(name), dns::TYPE_A | dns::TYPE_AAAA) => {
                         let d = self.cfg.policy.decide_name(name);
-                        self.log_dns(name, &d);
                         if !d.allowed {
+                            self.log_dns(name, &d, &[]);
                             self.stats.dns_refused.fetch_add(1, Ordering::Relaxed);
                             Some(dns::response(&q, dns::RCODE_NXDOMAIN, &[]))
                         } else if self.resolving.load(Ordering::Relaxed) >= 64 {
@@ -927,7 +1026,8 @@ impl State {
                         if d.allowed {
                             answers.push(Answer { ip, ttl: DNS_TTL });
                         } else {
-                            self.log_dns(&name, &d);
+                            // Each refused address is a denial of its own, with its reason.
+                            self.log_dns(&name, &d, &[Answer { ip, ttl: 0 }]);
                         }
                     }
                     (0, answers)
@@ -937,6 +1037,8 @@ impl State {
             for a in &answers {
                 self.bindings.insert(&name, *a, now_std);
             }
+            let d = self.cfg.policy.decide_name(&name);
+            self.log_dns(&name, &d, &answers);
             self.stats.dns_answered.fetch_add(1, Ordering::Relaxed);
             let r = dns::response(&q, rcode, &answers);
             let s = self.sockets.get_mut::<udp::Socket>(handle);
@@ -945,17 +1047,21 @@ impl State {
         busy
     }
 
-    fn log_dns(&self, name: &str, d: &Decision) {
+    fn log_dns(&self, name: &str, d: &Decision, answers: &[Answer]) {
         tracing::debug!("netstack: dns {name}: {d}");
-        if let Some(cb) = &self.cfg.on_decision {
-            cb(&DecisionEvent {
-                proto: Proto::Udp,
-                dst: SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53),
-                names: vec![name.to_string()],
-                dns: true,
-                decision: d.clone(),
-            });
-        }
+        self.log(LogEvent {
+            time: unix_now(),
+            kind: "dns",
+            proto: "udp",
+            dst: SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53).to_string(),
+            names: vec![name.to_string()],
+            verdict: if d.allowed { "allowed" } else { "denied" },
+            rule: d.reason.clone(),
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            answers: answers.iter().map(|a| a.ip.to_string()).collect(),
+        });
     }
 
     /// Resolves on a thread of its own (the host resolver blocks), with a deadline.
@@ -977,6 +1083,21 @@ impl State {
             });
         if spawned.is_err() {
             self.resolving.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for State {
+    /// Flows still open when the sandbox stops get their log lines too.
+    fn drop(&mut self) {
+        let events: Vec<LogEvent> = self
+            .tcp
+            .values()
+            .map(|f| f.audit.event("allowed"))
+            .chain(self.udp.values().map(|f| f.audit.event("allowed")))
+            .collect();
+        for e in events {
+            self.log(e);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use msb_devices::net::tap::Tap;
 use msb_netstack::policy::{Action, Policy, Preset};
-use msb_netstack::stack::{Config, Link, NetStack};
+use msb_netstack::stack::{Config, Link, LogEvent, NetStack};
 
 struct TapLink(Tap);
 
@@ -34,6 +34,7 @@ impl Link for TapLink {
 struct Sandbox {
     ns: String,
     stack: Option<NetStack>,
+    log: Arc<std::sync::Mutex<Vec<LogEvent>>>,
 }
 
 impl Drop for Sandbox {
@@ -78,9 +79,11 @@ fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
         "nameserver 10.0.2.2\noptions timeout:2 attempts:1\n",
     )
     .unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut sb = Sandbox {
         ns: ns.clone(),
         stack: None,
+        log: log.clone(),
     };
     let tap = Tap::open(
         "tap0",
@@ -133,6 +136,9 @@ fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
                 Ok(ips)
             }
         }),
+        log: Some(Arc::new(move |e: &LogEvent| {
+            log.lock().unwrap().push(e.clone())
+        })),
         ..Config::default()
     };
     sb.stack = Some(NetStack::spawn(Box::new(TapLink(tap)), cfg).unwrap());
@@ -140,6 +146,12 @@ fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
 }
 
 impl Sandbox {
+    /// Stops the stack (logging the flows still open) and returns the audit log.
+    fn stop(&mut self) -> Vec<LogEvent> {
+        self.stack.take();
+        self.log.lock().unwrap().clone()
+    }
+
     /// Runs python3 code in the namespace (the guest's side).
     fn py(&self, code: &str) -> Output {
         Command::new("ip")
@@ -236,7 +248,7 @@ fn dns_answers_nxdomain_and_rebinding() {
     p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
         .unwrap();
     p.add_flag(Action::Deny, "*.blocked.test").unwrap();
-    let sb = sandbox(
+    let mut sb = sandbox(
         p,
         &[
             ("ads.blocked.test", "93.184.215.14"),
@@ -264,6 +276,21 @@ for n in ["public.test", "ads.blocked.test", "evil.test", "missing.test", "gw.te
     );
     // A domain bound by the sandbox's own lookup.
     assert_eq!(connect(&sb, "gw.test", port, 1000), "echoed 1000 True");
+    let log = sb.stop();
+    let dns = |name: &str, verdict: &str| {
+        log.iter()
+            .find(|e| e.kind == "dns" && e.names == [name] && e.verdict == verdict)
+            .unwrap_or_else(|| panic!("no {verdict} line for {name}: {log:#?}"))
+    };
+    assert_eq!(
+        dns("ads.blocked.test", "denied").rule,
+        "--deny *.blocked.test"
+    );
+    assert!(dns("evil.test", "denied").rule.contains("rebinding"));
+    assert_eq!(dns("public.test", "allowed").answers, ["93.184.215.14"]);
+    let flow = log.iter().find(|e| e.kind == "flow").unwrap();
+    assert_eq!(flow.names, ["gw.test"]);
+    assert_eq!((flow.bytes_out, flow.bytes_in), (1000, 1000));
 }
 
 #[test]

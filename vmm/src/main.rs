@@ -116,6 +116,9 @@ struct NetArgs {
     /// Link MTU (68 to 65520).
     #[arg(long, value_name = "BYTES", default_value_t = 1500)]
     mtu: u16,
+    /// Append one JSON line per flow and per DNS decision to FILE (the audit log).
+    #[arg(long, value_name = "FILE")]
+    net_log: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

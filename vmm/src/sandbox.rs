@@ -111,18 +111,35 @@ pub struct SandboxBuilder {
 /// A sandbox's network: a virtio-net card whose every packet ends in our netstack, which
 /// decides by `policy` and relays allowed flows over host sockets (see `msb_netstack`).
 #[cfg(target_os = "linux")]
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Network {
     pub policy: msb_netstack::policy::Policy,
     /// Link MTU (68 to 65520; default 1500).
     pub mtu: u16,
+    /// The audit log: every flow and DNS decision.
+    pub log: Option<msb_netstack::stack::LogHook>,
+}
+
+#[cfg(target_os = "linux")]
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("policy", &self.policy)
+            .field("mtu", &self.mtu)
+            .field("log", &self.log.is_some())
+            .finish()
+    }
 }
 
 #[cfg(target_os = "linux")]
 impl Network {
     /// The default: the `public` preset, MTU 1500.
     pub fn new(policy: msb_netstack::policy::Policy) -> Network {
-        Network { policy, mtu: 1500 }
+        Network {
+            policy,
+            mtu: 1500,
+            log: None,
+        }
     }
 }
 
@@ -403,6 +420,7 @@ impl SandboxBuilder {
                     msb_netstack::stack::Config {
                         policy: net.policy.clone(),
                         mtu: net.mtu.into(),
+                        log: net.log.clone(),
                         ..Default::default()
                     },
                 )

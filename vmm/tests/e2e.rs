@@ -994,10 +994,14 @@ fn the_network_reaches_only_what_the_policy_allows() {
         text(&out.stderr)
     );
     let allow = format!("tcp:host:{port}");
+    let log = std::env::temp_dir().join(format!("msb-e2e-netlog-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
     let out = msb_vmm(&[
         "run",
         "--allow",
         &allow,
+        "--net-log",
+        log.to_str().unwrap(),
         "--",
         "sh",
         "-c",
@@ -1010,6 +1014,17 @@ fn the_network_reaches_only_what_the_policy_allows() {
         "stderr: {}",
         text(&out.stderr)
     );
+    // The audit log has the flow, its rule and the bytes each way.
+    let lines = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let flow: serde_json::Value = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|v: &serde_json::Value| v["kind"] == "flow")
+        .unwrap_or_else(|| panic!("no flow line in {lines:?}"));
+    assert_eq!(flow["verdict"], "allowed");
+    assert_eq!(flow["rule"], format!("--allow {allow}"));
+    assert!(flow["bytes_in"].as_u64().unwrap() > 1 << 20, "{flow}");
     let out = msb_vmm(&["run", "--net", "none", "--", "ls", "/sys/class/net"]);
     assert_eq!(text(&out.stdout), "lo\n", "stderr: {}", text(&out.stderr));
 }

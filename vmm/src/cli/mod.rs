@@ -457,7 +457,30 @@ pub fn with_network(
     }
     let mut net = msb_vmm::sandbox::Network::new(policy);
     net.mtu = n.mtu;
+    if let Some(path) = &n.net_log {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("--net-log {}: {e}", path.display()))?;
+        net.log = Some(json_lines(file));
+    }
     Ok(b.network(net))
+}
+
+/// An audit-log hook writing one JSON object per line, each line in one write (so lines from
+/// concurrent sandboxes appending to one file never interleave).
+fn json_lines(file: std::fs::File) -> msb_netstack::stack::LogHook {
+    let file = std::sync::Mutex::new(file);
+    std::sync::Arc::new(move |e: &msb_netstack::stack::LogEvent| {
+        if let Ok(mut line) = serde_json::to_vec(e) {
+            line.push(b'\n');
+            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(err) = std::io::Write::write_all(&mut *f, &line) {
+                tracing::warn!("--net-log: {err}");
+            }
+        }
+    })
 }
 
 /// `64m` → 64 MiB; plain numbers are bytes.
