@@ -44,7 +44,20 @@ impl Agent {
     }
 
     fn client(&self) -> AgentClient {
-        let s = UnixStream::connect(self.dir.join("agent.sock")).unwrap();
+        // The socket file appears at bind(), a moment before listen(): retry a refusal.
+        let t = Instant::now();
+        let s = loop {
+            match UnixStream::connect(self.dir.join("agent.sock")) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && t.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("connecting to the agent: {e}"),
+            }
+        };
         AgentClient::connect(s, Duration::from_secs(10)).unwrap()
     }
 }

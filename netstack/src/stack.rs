@@ -65,7 +65,6 @@ pub fn host_resolver() -> Resolver {
 pub type LogHook = Arc<dyn Fn(&LogEvent) + Send + Sync>;
 
 /// How a stack behaves.
-#[derive(Clone)]
 pub struct Config {
     pub policy: Policy,
     pub mtu: usize,
@@ -74,6 +73,27 @@ pub struct Config {
     pub resolver: Resolver,
     /// The audit log (`--net-log`).
     pub log: Option<LogHook>,
+    /// Host ports forwarded into the guest (`--publish`).
+    pub publish: Vec<Published>,
+}
+
+/// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
+/// is an error before the sandbox boots).
+#[derive(Debug)]
+pub enum Published {
+    /// Each connection accepted here is a connection from the gateway to `guest_port`.
+    Tcp {
+        listener: std::net::TcpListener,
+        guest_port: u16,
+        /// The flag as written, for the audit log.
+        spec: String,
+    },
+    /// Each peer sending here gets its own flow to `guest_port`.
+    Udp {
+        socket: std::net::UdpSocket,
+        guest_port: u16,
+        spec: String,
+    },
 }
 
 impl Default for Config {
@@ -84,6 +104,7 @@ impl Default for Config {
             max_flows: 1024,
             resolver: host_resolver(),
             log: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -246,6 +267,8 @@ const LINK: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_FLOW: usize = 2;
 const TCP_BUFFER: usize = 64 << 10;
+/// Gateway ports for flows into the guest (published ports).
+const EPHEMERAL_FIRST: u16 = 49152;
 /// How long a guest's SYN waits for the host connection before it is refused.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -338,6 +361,14 @@ struct UdpFlow {
     audit: Audit,
 }
 
+/// A published UDP port: each host peer is a flow from its own gateway port to the guest.
+struct UdpPublish {
+    sock: UdpSocket,
+    guest_port: u16,
+    spec: String,
+    peers: HashMap<SocketAddr, (SocketHandle, StdInstant, Audit)>,
+}
+
 struct State {
     link: Box<dyn Link>,
     cfg: Config,
@@ -354,6 +385,9 @@ struct State {
     dns_socks: Vec<SocketHandle>,
     bindings: Bindings,
     next_token: usize,
+    tcp_publish: Vec<(mio::net::TcpListener, u16, String)>,
+    udp_publish: Vec<UdpPublish>,
+    next_port: u16,
     resolved: mpsc::Receiver<Resolved>,
     resolved_tx: mpsc::Sender<Resolved>,
     resolving: Arc<AtomicU64>,
@@ -418,6 +452,42 @@ impl State {
             dns_socks.push(sockets.add(s));
         }
         let (resolved_tx, resolved) = mpsc::channel();
+        let mut cfg = cfg;
+        let mut next_token = FIRST_FLOW;
+        let (mut tcp_publish, mut udp_publish) = (Vec::new(), Vec::new());
+        for p in std::mem::take(&mut cfg.publish) {
+            let token = Token(next_token);
+            next_token += 1;
+            match p {
+                Published::Tcp {
+                    listener,
+                    guest_port,
+                    spec,
+                } => {
+                    listener.set_nonblocking(true)?;
+                    let mut l = mio::net::TcpListener::from_std(listener);
+                    poll.registry()
+                        .register(&mut l, token, Interest::READABLE)?;
+                    tcp_publish.push((l, guest_port, spec));
+                }
+                Published::Udp {
+                    socket,
+                    guest_port,
+                    spec,
+                } => {
+                    socket.set_nonblocking(true)?;
+                    let mut sock = UdpSocket::from_std(socket);
+                    poll.registry()
+                        .register(&mut sock, token, Interest::READABLE)?;
+                    udp_publish.push(UdpPublish {
+                        sock,
+                        guest_port,
+                        spec,
+                        peers: HashMap::new(),
+                    });
+                }
+            }
+        }
         Ok(State {
             link,
             cfg,
@@ -432,7 +502,10 @@ impl State {
             udp: HashMap::new(),
             dns_socks,
             bindings: Bindings::new(4096),
-            next_token: FIRST_FLOW,
+            next_token,
+            tcp_publish,
+            udp_publish,
+            next_port: EPHEMERAL_FIRST,
             resolved,
             resolved_tx,
             resolving: Arc::new(AtomicU64::new(0)),
@@ -491,6 +564,8 @@ impl State {
         };
         self.iface.poll(now(), &mut phy, &mut self.sockets);
         let mut busy = self.serve_dns();
+        busy |= self.accept_published();
+        busy |= self.relay_published_udp();
         busy |= self.relay_tcp();
         busy |= self.relay_udp();
         let mut phy = Phy {
@@ -509,7 +584,13 @@ impl State {
     }
 
     fn flows(&self) -> usize {
-        self.tcp.len() + self.udp.len()
+        self.tcp.len()
+            + self.udp.len()
+            + self
+                .udp_publish
+                .iter()
+                .map(|p| p.peers.len())
+                .sum::<usize>()
     }
 
     fn decide(&self, proto: Proto, dst: IpEndpoint) -> (Decision, Audit) {
@@ -772,6 +853,189 @@ impl State {
                 audit,
             },
         );
+    }
+
+    /// A gateway port no flow into the guest uses.
+    fn ephemeral(&mut self) -> u16 {
+        loop {
+            let p = self.next_port;
+            self.next_port = if p == u16::MAX {
+                EPHEMERAL_FIRST
+            } else {
+                p + 1
+            };
+            let used = self
+                .tcp
+                .keys()
+                .any(|(_, l)| l.port == p && is_gateway(l.addr))
+                || self
+                    .udp_publish
+                    .iter()
+                    .flat_map(|u| u.peers.values())
+                    .any(|(h, _, _)| self.sockets.get::<udp::Socket>(*h).endpoint().port == p);
+            if !used {
+                return p;
+            }
+        }
+    }
+
+    /// Connections to published TCP ports become connections from the gateway to the guest.
+    fn accept_published(&mut self) -> bool {
+        let mut busy = false;
+        for i in 0..self.tcp_publish.len() {
+            loop {
+                let (mut stream, peer) = match self.tcp_publish[i].0.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::debug!("netstack: accepting on a published port: {e}");
+                        break;
+                    }
+                };
+                busy = true;
+                let (guest_port, spec) = (self.tcp_publish[i].1, self.tcp_publish[i].2.clone());
+                let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), guest_port);
+                let mut audit = Audit {
+                    proto: Proto::Tcp,
+                    dst: SocketAddr::new(IpAddr::V4(addr::GUEST_V4), guest_port),
+                    names: vec![format!("published from {peer}")],
+                    rule: spec,
+                    started: StdInstant::now(),
+                    bytes_out: 0,
+                    bytes_in: 0,
+                };
+                if self.flows() >= self.cfg.max_flows {
+                    audit.rule = format!("connection limit ({})", self.cfg.max_flows);
+                    self.log(audit.event("denied"));
+                    continue;
+                }
+                let port = self.ephemeral();
+                let mut s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+                );
+                s.set_nagle_enabled(false);
+                let local = IpListenEndpoint {
+                    addr: Some(IpAddress::Ipv4(addr::GATEWAY_V4)),
+                    port,
+                };
+                if s.connect(self.iface.context(), guest, local).is_err() {
+                    continue;
+                }
+                let token = self.token();
+                if self
+                    .poll
+                    .registry()
+                    .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                    .is_err()
+                {
+                    continue;
+                }
+                let handle = self.sockets.add(s);
+                self.tcp.insert(
+                    (
+                        guest,
+                        IpEndpoint::new(IpAddress::Ipv4(addr::GATEWAY_V4), port),
+                    ),
+                    TcpFlow {
+                        handle: Some(handle),
+                        syn: None,
+                        since: StdInstant::now(),
+                        stream,
+                        token,
+                        connected: true,
+                        established: false,
+                        host_eof: false,
+                        shut_wr: false,
+                        pending: Vec::new(),
+                        pending_off: 0,
+                        audit,
+                    },
+                );
+            }
+        }
+        busy
+    }
+
+    /// Datagrams to published UDP ports, and the guest's answers back to each peer.
+    fn relay_published_udp(&mut self) -> bool {
+        let mut busy = false;
+        let mut tmp = vec![0u8; 65536];
+        for i in 0..self.udp_publish.len() {
+            // Host peers to the guest.
+            while let Ok((n, peer)) = self.udp_publish[i].sock.recv_from(&mut tmp) {
+                busy = true;
+                if !self.udp_publish[i].peers.contains_key(&peer) {
+                    if self.flows() >= self.cfg.max_flows {
+                        continue;
+                    }
+                    let port = self.ephemeral();
+                    let mut s = udp::Socket::new(
+                        udp::PacketBuffer::new(
+                            vec![udp::PacketMetadata::EMPTY; 64],
+                            vec![0; 64 << 10],
+                        ),
+                        udp::PacketBuffer::new(
+                            vec![udp::PacketMetadata::EMPTY; 64],
+                            vec![0; 64 << 10],
+                        ),
+                    );
+                    if s.bind(IpListenEndpoint {
+                        addr: Some(IpAddress::Ipv4(addr::GATEWAY_V4)),
+                        port,
+                    })
+                    .is_err()
+                    {
+                        continue;
+                    }
+                    let handle = self.sockets.add(s);
+                    let p = &mut self.udp_publish[i];
+                    let audit = Audit {
+                        proto: Proto::Udp,
+                        dst: SocketAddr::new(IpAddr::V4(addr::GUEST_V4), p.guest_port),
+                        names: vec![format!("published from {peer}")],
+                        rule: p.spec.clone(),
+                        started: StdInstant::now(),
+                        bytes_out: 0,
+                        bytes_in: 0,
+                    };
+                    p.peers.insert(peer, (handle, StdInstant::now(), audit));
+                }
+                let p = &mut self.udp_publish[i];
+                let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), p.guest_port);
+                if let Some((handle, last, audit)) = p.peers.get_mut(&peer) {
+                    let s = self.sockets.get_mut::<udp::Socket>(*handle);
+                    if s.send_slice(&tmp[..n], guest).is_ok() {
+                        audit.bytes_in += n as u64;
+                    }
+                    *last = StdInstant::now();
+                }
+            }
+            // The guest's answers to each peer; idle peers expire.
+            let now_std = StdInstant::now();
+            let mut expired = Vec::new();
+            let p = &mut self.udp_publish[i];
+            for (peer, (handle, last, audit)) in p.peers.iter_mut() {
+                let s = self.sockets.get_mut::<udp::Socket>(*handle);
+                while let Ok((n, _)) = s.recv_slice(&mut tmp) {
+                    busy = true;
+                    *last = now_std;
+                    if p.sock.send_to(&tmp[..n], *peer).is_ok() {
+                        audit.bytes_out += n as u64;
+                    }
+                }
+                if now_std.duration_since(*last) > Duration::from_secs(60) {
+                    expired.push(*peer);
+                }
+            }
+            for peer in expired {
+                if let Some((handle, _, audit)) = self.udp_publish[i].peers.remove(&peer) {
+                    self.sockets.remove(handle);
+                    self.log(audit.event("allowed"));
+                }
+            }
+        }
+        busy
     }
 
     fn relay_tcp(&mut self) -> bool {
@@ -1095,6 +1359,11 @@ impl Drop for State {
             .values()
             .map(|f| f.audit.event("allowed"))
             .chain(self.udp.values().map(|f| f.audit.event("allowed")))
+            .chain(
+                self.udp_publish
+                    .iter()
+                    .flat_map(|p| p.peers.values().map(|(_, _, a)| a.event("allowed"))),
+            )
             .collect();
         for e in events {
             self.log(e);

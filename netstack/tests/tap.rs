@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use msb_devices::net::tap::Tap;
 use msb_netstack::policy::{Action, Policy, Preset};
-use msb_netstack::stack::{Config, Link, LogEvent, NetStack};
+use msb_netstack::stack::{Config, Link, LogEvent, NetStack, Published};
 
 struct TapLink(Tap);
 
@@ -59,6 +59,18 @@ fn ip(args: &[&str]) {
 }
 
 fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
+    sandbox_with(policy, names, Vec::new())
+}
+
+fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>) -> Sandbox {
+    // MSB_LOG=debug shows the stack's decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -139,6 +151,7 @@ fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
         log: Some(Arc::new(move |e: &LogEvent| {
             log.lock().unwrap().push(e.clone())
         })),
+        publish,
         ..Config::default()
     };
     sb.stack = Some(NetStack::spawn(Box::new(TapLink(tap)), cfg).unwrap());
@@ -325,4 +338,115 @@ except (socket.timeout, ConnectionRefusedError):
     let out = stdout(&sb.py(&code));
     assert!(out.contains("ping0") && out.contains("ping19"), "{out}");
     assert!(out.contains("resolver denied"), "{out}");
+}
+
+/// Host ports published into the guest: TCP (a stream checksummed both ways) and UDP, with no
+/// egress allowed at all (publishing is inbound).
+#[test]
+fn published_ports_reach_the_guest() {
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (tport, uport) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let mut sb = sandbox_with(
+        Policy::preset(Preset::None),
+        &[],
+        vec![
+            Published::Tcp {
+                listener: tcp,
+                guest_port: 7000,
+                spec: format!("--publish {tport}:7000"),
+            },
+            Published::Udp {
+                socket: udp,
+                guest_port: 7001,
+                spec: format!("--publish {uport}:7001/udp"),
+            },
+        ],
+    );
+    // Echo servers in the guest (killed however the test ends).
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Command::new("ip")
+        .args(["netns", "exec", &sb.ns, "python3", "-c"])
+        .arg(
+            r#"
+import socket, threading
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", 7000)); t.listen(8)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 7001))
+def udp():
+    while True:
+        d, a = u.recvfrom(2048); u.sendto(d.upper(), a)
+threading.Thread(target=udp, daemon=True).start()
+while True:
+    c, _ = t.accept()
+    def serve(c):
+        while True:
+            b = c.recv(65536)
+            if not b: break
+            c.sendall(b)
+        c.close()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#,
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(server);
+    let size: u32 = std::env::var("PUBLISH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4 << 20);
+    let data: Vec<u8> = (0..size).map(|i| (i * 13 + 7) as u8).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let echoed = loop {
+        let attempt = (|| -> io::Result<Vec<u8>> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", tport))?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            c.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+            let mut w = c.try_clone()?;
+            let d = data.clone();
+            let writer = std::thread::spawn(move || {
+                let r = w.write_all(&d);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+                r
+            });
+            let mut got = Vec::new();
+            c.read_to_end(&mut got)?;
+            writer.join().unwrap()?;
+            Ok(got)
+        })();
+        match attempt {
+            Ok(got) if !got.is_empty() => break got,
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Ok(got) => panic!("no echo through the published port: {} bytes", got.len()),
+            Err(e) => panic!("no echo through the published port: {e}"),
+        }
+    };
+    assert!(echoed == data, "{} bytes back", echoed.len());
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    c.send_to(b"hello", ("127.0.0.1", uport)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = c.recv_from(&mut buf).expect("a UDP answer from the guest");
+    assert_eq!(&buf[..n], b"HELLO");
+    drop(server);
+    let log = sb.stop();
+    let flow = log
+        .iter()
+        .find(|e| e.kind == "flow" && e.proto == "tcp" && e.bytes_out == 4 << 20)
+        .unwrap_or_else(|| panic!("no line for the published stream: {log:#?}"));
+    assert_eq!(flow.rule, format!("--publish {tport}:7000"));
 }

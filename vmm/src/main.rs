@@ -116,6 +116,14 @@ struct NetArgs {
     /// Link MTU (68 to 65520).
     #[arg(long, value_name = "BYTES", default_value_t = 1500)]
     mtu: u16,
+    /// Forward host port HOSTPORT (on HOSTIP, default 127.0.0.1) to the guest's GUESTPORT
+    /// (repeatable); a port in use is an error before boot.
+    #[arg(
+        long = "publish",
+        short = 'p',
+        value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/udp]"
+    )]
+    publish: Vec<String>,
     /// Append one JSON line per flow and per DNS decision to FILE (the audit log).
     #[arg(long, value_name = "FILE")]
     net_log: Option<PathBuf>,

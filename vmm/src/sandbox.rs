@@ -118,6 +118,81 @@ pub struct Network {
     pub mtu: u16,
     /// The audit log: every flow and DNS decision.
     pub log: Option<msb_netstack::stack::LogHook>,
+    /// Host ports forwarded to the guest.
+    pub publish: Vec<Publish>,
+}
+
+/// A host port forwarded to a guest port (`--publish`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub host: std::net::SocketAddr,
+    pub guest_port: u16,
+    pub udp: bool,
+}
+
+impl Publish {
+    /// Parses `[HOSTIP:]HOSTPORT:GUESTPORT[/udp|/tcp]`; HOSTIP defaults to 127.0.0.1 and an
+    /// IPv6 one goes in brackets (`[::1]:8080:80`).
+    pub fn parse(spec: &str) -> Result<Publish, SandboxError> {
+        let bad = || {
+            SandboxError::Network(format!(
+                "--publish {spec}: use [HOSTIP:]HOSTPORT:GUESTPORT[/udp], e.g. 8080:80"
+            ))
+        };
+        let (rest, udp) = match spec.rsplit_once('/') {
+            Some((r, "udp")) => (r, true),
+            Some((r, "tcp")) => (r, false),
+            Some(_) => return Err(bad()),
+            None => (spec, false),
+        };
+        let (rest, guest) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let port = |p: &str| -> Option<u16> {
+            (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse().ok())
+                .flatten()
+                .filter(|p| *p != 0)
+        };
+        let guest_port = port(guest).ok_or_else(bad)?;
+        let (ip, host_port) = match rest.rsplit_once(':') {
+            Some((ip, hp)) => {
+                let ip = ip
+                    .strip_prefix('[')
+                    .and_then(|i| i.strip_suffix(']'))
+                    .unwrap_or(ip);
+                (ip.parse().map_err(|_| bad())?, port(hp).ok_or_else(bad)?)
+            }
+            None => (
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                port(rest).ok_or_else(bad)?,
+            ),
+        };
+        Ok(Publish {
+            host: std::net::SocketAddr::new(ip, host_port),
+            guest_port,
+            udp,
+        })
+    }
+
+    fn bind(&self) -> Result<msb_netstack::stack::Published, SandboxError> {
+        let proto = if self.udp { "/udp" } else { "" };
+        let spec = format!("--publish {}:{}{proto}", self.host, self.guest_port);
+        let taken = |e: std::io::Error| {
+            SandboxError::Network(format!("{spec}: cannot listen on {}: {e}", self.host))
+        };
+        Ok(if self.udp {
+            msb_netstack::stack::Published::Udp {
+                socket: std::net::UdpSocket::bind(self.host).map_err(taken)?,
+                guest_port: self.guest_port,
+                spec,
+            }
+        } else {
+            msb_netstack::stack::Published::Tcp {
+                listener: std::net::TcpListener::bind(self.host).map_err(taken)?,
+                guest_port: self.guest_port,
+                spec,
+            }
+        })
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -127,6 +202,7 @@ impl std::fmt::Debug for Network {
             .field("policy", &self.policy)
             .field("mtu", &self.mtu)
             .field("log", &self.log.is_some())
+            .field("publish", &self.publish)
             .finish()
     }
 }
@@ -139,6 +215,7 @@ impl Network {
             policy,
             mtu: 1500,
             log: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -421,6 +498,11 @@ impl SandboxBuilder {
                         policy: net.policy.clone(),
                         mtu: net.mtu.into(),
                         log: net.log.clone(),
+                        publish: net
+                            .publish
+                            .iter()
+                            .map(Publish::bind)
+                            .collect::<Result<_, _>>()?,
                         ..Default::default()
                     },
                 )
@@ -860,6 +942,32 @@ mod tests {
             "/a:/b:ro:x",
         ] {
             assert!(Volume::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn publish_specs() {
+        let p = Publish::parse("8080:80").unwrap();
+        assert_eq!(
+            (p.host.to_string(), p.guest_port, p.udp),
+            ("127.0.0.1:8080".into(), 80, false)
+        );
+        let p = Publish::parse("0.0.0.0:5353:53/udp").unwrap();
+        assert_eq!((p.host.to_string(), p.udp), ("0.0.0.0:5353".into(), true));
+        let p = Publish::parse("[::1]:8443:443/tcp").unwrap();
+        assert_eq!(p.host.to_string(), "[::1]:8443");
+        for bad in [
+            "80",
+            "0:80",
+            "8080:0",
+            "8080:80/sctp",
+            "x:80:80",
+            "8080:+80",
+            ":80",
+            "70000:80",
+        ] {
+            assert!(Publish::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -187,3 +187,27 @@ fn network_policy_mistakes() {
         "--mtu 65521: use 68 to 65520",
     );
 }
+
+#[test]
+fn publish_mistakes_are_caught_before_boot() {
+    let env = [
+        ("MSB_ALLOW_PVM", "1"),
+        ("MSB_ROOTFS", "initramfs"),
+        ("MSB_KERNEL", stub()),
+    ];
+    one_line_error(
+        &msb_vmm(&["run", "--publish", "80", "--", "true"], &env),
+        125,
+        "--publish 80: use [HOSTIP:]HOSTPORT:GUESTPORT[/udp]",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    one_line_error(
+        &msb_vmm(
+            &["run", "--publish", &format!("{port}:80"), "--", "true"],
+            &env,
+        ),
+        125,
+        &format!("cannot listen on 127.0.0.1:{port}"),
+    );
+}

@@ -1028,3 +1028,62 @@ fn the_network_reaches_only_what_the_policy_allows() {
     let out = msb_vmm(&["run", "--net", "none", "--", "ls", "/sys/class/net"]);
     assert_eq!(text(&out.stdout), "lo\n", "stderr: {}", text(&out.stderr));
 }
+
+/// `--publish`: a host port forwarded to a server in the guest (busybox httpd), with no
+/// egress allowed at all.
+#[test]
+fn published_ports_reach_a_server_in_the_guest() {
+    let _w = watchdog("published_ports_reach_a_server_in_the_guest");
+    check_host();
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+            .args([
+                "run",
+                "--net",
+                "none",
+                "--publish",
+                &format!("{port}:7000"),
+                "--",
+                "sh",
+                "-c",
+                "echo published-page > /tmp/index.html && httpd -p 7000 -h /tmp && sleep 600",
+            ])
+            .env("MSB_ROOTFS", "initramfs")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("msb-vmm runs"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let page = loop {
+        let got = (|| -> std::io::Result<String> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+            c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut s = String::new();
+            c.read_to_string(&mut s)?;
+            Ok(s)
+        })();
+        match got {
+            Ok(s) if s.contains("published-page") => break s,
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500))
+            }
+            other => panic!("no page through the published port: {other:?}"),
+        }
+    };
+    assert!(page.starts_with("HTTP/1.") && page.contains(" 200 OK"), "{page}");
+    drop(child);
+}

@@ -196,6 +196,9 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         cmd.arg("--policy").arg(std::fs::canonicalize(f)?);
     }
     cmd.arg("--mtu").arg(a.net.mtu.to_string());
+    for p in &a.net.publish {
+        cmd.arg("--publish").arg(p);
+    }
     if let Some(f) = &a.net.net_log {
         // Absolute: the sandbox process may not share our working directory.
         cmd.arg("--net-log").arg(std::env::current_dir()?.join(f));

@@ -450,13 +450,21 @@ pub fn with_network(
     if !(68..=65520).contains(&n.mtu) {
         anyhow::bail!("--mtu {}: use 68 to 65520", n.mtu);
     }
-    let airgapped =
-        policy.preset == Preset::None && !policy.rules.iter().any(|r| r.action == Action::Allow);
+    let publish = n
+        .publish
+        .iter()
+        .map(|p| msb_vmm::sandbox::Publish::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    // `--net none` with nothing allowed and nothing published: no network card at all.
+    let airgapped = policy.preset == Preset::None
+        && !policy.rules.iter().any(|r| r.action == Action::Allow)
+        && publish.is_empty();
     if airgapped {
         return Ok(b);
     }
     let mut net = msb_vmm::sandbox::Network::new(policy);
     net.mtu = n.mtu;
+    net.publish = publish;
     if let Some(path) = &n.net_log {
         let file = std::fs::OpenOptions::new()
             .create(true)
