@@ -1084,6 +1084,9 @@ fn published_ports_reach_a_server_in_the_guest() {
             other => panic!("no page through the published port: {other:?}"),
         }
     };
-    assert!(page.starts_with("HTTP/1.") && page.contains(" 200 OK"), "{page}");
+    assert!(
+        page.starts_with("HTTP/1.") && page.contains(" 200 OK"),
+        "{page}"
+    );
     drop(child);
 }
