@@ -450,3 +450,47 @@ while True:
         .unwrap_or_else(|| panic!("no line for the published stream: {log:#?}"));
     assert_eq!(flow.rule, format!("--publish {tport}:7000"));
 }
+
+/// A thousand connections open at once through the stack, each echoed; then the flow limit
+/// refuses what is over it instead of growing without bound.
+#[test]
+fn a_thousand_concurrent_connections_and_the_flow_limit() {
+    let port = echo_server();
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    let sb = sandbox(p, &[]);
+    let code = format!(
+        r#"
+import socket, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+socks = []
+for i in range(1000):
+    s = socket.create_connection(("10.0.2.2", {port}), timeout=20)
+    socks.append(s)
+for i, s in enumerate(socks):
+    s.sendall(b"conn%d\n" % i)
+ok = 0
+for i, s in enumerate(socks):
+    want = b"conn%d\n" % i
+    got = b""
+    while len(got) < len(want):
+        b = s.recv(64)
+        if not b: break
+        got += b
+    ok += got == want
+print("echoed", ok)
+refused = 0
+extra = []
+for i in range(100):
+    try:
+        extra.append(socket.create_connection(("10.0.2.2", {port}), timeout=5))
+    except OSError:
+        refused += 1
+print("over the limit refused", refused > 0)
+"#
+    );
+    let out = stdout(&sb.py(&code));
+    assert!(out.contains("echoed 1000"), "{out}");
+    assert!(out.contains("over the limit refused True"), "{out}");
+}
