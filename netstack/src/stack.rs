@@ -267,6 +267,8 @@ const LINK: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_FLOW: usize = 2;
 const TCP_BUFFER: usize = 64 << 10;
+/// A UDP flow with no datagram either way for this long is over.
+const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Gateway ports for flows into the guest (published ports).
 const EPHEMERAL_FIRST: u16 = 49152;
 /// How long a guest's SYN waits for the host connection before it is refused.
@@ -341,7 +343,6 @@ struct TcpFlow {
     syn: Option<Vec<u8>>,
     since: StdInstant,
     stream: TcpStream,
-    token: Token,
     connected: bool,
     established: bool,
     host_eof: bool,
@@ -353,7 +354,6 @@ struct TcpFlow {
 
 struct UdpFlow {
     sock: UdpSocket,
-    token: Token,
     /// The guest-side smoltcp socket, bound to the destination.
     handle: SocketHandle,
     guest: IpEndpoint,
@@ -440,10 +440,7 @@ impl State {
             IpAddress::Ipv4(addr::GATEWAY_V4),
             IpAddress::Ipv6(addr::GATEWAY_V6),
         ] {
-            let mut s = udp::Socket::new(
-                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
-                udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
-            );
+            let mut s = udp_socket();
             s.bind(IpListenEndpoint {
                 addr: Some(gw),
                 port: 53,
@@ -765,7 +762,6 @@ impl State {
                 syn: Some(syn),
                 since: StdInstant::now(),
                 stream,
-                token,
                 connected: false,
                 established: false,
                 host_eof: false,
@@ -780,11 +776,7 @@ impl State {
 
     /// The guest-side socket for a flow whose host connection is up.
     fn accept_tcp(sockets: &mut SocketSet<'static>, dst: IpEndpoint) -> Option<SocketHandle> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-        );
-        s.set_nagle_enabled(false);
+        let mut s = tcp_socket();
         s.listen(IpListenEndpoint {
             addr: Some(dst.addr),
             port: dst.port,
@@ -824,10 +816,7 @@ impl State {
         let handle = match self.udp_socks.get(&dst) {
             Some(h) => *h,
             None => {
-                let mut s = udp::Socket::new(
-                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
-                    udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
-                );
+                let mut s = udp_socket();
                 if s.bind(IpListenEndpoint {
                     addr: Some(dst.addr),
                     port: dst.port,
@@ -846,7 +835,6 @@ impl State {
             key,
             UdpFlow {
                 sock,
-                token,
                 handle,
                 guest,
                 last: StdInstant::now(),
@@ -910,11 +898,7 @@ impl State {
                     continue;
                 }
                 let port = self.ephemeral();
-                let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-                    tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
-                );
-                s.set_nagle_enabled(false);
+                let mut s = tcp_socket();
                 let local = IpListenEndpoint {
                     addr: Some(IpAddress::Ipv4(addr::GATEWAY_V4)),
                     port,
@@ -942,7 +926,6 @@ impl State {
                         syn: None,
                         since: StdInstant::now(),
                         stream,
-                        token,
                         connected: true,
                         established: false,
                         host_eof: false,
@@ -970,16 +953,7 @@ impl State {
                         continue;
                     }
                     let port = self.ephemeral();
-                    let mut s = udp::Socket::new(
-                        udp::PacketBuffer::new(
-                            vec![udp::PacketMetadata::EMPTY; 64],
-                            vec![0; 64 << 10],
-                        ),
-                        udp::PacketBuffer::new(
-                            vec![udp::PacketMetadata::EMPTY; 64],
-                            vec![0; 64 << 10],
-                        ),
-                    );
+                    let mut s = udp_socket();
                     if s.bind(IpListenEndpoint {
                         addr: Some(IpAddress::Ipv4(addr::GATEWAY_V4)),
                         port,
@@ -1024,7 +998,7 @@ impl State {
                         audit.bytes_out += n as u64;
                     }
                 }
-                if now_std.duration_since(*last) > Duration::from_secs(60) {
+                if now_std.duration_since(*last) > UDP_IDLE {
                     expired.push(*peer);
                 }
             }
@@ -1165,7 +1139,6 @@ impl State {
                 let ev = f.audit.event("allowed");
                 self.log(ev);
                 let _ = self.poll.registry().deregister(&mut f.stream);
-                let _ = f.token;
                 if let Some(h) = f.handle {
                     self.sockets.remove(h);
                 }
@@ -1197,20 +1170,14 @@ impl State {
         let mut dead = Vec::new();
         for (key, f) in self.udp.iter_mut() {
             let s = self.sockets.get_mut::<udp::Socket>(f.handle);
-            loop {
-                match f.sock.recv(&mut tmp) {
-                    Ok(n) => {
-                        busy = true;
-                        f.last = now_std;
-                        if s.can_send() && s.send_slice(&tmp[..n], f.guest).is_ok() {
-                            f.audit.bytes_in += n as u64;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => break,
+            while let Ok(n) = f.sock.recv(&mut tmp) {
+                busy = true;
+                f.last = now_std;
+                if s.can_send() && s.send_slice(&tmp[..n], f.guest).is_ok() {
+                    f.audit.bytes_in += n as u64;
                 }
             }
-            if now_std.duration_since(f.last) > Duration::from_secs(60) {
+            if now_std.duration_since(f.last) > UDP_IDLE {
                 dead.push(*key);
             }
         }
@@ -1219,7 +1186,6 @@ impl State {
                 let ev = f.audit.event("allowed");
                 self.log(ev);
                 let _ = self.poll.registry().deregister(&mut f.sock);
-                let _ = f.token;
                 if !self.udp.values().any(|g| g.handle == f.handle) {
                     self.udp_socks.remove(&key.1);
                     self.sockets.remove(f.handle);
@@ -1369,6 +1335,22 @@ impl Drop for State {
             self.log(e);
         }
     }
+}
+
+/// A guest-side UDP socket: 64 datagrams or 64 KiB each way.
+fn udp_socket() -> udp::Socket<'static> {
+    let buffer = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]);
+    udp::Socket::new(buffer(), buffer())
+}
+
+/// A guest-side TCP socket; no Nagle (the host side already batches).
+fn tcp_socket() -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+    );
+    s.set_nagle_enabled(false);
+    s
 }
 
 fn is_gateway(a: IpAddress) -> bool {
