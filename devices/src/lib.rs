@@ -9,7 +9,6 @@ pub mod boot_timer;
 pub mod bus;
 pub mod fs;
 pub mod i8042;
-pub mod net;
 pub mod serial;
 pub mod virtio;
 

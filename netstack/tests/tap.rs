@@ -7,55 +7,26 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use msb_devices::net::tap::Tap;
 use msb_netstack::policy::{Action, Policy, Preset};
-use msb_netstack::stack::{Config, Link, LogEvent, NetStack, Published};
-
-struct TapLink(Tap);
-
-impl Link for TapLink {
-    fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        self.0.recv(buf)
-    }
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.send(frame)
-    }
-}
+use msb_netstack::stack::{Config, LogEvent, NetStack, Published};
+use msb_netstack::tap::GuestNamespace;
 
 /// A namespace with a TAP device served by a netstack; removed on drop.
 struct Sandbox {
-    ns: String,
+    ns: GuestNamespace,
     stack: Option<NetStack>,
     log: Arc<std::sync::Mutex<Vec<LogEvent>>>,
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // The stack goes first, then the namespace (its own drop).
         self.stack.take();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns));
     }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("iproute2 (ip) is needed");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
@@ -83,53 +54,13 @@ fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>)
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    ip(&["netns", "add", &ns]);
-    // `ip netns exec` puts this file at /etc/resolv.conf for the namespace's processes.
-    std::fs::create_dir_all(format!("/etc/netns/{ns}")).unwrap();
-    std::fs::write(
-        format!("/etc/netns/{ns}/resolv.conf"),
-        "nameserver 10.0.2.2\noptions timeout:2 attempts:1\n",
-    )
-    .unwrap();
+    let (ns, tap) = GuestNamespace::create(&ns, 1500).expect("creating the guest namespace");
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut sb = Sandbox {
-        ns: ns.clone(),
+        ns,
         stack: None,
         log: log.clone(),
     };
-    let tap = Tap::open(
-        "tap0",
-        Some(std::path::Path::new(&format!("/var/run/netns/{ns}"))),
-    )
-    .expect("creating a TAP device in the namespace");
-    for args in [
-        vec!["-n", &ns, "link", "set", "lo", "up"],
-        vec!["-n", &ns, "addr", "add", "10.0.2.15/24", "dev", "tap0"],
-        vec![
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "fd00:6d73:62::15/64",
-            "dev",
-            "tap0",
-            "nodad",
-        ],
-        vec!["-n", &ns, "link", "set", "tap0", "up"],
-        vec!["-n", &ns, "route", "add", "default", "via", "10.0.2.2"],
-        vec![
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "fd00:6d73:62::2",
-        ],
-    ] {
-        ip(&args);
-    }
     let table: Vec<(String, IpAddr)> = names
         .iter()
         .map(|(n, a)| (n.to_string(), a.parse().unwrap()))
@@ -154,7 +85,7 @@ fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>)
         publish,
         ..Config::default()
     };
-    sb.stack = Some(NetStack::spawn(Box::new(TapLink(tap)), cfg).unwrap());
+    sb.stack = Some(NetStack::spawn(Box::new(tap), cfg).unwrap());
     sb
 }
 
@@ -167,8 +98,9 @@ impl Sandbox {
 
     /// Runs python3 code in the namespace (the guest's side).
     fn py(&self, code: &str) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, "python3", "-c", code])
+        self.ns
+            .command("python3")
+            .args(["-c", code])
             .output()
             .expect("python3 is needed")
     }
@@ -374,8 +306,10 @@ fn published_ports_reach_the_guest() {
             let _ = self.0.wait();
         }
     }
-    let server = Command::new("ip")
-        .args(["netns", "exec", &sb.ns, "python3", "-c"])
+    let server = sb
+        .ns
+        .command("python3")
+        .arg("-c")
         .arg(
             r#"
 import socket, threading

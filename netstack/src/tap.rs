@@ -116,3 +116,100 @@ impl AsRawFd for Tap {
         self.fd.as_raw_fd()
     }
 }
+
+impl crate::stack::Link for Tap {
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        Tap::recv(self, buf)
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        Tap::send(self, frame)
+    }
+}
+
+/// A network namespace playing the guest: a TAP device `tap0` with the guest's addresses
+/// ([`crate::addr`]), routes through the gateway and the gateway as its resolver (through
+/// `ip netns exec`). Tests and `msb-bench net` run their clients in it. Removed on drop.
+#[derive(Debug)]
+pub struct GuestNamespace {
+    name: String,
+}
+
+impl GuestNamespace {
+    /// Creates namespace `name` and its TAP device with link MTU `mtu`; the TAP is returned
+    /// for the netstack to serve.
+    pub fn create(name: &str, mtu: usize) -> io::Result<(GuestNamespace, Tap)> {
+        use crate::addr::{GATEWAY_V4, GATEWAY_V6, GUEST_V4, GUEST_V6, PREFIX_V4, PREFIX_V6};
+        ip(&["netns", "add", name])?;
+        let ns = GuestNamespace {
+            name: name.to_string(),
+        };
+        // `ip netns exec` puts this file at /etc/resolv.conf for the namespace's processes.
+        let etc = format!("/etc/netns/{name}");
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            format!("{etc}/resolv.conf"),
+            format!("nameserver {GATEWAY_V4}\noptions timeout:2 attempts:1\n"),
+        )?;
+        let tap = Tap::open("tap0", Some(Path::new(&format!("/var/run/netns/{name}"))))?;
+        let (v4, v6, mtu) = (
+            format!("{GUEST_V4}/{PREFIX_V4}"),
+            format!("{GUEST_V6}/{PREFIX_V6}"),
+            mtu.to_string(),
+        );
+        let (gw4, gw6) = (GATEWAY_V4.to_string(), GATEWAY_V6.to_string());
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["link", "set", "tap0", "mtu", &mtu],
+            &["addr", "add", &v4, "dev", "tap0"],
+            &["addr", "add", &v6, "dev", "tap0", "nodad"],
+            &["link", "set", "tap0", "up"],
+            &["route", "add", "default", "via", &gw4],
+            &["-6", "route", "add", "default", "via", &gw6],
+        ] {
+            let mut full = vec!["-n", name];
+            full.extend_from_slice(args);
+            ip(&full)?;
+        }
+        Ok((ns, tap))
+    }
+
+    /// The namespace's name, for `ip netns exec NAME`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command run inside the namespace (through `ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for GuestNamespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// Runs `ip ARGS`; its stderr is the error.
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running ip (iproute2): {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

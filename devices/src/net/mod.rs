@@ -1,3 +1,0 @@
-//! Network host transports.
-
-pub mod tap;
