@@ -13,6 +13,8 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+#[allow(unsafe_code)]
+pub mod alloc;
 pub mod dns;
 pub mod policy;
 pub mod stack;
