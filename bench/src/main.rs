@@ -4,6 +4,7 @@
 
 mod exec;
 mod fs;
+mod net;
 mod stats;
 mod svg;
 
@@ -37,6 +38,11 @@ enum Cmd {
     Exec(exec::ExecArgs),
     /// File-system throughput and metadata rates: our FUSE server via /dev/fuse vs the host.
     Fs(fs::FsArgs),
+    /// TCP throughput, connect rate and latency through our netstack vs loopback and peers.
+    Net(net::NetArgs),
+    /// One `net` measurement, run where the guest is (used by `net`).
+    #[command(hide = true)]
+    NetClient(net::ClientArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -100,6 +106,8 @@ fn main() -> Result<()> {
         Cmd::Boot(a) => boot(a),
         Cmd::Exec(a) => exec::run(a),
         Cmd::Fs(a) => fs::run(a),
+        Cmd::Net(a) => net::run(a),
+        Cmd::NetClient(a) => net::client(a),
     }
 }
 

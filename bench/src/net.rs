@@ -1,0 +1,440 @@
+//! `msb-bench net`: TCP throughput (guest→host and host→guest, one and eight streams), connect
+//! rate and round-trip latency through our netstack, with the host kernel playing the guest
+//! in a network namespace over TAP; against host loopback with the same client (the ceiling)
+//! and against peers given with `--peer` (pasta, from Debian's passt, which also serves a
+//! namespace through a TAP device), all in the same run. Inside a sandbox with `--sandbox`.
+//!
+//! One client (`msb-bench net-client`, this binary) runs wherever the guest is; one server,
+//! on host loopback in this process, answers every target. The guest reaches it through its
+//! gateway address, as the policy group `host`.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use msb_netstack::policy::{Action, Policy, Preset};
+use msb_netstack::stack::{Config, NetStack};
+use msb_netstack::tap::GuestNamespace;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{summarize, Summary};
+
+#[derive(clap::Args, Debug)]
+pub struct NetArgs {
+    /// Link MTU of the namespace's TAP device and the netstack (up to 65520).
+    #[arg(long, default_value_t = 65520)]
+    mtu: usize,
+    /// Seconds per throughput and connect-rate sample.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Samples per throughput and connect-rate metric and target.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Round trips (1 byte each way) per latency run.
+    #[arg(long, default_value_t = 5000)]
+    round_trips: usize,
+    /// A peer to compare with: `pasta` or `pasta=PATH` (Debian's passt package).
+    #[arg(long = "peer", value_name = "NAME[=PATH]")]
+    peers: Vec<String>,
+    /// Only these metrics (comma-separated: up1,up8,down1,down8,connect1,connect8,rtt).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Also measure inside a sandbox (needs a /dev/kvm that runs Linux guests: inside the L2
+    /// VM on PVM hosts, where only the path, not the figures, means anything).
+    #[arg(long)]
+    sandbox: bool,
+    /// Write samples and summaries as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The client's side of one measurement, run where the guest is.
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    /// up (guest sends), down (guest receives), connect, rtt.
+    #[arg(long)]
+    mode: String,
+    /// The server, as the guest sees it.
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    #[arg(long, default_value_t = 5000)]
+    round_trips: usize,
+}
+
+/// What a client prints (one JSON line).
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct ClientResult {
+    /// Throughput in Gbit/s, connects per second, or nothing for rtt.
+    rate: Option<f64>,
+    /// Round-trip times in µs.
+    rtt_us: Vec<f64>,
+}
+
+const UP: u8 = b'U';
+const DOWN: u8 = b'D';
+const ECHO: u8 = b'E';
+const CLOSE: u8 = b'C';
+
+/// The server on host loopback: per connection, a mode byte, then sink (answering the byte
+/// count at EOF), source (until the peer goes), echo, or close at once (connect rate).
+fn serve(l: TcpListener) {
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        std::thread::spawn(move || {
+            let _ = c.set_nodelay(true);
+            let mut mode = [0u8; 1];
+            if c.read_exact(&mut mode).is_err() {
+                return;
+            }
+            if mode[0] == CLOSE {
+                return;
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            match mode[0] {
+                UP => {
+                    let mut total = 0u64;
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => total += n as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = c.write_all(&total.to_le_bytes());
+                }
+                DOWN => while c.write_all(&buf).is_ok() {},
+                ECHO => loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                },
+                _ => {}
+            }
+        });
+    }
+}
+
+/// `net-client`: one measurement; prints a [`ClientResult`] line.
+pub fn client(a: ClientArgs) -> Result<()> {
+    let dur = Duration::from_secs_f64(a.seconds);
+    let connect = || -> Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&a.addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {}", a.addr))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    };
+    let mut out = ClientResult::default();
+    match a.mode.as_str() {
+        "up" | "down" => {
+            let up = a.mode == "up";
+            let start = Instant::now();
+            let threads: Vec<_> = (0..a.streams.max(1))
+                .map(|_| {
+                    let mut s = connect()?;
+                    Ok(std::thread::spawn(move || -> Result<u64> {
+                        s.write_all(&[if up { UP } else { DOWN }])?;
+                        let mut buf = vec![0x5au8; 1 << 20];
+                        let t = Instant::now();
+                        let mut total = 0u64;
+                        if up {
+                            while t.elapsed() < dur {
+                                s.write_all(&buf)?;
+                            }
+                            s.shutdown(Shutdown::Write)?;
+                            let mut n = [0u8; 8];
+                            s.read_exact(&mut n)
+                                .context("reading the server's byte count")?;
+                            total = u64::from_le_bytes(n);
+                        } else {
+                            while t.elapsed() < dur {
+                                let n = s.read(&mut buf)?;
+                                if n == 0 {
+                                    bail!("the server closed early");
+                                }
+                                total += n as u64;
+                            }
+                        }
+                        Ok(total)
+                    }))
+                })
+                .collect::<Result<_>>()?;
+            let mut total = 0u64;
+            for t in threads {
+                total += t.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
+            }
+            out.rate = Some(total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9);
+        }
+        "connect" => {
+            let t = Instant::now();
+            let threads: Vec<_> = (0..a.streams.max(1))
+                .map(|_| {
+                    let addr = a.addr;
+                    std::thread::spawn(move || -> Result<u64> {
+                        let mut n = 0u64;
+                        let mut b = [0u8; 1];
+                        while t.elapsed() < dur {
+                            // The server closes first, so TIME_WAIT stays on its side, not on
+                            // the client's ports (a reset instead makes loopback itself slow).
+                            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                                .with_context(|| format!("connecting to {addr}"))?;
+                            s.write_all(&[CLOSE])?;
+                            let _ = s.read(&mut b);
+                            n += 1;
+                        }
+                        Ok(n)
+                    })
+                })
+                .collect();
+            let mut n = 0u64;
+            for t in threads {
+                n += t
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("connector panicked"))??;
+            }
+            out.rate = Some(n as f64 / t.elapsed().as_secs_f64());
+        }
+        "rtt" => {
+            let mut s = connect()?;
+            s.write_all(&[ECHO])?;
+            let mut b = [0u8; 1];
+            for i in 0..a.round_trips {
+                let t = Instant::now();
+                s.write_all(&[i as u8])?;
+                s.read_exact(&mut b)?;
+                out.rtt_us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        m => bail!("--mode {m}: expected up, down, connect or rtt"),
+    }
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+/// Where a client runs and how it reaches the server.
+struct Target {
+    name: String,
+    /// The command prefix that runs a program where the guest is.
+    prefix: Vec<String>,
+    /// The server's address as seen from there.
+    addr: SocketAddr,
+}
+
+const METRICS: [(&str, &str, &str, usize); 7] = [
+    ("up1", "guest→host 1 stream (Gbit/s)", "up", 1),
+    ("up8", "guest→host 8 streams (Gbit/s)", "up", 8),
+    ("down1", "host→guest 1 stream (Gbit/s)", "down", 1),
+    ("down8", "host→guest 8 streams (Gbit/s)", "down", 8),
+    ("connect1", "connect+close, 1 client (/s)", "connect", 1),
+    ("connect8", "connect+close, 8 clients (/s)", "connect", 8),
+    ("rtt", "round trip, 1 byte (µs)", "rtt", 1),
+];
+
+fn run_client(
+    exe: &Path,
+    t: &Target,
+    mode: &str,
+    streams: usize,
+    a: &NetArgs,
+) -> Result<ClientResult> {
+    let (program, rest) = t.prefix.split_first().expect("a prefix");
+    let out = Command::new(program)
+        .args(rest)
+        .arg(exe)
+        .args(["net-client", "--mode", mode, "--addr"])
+        .arg(t.addr.to_string())
+        .arg("--seconds")
+        .arg(a.seconds.to_string())
+        .arg("--streams")
+        .arg(streams.to_string())
+        .arg("--round-trips")
+        .arg(a.round_trips.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running the client through {program}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    if !out.status.success() || line.is_empty() {
+        bail!(
+            "{}: the {mode} client failed: {}",
+            t.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_str(line).with_context(|| format!("{}: client said {line:?}", t.name))
+}
+
+#[derive(Serialize)]
+struct Row {
+    metric: &'static str,
+    target: String,
+    samples: Vec<f64>,
+    summary: Option<Summary>,
+}
+
+pub fn run(a: NetArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("msb-bench net creates a network namespace and a TAP device: run it as root");
+    }
+    if !(68..=65520).contains(&a.mtu) {
+        bail!("--mtu {}: expected 68 to 65520", a.mtu);
+    }
+    if a.sandbox {
+        bail!(
+            "--sandbox: not implemented yet; the namespace+TAP client measures the netstack here"
+        );
+    }
+    let exe = std::env::current_exe().context("finding msb-bench's own path")?;
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the server on loopback")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || serve(listener));
+
+    let mut targets = vec![Target {
+        name: "loopback".into(),
+        prefix: vec!["env".into()],
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    }];
+    // Our netstack, serving a namespace over TAP; the guest may reach this one port.
+    let ns_name = format!("msbbench{}", std::process::id());
+    let (ns, tap) = GuestNamespace::create(&ns_name, a.mtu)
+        .context("creating the guest namespace (needs iproute2 and /dev/net/tun)")?;
+    let mut policy = Policy::preset(Preset::None);
+    policy
+        .add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = Config {
+        policy,
+        mtu: a.mtu,
+        ..Config::default()
+    };
+    let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
+    targets.push(Target {
+        name: "msb netstack".into(),
+        prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
+        addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
+    });
+    for p in &a.peers {
+        let (name, path) = p.split_once('=').unwrap_or((p.as_str(), ""));
+        match name {
+            "pasta" | "passt" => {
+                let path = if path.is_empty() { "pasta" } else { path };
+                let gw = default_gateway().context(
+                    "pasta maps the host's default gateway address to host loopback; this host has no IPv4 default route",
+                )?;
+                targets.push(Target {
+                    name: "pasta".into(),
+                    prefix: [
+                        // As root it would switch to nobody and fail its user mappings.
+                        path,
+                        "--runas",
+                        "0",
+                        "--config-net",
+                        "--quiet",
+                        "-t",
+                        "none",
+                        "-u",
+                        "none",
+                        "-T",
+                        "none",
+                        "-U",
+                        "none",
+                        "--",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    addr: SocketAddr::from((gw, port)),
+                });
+            }
+            other => bail!("--peer {other}: known peers are pasta (Debian's passt)"),
+        }
+    }
+
+    let machine = crate::machine();
+    eprintln!("machine: {machine:?}");
+    eprintln!(
+        "mtu {}, {} run(s) of {} s per throughput/connect figure, {} round trips",
+        a.mtu, a.runs, a.seconds, a.round_trips
+    );
+    let mut rows = Vec::new();
+    for (key, label, mode, streams) in METRICS {
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == key) {
+            continue;
+        }
+        for t in &targets {
+            let mut samples = Vec::new();
+            let runs = if mode == "rtt" { 1 } else { a.runs };
+            for _ in 0..runs {
+                let r = run_client(&exe, t, mode, streams, &a)?;
+                match r.rate {
+                    Some(v) => samples.push(v),
+                    None => samples.extend(r.rtt_us),
+                }
+            }
+            let summary = summarize(&samples);
+            if let Some(s) = &summary {
+                eprintln!(
+                    "{label:<32} {:<14} p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  (n={})",
+                    t.name, s.p50, s.p90, s.p99, s.n
+                );
+            }
+            rows.push(Row {
+                metric: label,
+                target: t.name.clone(),
+                samples,
+                summary,
+            });
+        }
+    }
+    // Ours as a share of the ceiling, at p50.
+    println!(
+        "\n{:<32} {:>14} {:>14} {:>8}",
+        "metric (p50)", "loopback", "msb netstack", "ratio"
+    );
+    for (_, label, mode, _) in METRICS {
+        let p50 = |target: &str| {
+            rows.iter()
+                .find(|r| r.metric == label && r.target == target)
+                .and_then(|r| r.summary)
+                .map(|s| s.p50)
+        };
+        let (Some(h), Some(m)) = (p50("loopback"), p50("msb netstack")) else {
+            continue;
+        };
+        let ratio = if mode == "rtt" { h / m } else { m / h };
+        println!("{label:<32} {h:>14.2} {m:>14.2} {:>7.0}%", ratio * 100.0);
+    }
+    drop(stack);
+    drop(ns);
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({ "machine": machine, "mtu": a.mtu, "rows": rows });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| path.display().to_string())?;
+    }
+    Ok(())
+}
+
+/// The host's IPv4 default gateway (from /proc/net/route).
+fn default_gateway() -> Option<std::net::Ipv4Addr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    routes.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && f[1] == "00000000" {
+            let g = u32::from_str_radix(f[2], 16).ok()?;
+            Some(std::net::Ipv4Addr::from(g.to_le_bytes()))
+        } else {
+            None
+        }
+    })
+}
