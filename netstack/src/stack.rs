@@ -75,6 +75,11 @@ pub struct Config {
     pub log: Option<LogHook>,
     /// Host ports forwarded into the guest (`--publish`).
     pub publish: Vec<Published>,
+    /// A TCP connection not established this long after its SYN (host connect plus the
+    /// guest's handshake) is dropped, so half-open connections cannot pin the flow limit.
+    pub handshake_timeout: Duration,
+    /// A DNS query the host resolver has not answered in this long gets SERVFAIL.
+    pub dns_timeout: Duration,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -105,6 +110,8 @@ impl Default for Config {
             resolver: host_resolver(),
             log: None,
             publish: Vec::new(),
+            handshake_timeout: Duration::from_secs(30),
+            dns_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -195,6 +202,7 @@ pub struct Stats {
     pub udp_denied: AtomicU64,
     pub dns_answered: AtomicU64,
     pub dns_refused: AtomicU64,
+    pub tcp_timed_out: AtomicU64,
     pub frames_in: AtomicU64,
     pub malformed: AtomicU64,
 }
@@ -272,8 +280,6 @@ const TCP_BUFFER: usize = 1 << 20;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Gateway ports for flows into the guest (published ports).
 const EPHEMERAL_FIRST: u16 = 49152;
-/// How long a guest's SYN waits for the host connection before it is refused.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Phy<'a> {
     rx: &'a mut VecDeque<Vec<u8>>,
@@ -347,12 +353,16 @@ impl Device for Phy<'_> {
 
 type FlowKey = (IpEndpoint, IpEndpoint);
 /// A finished lookup: the DNS socket and guest to answer, the query, the addresses.
-type Resolved = (
-    SocketHandle,
-    IpEndpoint,
-    dns::Query,
-    io::Result<Vec<IpAddr>>,
-);
+type Resolved = (u64, io::Result<Vec<IpAddr>>);
+
+/// A guest's DNS query waiting for the resolver.
+struct PendingDns {
+    id: u64,
+    deadline: StdInstant,
+    handle: SocketHandle,
+    to: IpEndpoint,
+    q: dns::Query,
+}
 
 struct TcpFlow {
     /// The guest-side socket, made once the host connection is up (until then the guest's
@@ -411,6 +421,8 @@ struct State {
     resolved: mpsc::Receiver<Resolved>,
     resolved_tx: mpsc::Sender<Resolved>,
     resolving: Arc<AtomicU64>,
+    pending_dns: Vec<PendingDns>,
+    next_dns: u64,
 }
 
 fn now() -> Instant {
@@ -530,6 +542,8 @@ impl State {
             resolved,
             resolved_tx,
             resolving: Arc::new(AtomicU64::new(0)),
+            pending_dns: Vec::new(),
+            next_dns: 0,
         })
     }
 
@@ -1040,6 +1054,7 @@ impl State {
     fn relay_tcp(&mut self) -> bool {
         let mut busy = false;
         let mut dead = Vec::new();
+        let handshake_timeout = self.cfg.handshake_timeout;
         for (key, f) in self.tcp.iter_mut() {
             if !f.connected {
                 let failed = match f.stream.take_error() {
@@ -1048,7 +1063,7 @@ impl State {
                         Ok(_) => false,
                         // Still connecting; the guest has long given up after this.
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                            if f.since.elapsed() < CONNECT_TIMEOUT {
+                            if f.since.elapsed() < handshake_timeout {
                                 continue;
                             }
                             true
@@ -1074,6 +1089,20 @@ impl State {
             }
             let Some(handle) = f.handle else { continue };
             let s = self.sockets.get_mut::<tcp::Socket>(handle);
+            // A handshake the guest never finishes (a SYN flood's half-open connections).
+            if !f.established
+                && matches!(
+                    s.state(),
+                    tcp::State::SynReceived | tcp::State::SynSent | tcp::State::Listen
+                )
+                && f.since.elapsed() > handshake_timeout
+            {
+                tracing::debug!("netstack: tcp {} -> {}: handshake timed out", key.0, key.1);
+                self.stats.tcp_timed_out.fetch_add(1, Ordering::Relaxed);
+                s.abort();
+                dead.push(*key);
+                continue;
+            }
             // Past the handshake (data and FIN may have come in the same poll).
             if !matches!(
                 s.state(),
@@ -1253,9 +1282,33 @@ impl State {
                 }
             }
         }
-        // Answers the resolver threads finished.
-        while let Ok((handle, to, q, result)) = self.resolved.try_recv() {
+        // Queries the resolver did not answer in time (a stuck thread stays counted in
+        // `resolving`, which bounds how many there can be).
+        let now_std = StdInstant::now();
+        let (late, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_dns)
+            .into_iter()
+            .partition(|p| p.deadline <= now_std);
+        self.pending_dns = waiting;
+        for p in late {
             busy = true;
+            let name = p.q.name.clone().unwrap_or_default();
+            let d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: format!("resolver timed out after {:?}", self.cfg.dns_timeout),
+            };
+            self.log_dns(&name, &d, &[]);
+            let r = dns::response(&p.q, dns::RCODE_SERVFAIL, &[]);
+            let s = self.sockets.get_mut::<udp::Socket>(p.handle);
+            let _ = s.send_slice(&r, p.to);
+        }
+        // Answers the resolver threads finished (those still awaited).
+        while let Ok((id, result)) = self.resolved.try_recv() {
+            busy = true;
+            let Some(i) = self.pending_dns.iter().position(|p| p.id == id) else {
+                continue;
+            };
+            let PendingDns { handle, to, q, .. } = self.pending_dns.swap_remove(i);
             let name = q.name.clone().unwrap_or_default();
             let want_v4 = q.qtype == dns::TYPE_A;
             let (rcode, answers) = match result {
@@ -1309,7 +1362,9 @@ impl State {
     }
 
     /// Resolves on a thread of its own (the host resolver blocks), with a deadline.
-    fn resolve(&self, handle: SocketHandle, to: IpEndpoint, q: dns::Query, name: String) {
+    fn resolve(&mut self, handle: SocketHandle, to: IpEndpoint, q: dns::Query, name: String) {
+        let id = self.next_dns;
+        self.next_dns += 1;
         let (tx, waker, resolver, count) = (
             self.resolved_tx.clone(),
             self.waker.clone(),
@@ -1322,11 +1377,23 @@ impl State {
             .spawn(move || {
                 let r = resolver(&name);
                 count.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send((handle, to, q, r));
+                let _ = tx.send((id, r));
                 let _ = waker.wake();
             });
-        if spawned.is_err() {
-            self.resolving.fetch_sub(1, Ordering::Relaxed);
+        match spawned {
+            Ok(_) => self.pending_dns.push(PendingDns {
+                id,
+                deadline: StdInstant::now() + self.cfg.dns_timeout,
+                handle,
+                to,
+                q,
+            }),
+            Err(_) => {
+                self.resolving.fetch_sub(1, Ordering::Relaxed);
+                let r = dns::response(&q, dns::RCODE_SERVFAIL, &[]);
+                let s = self.sockets.get_mut::<udp::Socket>(handle);
+                let _ = s.send_slice(&r, to);
+            }
         }
     }
 }

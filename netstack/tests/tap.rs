@@ -34,6 +34,15 @@ fn sandbox(policy: Policy, names: &[(&str, &str)]) -> Sandbox {
 }
 
 fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>) -> Sandbox {
+    sandbox_cfg(policy, names, publish, |_| {})
+}
+
+fn sandbox_cfg(
+    policy: Policy,
+    names: &[(&str, &str)],
+    publish: Vec<Published>,
+    tweak: impl FnOnce(&mut Config),
+) -> Sandbox {
     // MSB_LOG=debug shows the stack's decisions.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -85,6 +94,8 @@ fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>)
         publish,
         ..Config::default()
     };
+    let mut cfg = cfg;
+    tweak(&mut cfg);
     sb.stack = Some(NetStack::spawn(Box::new(tap), cfg).unwrap());
     sb
 }
@@ -111,7 +122,11 @@ fn stdout(o: &Output) -> String {
 }
 
 fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    echo_server_on("127.0.0.1:0")
+}
+
+fn echo_server_on(addr: &str) -> u16 {
+    let l = TcpListener::bind(addr).unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in l.incoming() {
@@ -144,19 +159,24 @@ try:
 except OSError as e:
     print("refused" if isinstance(e, ConnectionRefusedError) else "error %r" % (e,))
     sys.exit(0)
-data = bytes((i * 7 + 3) & 0xff for i in range(size))
+# Streamed in 1 MiB blocks of a fixed pattern, hashed on the fly: sizes up to GiBs.
+block = bytes((i * 7 + 3) & 0xff for i in range(1 << 20))
+sent = hashlib.sha256()
 import threading
 def send():
-    s.sendall(data)
+    left = size
+    while left:
+        b = block[: min(left, len(block))]
+        s.sendall(b); sent.update(b); left -= len(b)
     s.shutdown(socket.SHUT_WR)
 t = threading.Thread(target=send); t.start()
-got = bytearray()
+got, n = hashlib.sha256(), 0
 while True:
-    b = s.recv(1 << 16)
+    b = s.recv(1 << 20)
     if not b: break
-    got += b
+    got.update(b); n += len(b)
 t.join()
-print("echoed", len(got), hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest())
+print("echoed", n, got.hexdigest() == sent.hexdigest())
 "#;
 
 fn connect(sb: &Sandbox, host: &str, port: u16, size: usize) -> String {
@@ -183,6 +203,95 @@ fn the_host_is_denied_until_a_rule_allows_its_port() {
         connect(&sb, "fd00:6d73:62::2", port, 1 << 20),
         "refused",
         "IPv6 host loopback has no server"
+    );
+}
+
+/// 1 GiB each way through one relayed connection, checksummed on both sides.
+#[test]
+fn a_gibibyte_each_way() {
+    let port = echo_server();
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    let sb = sandbox(p, &[]);
+    assert_eq!(
+        connect(&sb, "10.0.2.2", port, 1 << 30),
+        "echoed 1073741824 True"
+    );
+}
+
+/// IPv6 end to end: the guest's IPv6 address (no DAD wait) reaches the host's ::1 through
+/// the gateway's IPv6 address, 4 MiB echoed with half-close.
+#[test]
+fn ipv6_connections_relay_to_the_host() {
+    let port = echo_server_on("[::1]:0");
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    let sb = sandbox(p, &[]);
+    assert_eq!(
+        connect(&sb, "fd00:6d73:62::2", port, 4 << 20),
+        "echoed 4194304 True"
+    );
+    assert_eq!(
+        connect(&sb, "10.0.2.2", port, 10),
+        "refused",
+        "no IPv4 server on this port"
+    );
+}
+
+/// A SYN flood from addresses that never answer fills the flow limit with half-open
+/// connections; they time out, and the guest's own connections work again.
+#[test]
+fn a_syn_flood_times_out_and_the_stack_keeps_serving() {
+    let port = echo_server();
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    let sb = sandbox_cfg(p, &[], Vec::new(), |c| {
+        c.max_flows = 64;
+        c.handshake_timeout = std::time::Duration::from_secs(2);
+    });
+    // Raw SYNs from addresses nobody owns: the SYN-ACKs go nowhere, the handshakes never end.
+    let flood = format!(
+        r#"
+import socket, struct, random
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+mac = open("/sys/class/net/tap0/address").read().strip()
+src_mac = bytes(int(x, 16) for x in mac.split(":"))
+gw_mac = bytes([0x02, 0x6d, 0x73, 0x62, 0x00, 0x02])
+dst = socket.inet_aton("10.0.2.2")
+r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); r.bind(("tap0", 0))
+for i in range(3000):
+    src = socket.inet_aton("10.0.2.%d" % (100 + i % 100))
+    sport = 1024 + i
+    tcp = struct.pack("!HHIIBBHHH", sport, {port}, random.getrandbits(32), 0, 5 << 4, 0x02, 65535, 0, 0)
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xffff, 0, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    r.send(gw_mac + src_mac + b"\x08\x00" + ip + tcp)
+print("flooded")
+"#
+    );
+    assert_eq!(stdout(&sb.py(&flood)).trim(), "flooded");
+    // Meanwhile the limit is full of half-open connections...
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(connect(&sb, "10.0.2.2", port, 10), "refused");
+    // ...which time out, and the guest is served again.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        connect(&sb, "10.0.2.2", port, 1 << 20),
+        "echoed 1048576 True"
+    );
+    let stats = sb.stack.as_ref().unwrap().stats();
+    assert!(
+        stats.tcp_timed_out.load(Ordering::Relaxed) >= 60,
+        "half-open connections timed out: {stats:?}"
     );
 }
 
@@ -427,4 +536,40 @@ print("over the limit refused", refused > 0)
     let out = stdout(&sb.py(&code));
     assert!(out.contains("echoed 1000"), "{out}");
     assert!(out.contains("over the limit refused True"), "{out}");
+}
+
+/// A resolver that does not answer in time: the guest gets SERVFAIL after the stack's own
+/// timeout, not the resolver's, and other names are still served meanwhile.
+#[test]
+fn a_slow_resolver_gets_servfail_in_time() {
+    let sb = sandbox_cfg(Policy::preset(Preset::Public), &[], Vec::new(), |c| {
+        c.dns_timeout = std::time::Duration::from_secs(1);
+        c.resolver = Arc::new(|name: &str| {
+            if name == "slow.test" {
+                std::thread::sleep(std::time::Duration::from_secs(20));
+            }
+            Ok(vec!["93.184.215.14".parse().unwrap()])
+        });
+    });
+    let code = r#"
+import socket, struct, time
+def query(name, timeout):
+    q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack("!HH", 1, 1)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(timeout)
+    u.sendto(q, ("10.0.2.2", 53))
+    t = time.time()
+    try:
+        r = u.recv(512)
+    except socket.timeout:
+        return "no answer", time.time() - t
+    return "rcode %d answers %d" % (r[3] & 0xf, struct.unpack("!H", r[6:8])[0]), time.time() - t
+slow, took = query("slow.test", 10)
+print(slow, "in time" if took < 5 else "late %.1f" % took)
+print(query("fast.test", 5)[0])
+"#;
+    let out = stdout(&sb.py(code));
+    assert!(out.contains("rcode 2 answers 0 in time"), "{out}");
+    assert!(out.contains("rcode 0 answers 1"), "{out}");
 }
