@@ -32,6 +32,8 @@ use crate::addr::{self, Group};
 use crate::dns::{self, Answer, Bindings};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
+mod echo;
+
 /// The gateway's MAC address (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x73, 0x62, 0x00, 0x02];
 /// Default MTU of the sandbox link.
@@ -203,6 +205,8 @@ pub struct Stats {
     pub dns_answered: AtomicU64,
     pub dns_refused: AtomicU64,
     pub tcp_timed_out: AtomicU64,
+    pub icmp_allowed: AtomicU64,
+    pub icmp_denied: AtomicU64,
     pub frames_in: AtomicU64,
     pub malformed: AtomicU64,
 }
@@ -412,6 +416,7 @@ struct State {
     /// smoltcp UDP sockets by the destination they are bound to.
     udp_socks: HashMap<IpEndpoint, SocketHandle>,
     udp: HashMap<FlowKey, UdpFlow>,
+    echo: HashMap<echo::EchoKey, echo::EchoFlow>,
     dns_socks: Vec<SocketHandle>,
     bindings: Bindings,
     next_token: usize,
@@ -543,6 +548,7 @@ impl State {
             resolved_tx,
             resolving: Arc::new(AtomicU64::new(0)),
             pending_dns: Vec::new(),
+            echo: HashMap::new(),
             next_dns: 0,
         })
     }
@@ -606,6 +612,7 @@ impl State {
         busy |= self.relay_published_udp();
         busy |= self.relay_tcp();
         busy |= self.relay_udp();
+        busy |= self.relay_echo();
         let mut phy = Phy {
             rx: &mut self.rx,
             link: &mut *self.link,
@@ -625,6 +632,7 @@ impl State {
     fn flows(&self) -> usize {
         self.tcp.len()
             + self.udp.len()
+            + self.echo.len()
             + self
                 .udp_publish
                 .iter()
@@ -644,11 +652,16 @@ impl State {
         let mut d = self.cfg.policy.decide(&Flow {
             proto,
             ip,
-            port: Some(dst.port),
+            port: (proto != Proto::Icmp).then_some(dst.port),
             names: &refs,
         });
         // DNS goes through the gateway: other resolvers only by an explicit rule.
-        if d.allowed && !d.by_rule && dst.port == 53 && addr::group_of(ip) != Group::Host {
+        if d.allowed
+            && !d.by_rule
+            && proto != Proto::Icmp
+            && dst.port == 53
+            && addr::group_of(ip) != Group::Host
+        {
             d = Decision {
                 allowed: false,
                 by_rule: false,
@@ -762,6 +775,12 @@ impl State {
                 let key = (IpEndpoint::new(src, udp.src_port()), dst);
                 if !self.udp.contains_key(&key) {
                     self.open_udp(key);
+                }
+            }
+            IpProtocol::Icmp | IpProtocol::Icmpv6 if !is_gateway(dst) && is_unicast(dst) => {
+                let (mac, payload) = (eth.src_addr(), payload.to_vec());
+                if self.echo_request(mac, src, dst, &payload) {
+                    return None;
                 }
             }
             _ => {}
@@ -1406,6 +1425,7 @@ impl Drop for State {
             .values()
             .map(|f| f.audit.event("allowed"))
             .chain(self.udp.values().map(|f| f.audit.event("allowed")))
+            .chain(self.echo.values().map(|f| f.audit.event("allowed")))
             .chain(
                 self.udp_publish
                     .iter()
@@ -1436,6 +1456,18 @@ fn tcp_socket() -> tcp::Socket<'static> {
 
 fn is_gateway(a: IpAddress) -> bool {
     a == IpAddress::Ipv4(addr::GATEWAY_V4) || a == IpAddress::Ipv6(addr::GATEWAY_V6)
+}
+
+/// Neither multicast nor broadcast (those stay with smoltcp: neighbour discovery, for one).
+fn is_unicast(a: IpAddress) -> bool {
+    match a {
+        IpAddress::Ipv4(v4) => {
+            let host_bits = u32::MAX >> addr::PREFIX_V4;
+            let subnet_broadcast = Ipv4Addr::from(u32::from(addr::GATEWAY_V4) | host_bits);
+            !v4.is_multicast() && !v4.is_broadcast() && v4 != subnet_broadcast
+        }
+        IpAddress::Ipv6(v6) => !v6.is_multicast(),
+    }
 }
 
 fn to_std(a: IpAddress) -> IpAddr {

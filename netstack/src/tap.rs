@@ -37,16 +37,7 @@ impl Tap {
             ));
         }
         let name = name.to_string();
-        let netns = netns.map(Path::to_path_buf);
-        // A thread of its own enters the namespace, so this one (and its callers) stay put.
-        std::thread::spawn(move || -> io::Result<Tap> {
-            if let Some(ns) = netns {
-                let f = File::open(&ns)?;
-                // SAFETY: a valid namespace fd; affects only this short-lived thread.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
+        let open = move || -> io::Result<Tap> {
             let path = CString::new("/dev/net/tun").expect("no NUL");
             // SAFETY: NUL-terminated path; the fd returned, if any, is ours.
             let raw = unsafe {
@@ -71,9 +62,11 @@ impl Tap {
                 return Err(io::Error::last_os_error());
             }
             Ok(Tap { fd, name })
-        })
-        .join()
-        .map_err(|_| io::Error::other("TAP set-up thread panicked"))?
+        };
+        match netns {
+            Some(ns) => in_namespace(ns, open)?,
+            None => open(),
+        }
     }
 
     /// The interface's name.
@@ -129,6 +122,25 @@ impl crate::stack::Link for Tap {
     }
 }
 
+/// Runs `f` on a thread of its own inside the network namespace at `netns`
+/// (`/var/run/netns/NAME`), so the caller stays where it is. Threads `f` starts (a netstack,
+/// its resolver threads) stay in that namespace, and sockets they open belong to it.
+pub fn in_namespace<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let f_ns = File::open(netns)?;
+    std::thread::spawn(move || -> io::Result<T> {
+        // SAFETY: a valid namespace fd; affects only this thread.
+        if unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("a thread in the namespace panicked"))?
+}
+
 /// A network namespace playing the guest: a TAP device `tap0` with the guest's addresses
 /// ([`crate::addr`]), routes through the gateway and the gateway as its resolver (through
 /// `ip netns exec`). Tests and `msb-bench net` run their clients in it. Removed on drop.
@@ -173,6 +185,8 @@ impl GuestNamespace {
             full.extend_from_slice(args);
             ip(&full)?;
         }
+        // Unprivileged ICMP sockets (`ping` without raw sockets) for every group in it.
+        allow_ping_sockets(Path::new(&format!("/var/run/netns/{name}")))?;
         Ok((ns, tap))
     }
 
@@ -196,6 +210,14 @@ impl Drop for GuestNamespace {
             .status();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
+}
+
+/// Lets every group open ICMP datagram sockets in the namespace at `netns` (the setting is
+/// per namespace; /proc/sys/net shows the namespace of whoever opens it).
+pub fn allow_ping_sockets(netns: &Path) -> io::Result<()> {
+    in_namespace(netns, || {
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+    })?
 }
 
 /// Runs `ip ARGS`; its stderr is the error.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use msb_netstack::policy::{Action, Policy, Preset};
 use msb_netstack::stack::{Config, LogEvent, NetStack, Published};
-use msb_netstack::tap::GuestNamespace;
+use msb_netstack::tap::{allow_ping_sockets, in_namespace, GuestNamespace};
 
 /// A namespace with a TAP device served by a netstack; removed on drop.
 struct Sandbox {
@@ -38,6 +38,17 @@ fn sandbox_with(policy: Policy, names: &[(&str, &str)], publish: Vec<Published>)
 }
 
 fn sandbox_cfg(
+    policy: Policy,
+    names: &[(&str, &str)],
+    publish: Vec<Published>,
+    tweak: impl FnOnce(&mut Config),
+) -> Sandbox {
+    sandbox_in(None, policy, names, publish, tweak)
+}
+
+/// The stack runs in `upstream` (its host sockets live there) when given.
+fn sandbox_in(
+    upstream: Option<&Upstream>,
     policy: Policy,
     names: &[(&str, &str)],
     publish: Vec<Published>,
@@ -96,7 +107,11 @@ fn sandbox_cfg(
     };
     let mut cfg = cfg;
     tweak(&mut cfg);
-    sb.stack = Some(NetStack::spawn(Box::new(tap), cfg).unwrap());
+    let stack = match upstream {
+        None => NetStack::spawn(Box::new(tap), cfg),
+        Some(u) => in_namespace(&u.path(), move || NetStack::spawn(Box::new(tap), cfg)).unwrap(),
+    };
+    sb.stack = Some(stack.unwrap());
     sb
 }
 
@@ -126,7 +141,10 @@ fn echo_server() -> u16 {
 }
 
 fn echo_server_on(addr: &str) -> u16 {
-    let l = TcpListener::bind(addr).unwrap();
+    echo_on(TcpListener::bind(addr).unwrap())
+}
+
+fn echo_on(l: TcpListener) -> u16 {
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for c in l.incoming() {
@@ -572,4 +590,231 @@ print(query("fast.test", 5)[0])
     let out = stdout(&sb.py(code));
     assert!(out.contains("rcode 2 answers 0 in time"), "{out}");
     assert!(out.contains("rcode 0 answers 1"), "{out}");
+}
+
+/// The world the stack relays to, in a namespace of its own: its loopback holds a public
+/// IPv4 and IPv6 address, a private, a link-local and the metadata address, with one
+/// echo server on all of them (and on its loopback, the sandbox's `host`). Nothing leaves it.
+struct Upstream {
+    name: String,
+    port: u16,
+}
+
+const PUBLIC4: &str = "93.184.215.14";
+const PUBLIC6: &str = "2a00:1450:4001::1";
+const PRIVATE: &str = "10.77.0.1";
+const LINK_LOCAL: &str = "169.254.7.7";
+const METADATA: &str = "169.254.169.254";
+
+impl Upstream {
+    fn new() -> Upstream {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "msbu{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["netns", "add", &name]);
+        let mut u = Upstream { name, port: 0 };
+        let n = u.name.clone();
+        run(&["-n", &n, "link", "set", "lo", "up"]);
+        for a in [PUBLIC4, PRIVATE, LINK_LOCAL, METADATA] {
+            run(&["-n", &n, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        run(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{PUBLIC6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        allow_ping_sockets(&u.path()).unwrap();
+        // [::] takes IPv4 too (v4-mapped), loopback included.
+        let l = in_namespace(&u.path(), || TcpListener::bind("[::]:0"))
+            .unwrap()
+            .unwrap();
+        u.port = echo_on(l);
+        u
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        format!("/var/run/netns/{}", self.name).into()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Pings from the guest through an ICMP datagram socket: reply, timeout or error.
+const PING: &str = r#"
+import socket, struct, sys
+def ping(host):
+    v6 = ":" in host
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM,
+                      socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    s.settimeout(1.5)
+    s.sendto(struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0, 7) + b"msb-ping", (host, 0))
+    try:
+        d = s.recv(1500)
+    except socket.timeout:
+        return "timeout"
+    return "reply" if d[0] == (129 if v6 else 0) and d[8:] == b"msb-ping" else "bad %r" % d
+for h in sys.argv[1:]:
+    print(h, ping(h))
+"#;
+
+fn pings(sb: &Sandbox, hosts: &[&str]) -> String {
+    let argv: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+    let code = format!("import sys; sys.argv = ['x', {}]\n{PING}", argv.join(", "));
+    stdout(&sb.py(&code))
+}
+
+/// Every preset against every kind of destination, over TCP and ICMP echo, with a real
+/// server or a real ICMP answer behind each allowed one.
+#[test]
+fn each_preset_against_each_kind_of_destination() {
+    let up = Upstream::new();
+    let port = up.port;
+    // (kind, address) and, per preset none/public/all/non-local, whether TCP is allowed.
+    let kinds: [(&str, &str, [bool; 4]); 6] = [
+        ("public", PUBLIC4, [false, true, true, true]),
+        ("public6", PUBLIC6, [false, true, true, true]),
+        ("private", PRIVATE, [false, false, true, true]),
+        ("link-local", LINK_LOCAL, [false, false, true, false]),
+        ("metadata", METADATA, [false, false, true, false]),
+        ("host", "10.0.2.2", [false, false, false, false]),
+    ];
+    let presets = [Preset::None, Preset::Public, Preset::All, Preset::NonLocal];
+    for (i, preset) in presets.into_iter().enumerate() {
+        let sb = sandbox_in(Some(&up), Policy::preset(preset), &[], Vec::new(), |_| {});
+        for (kind, a, allowed) in kinds {
+            let want = if allowed[i] {
+                "echoed 1000 True"
+            } else {
+                "refused"
+            };
+            assert_eq!(
+                connect(&sb, a, port, 1000),
+                want,
+                "tcp to {kind} ({a}) under {preset:?}"
+            );
+        }
+        let out = pings(&sb, &[PUBLIC4, PUBLIC6, PRIVATE]);
+        for (a, allowed) in [
+            (PUBLIC4, kinds[0].2[i]),
+            (PUBLIC6, kinds[1].2[i]),
+            (PRIVATE, kinds[2].2[i]),
+        ] {
+            let want = format!("{a} {}", if allowed { "reply" } else { "timeout" });
+            assert!(
+                out.contains(&want),
+                "ping under {preset:?}: want {want}: {out}"
+            );
+        }
+        let stats = sb.stack.as_ref().unwrap().stats();
+        assert!(
+            stats.icmp_denied.load(Ordering::Relaxed) > 0 || i >= 2,
+            "denied pings are counted: {stats:?}"
+        );
+    }
+}
+
+/// Rules on top of presets, each proven against a real server: a CIDR allowed, an address
+/// denied, a domain (bound through the sandbox's own DNS answer) with a port, ICMP only.
+#[test]
+fn rules_by_cidr_address_domain_port_and_protocol() {
+    let up = Upstream::new();
+    let port = up.port;
+    let other = in_namespace(&up.path(), || TcpListener::bind("[::]:0"))
+        .unwrap()
+        .unwrap();
+    let other = echo_on(other);
+    let rules = |preset, flags: &[(Action, String)]| {
+        let mut p = Policy::preset(preset);
+        for (a, r) in flags {
+            p.add_flag(*a, r).unwrap();
+        }
+        p
+    };
+    // A private CIDR allowed under public.
+    let sb = sandbox_in(
+        Some(&up),
+        rules(Preset::Public, &[(Action::Allow, "10.77.0.0/16".into())]),
+        &[],
+        Vec::new(),
+        |_| {},
+    );
+    assert_eq!(connect(&sb, PRIVATE, port, 100), "echoed 100 True");
+    assert_eq!(connect(&sb, LINK_LOCAL, port, 100), "refused");
+    // An address denied under all, whatever else allows it.
+    let sb = sandbox_in(
+        Some(&up),
+        rules(Preset::All, &[(Action::Deny, PUBLIC4.into())]),
+        &[],
+        Vec::new(),
+        |_| {},
+    );
+    assert_eq!(connect(&sb, PUBLIC4, port, 100), "refused");
+    assert_eq!(connect(&sb, PUBLIC6, port, 100), "echoed 100 True");
+    // A domain and a port under none: only after the sandbox resolved the name, and only
+    // that port.
+    let sb = sandbox_in(
+        Some(&up),
+        rules(
+            Preset::None,
+            &[(Action::Allow, format!("tcp:svc.test:{port}"))],
+        ),
+        &[("svc.test", PRIVATE)],
+        Vec::new(),
+        |_| {},
+    );
+    assert_eq!(
+        connect(&sb, PRIVATE, port, 100),
+        "refused",
+        "not resolved yet"
+    );
+    assert_eq!(connect(&sb, "svc.test", port, 100), "echoed 100 True");
+    assert_eq!(
+        connect(&sb, PRIVATE, port, 100),
+        "echoed 100 True",
+        "bound now"
+    );
+    assert_eq!(
+        connect(&sb, "svc.test", other, 100),
+        "refused",
+        "another port"
+    );
+    // ICMP only: pings answered, TCP refused.
+    let sb = sandbox_in(
+        Some(&up),
+        rules(Preset::None, &[(Action::Allow, format!("icmp:{PUBLIC4}"))]),
+        &[],
+        Vec::new(),
+        |_| {},
+    );
+    let out = pings(&sb, &[PUBLIC4, PUBLIC6]);
+    assert!(out.contains(&format!("{PUBLIC4} reply")), "{out}");
+    assert!(out.contains(&format!("{PUBLIC6} timeout")), "{out}");
+    assert_eq!(connect(&sb, PUBLIC4, port, 100), "refused");
+    // The gateway answers pings itself, whatever the policy.
+    assert!(pings(&sb, &["10.0.2.2"]).contains("10.0.2.2 reply"));
 }
