@@ -1,7 +1,10 @@
 //! Guest frames into the netstack with the policy engine: raw bytes, and well-formed
 //! Ethernet/IPv4/IPv6/TCP/UDP/DNS frames with fuzzer-chosen fields. Nothing panics, every frame
 //! is taken, and what the stack sends back fits the link. The policy only ever allows the
-//! host group, so the only host sockets the fuzzer can open are to this machine's loopback.
+//! host group, so the only host sockets the fuzzer can open are to this machine's loopback:
+//! every name resolves to the gateway (the host group too), so a flow admitted by its TLS or
+//! HTTP name can only be one to the gateway. Domain rules of both kinds make the stack read
+//! first bytes of denied and of allowed flows.
 #![no_main]
 
 use std::io;
@@ -192,9 +195,10 @@ fuzz_target!(|data: &[u8]| {
     let mut policy = Policy::preset(Preset::None);
     policy.add_flag(Action::Allow, "host").unwrap();
     policy.add_flag(Action::Allow, "*.test").unwrap();
+    policy.add_flag(Action::Deny, "bad.test").unwrap();
     let cfg = Config {
         policy,
-        resolver: Arc::new(|_: &str| Ok(vec![IpAddr::V4(Ipv4Addr::new(93, 184, 215, 14))])),
+        resolver: Arc::new(|_: &str| Ok(vec![IpAddr::V4(msb_netstack::addr::GATEWAY_V4)])),
         ..Config::default()
     };
     let (idle, _other) = UnixDatagram::pair().unwrap();

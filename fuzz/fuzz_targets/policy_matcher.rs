@@ -32,7 +32,7 @@ fn name(b: &mut Bytes) -> (String, String) {
     let n = 1 + b.u8() % 3;
     let labels: Vec<&str> = (0..n).map(|_| LABELS[b.u8() as usize % LABELS.len()]).collect();
     let mut written = labels.join(".");
-    if b.u8() % 2 == 0 {
+    if b.u8().is_multiple_of(2) {
         written = written.to_uppercase();
     }
     if b.u8() % 3 == 0 {
@@ -116,7 +116,7 @@ fuzz_target!(|data: &[u8]| {
         1 => {
             let ip = v4(&mut b);
             let len = b.u8() % 33;
-            if b.u8() % 2 == 0 {
+            if b.u8().is_multiple_of(2) {
                 (format!("{ip}/{len}"), RefDest::Cidr(IpAddr::V4(ip), len), false)
             } else {
                 // The same prefix written IPv4-mapped.

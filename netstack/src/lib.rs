@@ -17,6 +17,7 @@ pub mod addr;
 pub mod alloc;
 pub mod dns;
 pub mod policy;
+pub mod sniff;
 pub mod stack;
 #[allow(unsafe_code)]
 pub mod tap;

@@ -440,6 +440,16 @@ impl Policy {
         }
     }
 
+    /// Whether a rule with `action` names a domain and could match a `proto` flow to `port`:
+    /// then the name in the flow's first bytes (TLS SNI, HTTP Host) can change its fate.
+    pub fn has_domain_rule(&self, action: Action, proto: Proto, port: u16) -> bool {
+        self.rules.iter().any(|r| {
+            r.action == action
+                && matches!(r.dest, Dest::Domain(_) | Dest::Suffix(_))
+                && r.matches_proto_port(proto, Some(port))
+        })
+    }
+
     /// Whether the sandbox may resolve `name` (normalized) at all. A deny rule for the name
     /// without ports makes it NXDOMAIN; under `none`, only names an allow rule names resolve.
     pub fn decide_name(&self, name: &str) -> Decision {
@@ -505,10 +515,17 @@ impl Policy {
                 reason: format!("preset {} ({} address)", self.preset.name(), g.name()),
             };
         }
+        // A name never opts in the host's own loopback (or the guest's): only a rule naming
+        // the address or its group does, so no DNS answer can aim a domain rule at the host.
+        let by_name: &[&str] = if matches!(g, Group::Host | Group::Loopback) {
+            &[]
+        } else {
+            &names
+        };
         if let Some(r) = self
             .rules
             .iter()
-            .find(|r| r.action == Action::Allow && r.matches_dest(ip, &names))
+            .find(|r| r.action == Action::Allow && r.matches_dest(ip, by_name))
         {
             return Decision {
                 allowed: true,

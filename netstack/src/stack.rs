@@ -33,6 +33,7 @@ use crate::dns::{self, Answer, Bindings};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
 mod echo;
+mod sniffing;
 
 /// The gateway's MAC address (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x73, 0x62, 0x00, 0x02];
@@ -135,11 +136,12 @@ pub struct LogEvent {
     pub time: f64,
     /// `flow` or `dns`.
     pub kind: &'static str,
-    /// `tcp` or `udp`.
+    /// `tcp`, `udp` or `icmp`.
     pub proto: &'static str,
     /// `IP:PORT` (the gateway's resolver for DNS).
     pub dst: String,
-    /// The names bound to the destination, or the name asked.
+    /// The names bound to the destination (DNS answers, TLS server name, HTTP Host), or the
+    /// name asked.
     pub names: Vec<String>,
     /// `allowed` or `denied`.
     pub verdict: &'static str,
@@ -379,7 +381,36 @@ struct TcpFlow {
     established: bool,
     host_eof: bool,
     shut_wr: bool,
+    /// Until then the guest's first bytes are held back and read for a TLS server name or
+    /// HTTP Host a deny rule names (set when such a rule could match the flow).
+    inspect_until: Option<StdInstant>,
+    /// Ended by the policy (a denied name), not by either side.
+    denied: bool,
     audit: Audit,
+}
+
+impl TcpFlow {
+    fn new(
+        stream: TcpStream,
+        handle: Option<SocketHandle>,
+        syn: Option<Vec<u8>>,
+        connected: bool,
+        audit: Audit,
+    ) -> TcpFlow {
+        TcpFlow {
+            handle,
+            syn,
+            since: StdInstant::now(),
+            stream,
+            connected,
+            established: false,
+            host_eof: false,
+            shut_wr: false,
+            inspect_until: None,
+            denied: false,
+            audit,
+        }
+    }
 }
 
 struct UdpFlow {
@@ -417,6 +448,12 @@ struct State {
     udp_socks: HashMap<IpEndpoint, SocketHandle>,
     udp: HashMap<FlowKey, UdpFlow>,
     echo: HashMap<echo::EchoKey, echo::EchoFlow>,
+    /// Connections waiting for the name in their first bytes (see [`sniffing`]).
+    sniffing: HashMap<FlowKey, sniffing::SniffFlow>,
+    /// Name lookups made for those, by resolver id.
+    lookups: HashMap<u64, FlowKey>,
+    /// Sockets to remove after the next poll (so an abort's reset goes out first).
+    reap: Vec<SocketHandle>,
     dns_socks: Vec<SocketHandle>,
     bindings: Bindings,
     next_token: usize,
@@ -549,6 +586,9 @@ impl State {
             resolving: Arc::new(AtomicU64::new(0)),
             pending_dns: Vec::new(),
             echo: HashMap::new(),
+            sniffing: HashMap::new(),
+            lookups: HashMap::new(),
+            reap: Vec::new(),
             next_dns: 0,
         })
     }
@@ -610,6 +650,7 @@ impl State {
         let mut busy = self.serve_dns();
         busy |= self.accept_published();
         busy |= self.relay_published_udp();
+        busy |= self.sniff_tcp();
         busy |= self.relay_tcp();
         busy |= self.relay_udp();
         busy |= self.relay_echo();
@@ -620,6 +661,9 @@ impl State {
             mtu: self.cfg.mtu,
         };
         self.iface.poll(now(), &mut phy, &mut self.sockets);
+        for h in self.reap.drain(..) {
+            self.sockets.remove(h);
+        }
         busy
     }
 
@@ -633,6 +677,7 @@ impl State {
         self.tcp.len()
             + self.udp.len()
             + self.echo.len()
+            + self.sniffing.len()
             + self
                 .udp_publish
                 .iter()
@@ -640,14 +685,30 @@ impl State {
                 .sum::<usize>()
     }
 
+    /// Decides a new flow and logs it if denied.
     fn decide(&self, proto: Proto, dst: IpEndpoint) -> (Decision, Audit) {
+        let (d, audit) = self.judge(proto, dst, None);
+        if !d.allowed {
+            self.log(audit.event("denied"));
+        }
+        (d, audit)
+    }
+
+    /// The decision for a flow to `dst`, named by the sandbox's DNS answers for it and by
+    /// `sniffed` (its TLS server name or HTTP Host), with the audit record it starts.
+    fn judge(&self, proto: Proto, dst: IpEndpoint, sniffed: Option<&str>) -> (Decision, Audit) {
         let ip = to_std(dst.addr);
-        let names: Vec<String> = self
+        let mut names: Vec<String> = self
             .bindings
             .names(ip, StdInstant::now())
             .into_iter()
             .map(String::from)
             .collect();
+        if let Some(n) = sniffed {
+            if !names.iter().any(|m| m == n) {
+                names.push(n.to_string());
+            }
+        }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut d = self.cfg.policy.decide(&Flow {
             proto,
@@ -692,9 +753,6 @@ impl State {
             bytes_out: 0,
             bytes_in: 0,
         };
-        if !d.allowed {
-            self.log(audit.event("denied"));
-        }
         (d, audit)
     }
 
@@ -791,8 +849,18 @@ impl State {
     /// Decides a new connection; if allowed, starts the host connection and holds the SYN.
     fn open_tcp(&mut self, key: FlowKey, syn: Vec<u8>) -> Option<Vec<u8>> {
         let (guest, dst) = key;
-        let (d, audit) = self.decide(Proto::Tcp, dst);
+        let (d, audit) = self.judge(Proto::Tcp, dst, None);
+        if !d.allowed && self.may_sniff(&d, dst) {
+            // A domain rule may still allow it by the name its first bytes carry.
+            if let Some(h) = Self::accept_tcp(&mut self.sockets, dst) {
+                tracing::debug!("netstack: tcp {dst} {d}; waiting for its TLS or HTTP name");
+                self.sniffing
+                    .insert(key, sniffing::SniffFlow::new(h, audit));
+                return Some(syn);
+            }
+        }
         if !d.allowed {
+            self.log(audit.event("denied"));
             tracing::debug!("netstack: tcp {dst} {d}");
             self.stats.tcp_denied.fetch_add(1, Ordering::Relaxed);
             return Some(syn); // no socket: smoltcp answers the SYN with a reset
@@ -816,20 +884,9 @@ impl State {
         }
         self.stats.tcp_allowed.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("netstack: tcp {guest} -> {dst} via {target}: {d}");
-        self.tcp.insert(
-            key,
-            TcpFlow {
-                handle: None,
-                syn: Some(syn),
-                since: StdInstant::now(),
-                stream,
-                connected: false,
-                established: false,
-                host_eof: false,
-                shut_wr: false,
-                audit,
-            },
-        );
+        let mut flow = TcpFlow::new(stream, None, Some(syn), false, audit);
+        flow.inspect_until = self.inspect_deadline(dst);
+        self.tcp.insert(key, flow);
         None
     }
 
@@ -980,17 +1037,7 @@ impl State {
                         guest,
                         IpEndpoint::new(IpAddress::Ipv4(addr::GATEWAY_V4), port),
                     ),
-                    TcpFlow {
-                        handle: Some(handle),
-                        syn: None,
-                        since: StdInstant::now(),
-                        stream,
-                        connected: true,
-                        established: false,
-                        host_eof: false,
-                        shut_wr: false,
-                        audit,
-                    },
+                    TcpFlow::new(stream, Some(handle), None, true, audit),
                 );
             }
         }
@@ -1074,6 +1121,7 @@ impl State {
         let mut busy = false;
         let mut dead = Vec::new();
         let handshake_timeout = self.cfg.handshake_timeout;
+        let policy = &self.cfg.policy;
         for (key, f) in self.tcp.iter_mut() {
             if !f.connected {
                 let failed = match f.stream.take_error() {
@@ -1091,19 +1139,28 @@ impl State {
                     },
                 };
                 busy = true;
-                let syn = f.syn.take().unwrap_or_default();
+                let syn = f.syn.take();
                 if failed {
-                    // Refused by the host: the held SYN meets no socket and is reset.
-                    self.rx.push_front(syn);
+                    match (syn, f.handle) {
+                        // Refused by the host: the held SYN meets no socket and is reset.
+                        (Some(syn), _) => self.rx.push_front(syn),
+                        // The guest's side was already up (a flow admitted by its name).
+                        (None, Some(h)) => self.sockets.get_mut::<tcp::Socket>(h).abort(),
+                        (None, None) => {}
+                    }
                     dead.push(*key);
                     continue;
                 }
                 f.connected = true;
-                f.handle = Self::accept_tcp(&mut self.sockets, key.1);
                 if f.handle.is_none() {
-                    dead.push(*key);
+                    f.handle = Self::accept_tcp(&mut self.sockets, key.1);
+                    if f.handle.is_none() {
+                        dead.push(*key);
+                    }
                 }
-                self.rx.push_front(syn);
+                if let Some(syn) = syn {
+                    self.rx.push_front(syn);
+                }
                 continue;
             }
             let Some(handle) = f.handle else { continue };
@@ -1132,8 +1189,23 @@ impl State {
             ) {
                 f.established = true;
             }
+            // The first bytes, held until read for a name a deny rule refuses.
+            if let Some(until) = f.inspect_until {
+                match sniffing::inspect(s, until, policy, key.1, &mut f.audit) {
+                    sniffing::Inspected::Wait => {}
+                    sniffing::Inspected::Pass => f.inspect_until = None,
+                    sniffing::Inspected::Refuse(reason) => {
+                        tracing::debug!("netstack: tcp {} -> {}: {reason}", key.0, key.1);
+                        f.audit.rule = reason;
+                        f.denied = true;
+                        s.abort();
+                        dead.push(*key);
+                        continue;
+                    }
+                }
+            }
             // Guest to host, straight from smoltcp's buffer, as fast as the host takes it.
-            while s.can_recv() {
+            while f.inspect_until.is_none() && s.can_recv() {
                 match s.recv(|buf| match f.stream.write(buf) {
                     Ok(n) => (n, Ok(n)),
                     Err(e) => (0, Err(e)),
@@ -1197,11 +1269,12 @@ impl State {
         for key in dead {
             if let Some(mut f) = self.tcp.remove(&key) {
                 // A flow the host refused never carried anything; it is logged as it ends.
-                let ev = f.audit.event("allowed");
+                let ev = f.audit.event(if f.denied { "denied" } else { "allowed" });
                 self.log(ev);
                 let _ = self.poll.registry().deregister(&mut f.stream);
                 if let Some(h) = f.handle {
-                    self.sockets.remove(h);
+                    // After the next poll, which sends the reset of an aborted socket.
+                    self.reap.push(h);
                 }
             }
         }
@@ -1324,6 +1397,10 @@ impl State {
         // Answers the resolver threads finished (those still awaited).
         while let Ok((id, result)) = self.resolved.try_recv() {
             busy = true;
+            if let Some(key) = self.lookups.remove(&id) {
+                self.sniff_resolved(key, result);
+                continue;
+            }
             let Some(i) = self.pending_dns.iter().position(|p| p.id == id) else {
                 continue;
             };
@@ -1382,6 +1459,25 @@ impl State {
 
     /// Resolves on a thread of its own (the host resolver blocks), with a deadline.
     fn resolve(&mut self, handle: SocketHandle, to: IpEndpoint, q: dns::Query, name: String) {
+        match self.lookup(name) {
+            Some(id) => self.pending_dns.push(PendingDns {
+                id,
+                deadline: StdInstant::now() + self.cfg.dns_timeout,
+                handle,
+                to,
+                q,
+            }),
+            None => {
+                let r = dns::response(&q, dns::RCODE_SERVFAIL, &[]);
+                let s = self.sockets.get_mut::<udp::Socket>(handle);
+                let _ = s.send_slice(&r, to);
+            }
+        }
+    }
+
+    /// Starts resolving `name` on a thread of its own; its answer comes back by id. `None`
+    /// if no thread could be started.
+    fn lookup(&mut self, name: String) -> Option<u64> {
         let id = self.next_dns;
         self.next_dns += 1;
         let (tx, waker, resolver, count) = (
@@ -1399,21 +1495,11 @@ impl State {
                 let _ = tx.send((id, r));
                 let _ = waker.wake();
             });
-        match spawned {
-            Ok(_) => self.pending_dns.push(PendingDns {
-                id,
-                deadline: StdInstant::now() + self.cfg.dns_timeout,
-                handle,
-                to,
-                q,
-            }),
-            Err(_) => {
-                self.resolving.fetch_sub(1, Ordering::Relaxed);
-                let r = dns::response(&q, dns::RCODE_SERVFAIL, &[]);
-                let s = self.sockets.get_mut::<udp::Socket>(handle);
-                let _ = s.send_slice(&r, to);
-            }
+        if spawned.is_err() {
+            self.resolving.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
+        Some(id)
     }
 }
 
@@ -1426,6 +1512,7 @@ impl Drop for State {
             .map(|f| f.audit.event("allowed"))
             .chain(self.udp.values().map(|f| f.audit.event("allowed")))
             .chain(self.echo.values().map(|f| f.audit.event("allowed")))
+            .chain(self.sniffing.values().map(|f| f.audit.event("denied")))
             .chain(
                 self.udp_publish
                     .iter()

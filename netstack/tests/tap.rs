@@ -170,7 +170,7 @@ fn echo_on(l: TcpListener) -> u16 {
 }
 
 const CONNECT: &str = r#"
-import socket, sys, hashlib
+import socket, sys, hashlib, os, threading
 host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 try:
     s = socket.create_connection((host, port), timeout=10)
@@ -180,21 +180,32 @@ except OSError as e:
 # Streamed in 1 MiB blocks of a fixed pattern, hashed on the fly: sizes up to GiBs.
 block = bytes((i * 7 + 3) & 0xff for i in range(1 << 20))
 sent = hashlib.sha256()
-import threading
+reset = False
 def send():
+    global reset
     left = size
-    while left:
-        b = block[: min(left, len(block))]
-        s.sendall(b); sent.update(b); left -= len(b)
-    s.shutdown(socket.SHUT_WR)
+    try:
+        while left:
+            b = block[: min(left, len(block))]
+            s.sendall(b); sent.update(b); left -= len(b)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        reset = True
 t = threading.Thread(target=send); t.start()
 got, n = hashlib.sha256(), 0
-while True:
-    b = s.recv(1 << 20)
-    if not b: break
-    got.update(b); n += len(b)
+try:
+    while True:
+        b = s.recv(1 << 20)
+        if not b: break
+        got.update(b); n += len(b)
+except ConnectionResetError:
+    reset = True
 t.join()
-print("echoed", n, got.hexdigest() == sent.hexdigest())
+if reset:
+    # Accepted, then reset: a flow that waited for a name its first bytes did not carry.
+    print("reset")
+else:
+    print("echoed", n, got.hexdigest() == sent.hexdigest())
 "#;
 
 fn connect(sb: &Sandbox, host: &str, port: u16, size: usize) -> String {
@@ -789,8 +800,8 @@ fn rules_by_cidr_address_domain_port_and_protocol() {
     );
     assert_eq!(
         connect(&sb, PRIVATE, port, 100),
-        "refused",
-        "not resolved yet"
+        "reset",
+        "not resolved yet, and its bytes name no server"
     );
     assert_eq!(connect(&sb, "svc.test", port, 100), "echoed 100 True");
     assert_eq!(
@@ -817,4 +828,118 @@ fn rules_by_cidr_address_domain_port_and_protocol() {
     assert_eq!(connect(&sb, PUBLIC4, port, 100), "refused");
     // The gateway answers pings itself, whatever the policy.
     assert!(pings(&sb, &["10.0.2.2"]).contains("10.0.2.2 reply"));
+}
+
+/// Sends a TLS ClientHello naming `sni` (or an HTTP request for Host `http`) to host:port
+/// directly, without asking DNS; prints how many bytes came back or that it was reset.
+const HELLO: &str = r#"
+import socket, struct, sys
+host, port, kind, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if kind == "tls":
+    n = name.encode()
+    sni = struct.pack("!HBH", len(n) + 3, 0, len(n)) + n
+    exts = struct.pack("!HH", 0, len(sni)) + sni
+    body = b"\3\3" + b"\7" * 32 + b"\0" + struct.pack("!H", 2) + b"\x13\x01" + b"\1\0"
+    body += struct.pack("!H", len(exts)) + exts
+    hs = b"\1" + struct.pack("!I", len(body))[1:] + body
+    msg = b"\x16\3\1" + struct.pack("!H", len(hs)) + hs
+elif kind == "http":
+    msg = ("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name).encode()
+else:
+    msg = name.encode()
+try:
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(msg); s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        got += b
+    print("echoed" if got == msg else "closed %d" % len(got))
+except ConnectionResetError:
+    print("reset")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    # A reset that came before our FIN went out.
+    print("reset" if e.errno == 107 else "error %s" % e)
+"#;
+
+fn hello(sb: &Sandbox, host: &str, port: u16, kind: &str, name: &str) -> String {
+    let code =
+        format!("import sys; sys.argv = ['x', {host:?}, '{port}', {kind:?}, {name:?}]\n{HELLO}");
+    stdout(&sb.py(&code)).trim().to_string()
+}
+
+/// Domain rules bind to the TLS server name and HTTP Host too: a guest that never asked our
+/// DNS reaches an allowed name's address, but only that name's, and a denied name is reset.
+#[test]
+fn domain_rules_bind_to_tls_server_names_and_http_hosts() {
+    let up = Upstream::new();
+    let port = up.port;
+    let allow_svc = || {
+        let mut p = Policy::preset(Preset::None);
+        p.add_flag(Action::Allow, &format!("tcp:svc.test:{port}"))
+            .unwrap();
+        sandbox_in(
+            Some(&up),
+            p,
+            &[("svc.test", PRIVATE), ("other.test", PUBLIC4)],
+            Vec::new(),
+            |_| {},
+        )
+    };
+    let mut log = Vec::new();
+    // Each in a fresh sandbox: once admitted, the address is bound to the name (as a DNS
+    // answer would bind it), and later connections to it no longer need a name.
+    for (kind, name) in [
+        ("tls", "svc.test"),
+        ("tls", "SVC.test."),
+        ("http", "svc.test:8080"),
+    ] {
+        let mut sb = allow_svc();
+        assert_eq!(
+            hello(&sb, PRIVATE, port, kind, name),
+            "echoed",
+            "{kind} {name}"
+        );
+        log.extend(sb.stop());
+    }
+    // Another name, no name, or the allowed name at an address that is not its own.
+    let mut sb = allow_svc();
+    assert_eq!(hello(&sb, PRIVATE, port, "tls", "other.test"), "reset");
+    assert_eq!(hello(&sb, PRIVATE, port, "raw", "hello"), "reset");
+    assert_eq!(hello(&sb, PRIVATE, port, "http", "other.test"), "reset");
+    assert_eq!(hello(&sb, PUBLIC4, port, "tls", "svc.test"), "reset");
+    assert_eq!(hello(&sb, PUBLIC4, port, "http", "svc.test"), "reset");
+    log.extend(sb.stop());
+    let sni = |verdict: &str, rule_has: &str| {
+        log.iter().any(|e| {
+            e.verdict == verdict
+                && e.rule.contains(rule_has)
+                && e.names.iter().any(|n| n == "svc.test" || n == "other.test")
+        })
+    };
+    assert!(
+        sni("allowed", &format!("--allow tcp:svc.test:{port}")),
+        "{log:#?}"
+    );
+    assert!(sni("denied", "is not an address of svc.test"), "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|e| e.verdict == "denied" && e.rule.contains("no TLS server name")),
+        "{log:#?}"
+    );
+
+    // Deny by name on an allowed address: the name in the first bytes decides.
+    let mut p = Policy::preset(Preset::All);
+    p.add_flag(Action::Deny, "*.blocked.test").unwrap();
+    let sb = sandbox_in(Some(&up), p, &[], Vec::new(), |_| {});
+    assert_eq!(
+        hello(&sb, PUBLIC4, port, "tls", "ads.blocked.test"),
+        "reset"
+    );
+    assert_eq!(hello(&sb, PUBLIC4, port, "http", "x.blocked.test"), "reset");
+    assert_eq!(hello(&sb, PUBLIC4, port, "tls", "fine.test"), "echoed");
+    assert_eq!(hello(&sb, PUBLIC4, port, "raw", "not tls at all"), "echoed");
 }

@@ -189,6 +189,20 @@ fn dns_names_and_answers() {
     );
     p.add_flag(Action::Allow, "tcp:192.168.1.0/24:22").unwrap();
     assert!(p.decide_answer("evil.example", ip("192.168.1.10")).allowed);
+    // A name never opts in the host's loopback (the gateway) or loopback: only `host` does.
+    assert!(
+        !p.decide_answer("internal.corp.example", ip("10.0.2.2"))
+            .allowed
+    );
+    assert!(
+        !p.decide_answer("internal.corp.example", ip("127.0.0.1"))
+            .allowed
+    );
+    p.add_flag(Action::Allow, "host").unwrap();
+    assert!(
+        p.decide_answer("internal.corp.example", ip("10.0.2.2"))
+            .allowed
+    );
     // Under `none`, only named domains resolve.
     let mut n = Policy::preset(Preset::None);
     n.add_flag(Action::Allow, "tcp:*.pypi.org:443").unwrap();
