@@ -229,6 +229,8 @@ struct Target {
     prefix: Vec<String>,
     /// The server's address as seen from there.
     addr: SocketAddr,
+    /// A sandbox the client runs in through the agent (then `prefix` is unused).
+    sandbox: Option<msb_vmm::sandbox::Sandbox>,
 }
 
 const METRICS: [(&str, &str, &str, usize); 7] = [
@@ -248,31 +250,88 @@ fn run_client(
     streams: usize,
     a: &NetArgs,
 ) -> Result<ClientResult> {
-    let (program, rest) = t.prefix.split_first().expect("a prefix");
-    let out = Command::new(program)
-        .args(rest)
-        .arg(exe)
-        .args(["net-client", "--mode", mode, "--addr"])
-        .arg(t.addr.to_string())
-        .arg("--seconds")
-        .arg(a.seconds.to_string())
-        .arg("--streams")
-        .arg(streams.to_string())
-        .arg("--round-trips")
-        .arg(a.round_trips.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running the client through {program}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let args: Vec<String> = [
+        "net-client",
+        "--mode",
+        mode,
+        "--addr",
+        &t.addr.to_string(),
+        "--seconds",
+        &a.seconds.to_string(),
+        "--streams",
+        &streams.to_string(),
+        "--round-trips",
+        &a.round_trips.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let (ok, stdout, stderr) = match &t.sandbox {
+        Some(sb) => {
+            let mut argv = vec![format!("{GUEST_BIN}/msb-bench")];
+            argv.extend(args);
+            let out = sb
+                .output(argv)
+                .context("running the client in the sandbox")?;
+            (out.status.success(), out.stdout, out.stderr)
+        }
+        None => {
+            let (program, rest) = t.prefix.split_first().expect("a prefix");
+            let out = Command::new(program)
+                .args(rest)
+                .arg(exe)
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("running the client through {program}"))?;
+            (out.status.success(), out.stdout, out.stderr)
+        }
+    };
+    let stdout = String::from_utf8_lossy(&stdout);
     let line = stdout.lines().last().unwrap_or("");
-    if !out.status.success() || line.is_empty() {
+    if !ok || line.is_empty() {
         bail!(
             "{}: the {mode} client failed: {}",
             t.name,
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&stderr).trim()
         );
     }
     serde_json::from_str(line).with_context(|| format!("{}: client said {line:?}", t.name))
+}
+
+/// Where this binary's directory is mounted in the sandbox.
+const GUEST_BIN: &str = "/opt/msb-bench";
+
+/// A sandbox on the default root (Debian: this binary's C library) with this binary's
+/// directory as a read-only volume and a network card that may reach the server's port.
+fn bench_sandbox(exe: &Path, port: u16, mtu: usize) -> Result<msb_vmm::sandbox::Sandbox> {
+    use msb_vmm::assets::{default_root, DefaultRoot};
+    use msb_vmm::sandbox::{Network, Sandbox, Volume};
+    let dir = exe.parent().context("msb-bench's directory")?;
+    let vol = Volume::parse(&format!("{}:{GUEST_BIN}:ro", dir.display()))?;
+    let mut policy = Policy::preset(Preset::None);
+    policy
+        .add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut b = Sandbox::builder()
+        .memory_mib(1024)
+        .volume(vol)
+        .network(Network {
+            policy,
+            mtu: u16::try_from(mtu).context("--mtu")?,
+            log: None,
+            publish: Vec::new(),
+        });
+    match default_root() {
+        DefaultRoot::Dir(d) if d.is_dir() => b = b.rootfs_overlay(d),
+        DefaultRoot::Dir(d) => bail!(
+            "--sandbox runs this binary on the default Debian root, which is not at {} (run ./x setup)",
+            d.display()
+        ),
+        DefaultRoot::Initramfs => {
+            bail!("--sandbox needs the Debian root (this binary links glibc), not MSB_ROOTFS=initramfs")
+        }
+    }
+    b.start().context("starting a sandbox")
 }
 
 #[derive(Serialize)]
@@ -291,10 +350,8 @@ pub fn run(a: NetArgs) -> Result<()> {
     if !(68..=65520).contains(&a.mtu) {
         bail!("--mtu {}: expected 68 to 65520", a.mtu);
     }
-    if a.sandbox {
-        bail!(
-            "--sandbox: not implemented yet; the namespace+TAP client measures the netstack here"
-        );
+    if a.sandbox && Path::new("/sys/module/kvm_pvm").exists() {
+        bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run the sandbox part inside the L2 VM, `./x l2 -- target/release/msb-bench net --sandbox`");
     }
     let exe = std::env::current_exe().context("finding msb-bench's own path")?;
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the server on loopback")?;
@@ -305,26 +362,48 @@ pub fn run(a: NetArgs) -> Result<()> {
         name: "loopback".into(),
         prefix: vec!["env".into()],
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        sandbox: None,
     }];
     // Our netstack, serving a namespace over TAP; the guest may reach this one port.
     let ns_name = format!("msbbench{}", std::process::id());
-    let (ns, tap) = GuestNamespace::create(&ns_name, a.mtu)
-        .context("creating the guest namespace (needs iproute2 and /dev/net/tun)")?;
-    let mut policy = Policy::preset(Preset::None);
-    policy
-        .add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cfg = Config {
-        policy,
-        mtu: a.mtu,
-        ..Config::default()
-    };
-    let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
-    targets.push(Target {
-        name: "msb netstack".into(),
-        prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
-        addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
-    });
+    let mut tap_part = None;
+    match GuestNamespace::create(&ns_name, a.mtu) {
+        Ok((ns, tap)) => {
+            let mut policy = Policy::preset(Preset::None);
+            policy
+                .add_flag(Action::Allow, &format!("tcp:host:{port}"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let cfg = Config {
+                policy,
+                mtu: a.mtu,
+                ..Config::default()
+            };
+            let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
+            targets.push(Target {
+                name: "msb netstack".into(),
+                prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
+                addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
+                sandbox: None,
+            });
+            tap_part = Some((stack, ns));
+        }
+        // The L2 VM's kernel has no TUN driver: the sandbox part still runs there.
+        Err(e) if a.sandbox => {
+            eprintln!("no namespace+TAP client here ({e}); measuring loopback and the sandbox")
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context("creating the guest namespace (needs iproute2 and /dev/net/tun)"))
+        }
+    }
+    if a.sandbox {
+        targets.push(Target {
+            name: "sandbox".into(),
+            prefix: Vec::new(),
+            addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
+            sandbox: Some(bench_sandbox(&exe, port, a.mtu)?),
+        });
+    }
     for p in &a.peers {
         let (name, path) = p.split_once('=').unwrap_or((p.as_str(), ""));
         match name {
@@ -355,6 +434,7 @@ pub fn run(a: NetArgs) -> Result<()> {
                     .map(String::from)
                     .to_vec(),
                     addr: SocketAddr::from((gw, port)),
+                    sandbox: None,
                 });
             }
             other => bail!("--peer {other}: known peers are pasta (Debian's passt)"),
@@ -397,10 +477,10 @@ pub fn run(a: NetArgs) -> Result<()> {
             });
         }
     }
-    // Ours as a share of the ceiling, at p50.
+    // Each target as a share of the ceiling, at p50 (for latency: ceiling / ours).
     println!(
-        "\n{:<32} {:>14} {:>14} {:>8}",
-        "metric (p50)", "loopback", "msb netstack", "ratio"
+        "\n{:<32} {:<14} {:>10} {:>10} {:>7}",
+        "metric (p50)", "target", "value", "loopback", "ratio"
     );
     for (_, label, mode, _) in METRICS {
         let p50 = |target: &str| {
@@ -409,14 +489,23 @@ pub fn run(a: NetArgs) -> Result<()> {
                 .and_then(|r| r.summary)
                 .map(|s| s.p50)
         };
-        let (Some(h), Some(m)) = (p50("loopback"), p50("msb netstack")) else {
-            continue;
-        };
-        let ratio = if mode == "rtt" { h / m } else { m / h };
-        println!("{label:<32} {h:>14.2} {m:>14.2} {:>7.0}%", ratio * 100.0);
+        let Some(h) = p50("loopback") else { continue };
+        for t in targets.iter().filter(|t| t.name != "loopback") {
+            let Some(m) = p50(&t.name) else { continue };
+            let ratio = if mode == "rtt" { h / m } else { m / h };
+            println!(
+                "{label:<32} {:<14} {m:>10.2} {h:>10.2} {:>6.0}%",
+                t.name,
+                ratio * 100.0
+            );
+        }
     }
-    drop(stack);
-    drop(ns);
+    for t in &mut targets {
+        if let Some(sb) = t.sandbox.take() {
+            let _ = sb.shutdown();
+        }
+    }
+    drop(tap_part);
     if let Some(path) = &a.json {
         let doc = serde_json::json!({ "machine": machine, "mtu": a.mtu, "rows": rows });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
