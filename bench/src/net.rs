@@ -15,9 +15,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use msb_devices::net::tap::GuestNamespace;
 use msb_netstack::policy::{Action, Policy, Preset};
 use msb_netstack::stack::{Config, NetStack};
-use msb_netstack::tap::GuestNamespace;
 use serde::{Deserialize, Serialize};
 
 use crate::stats::{summarize, Summary};
@@ -378,6 +378,7 @@ pub fn run(a: NetArgs) -> Result<()> {
                 mtu: a.mtu,
                 ..Config::default()
             };
+            msb_devices::net::alloc::pin_mmap_threshold();
             let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
             targets.push(Target {
                 name: "msb netstack".into(),

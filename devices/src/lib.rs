@@ -9,6 +9,8 @@ pub mod boot_timer;
 pub mod bus;
 pub mod fs;
 pub mod i8042;
+#[cfg(target_os = "linux")]
+pub mod net;
 pub mod serial;
 pub mod virtio;
 

@@ -7,17 +7,12 @@
 //! egress policy engine ([`policy`]), the DNS codec with the name↔address bindings domain
 //! rules match against ([`dns`]), and the gateway itself ([`stack`]: smoltcp in any-IP mode,
 //! TCP and UDP relayed through the policy, DNS answered and filtered), tested with the host
-//! kernel as the guest through a TAP device in a network namespace ([`tap`]). Sandboxes
+//! kernel as the guest through a TAP device in a network namespace (`msb_devices::net::tap`). Sandboxes
 //! reach it through msb-vmm's virtio-net device.
-// Only the TAP transport talks to the kernel directly (ioctl, setns).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod addr;
-#[allow(unsafe_code)]
-pub mod alloc;
 pub mod dns;
 pub mod policy;
 pub mod sniff;
 pub mod stack;
-#[allow(unsafe_code)]
-pub mod tap;

@@ -223,9 +223,9 @@ pub struct NetStack {
 }
 
 impl NetStack {
-    /// Starts the stack on its own thread, serving `link`.
+    /// Starts the stack on its own thread, serving `link`. Each connection's 1 MiB buffers
+    /// are best allocated as fresh mmaps: see `msb_devices::net::alloc`, which the VMM applies.
     pub fn spawn(link: Box<dyn Link>, cfg: Config) -> io::Result<NetStack> {
-        crate::alloc::pin_mmap_threshold();
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));

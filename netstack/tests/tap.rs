@@ -11,9 +11,9 @@ use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use msb_devices::net::tap::{allow_ping_sockets, in_namespace, GuestNamespace};
 use msb_netstack::policy::{Action, Policy, Preset};
 use msb_netstack::stack::{Config, LogEvent, NetStack, Published};
-use msb_netstack::tap::{allow_ping_sockets, in_namespace, GuestNamespace};
 
 /// A namespace with a TAP device served by a netstack; removed on drop.
 struct Sandbox {
@@ -107,6 +107,7 @@ fn sandbox_in(
     };
     let mut cfg = cfg;
     tweak(&mut cfg);
+    msb_devices::net::alloc::pin_mmap_threshold();
     let stack = match upstream {
         None => NetStack::spawn(Box::new(tap), cfg),
         Some(u) => in_namespace(&u.path(), move || NetStack::spawn(Box::new(tap), cfg)).unwrap(),

@@ -492,6 +492,7 @@ impl SandboxBuilder {
                     net.mtu,
                 )
                 .map_err(|e| SandboxError::Network(e.to_string()))?;
+                msb_devices::net::alloc::pin_mmap_threshold();
                 let stack = msb_netstack::stack::NetStack::spawn(
                     Box::new(PortLink(port)),
                     msb_netstack::stack::Config {

@@ -110,7 +110,7 @@ impl AsRawFd for Tap {
     }
 }
 
-impl crate::stack::Link for Tap {
+impl msb_netstack::stack::Link for Tap {
     fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -142,7 +142,7 @@ pub fn in_namespace<T: Send + 'static>(
 }
 
 /// A network namespace playing the guest: a TAP device `tap0` with the guest's addresses
-/// ([`crate::addr`]), routes through the gateway and the gateway as its resolver (through
+/// ([`msb_netstack::addr`]), routes through the gateway and the gateway as its resolver (through
 /// `ip netns exec`). Tests and `msb-bench net` run their clients in it. Removed on drop.
 #[derive(Debug)]
 pub struct GuestNamespace {
@@ -153,7 +153,9 @@ impl GuestNamespace {
     /// Creates namespace `name` and its TAP device with link MTU `mtu`; the TAP is returned
     /// for the netstack to serve.
     pub fn create(name: &str, mtu: usize) -> io::Result<(GuestNamespace, Tap)> {
-        use crate::addr::{GATEWAY_V4, GATEWAY_V6, GUEST_V4, GUEST_V6, PREFIX_V4, PREFIX_V6};
+        use msb_netstack::addr::{
+            GATEWAY_V4, GATEWAY_V6, GUEST_V4, GUEST_V6, PREFIX_V4, PREFIX_V6,
+        };
         ip(&["netns", "add", name])?;
         let ns = GuestNamespace {
             name: name.to_string(),
