@@ -39,6 +39,10 @@ pub struct NetArgs {
     /// A peer to compare with: `pasta` or `pasta=PATH` (Debian's passt package).
     #[arg(long = "peer", value_name = "NAME[=PATH]")]
     peers: Vec<String>,
+    /// The namespace's TAP device without checksum and segmentation offloads (by default it
+    /// has them, as a sandbox's virtio-net card does).
+    #[arg(long)]
+    no_offload: bool,
     /// Only these metrics (comma-separated: up1,up8,down1,down8,connect1,connect8,rtt).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -367,7 +371,7 @@ pub fn run(a: NetArgs) -> Result<()> {
     // Our netstack, serving a namespace over TAP; the guest may reach this one port.
     let ns_name = format!("msbbench{}", std::process::id());
     let mut tap_part = None;
-    match GuestNamespace::create(&ns_name, a.mtu) {
+    match GuestNamespace::create(&ns_name, a.mtu, !a.no_offload) {
         Ok((ns, tap)) => {
             let mut policy = Policy::preset(Preset::None);
             policy
@@ -445,8 +449,12 @@ pub fn run(a: NetArgs) -> Result<()> {
     let machine = crate::machine();
     eprintln!("machine: {machine:?}");
     eprintln!(
-        "mtu {}, {} run(s) of {} s per throughput/connect figure, {} round trips",
-        a.mtu, a.runs, a.seconds, a.round_trips
+        "mtu {}, offloads {}, {} run(s) of {} s per throughput/connect figure, {} round trips",
+        a.mtu,
+        if a.no_offload { "off" } else { "on" },
+        a.runs,
+        a.seconds,
+        a.round_trips
     );
     let mut rows = Vec::new();
     for (key, label, mode, streams) in METRICS {

@@ -259,7 +259,7 @@ impl NetStack {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stats = Arc::new(Stats::default());
         let mut state = State::new(link, cfg, poll, waker, stats.clone())?;
-        let mut buf = vec![0u8; state.cfg.mtu + 14 + 4];
+        let mut buf = vec![0u8; rx_buffer_len(state.cfg.mtu)];
         for _ in 0..rounds {
             state.round(&mut buf)?;
         }
@@ -595,7 +595,7 @@ impl State {
 
     fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
-        let mut buf = vec![0u8; self.cfg.mtu + 14 + 4];
+        let mut buf = vec![0u8; rx_buffer_len(self.cfg.mtu)];
         while !stop.load(Ordering::Relaxed) {
             let busy = self.round(&mut buf)?;
             let timeout = if busy {
@@ -1543,6 +1543,12 @@ fn tcp_socket() -> tcp::Socket<'static> {
 
 fn is_gateway(a: IpAddress) -> bool {
     a == IpAddress::Ipv4(addr::GATEWAY_V4) || a == IpAddress::Ipv6(addr::GATEWAY_V6)
+}
+
+/// Room for one frame from the guest: a link's MTU, or a 64 KiB TCP segment from a guest
+/// that offloads segmentation (see [`crate::offload`]).
+fn rx_buffer_len(mtu: usize) -> usize {
+    (mtu + 14 + 4).max(crate::offload::MAX_OFFLOAD_FRAME)
 }
 
 /// Neither multicast nor broadcast (those stay with smoltcp: neighbour discovery, for one).

@@ -8,15 +8,26 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
+use msb_netstack::offload::{complete, VNET_HDR_LEN};
+
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
 
 /// An open TAP device, non-blocking; each read or write is one Ethernet frame.
 #[derive(Debug)]
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    /// Frames carry a virtio-net header, and the kernel may leave checksums to us and send
+    /// TCP segments of up to 64 KiB (as a virtio-net guest with offloads does).
+    offload: bool,
 }
 
 #[repr(C)]
@@ -28,8 +39,9 @@ struct IfReq {
 
 impl Tap {
     /// Creates TAP device `name` (at most 15 bytes) in the network namespace at `netns`
-    /// (`/var/run/netns/NAME`), or in ours when `None`.
-    pub fn open(name: &str, netns: Option<&Path>) -> io::Result<Tap> {
+    /// (`/var/run/netns/NAME`), or in ours when `None`; with `offload`, the kernel's side may
+    /// send partial checksums and 64 KiB TCP segments, which [`Tap::recv`] completes.
+    pub fn open(name: &str, netns: Option<&Path>, offload: bool) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -53,7 +65,7 @@ impl Tap {
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             let mut req = IfReq {
                 name: [0; libc::IFNAMSIZ],
-                flags: IFF_TAP | IFF_NO_PI,
+                flags: IFF_TAP | IFF_NO_PI | if offload { IFF_VNET_HDR } else { 0 },
                 _pad: [0; 22],
             };
             req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -61,7 +73,19 @@ impl Tap {
             if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(Tap { fd, name })
+            if offload {
+                let hdr = VNET_HDR_LEN as libc::c_int;
+                // SAFETY: TUNSETVNETHDRSZ reads an int, which `hdr` is.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+                // SAFETY: TUNSETOFFLOAD takes its flags by value.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, flags) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(Tap { fd, name, offload })
         };
         match netns {
             Some(ns) => in_namespace(ns, open)?,
@@ -74,10 +98,22 @@ impl Tap {
         &self.name
     }
 
-    /// Reads one frame; `Ok(None)` when none is waiting.
+    /// Reads one frame; `Ok(None)` when none is waiting. With offloads, the frame comes out
+    /// complete (checksums finished) and may be up to 64 KiB whatever the MTU.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: `buf` is valid for its length; the fd is ours.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: if self.offload { hdr.len() } else { 0 },
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
+        // SAFETY: both iovecs point into live buffers of their lengths; the fd is ours.
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -85,13 +121,34 @@ impl Tap {
                 _ => Err(e),
             };
         }
-        Ok(Some(n as usize))
+        if !self.offload {
+            return Ok(Some(n as usize));
+        }
+        let n = (n as usize).saturating_sub(VNET_HDR_LEN);
+        if let Err(e) = complete(&hdr, &mut buf[..n]) {
+            tracing::debug!("tap: dropping a frame: {e}");
+            return Ok(Some(0));
+        }
+        Ok(Some(n))
     }
 
     /// Writes one frame (dropped by the kernel when the interface is down).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: `frame` is valid for its length; the fd is ours.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        // No offload asked of the kernel: checksums are whole, one segment per frame.
+        let hdr = [0u8; VNET_HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: if self.offload { hdr.len() } else { 0 },
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: both iovecs point into live buffers of their lengths (only read); the fd
+        // is ours.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
         if n < 0 {
             let e = io::Error::last_os_error();
             // A full queue drops the frame, as a link would.
@@ -150,9 +207,10 @@ pub struct GuestNamespace {
 }
 
 impl GuestNamespace {
-    /// Creates namespace `name` and its TAP device with link MTU `mtu`; the TAP is returned
-    /// for the netstack to serve.
-    pub fn create(name: &str, mtu: usize) -> io::Result<(GuestNamespace, Tap)> {
+    /// Creates namespace `name` and its TAP device with link MTU `mtu`, with checksum and
+    /// TCP segmentation offloads if `offload` (as a sandbox's virtio-net card has them); the
+    /// TAP is returned for the netstack to serve.
+    pub fn create(name: &str, mtu: usize, offload: bool) -> io::Result<(GuestNamespace, Tap)> {
         use msb_netstack::addr::{
             GATEWAY_V4, GATEWAY_V6, GUEST_V4, GUEST_V6, PREFIX_V4, PREFIX_V6,
         };
@@ -167,7 +225,11 @@ impl GuestNamespace {
             format!("{etc}/resolv.conf"),
             format!("nameserver {GATEWAY_V4}\noptions timeout:2 attempts:1\n"),
         )?;
-        let tap = Tap::open("tap0", Some(Path::new(&format!("/var/run/netns/{name}"))))?;
+        let tap = Tap::open(
+            "tap0",
+            Some(Path::new(&format!("/var/run/netns/{name}"))),
+            offload,
+        )?;
         let (v4, v6, mtu) = (
             format!("{GUEST_V4}/{PREFIX_V4}"),
             format!("{GUEST_V6}/{PREFIX_V6}"),

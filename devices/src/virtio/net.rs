@@ -1,7 +1,10 @@
 //! virtio-net (device id 1): Ethernet frames between the guest's queues and a [`NetPort`],
-//! the bounded frame channel the netstack thread reads and writes. No offloads are offered
-//! (the netstack computes and checks every checksum itself), so each frame crosses as it is,
-//! behind the 12-byte `virtio_net_hdr_v1` the driver and we exchange (all zero from us).
+//! the bounded frame channel the netstack thread reads and writes, behind the 12-byte
+//! `virtio_net_hdr_v1` the driver and we exchange. Offered toward us: checksum offload and
+//! TCP segmentation (IPv4 and IPv6), which the netstack honours: we finish the checksum here
+//! (`msb_netstack::offload`) and smoltcp takes 64 KiB segments as they are, so the guest's TCP
+//! sends 64 KiB per frame at any MTU. Toward the guest nothing is offloaded (the header is
+//! all zero): smoltcp makes every checksum and segments at the MTU.
 //!
 //! Back-pressure: the guest's transmit queue is drained only while the channel to the stack
 //! has room; frames for the guest wait (boundedly) for receive buffers, and are dropped past
@@ -13,6 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use msb_netstack::offload::{complete, MAX_OFFLOAD_FRAME};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -35,8 +39,11 @@ pub const MAX_MTU: u16 = 65520;
 /// Frames waiting in each direction.
 const CHANNEL_FRAMES: usize = 512;
 
+const F_CSUM: u64 = 1 << 0;
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -176,7 +183,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn features(&self) -> u64 {
-        F_MAC | F_MTU
+        F_MAC | F_MTU | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -188,7 +195,7 @@ impl VirtioDevice for NetDevice {
         read_config_bytes(&cfg, offset, data);
     }
 
-    fn activate(&mut self, a: Activation, _features: u64) -> Result<(), ActivateError> {
+    fn activate(&mut self, a: Activation, features: u64) -> Result<(), ActivateError> {
         self.stop_worker();
         let mut queues = a.queues.into_iter();
         let mut next = |i| {
@@ -224,6 +231,12 @@ impl VirtioDevice for NetDevice {
             failure: a.failure,
             ch: self.ch.clone(),
             epoll,
+            // Larger frames than the MTU only come segmentation-offloaded.
+            max_frame: if features & (F_HOST_TSO4 | F_HOST_TSO6) != 0 {
+                MAX_OFFLOAD_FRAME
+            } else {
+                self.ch.mtu + 14
+            },
         };
         let t = std::thread::Builder::new()
             .name("virtio-net".into())
@@ -251,6 +264,8 @@ struct Worker {
     failure: Arc<DeviceFailure>,
     ch: Arc<Channel>,
     epoll: Epoll,
+    /// The largest frame the guest may send, header excluded.
+    max_frame: usize,
 }
 
 impl Worker {
@@ -294,7 +309,7 @@ impl Worker {
     fn transmit(&mut self) -> Result<bool, String> {
         let mem = self.mem.clone();
         let mut used = false;
-        let max = self.ch.mtu + 14 + HDR_LEN;
+        let max = self.max_frame + HDR_LEN;
         loop {
             if self
                 .ch
@@ -324,13 +339,20 @@ impl Worker {
                 reader
                     .read_exact(&mut buf)
                     .map_err(|e| format!("tx frame: {e}"))?;
-                let frame = buf.split_off(HDR_LEN);
-                self.ch
-                    .to_stack
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_back(frame);
-                let _ = self.ch.stack_evt.write(1);
+                let mut frame = buf.split_off(HDR_LEN);
+                // What the guest left to us (checksums, segment lengths), finished; a header
+                // that points outside its frame drops the frame, as a link would.
+                match complete(&buf, &mut frame) {
+                    Ok(()) => {
+                        self.ch
+                            .to_stack
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_back(frame);
+                        let _ = self.ch.stack_evt.write(1);
+                    }
+                    Err(e) => tracing::debug!("virtio-net: dropping a frame: {e}"),
+                }
             }
             self.queues[TX]
                 .add_used(&mem, head, 0)

@@ -20,6 +20,11 @@ struct Driver {
 }
 
 fn driver(mtu: u16) -> Driver {
+    driver_with(mtu, 1 << 32)
+}
+
+/// A driver that accepted `features` (VERSION_1 and whatever else).
+fn driver_with(mtu: u16, features: u64) -> Driver {
     let (mut device, port) = NetDevice::new([2, 0, 0, 0, 0, 0x15], mtu).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let rings: Vec<Ring> = [0x10000u64, 0x30000]
@@ -48,7 +53,7 @@ fn driver(mtu: u16) -> Driver {
                     .collect(),
                 failure: failure.clone(),
             },
-            1 << 32,
+            features,
         )
         .unwrap();
     Driver {
@@ -77,7 +82,12 @@ fn wait<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
 impl Driver {
     /// Transmits `frame` behind a zero header at `at`.
     fn transmit(&mut self, at: u64, frame: &[u8]) {
-        let mut buf = vec![0u8; HDR_LEN];
+        self.transmit_with(at, &[0; HDR_LEN], frame)
+    }
+
+    /// Transmits `frame` behind header `hdr` at `at`.
+    fn transmit_with(&mut self, at: u64, hdr: &[u8; HDR_LEN], frame: &[u8]) {
+        let mut buf = hdr.to_vec();
         buf.extend_from_slice(frame);
         self.mem.write_slice(&buf, GuestAddress(at)).unwrap();
         self.rings[TX].add(&self.mem, &[(at, buf.len() as u32, false)]);
@@ -97,7 +107,10 @@ fn config_space_and_limits() {
     d.device.read_config(0, &mut cfg);
     assert_eq!(&cfg[..6], &[2, 0, 0, 0, 0, 0x15]);
     assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000);
-    assert_eq!(d.device.features(), F_MAC | F_MTU);
+    assert_eq!(
+        d.device.features(),
+        F_MAC | F_MTU | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
+    );
     assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 65521).is_err());
     assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 67).is_err());
 }
@@ -186,4 +199,101 @@ fn bad_buffers_are_dropped_or_fail_the_device() {
     d.rings[TX].add(&d.mem, &[(MEM_SIZE as u64 - 4, 64, false)]);
     d.evts[TX].write(1).unwrap();
     assert!(wait(|| d.failure.is_failed().then_some(())).is_some());
+}
+
+/// An IPv4 TCP frame of `payload` bytes whose TCP checksum field holds only the
+/// pseudo-header sum, and the header asking us to finish it (and, for `gso`, saying it is a
+/// segmentation frame).
+fn offloaded_frame(payload: usize, gso: bool) -> ([u8; HDR_LEN], Vec<u8>) {
+    let tcp_len = 20 + payload;
+    let mut f = vec![0u8; 34 + tcp_len];
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[26..30].copy_from_slice(&[10, 0, 2, 15]);
+    f[30..34].copy_from_slice(&[10, 0, 2, 2]);
+    f[46] = 5 << 4;
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = (i * 13) as u8;
+    }
+    // Pseudo-header: addresses, protocol, TCP length.
+    let mut sum: u32 = [0x0a00u32, 0x020f, 0x0a00, 0x0202, 6, tcp_len as u32]
+        .iter()
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[50..52].copy_from_slice(&(sum as u16).to_be_bytes());
+    let mut hdr = [0u8; HDR_LEN];
+    hdr[0] = 1; // NEEDS_CSUM
+    hdr[1] = if gso { 1 } else { 0 }; // TCPV4
+    hdr[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
+    hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+    (hdr, f)
+}
+
+fn tcp_checksum_ok(frame: &[u8]) -> bool {
+    let mut sum: u64 = [
+        0x0a00u64,
+        0x020f,
+        0x0a00,
+        0x0202,
+        6,
+        (frame.len() - 34) as u64,
+    ]
+    .iter()
+    .sum();
+    let tcp = &frame[34..];
+    for c in tcp.chunks(2) {
+        sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+#[test]
+fn offloaded_checksums_and_segments_are_finished() {
+    let mut d = driver_with(1500, 1 << 32 | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6);
+    let mut buf = vec![0u8; MAX_OFFLOAD_FRAME];
+    // A small frame with its checksum left to us.
+    let (hdr, f) = offloaded_frame(100, false);
+    assert!(!tcp_checksum_ok(&f));
+    d.transmit_with(0x100000, &hdr, &f);
+    let n = wait(|| d.port.recv(&mut buf)).expect("delivered");
+    assert!(tcp_checksum_ok(&buf[..n]));
+    // A 60 000-byte segment at MTU 1500: taken whole, checksum finished.
+    let (hdr, f) = offloaded_frame(60000, true);
+    d.transmit_with(0x200000, &hdr, &f);
+    let n = wait(|| d.port.recv(&mut buf)).expect("delivered");
+    assert_eq!(n, f.len());
+    assert!(tcp_checksum_ok(&buf[..n]));
+    // A header pointing past its frame: dropped, the device goes on.
+    let (mut hdr, f) = offloaded_frame(10, false);
+    hdr[6..8].copy_from_slice(&5000u16.to_le_bytes());
+    d.transmit_with(0x300000, &hdr, &f);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.port.recv(&mut buf), None);
+    assert!(!d.failure.is_failed());
+}
+
+#[test]
+fn large_frames_need_segmentation_negotiated() {
+    // The driver took checksum offload but not TSO: nothing over the MTU gets through.
+    let mut d = driver_with(1500, 1 << 32 | F_CSUM);
+    let (hdr, f) = offloaded_frame(60000, true);
+    d.transmit_with(0x100000, &hdr, &f);
+    let mut used = 0;
+    assert!(wait(|| {
+        used += d.rings[TX].take_used(&d.mem).len();
+        (used >= 1).then_some(())
+    })
+    .is_some());
+    let mut buf = vec![0u8; MAX_OFFLOAD_FRAME];
+    assert_eq!(d.port.recv(&mut buf), None);
+    assert!(!d.failure.is_failed());
 }
