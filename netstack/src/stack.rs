@@ -20,7 +20,7 @@ use mio::net::{TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
@@ -353,6 +353,14 @@ impl Device for Phy<'_> {
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ethernet;
         c.max_transmission_unit = self.mtu + 14;
+        // Frames come from guest memory or a TAP device, never a wire: checksums are made for
+        // the guest but not verified on what it sends. A wrong one could only hurt the guest,
+        // and a guest offloading checksums leaves them partial (see `crate::offload`).
+        c.checksum.ipv4 = Checksum::Tx;
+        c.checksum.tcp = Checksum::Tx;
+        c.checksum.udp = Checksum::Tx;
+        c.checksum.icmpv4 = Checksum::Tx;
+        c.checksum.icmpv6 = Checksum::Tx;
         c
     }
 }

@@ -8,7 +8,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use msb_netstack::offload::{complete, VNET_HDR_LEN};
+use msb_netstack::offload::{accept, VNET_HDR_LEN};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -40,7 +40,7 @@ struct IfReq {
 impl Tap {
     /// Creates TAP device `name` (at most 15 bytes) in the network namespace at `netns`
     /// (`/var/run/netns/NAME`), or in ours when `None`; with `offload`, the kernel's side may
-    /// send partial checksums and 64 KiB TCP segments, which [`Tap::recv`] completes.
+    /// send partial checksums and 64 KiB TCP segments (see `msb_netstack::offload`).
     pub fn open(name: &str, netns: Option<&Path>, offload: bool) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(io::Error::new(
@@ -98,8 +98,8 @@ impl Tap {
         &self.name
     }
 
-    /// Reads one frame; `Ok(None)` when none is waiting. With offloads, the frame comes out
-    /// complete (checksums finished) and may be up to 64 KiB whatever the MTU.
+    /// Reads one frame; `Ok(None)` when none is waiting. With offloads, the frame may be up
+    /// to 64 KiB whatever the MTU and its checksum partial (the netstack does not check it).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut hdr = [0u8; VNET_HDR_LEN];
         let iov = [
@@ -125,7 +125,7 @@ impl Tap {
             return Ok(Some(n as usize));
         }
         let n = (n as usize).saturating_sub(VNET_HDR_LEN);
-        if let Err(e) = complete(&hdr, &mut buf[..n]) {
+        if let Err(e) = accept(&hdr, &mut buf[..n]) {
             tracing::debug!("tap: dropping a frame: {e}");
             return Ok(Some(0));
         }

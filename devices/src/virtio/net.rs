@@ -1,10 +1,11 @@
 //! virtio-net (device id 1): Ethernet frames between the guest's queues and a [`NetPort`],
 //! the bounded frame channel the netstack thread reads and writes, behind the 12-byte
 //! `virtio_net_hdr_v1` the driver and we exchange. Offered toward us: checksum offload and
-//! TCP segmentation (IPv4 and IPv6), which the netstack honours: we finish the checksum here
-//! (`msb_netstack::offload`) and smoltcp takes 64 KiB segments as they are, so the guest's TCP
-//! sends 64 KiB per frame at any MTU. Toward the guest nothing is offloaded (the header is
-//! all zero): smoltcp makes every checksum and segments at the MTU.
+//! TCP segmentation (IPv4 and IPv6), which the netstack honours (`msb_netstack::offload`):
+//! it does not check guest checksums, so partial ones are fine, and smoltcp takes 64 KiB
+//! segments as they are; the guest's TCP sends 64 KiB per frame at any MTU. Toward the guest
+//! nothing is offloaded (the header is all zero): smoltcp makes every checksum and segments
+//! at the MTU.
 //!
 //! Back-pressure: the guest's transmit queue is drained only while the channel to the stack
 //! has room; frames for the guest wait (boundedly) for receive buffers, and are dropped past
@@ -16,7 +17,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use msb_netstack::offload::{complete, MAX_OFFLOAD_FRAME};
+use msb_netstack::offload::{accept, MAX_OFFLOAD_FRAME};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -340,9 +341,10 @@ impl Worker {
                     .read_exact(&mut buf)
                     .map_err(|e| format!("tx frame: {e}"))?;
                 let mut frame = buf.split_off(HDR_LEN);
-                // What the guest left to us (checksums, segment lengths), finished; a header
-                // that points outside its frame drops the frame, as a link would.
-                match complete(&buf, &mut frame) {
+                // A segmentation frame's IP header made whole (checksums may stay partial:
+                // the stack does not check them); a header that points outside its frame
+                // drops the frame, as a link would.
+                match accept(&buf, &mut frame) {
                     Ok(()) => {
                         self.ch
                             .to_stack
