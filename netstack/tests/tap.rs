@@ -243,11 +243,6 @@ fn the_host_is_denied_until_a_rule_allows_its_port() {
         connect(&sb, "10.0.2.2", port, 16 << 20),
         "echoed 16777216 True"
     );
-    assert_eq!(
-        connect(&sb, "fd00:6d73:62::2", port, 1 << 20),
-        "refused",
-        "IPv6 host loopback has no server"
-    );
 }
 
 /// 1 GiB each way through one relayed connection, checksummed on both sides, with the
@@ -280,11 +275,6 @@ fn ipv6_connections_relay_to_the_host() {
     assert_eq!(
         connect(&sb, "fd00:6d73:62::2", port, 4 << 20),
         "echoed 4194304 True"
-    );
-    assert_eq!(
-        connect(&sb, "10.0.2.2", port, 10),
-        "refused",
-        "no IPv4 server on this port"
     );
 }
 

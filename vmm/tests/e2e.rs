@@ -1025,6 +1025,73 @@ fn the_network_reaches_only_what_the_policy_allows() {
     assert_eq!(flow["verdict"], "allowed");
     assert_eq!(flow["rule"], format!("--allow {allow}"));
     assert!(flow["bytes_in"].as_u64().unwrap() > 1 << 20, "{flow}");
+    // Upload over IPv6: 8 MiB of random bytes (base64: busybox wget posts a file as a C
+    // string) from the guest, TCP segmentation and checksums offloaded by its kernel to the
+    // card, to a server on the host's ::1 through the gateway's IPv6 address; the server
+    // answers the body's SHA-256.
+    let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let port6 = l6.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l6.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut b = vec![0u8; 65536];
+                let head_end = loop {
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = req[head_end..].to_vec();
+                while body.len() < len {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => body.extend_from_slice(&b[..n]),
+                    }
+                }
+                let sum: String = Sha256::digest(&body)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let reply = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{sum}",
+                    sum.len()
+                );
+                let _ = c.write_all(reply.as_bytes());
+            });
+        }
+    });
+    let allow6 = format!("tcp:host:{port6}");
+    let out = msb_vmm(&[
+        "run",
+        "--allow",
+        &allow6,
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "dd if=/dev/urandom bs=1048576 count=8 2>/dev/null | base64 > /tmp/up; \
+             sha256sum /tmp/up | cut -d' ' -f1; \
+             wget -q -O - --post-file /tmp/up 'http://[fd00:6d73:62::2]:{port6}/'; echo"
+        ),
+    ]);
+    let got = text(&out.stdout);
+    let lines: Vec<&str> = got.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].len() == 64 && lines[0] == lines[1],
+        "the upload's checksum, in the guest and as the host received it: {got:?}; stderr: {}",
+        text(&out.stderr)
+    );
     let out = msb_vmm(&["run", "--net", "none", "--", "ls", "/sys/class/net"]);
     assert_eq!(text(&out.stdout), "lo\n", "stderr: {}", text(&out.stderr));
 }
