@@ -235,6 +235,8 @@ struct Target {
     addr: SocketAddr,
     /// A sandbox the client runs in through the agent (then `prefix` is unused).
     sandbox: Option<msb_vmm::sandbox::Sandbox>,
+    /// Given with `--peer` (its failures are reported, not fatal).
+    peer: bool,
 }
 
 const METRICS: [(&str, &str, &str, usize); 7] = [
@@ -367,6 +369,7 @@ pub fn run(a: NetArgs) -> Result<()> {
         prefix: vec!["env".into()],
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         sandbox: None,
+        peer: false,
     }];
     // Our netstack, serving a namespace over TAP; the guest may reach this one port.
     let ns_name = format!("msbbench{}", std::process::id());
@@ -389,6 +392,7 @@ pub fn run(a: NetArgs) -> Result<()> {
                 prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
                 addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
                 sandbox: None,
+                peer: false,
             });
             tap_part = Some((stack, ns));
         }
@@ -407,6 +411,7 @@ pub fn run(a: NetArgs) -> Result<()> {
             prefix: Vec::new(),
             addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
             sandbox: Some(bench_sandbox(&exe, port, a.mtu)?),
+            peer: false,
         });
     }
     for p in &a.peers {
@@ -414,6 +419,7 @@ pub fn run(a: NetArgs) -> Result<()> {
         match name {
             "pasta" | "passt" => {
                 let path = if path.is_empty() { "pasta" } else { path };
+                let mtu = a.mtu.to_string();
                 let gw = default_gateway().context(
                     "pasta maps the host's default gateway address to host loopback; this host has no IPv4 default route",
                 )?;
@@ -434,12 +440,16 @@ pub fn run(a: NetArgs) -> Result<()> {
                         "none",
                         "-U",
                         "none",
+                        // The same link MTU as our namespace gets.
+                        "--mtu",
+                        &mtu,
                         "--",
                     ]
                     .map(String::from)
                     .to_vec(),
                     addr: SocketAddr::from((gw, port)),
                     sandbox: None,
+                    peer: true,
                 });
             }
             other => bail!("--peer {other}: known peers are pasta (Debian's passt)"),
@@ -457,6 +467,7 @@ pub fn run(a: NetArgs) -> Result<()> {
         a.round_trips
     );
     let mut rows = Vec::new();
+    let mut failed_peers = Vec::new();
     for (key, label, mode, streams) in METRICS {
         if !a.only.is_empty() && !a.only.iter().any(|o| o == key) {
             continue;
@@ -465,10 +476,24 @@ pub fn run(a: NetArgs) -> Result<()> {
             let mut samples = Vec::new();
             let runs = if mode == "rtt" { 1 } else { a.runs };
             for _ in 0..runs {
-                let r = run_client(&exe, t, mode, streams, &a)?;
-                match r.rate {
-                    Some(v) => samples.push(v),
-                    None => samples.extend(r.rtt_us),
+                match run_client(&exe, t, mode, streams, &a) {
+                    Ok(r) => match r.rate {
+                        Some(v) => samples.push(v),
+                        None => samples.extend(r.rtt_us),
+                    },
+                    // A peer that fails a metric is reported and skipped; ours fails the run.
+                    Err(e) if t.peer => {
+                        let why = format!("{e:#}");
+                        let last = why
+                            .lines()
+                            .find(|l| l.starts_with("Error:"))
+                            .unwrap_or_else(|| why.lines().next().unwrap_or(""))
+                            .to_string();
+                        eprintln!("{label:<32} {:<14} failed: {last}", t.name);
+                        failed_peers.push(format!("{} {key}: {last}", t.name));
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             let summary = summarize(&samples);
@@ -516,7 +541,10 @@ pub fn run(a: NetArgs) -> Result<()> {
     }
     drop(tap_part);
     if let Some(path) = &a.json {
-        let doc = serde_json::json!({ "machine": machine, "mtu": a.mtu, "rows": rows });
+        let doc = serde_json::json!({
+            "machine": machine, "mtu": a.mtu, "offload": !a.no_offload, "rows": rows,
+            "failed_peers": failed_peers,
+        });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| path.display().to_string())?;
     }
