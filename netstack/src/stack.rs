@@ -675,10 +675,11 @@ impl State {
         busy
     }
 
-    fn token(&mut self) -> Token {
+    /// Registers a host socket with the poller under a token of its own.
+    fn watch(&mut self, s: &mut impl mio::event::Source, interest: Interest) -> io::Result<()> {
         let t = Token(self.next_token);
         self.next_token += 1;
-        t
+        self.poll.registry().register(s, t, interest)
     }
 
     fn flows(&self) -> usize {
@@ -881,11 +882,8 @@ impl State {
                 return Some(syn);
             }
         };
-        let token = self.token();
         if self
-            .poll
-            .registry()
-            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .watch(&mut stream, Interest::READABLE | Interest::WRITABLE)
             .is_err()
         {
             return Some(syn);
@@ -928,13 +926,7 @@ impl State {
         if sock.connect(target).is_err() {
             return;
         }
-        let token = self.token();
-        if self
-            .poll
-            .registry()
-            .register(&mut sock, token, Interest::READABLE)
-            .is_err()
-        {
+        if self.watch(&mut sock, Interest::READABLE).is_err() {
             return;
         }
         let handle = match self.udp_socks.get(&dst) {
@@ -1030,11 +1022,8 @@ impl State {
                 if s.connect(self.iface.context(), guest, local).is_err() {
                     continue;
                 }
-                let token = self.token();
                 if self
-                    .poll
-                    .registry()
-                    .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                    .watch(&mut stream, Interest::READABLE | Interest::WRITABLE)
                     .is_err()
                 {
                     continue;

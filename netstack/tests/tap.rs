@@ -147,6 +147,14 @@ impl Sandbox {
     }
 }
 
+/// `preset` plus `--allow tcp:host:PORT` (the test's server on this host's loopback).
+fn host_port(preset: Preset, port: u16) -> Policy {
+    let mut p = Policy::preset(preset);
+    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .unwrap();
+    p
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
@@ -233,9 +241,7 @@ fn the_host_is_denied_until_a_rule_allows_its_port() {
     let port = echo_server();
     let sb = sandbox(Policy::preset(Preset::All), &[]);
     assert_eq!(connect(&sb, "10.0.2.2", port, 10), "refused");
-    let mut p = Policy::preset(Preset::Public);
-    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .unwrap();
+    let p = host_port(Preset::Public, port);
     let sb = sandbox(p, &[]);
     // 16 MiB each way, checksummed, with the guest's half-close carried to the host and the
     // host's FIN back.
@@ -251,9 +257,7 @@ fn the_host_is_denied_until_a_rule_allows_its_port() {
 fn a_gibibyte_each_way() {
     let port = echo_server();
     for offload in [true, false] {
-        let mut p = Policy::preset(Preset::None);
-        p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-            .unwrap();
+        let p = host_port(Preset::None, port);
         let sb = sandbox_full(None, offload, p, &[], Vec::new(), |_| {});
         assert_eq!(
             connect(&sb, "10.0.2.2", port, 1 << 30),
@@ -268,9 +272,7 @@ fn a_gibibyte_each_way() {
 #[test]
 fn ipv6_connections_relay_to_the_host() {
     let port = echo_server_on("[::1]:0");
-    let mut p = Policy::preset(Preset::None);
-    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .unwrap();
+    let p = host_port(Preset::None, port);
     let sb = sandbox(p, &[]);
     assert_eq!(
         connect(&sb, "fd00:6d73:62::2", port, 4 << 20),
@@ -283,9 +285,7 @@ fn ipv6_connections_relay_to_the_host() {
 #[test]
 fn a_syn_flood_times_out_and_the_stack_keeps_serving() {
     let port = echo_server();
-    let mut p = Policy::preset(Preset::None);
-    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .unwrap();
+    let p = host_port(Preset::None, port);
     let sb = sandbox_cfg(p, &[], Vec::new(), |c| {
         c.max_flows = 64;
         // Longer than the flood takes on a loaded machine, so the limit is still full of
@@ -337,9 +337,7 @@ print("flooded")
 #[test]
 fn dns_answers_nxdomain_and_rebinding() {
     let port = echo_server();
-    let mut p = Policy::preset(Preset::Public);
-    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .unwrap();
+    let mut p = host_port(Preset::Public, port);
     p.add_flag(Action::Deny, "*.blocked.test").unwrap();
     let mut sb = sandbox(
         p,
@@ -538,9 +536,7 @@ while True:
 #[test]
 fn a_thousand_concurrent_connections_and_the_flow_limit() {
     let port = echo_server();
-    let mut p = Policy::preset(Preset::Public);
-    p.add_flag(Action::Allow, &format!("tcp:host:{port}"))
-        .unwrap();
+    let p = host_port(Preset::Public, port);
     let sb = sandbox(p, &[]);
     let code = format!(
         r#"

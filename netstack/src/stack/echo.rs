@@ -83,13 +83,7 @@ impl State {
                     return true;
                 }
             };
-            let token = self.token();
-            if self
-                .poll
-                .registry()
-                .register(&mut sock, token, Interest::READABLE)
-                .is_err()
-            {
+            if self.watch(&mut sock, Interest::READABLE).is_err() {
                 return true;
             }
             self.stats.icmp_allowed.fetch_add(1, Ordering::Relaxed);

@@ -220,12 +220,7 @@ impl State {
         };
         let target = host_target(key.1);
         let stream = TcpStream::connect(target).and_then(|mut stream| {
-            let token = self.token();
-            self.poll.registry().register(
-                &mut stream,
-                token,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
+            self.watch(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });
         match stream {
