@@ -156,13 +156,18 @@ fn missing_root_file_systems() {
     );
 }
 
-#[test]
-fn network_policy_mistakes() {
-    let env = [
+/// The stub kernel and the initramfs root, allowed on PVM: errors found before any boot.
+fn stub_env() -> [(&'static str, &'static str); 3] {
+    [
         ("MSB_ALLOW_PVM", "1"),
         ("MSB_ROOTFS", "initramfs"),
         ("MSB_KERNEL", stub()),
-    ];
+    ]
+}
+
+#[test]
+fn network_policy_mistakes() {
+    let env = stub_env();
     one_line_error(
         &msb_vmm(&["run", "--net", "pubic", "--", "true"], &env),
         125,
@@ -190,11 +195,7 @@ fn network_policy_mistakes() {
 
 #[test]
 fn publish_mistakes_are_caught_before_boot() {
-    let env = [
-        ("MSB_ALLOW_PVM", "1"),
-        ("MSB_ROOTFS", "initramfs"),
-        ("MSB_KERNEL", stub()),
-    ];
+    let env = stub_env();
     one_line_error(
         &msb_vmm(&["run", "--publish", "80", "--", "true"], &env),
         125,

@@ -336,15 +336,17 @@ impl Worker {
                 // A frame we cannot take: consume it, tell nobody (a link drops such frames).
                 tracing::debug!("virtio-net: dropping a {n}-byte transmit buffer");
             } else {
-                let mut buf = vec![0u8; n];
+                // Header and frame read apart: no second copy of a 64 KiB segment.
+                let mut hdr = [0u8; HDR_LEN];
+                let mut frame = vec![0u8; n - HDR_LEN];
                 reader
-                    .read_exact(&mut buf)
+                    .read_exact(&mut hdr)
+                    .and_then(|_| reader.read_exact(&mut frame))
                     .map_err(|e| format!("tx frame: {e}"))?;
-                let mut frame = buf.split_off(HDR_LEN);
                 // A segmentation frame's IP header made whole (checksums may stay partial:
                 // the stack does not check them); a header that points outside its frame
                 // drops the frame, as a link would.
-                match accept(&buf, &mut frame) {
+                match accept(&hdr, &mut frame) {
                     Ok(()) => {
                         self.ch
                             .to_stack
