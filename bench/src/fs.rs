@@ -37,6 +37,17 @@ pub struct FsArgs {
     /// FUSE cache policy of the mounted server: none, auto or always.
     #[arg(long, default_value = "auto")]
     cache: CachePolicy,
+    /// Also measure the /dev/fuse mount with FUSE over io_uring (per-CPU queues; Linux
+    /// 6.14+, turns on the fuse module's enable_uring).
+    #[arg(long)]
+    uring: bool,
+    /// Server threads on the /dev/fuse mount.
+    #[arg(long, default_value_t = 2)]
+    fuse_threads: usize,
+    /// Microseconds a server thread keeps polling for the next request after answering one
+    /// (0: it sleeps at once).
+    #[arg(long, default_value_t = msb_devices::fs::devfuse::DEFAULT_POLL.as_micros() as u64)]
+    poll_us: u64,
     /// Also measure inside a sandbox: a volume served over virtio-fs, driven by busybox tools
     /// in the guest (no random-read figure there). Needs a /dev/kvm that runs Linux guests
     /// (inside the L2 VM on PVM hosts, where only ratios mean anything).
@@ -298,32 +309,65 @@ pub fn run(a: FsArgs) -> Result<()> {
     for d in [&host_dir, &share, &mnt] {
         std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
     }
-    let result = (|| -> Result<(Metrics, Metrics, Metrics)> {
+    let result = (|| -> Result<[Metrics; 4]> {
         let tarball = make_tarball(&base)?;
-        let fs = Arc::new(PassthroughFs::new(
-            &share,
-            Config {
-                cache: a.cache,
-                ..Default::default()
-            },
-        )?);
-        let mount = FuseMount::mount(fs.clone(), &mnt, 2).context("mounting through /dev/fuse")?;
-        let (mut host, mut fuse) = (Metrics::default(), Metrics::default());
+        let server = || -> Result<Arc<PassthroughFs>> {
+            Ok(Arc::new(PassthroughFs::new(
+                &share,
+                Config {
+                    cache: a.cache,
+                    ..Default::default()
+                },
+            )?))
+        };
+        if a.uring && !msb_devices::fs::devfuse_uring::enabled() {
+            // The bench runs as root and already drops caches machine-wide; this module
+            // switch only lets io_uring carry FUSE requests.
+            std::fs::write(msb_devices::fs::devfuse_uring::ENABLE_PARAM, "Y").with_context(
+                || {
+                    format!(
+                        "turning on {}",
+                        msb_devices::fs::devfuse_uring::ENABLE_PARAM
+                    )
+                },
+            )?;
+        }
+        let (mut host, mut fuse, mut uring) = Default::default();
         for run in 0..a.runs {
             eprintln!("run {}/{}: host directory", run + 1, a.runs);
             measure(&host_dir, &a, &tarball, &mut host, None)?;
             eprintln!("run {}/{}: our server via /dev/fuse", run + 1, a.runs);
+            let fs = server()?;
+            let mount = FuseMount::mount_polling(
+                fs.clone(),
+                &mnt,
+                a.fuse_threads,
+                std::time::Duration::from_micros(a.poll_us),
+            )
+            .context("mounting through /dev/fuse")?;
             measure(&mnt, &a, &tarball, &mut fuse, Some(&fs))?;
+            drop(mount);
+            if a.uring {
+                eprintln!(
+                    "run {}/{}: our server via /dev/fuse, io_uring queues",
+                    run + 1,
+                    a.runs
+                );
+                let fs = server()?;
+                let mount = FuseMount::mount_uring(fs.clone(), &mnt)
+                    .context("mounting through /dev/fuse with io_uring")?;
+                measure(&mnt, &a, &tarball, &mut uring, Some(&fs))?;
+                drop(mount);
+            }
         }
-        drop(mount);
         let mut sandbox = Metrics::default();
         if a.sandbox {
             measure_sandbox(&share, &a, &tarball, &mut sandbox)?;
         }
-        Ok((host, fuse, sandbox))
+        Ok([host, fuse, uring, sandbox])
     })();
     let _ = std::fs::remove_dir_all(&base);
-    let (host, fuse, sandbox) = result?;
+    let [host, fuse, uring, sandbox] = result?;
     let machine = crate::machine();
     println!(
         "machine: {} ({} cores), host kernel {}; {} runs, {} MiB sequential, {} files, cache {:?}",
@@ -336,15 +380,21 @@ pub fn run(a: FsArgs) -> Result<()> {
         a.cache
     );
     println!(
-        "{:<28} {:<10} {:>11} {:>11} {:>11} {:>11} {:>9}",
+        "{:<28} {:<11} {:>11} {:>11} {:>11} {:>11} {:>9}",
         "metric", "target", "min", "p50", "p90", "max", "vs host"
     );
     let mut summaries = Vec::new();
     for (i, (name, higher_better)) in METRICS.iter().enumerate() {
         let h = summarize(host.get(i));
         let f = summarize(fuse.get(i));
+        let u = summarize(uring.get(i));
         let sb = summarize(sandbox.get(i));
-        for (target, s) in [("host", &h), ("fuse", &f), ("sandbox", &sb)] {
+        for (target, s) in [
+            ("host", &h),
+            ("fuse", &f),
+            ("fuse-uring", &u),
+            ("sandbox", &sb),
+        ] {
             if let Some(s) = s {
                 let ratio = match (target, &h) {
                     ("host", _) | (_, None) => String::new(),
@@ -352,17 +402,17 @@ pub fn run(a: FsArgs) -> Result<()> {
                     (_, Some(hs)) => format!("{:.0}%", 100.0 * hs.p50 / s.p50),
                 };
                 println!(
-                    "{name:<28} {target:<10} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {ratio:>9}",
+                    "{name:<28} {target:<11} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {ratio:>9}",
                     s.min, s.p50, s.p90, s.max
                 );
             }
         }
-        summaries.push(serde_json::json!({ "metric": name, "host": h, "fuse": f, "sandbox": sb }));
+        summaries.push(serde_json::json!({ "metric": name, "host": h, "fuse": f, "fuse_uring": u, "sandbox": sb }));
     }
     println!("(vs host: our figure as a share of the host's at p50; for times, host time / ours)");
     if let Some(j) = &a.json {
         let doc = serde_json::json!({
-            "machine": machine, "host": host, "fuse": fuse, "sandbox": sandbox,
+            "machine": machine, "host": host, "fuse": fuse, "fuse_uring": uring, "sandbox": sandbox,
             "summaries": summaries,
         });
         std::fs::write(j, serde_json::to_string_pretty(&doc)?)?;

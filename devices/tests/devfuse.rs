@@ -33,9 +33,33 @@ fn fixture(cfg: Config) -> Fixture {
     fixture_with_mountpoint(cfg, "")
 }
 
+/// A fixture served through FUSE over io_uring (per-CPU queues), which it turns on in the
+/// fuse module if needed (we are root; the switch only lets io_uring carry FUSE requests).
+fn fixture_uring() -> Fixture {
+    use msb_devices::fs::devfuse_uring::{enabled, ENABLE_PARAM};
+    if !enabled() {
+        std::fs::write(ENABLE_PARAM, "Y").unwrap_or_else(|e| {
+            panic!("FUSE over io_uring needs Linux 6.14+ with {ENABLE_PARAM}: {e}")
+        });
+    }
+    mounted(Config::default(), "", |fs, mnt| {
+        FuseMount::mount_uring(fs, mnt).expect("mounting with io_uring queues")
+    })
+}
+
 /// A fixture mounted at `<base>.mnt/<sub>`: a mount point deeper than the share makes a
 /// relative symlink resolve to different places for the client and for the host.
 fn fixture_with_mountpoint(cfg: Config, sub: &str) -> Fixture {
+    mounted(cfg, sub, |fs, mnt| {
+        FuseMount::mount(fs, mnt, 2).expect("mounting through /dev/fuse")
+    })
+}
+
+fn mounted(
+    cfg: Config,
+    sub: &str,
+    mount: impl FnOnce(Arc<PassthroughFs>, &Path) -> FuseMount,
+) -> Fixture {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         panic!("the /dev/fuse tests mount a file system: run them as root (./x test does)");
@@ -54,7 +78,7 @@ fn fixture_with_mountpoint(cfg: Config, sub: &str) -> Fixture {
     std::fs::create_dir_all(&share).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
     let fs = Arc::new(PassthroughFs::new(&share, cfg).unwrap());
-    let mount = FuseMount::mount(fs.clone(), &mnt, 2).expect("mounting through /dev/fuse");
+    let mount = mount(fs.clone(), &mnt);
     Fixture {
         mount: Some(mount),
         share,
@@ -80,7 +104,21 @@ fn sh(dir: &Path, script: &str) -> String {
 
 #[test]
 fn files_round_trip_with_their_metadata() {
-    let f = fixture(Config::default());
+    round_trip(&fixture(Config::default()));
+}
+
+#[test]
+fn files_round_trip_through_io_uring_queues() {
+    let f = fixture_uring();
+    round_trip(&f);
+    let ring = f.mount.as_ref().unwrap().ring_requests();
+    assert!(
+        ring > 100,
+        "only {ring} requests came through the io_uring queues"
+    );
+}
+
+fn round_trip(f: &Fixture) {
     let data: Vec<u8> = (0..8u32 << 20).map(|i| ((i * 31) >> 7) as u8).collect();
     std::fs::write(f.mnt.join("big.bin"), &data).unwrap();
     assert!(std::fs::read(f.share.join("big.bin")).unwrap() == data);
@@ -196,7 +234,15 @@ fn sparse_files_mmap_and_fsync() {
 
 #[test]
 fn a_tree_extracted_through_the_mount_matches_the_host() {
-    let f = fixture(Config::default());
+    extract_tree(&fixture(Config::default()));
+}
+
+#[test]
+fn a_tree_extracted_through_io_uring_queues_matches_the_host() {
+    extract_tree(&fixture_uring());
+}
+
+fn extract_tree(f: &Fixture) {
     let src = f.share.with_extension("src");
     std::fs::create_dir_all(&src).unwrap();
     // A tree with depth, many small files, a few big ones, links and odd names.
@@ -386,48 +432,73 @@ fn pjdfstest_passes_through_our_server_wherever_it_passes_on_tmpfs() {
     // SAFETY: NUL-terminated path.
     unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
     let _ = std::fs::remove_dir(&tmpfs);
-    let ours = pjdfstest(&bin, &f.mnt);
-    let count = |m: &std::collections::BTreeMap<String, String>, v: &str| {
-        m.values().filter(|x| *x == v).count()
-    };
-    for (name, m) in [("host tmpfs", &reference), ("msb FUSE server", &ours)] {
-        eprintln!(
-            "pjdfstest on {name}: {} passed, {} failed, {} skipped, {} total",
-            count(m, "ok"),
-            count(m, "FAILED"),
-            count(m, "skipped"),
-            m.len()
-        );
-    }
-    let mut regressions: Vec<&String> = reference
-        .iter()
-        .filter(|(name, v)| {
-            *v == "ok"
-                && ours.get(*name).map(String::as_str) != Some("ok")
-                && !PJDFSTEST_KNOWN.iter().any(|(k, _)| k == name)
-        })
-        .map(|(name, _)| name)
-        .collect();
-    // A few cases race the suite's own timing (open::etxtbsy opens a file while a child
-    // execs it; exec through FUSE is slower on a loaded 2-core host): one that passes alone
-    // on a second or third try is timing, not a server bug.
-    regressions.retain(|name| {
-        let again = (0..2).any(|_| {
-            pjdfstest_cases(&bin, &f.mnt, &[name.as_str()])
-                .get(*name)
-                .map(String::as_str)
-                == Some("ok")
-        });
-        if again {
-            eprintln!("pjdfstest: {name} passed when run again alone");
-        }
-        !again
-    });
+    report("host tmpfs", &reference);
+    // Both transports: requests read from /dev/fuse, and io_uring queues.
+    let mut regressions = conformance_regressions(&bin, &f, "msb FUSE server", &reference);
+    drop(f);
+    let f = fixture_uring();
+    regressions.extend(conformance_regressions(
+        &bin,
+        &f,
+        "msb FUSE server, io_uring queues",
+        &reference,
+    ));
     assert!(
         regressions.is_empty(),
         "pass on tmpfs, not through our server: {regressions:#?}"
     );
-    assert!(count(&ours, "ok") >= 300, "suspiciously few cases ran");
+}
+
+fn report(name: &str, m: &std::collections::BTreeMap<String, String>) -> usize {
+    let count = |v: &str| m.values().filter(|x| *x == v).count();
+    eprintln!(
+        "pjdfstest on {name}: {} passed, {} failed, {} skipped, {} total",
+        count("ok"),
+        count("FAILED"),
+        count("skipped"),
+        m.len()
+    );
+    count("ok")
+}
+
+/// Cases that pass in `reference` but not through `f`'s mount (each retried alone twice).
+fn conformance_regressions(
+    bin: &Path,
+    f: &Fixture,
+    name: &str,
+    reference: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    let ours = pjdfstest(bin, &f.mnt);
+    let passed = report(name, &ours);
+    assert!(passed >= 300, "{name}: suspiciously few cases ran");
+    let mut regressions: Vec<String> = reference
+        .iter()
+        .filter(|(case, v)| {
+            *v == "ok"
+                && ours.get(*case).map(String::as_str) != Some("ok")
+                && !PJDFSTEST_KNOWN.iter().any(|(k, _)| k == case)
+        })
+        .map(|(case, _)| case.clone())
+        .collect();
+    // A few cases race the suite's own timing (open::etxtbsy opens a file while a child
+    // execs it; exec through FUSE is slower on a loaded 2-core host): one that passes alone
+    // on a second or third try is timing, not a server bug.
+    regressions.retain(|case| {
+        let again = (0..2).any(|_| {
+            pjdfstest_cases(bin, &f.mnt, &[case.as_str()])
+                .get(case)
+                .map(String::as_str)
+                == Some("ok")
+        });
+        if again {
+            eprintln!("pjdfstest ({name}): {case} passed when run again alone");
+        }
+        !again
+    });
+    regressions
+        .into_iter()
+        .map(|case| format!("{name}: {case}"))
+        .collect()
 }
 
 /// The host swaps a directory in the share for a symlink to outside, over and over, while a

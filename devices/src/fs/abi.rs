@@ -132,6 +132,10 @@ pub mod init {
     /// The server clears setuid/setgid on write, truncate and chown when the flags below ask
     /// (so the client needs no GETATTR before each chown nor an xattr probe per write).
     pub const HANDLE_KILLPRIV_V2: u64 = 1 << 28;
+    /// `flags2` follows `flags` (bits 32 and up).
+    pub const INIT_EXT: u64 = 1 << 30;
+    /// Requests may also come through io_uring commands (Linux 6.14+).
+    pub const OVER_IO_URING: u64 = 1 << 41;
 }
 
 /// WRITE `write_flags`: kill setuid/setgid (the writer lacks CAP_FSETID).
@@ -159,6 +163,9 @@ pub mod fopen {
     pub const DIRECT_IO: u32 = 1 << 0;
     pub const KEEP_CACHE: u32 = 1 << 1;
     pub const CACHE_DIR: u32 = 1 << 3;
+    /// No FLUSH on close: ours does nothing (locks are the client's own, writes are not
+    /// buffered), so the request would be a round trip for no work.
+    pub const NOFLUSH: u32 = 1 << 5;
 }
 
 /// A request that does not parse.

@@ -5,33 +5,113 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::abi;
+use super::devfuse_uring as uring;
 use super::passthrough::{PassthroughFs, MAX_WRITE};
 
 /// A mounted share; dropping it unmounts and joins the server threads.
 #[derive(Debug)]
 pub struct FuseMount {
     mountpoint: PathBuf,
+    /// Requests answered through io_uring queues (none unless mounted with `mount_uring`).
+    ring_served: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
+/// `FUSE_DEV_IOC_CLONE`: attaches a fresh `/dev/fuse` fd to an existing connection, so it
+/// can have its own file flags (our polling reads are non-blocking, the others block).
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+
+/// How long a server thread keeps asking for the next request after answering one, before
+/// it sleeps (see [`FuseMount::mount_polling`]).
+pub const DEFAULT_POLL: Duration = Duration::from_micros(50);
+
+/// How long io_uring queues wait for the connection's INIT before registering.
+const REGISTER_WAIT: Duration = Duration::from_secs(5);
+
 impl FuseMount {
-    /// Mounts `fs` at `mountpoint` with `threads` server threads.
+    /// Mounts `fs` at `mountpoint` with `threads` server threads, polling for
+    /// [`DEFAULT_POLL`] after each request.
     pub fn mount(
         fs: Arc<PassthroughFs>,
         mountpoint: &Path,
         threads: usize,
     ) -> io::Result<FuseMount> {
+        Self::mount_polling(fs, mountpoint, threads, DEFAULT_POLL)
+    }
+
+    /// Mounts `fs` with `threads` server threads, one of which at a time keeps polling the
+    /// device for `poll` after answering a request (zero: never). A client issuing requests
+    /// back to back (tar, a build) then finds the server awake: on virtualized hosts, waking
+    /// a sleeping thread on another CPU costs several times what the request itself does.
+    pub fn mount_polling(
+        fs: Arc<PassthroughFs>,
+        mountpoint: &Path,
+        threads: usize,
+        poll: Duration,
+    ) -> io::Result<FuseMount> {
+        Ok(Self::mount_inner(fs, mountpoint, threads, poll)?.0)
+    }
+
+    /// Mounts `fs` with FUSE over io_uring: a queue per CPU, each served by a thread pinned
+    /// to that CPU, so a request is answered on the CPU that made it (see
+    /// [`super::devfuse_uring`]). One thread still reads `/dev/fuse` for INIT, FORGET and
+    /// INTERRUPT. Needs Linux 6.14+ with `enable_uring` set; fails with the fix otherwise.
+    pub fn mount_uring(fs: Arc<PassthroughFs>, mountpoint: &Path) -> io::Result<FuseMount> {
+        if !uring::enabled() {
+            return Err(io::Error::other(uring::UringError::Disabled));
+        }
+        fs.offer_io_uring(true);
+        let (mut m, shared) = Self::mount_inner(fs.clone(), mountpoint, 1, Duration::ZERO)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let queues = uring::possible_cpus();
+        for qid in 0..queues {
+            let (shared, fs, tx) = (shared.clone(), fs.clone(), tx.clone());
+            let served = m.ring_served.clone();
+            m.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-q{qid}"))
+                    .spawn(move || {
+                        match uring::Queue::register(&shared.dev, qid as u16, REGISTER_WAIT) {
+                            Ok(q) => {
+                                let _ = tx.send(Ok(()));
+                                q.serve(&shared.dev, &fs, &served);
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                            }
+                        }
+                    })?,
+            );
+        }
+        for _ in 0..queues {
+            match rx.recv_timeout(REGISTER_WAIT + Duration::from_secs(1)) {
+                Ok(Ok(())) => {}
+                // Dropping `m` unmounts, which ends the queues already registered.
+                Ok(Err(e)) => return Err(io::Error::other(e)),
+                Err(_) => return Err(io::Error::other("FUSE io_uring queues did not register")),
+            }
+        }
+        Ok(m)
+    }
+
+    fn mount_inner(
+        fs: Arc<PassthroughFs>,
+        mountpoint: &Path,
+        threads: usize,
+        poll: Duration,
+    ) -> io::Result<(FuseMount, Arc<Shared>)> {
         // Blocking reads: the kernel wakes exactly one waiting server thread per request, with
-        // no poll round trip (which costs as much as the request itself on small files).
+        // no poll round trip.
         let dev = File::options().read(true).write(true).open("/dev/fuse")?;
         let opts = format!(
             "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
@@ -54,52 +134,147 @@ impl FuseMount {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        let dev = Arc::new(dev);
         let stop = Arc::new(AtomicBool::new(false));
         let mut m = FuseMount {
             mountpoint: mountpoint.into(),
             stop: stop.clone(),
             threads: Vec::new(),
+            ring_served: Arc::new(AtomicU64::new(0)),
         };
+        // From here on, dropping `m` unmounts.
+        let polling = if poll.is_zero() {
+            None
+        } else {
+            Some(Arc::new(clone_nonblocking(&dev)?))
+        };
+        let shared = Arc::new(Shared {
+            dev,
+            polling,
+            poll,
+            poller: AtomicBool::new(false),
+            stop,
+        });
         for i in 0..threads.max(1) {
-            let (dev, fs, stop) = (dev.clone(), fs.clone(), stop.clone());
+            let (shared, fs) = (shared.clone(), fs.clone());
             m.threads.push(
                 std::thread::Builder::new()
                     .name(format!("fuse-{i}"))
-                    .spawn(move || serve(&dev, &fs, &stop))?,
+                    .spawn(move || serve(&shared, &fs))?,
             );
         }
-        Ok(m)
+        Ok((m, shared))
     }
 
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
+
+    /// Requests answered through io_uring queues so far.
+    pub fn ring_requests(&self) -> u64 {
+        self.ring_served.load(Ordering::Relaxed)
+    }
 }
 
-fn serve(dev: &File, fs: &PassthroughFs, stop: &AtomicBool) {
+/// A second fd on the connection `dev` serves, non-blocking.
+fn clone_nonblocking(dev: &File) -> io::Result<File> {
+    let f = File::options().read(true).write(true).open("/dev/fuse")?;
+    let mut src: u32 = dev.as_raw_fd() as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the source fd) from the pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FUSE_DEV_IOC_CLONE, &mut src) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain fcntl on an fd we own.
+    let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+struct Shared {
+    /// Blocking fd: threads that are not polling sleep in `read` on it.
+    dev: File,
+    /// Non-blocking fd on the same connection, for the polling thread.
+    polling: Option<Arc<File>>,
+    poll: Duration,
+    /// Held by the one thread polling (two would take both CPUs of a small host).
+    poller: AtomicBool,
+    stop: Arc<AtomicBool>,
+}
+
+enum Read {
+    Got(usize),
+    Empty,
+    Over,
+}
+
+fn read_request(fd: RawFd, buf: &mut [u8]) -> Read {
+    // SAFETY: the buffer is valid for its length; the fd outlives the call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n >= 0 {
+        return Read::Got(n as usize);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        // Nothing queued (polling), interrupted, or the request was interrupted before we
+        // read it.
+        Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ENOENT) => Read::Empty,
+        // Unmounted (ENODEV), or anything else: this connection is over.
+        _ => Read::Over,
+    }
+}
+
+fn serve(sh: &Shared, fs: &PassthroughFs) {
     let mut buf = vec![0u8; MAX_WRITE as usize + 4096];
+    let mut answered: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) {
+        if sh.stop.load(Ordering::Relaxed) {
             return;
         }
-        // SAFETY: the buffer is valid for its length; the fd lives as long as `dev`.
-        let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                // Interrupted, or the request was interrupted before we read it.
-                Some(libc::EINTR) | Some(libc::ENOENT) | Some(libc::EAGAIN) => continue,
-                // Unmounted (ENODEV), or anything else: this connection is over.
-                _ => return,
+        let mut got = None;
+        // Poll while the last answer is recent and no other thread polls.
+        if let (Some(nb), Some(t)) = (&sh.polling, answered) {
+            if t.elapsed() < sh.poll
+                && sh
+                    .poller
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                loop {
+                    match read_request(nb.as_raw_fd(), &mut buf) {
+                        Read::Got(n) => {
+                            got = Some((n, nb.as_raw_fd()));
+                            break;
+                        }
+                        Read::Over => {
+                            sh.poller.store(false, Ordering::Release);
+                            return;
+                        }
+                        Read::Empty if t.elapsed() < sh.poll => std::hint::spin_loop(),
+                        Read::Empty => break,
+                    }
+                }
+                sh.poller.store(false, Ordering::Release);
             }
         }
-        let req = &buf[..n as usize];
+        let (n, fd) = match got {
+            Some(g) => g,
+            None => match read_request(sh.dev.as_raw_fd(), &mut buf) {
+                Read::Got(n) => (n, sh.dev.as_raw_fd()),
+                Read::Empty => continue,
+                Read::Over => return,
+            },
+        };
+        let req = &buf[..n];
         let is_destroy = req.len() >= abi::IN_HEADER_LEN
             && u32::from_le_bytes([req[4], req[5], req[6], req[7]]) == abi::op::DESTROY;
         if let Some(reply) = fs.handle(req) {
+            // The reply goes to the fd the request came from (each has its own queue of
+            // requests being processed).
             // SAFETY: the reply is valid for its length.
-            let w = unsafe { libc::write(dev.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+            let w = unsafe { libc::write(fd, reply.as_ptr().cast(), reply.len()) };
             if w < 0 {
                 let e = io::Error::last_os_error();
                 // ENOENT: the request was interrupted meanwhile; anything else ends us.
@@ -112,6 +287,7 @@ fn serve(dev: &File, fs: &PassthroughFs, stop: &AtomicBool) {
         if is_destroy {
             return;
         }
+        answered = Some(Instant::now());
     }
 }
 

@@ -14,4 +14,6 @@ pub mod abi;
 #[cfg(target_os = "linux")]
 pub mod devfuse;
 #[cfg(target_os = "linux")]
+pub mod devfuse_uring;
+#[cfg(target_os = "linux")]
 pub mod passthrough;

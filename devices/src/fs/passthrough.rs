@@ -214,6 +214,8 @@ pub struct PassthroughFs {
     euid: u32,
     egid: u32,
     initialized: AtomicBool,
+    /// The transport serves requests over io_uring too: INIT accepts FUSE_OVER_IO_URING.
+    io_uring: AtomicBool,
     /// The share's filesystem has no user xattrs: ownership changes and special files fail.
     no_xattrs: AtomicBool,
     /// Requests served, by opcode (`request_counts`).
@@ -396,6 +398,7 @@ impl PassthroughFs {
             euid,
             egid,
             initialized: AtomicBool::new(false),
+            io_uring: AtomicBool::new(false),
             no_xattrs: AtomicBool::new(false),
             op_counts: std::array::from_fn(|_| AtomicU64::new(0)),
         })
@@ -421,6 +424,12 @@ impl PassthroughFs {
                 (n > 0).then(|| (abi::op::name(op as u32), n))
             })
             .collect()
+    }
+
+    /// Tells INIT to accept FUSE over io_uring when the client offers it (the `/dev/fuse`
+    /// transport's per-CPU queues; never the virtio-fs queue).
+    pub fn offer_io_uring(&self, on: bool) {
+        self.io_uring.store(on, Ordering::Relaxed);
     }
 
     /// Handles one request; returns the reply, or `None` for requests that get none
@@ -714,7 +723,11 @@ impl PassthroughFs {
         let major = r.u32().map_err(bad)?;
         let minor = r.u32().map_err(bad)?;
         let max_readahead = r.u32().map_err(bad)?;
-        let flags = u64::from(r.u32().map_err(bad)?);
+        let mut flags = u64::from(r.u32().map_err(bad)?);
+        if flags & init::INIT_EXT != 0 {
+            // flags2; an old or odd client that claims it and sends none offers nothing.
+            flags |= u64::from(r.u32().unwrap_or(0)) << 32;
+        }
         let mut w = Writer::default();
         if major < abi::KERNEL_VERSION
             || (major == abi::KERNEL_VERSION && minor < abi::MIN_MINOR_VERSION)
@@ -742,6 +755,9 @@ impl PassthroughFs {
             | init::HANDLE_KILLPRIV_V2;
         if self.cfg.cache != CachePolicy::None {
             want |= init::CACHE_SYMLINKS;
+        }
+        if self.io_uring.load(Ordering::Relaxed) {
+            want |= init::INIT_EXT | init::OVER_IO_URING;
         }
         let flags = flags & want;
         self.initialized.store(true, Ordering::Release);
@@ -1442,11 +1458,12 @@ impl PassthroughFs {
     }
 
     fn open_reply(&self, fh: u64) -> Vec<u8> {
-        let flags = match self.cfg.cache {
-            CachePolicy::None => fopen::DIRECT_IO,
-            CachePolicy::Auto => 0,
-            CachePolicy::Always => fopen::KEEP_CACHE,
-        };
+        let flags = fopen::NOFLUSH
+            | match self.cfg.cache {
+                CachePolicy::None => fopen::DIRECT_IO,
+                CachePolicy::Auto => 0,
+                CachePolicy::Always => fopen::KEEP_CACHE,
+            };
         let mut w = Writer::default();
         w.u64(fh).u32(flags).u32(0);
         w.buf

@@ -192,6 +192,35 @@ fn parse_entry(b: &[u8]) -> (u64, Attr) {
 }
 
 #[test]
+fn io_uring_is_accepted_only_when_the_transport_offers_it() {
+    // INIT replies: the flags word is at 12, flags2 at 32.
+    let init_reply = |offer: bool| {
+        let t = T::new(Config::default());
+        t.fs.offer_io_uring(offer);
+        let mut w = Writer::default();
+        let flags = init::INIT_EXT | init::OVER_IO_URING;
+        w.u32(7)
+            .u32(41)
+            .u32(1 << 16)
+            .u32(flags as u32)
+            .u32((flags >> 32) as u32);
+        w.buf.resize(64, 0);
+        let (e, body) = t.call(op::INIT, 0, &w.buf);
+        assert_eq!(e, 0);
+        let word = |at: usize| u64::from(u32::from_le_bytes(body[at..at + 4].try_into().unwrap()));
+        word(12) | word(32) << 32
+    };
+    assert_eq!(
+        init_reply(false) & init::OVER_IO_URING,
+        0,
+        "virtio-fs never gets it"
+    );
+    let on = init_reply(true);
+    assert_ne!(on & init::OVER_IO_URING, 0);
+    assert_ne!(on & init::INIT_EXT, 0, "flags2 is only read with INIT_EXT");
+}
+
+#[test]
 fn requests_before_init_and_unknown_opcodes() {
     let share = tempdir("pre");
     let fs = PassthroughFs::new(&share, Config::default()).unwrap();
