@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, EnterFlags, IoUring};
 
 use super::abi;
 use super::passthrough::{PassthroughFs, MAX_WRITE};
@@ -306,7 +306,19 @@ impl Queue {
         let mut over = false;
         loop {
             let wait = usize::from(self.early.is_empty());
-            if let Err(e) = self.ring.submit_and_wait(wait) {
+            // Waiting for the next request is not I/O wait: without the flag (Linux 6.15+)
+            // an idle mount shows as I/O pressure.
+            let flags = if self.ring.params().is_feature_no_iowait() {
+                EnterFlags::NO_IOWAIT
+            } else {
+                EnterFlags::empty()
+            };
+            let r = self.ring.submitter().submit_with_args_and_flags(
+                wait,
+                &types::SubmitArgs::new(),
+                flags,
+            );
+            if let Err(e) = r {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }

@@ -36,6 +36,8 @@ const PRIVATE_XATTR_PREFIX: &[u8] = b"user.msb.";
 /// a guest's `security.capability`, `trusted.*` or POSIX ACL must never take effect on the
 /// host (file capabilities set in a sandbox would otherwise arm a host binary).
 const MAPPED_XATTR_PREFIX: &[u8] = b"user.msb.x.";
+/// Where a client's `security.capability` lives on the host.
+const CAPS_XATTR_C: &CStr = c"user.msb.x.security.capability";
 
 /// Largest READ/WRITE payload we negotiate (and accept).
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -130,6 +132,10 @@ struct Inode {
     /// The override xattr as last read or written: `None` until loaded, `Some(None)` when
     /// the file has none. We are the only writer of the attribute.
     ov: Mutex<Option<Option<Override>>>,
+    /// Known to carry no guest file capability (so a WRITE need not drop one). Cleared
+    /// when the client sets one; never set under cache policy `none`, where the host may
+    /// change the file underneath.
+    no_caps: AtomicBool,
 }
 
 #[derive(Default)]
@@ -372,6 +378,7 @@ impl PassthroughFs {
                 kind: st.st_mode & libc::S_IFMT,
                 refs: AtomicU64::new(1),
                 ov: Mutex::new(None),
+                no_caps: AtomicBool::new(false),
             }),
         );
         // Every inode the client holds is an fd of ours: take the whole hard limit (the
@@ -590,9 +597,11 @@ impl PassthroughFs {
                 r.skip(16).map_err(bad)?;
                 let data = r.bytes(size as usize).map_err(bad)?;
                 let reply = self.write(fh, off, data)?;
+                let ino = self.inode(h.nodeid)?;
                 if write_flags & abi::WRITE_KILL_SUIDGID != 0 {
-                    self.kill_suidgid(&*self.inode(h.nodeid)?)?;
+                    self.kill_suidgid(&ino)?;
                 }
+                self.kill_caps(&ino);
                 Ok(reply)
             }
             op::STATFS => self.statfs(h.nodeid),
@@ -863,6 +872,7 @@ impl PassthroughFs {
                 kind: st.st_mode & libc::S_IFMT,
                 refs: AtomicU64::new(1),
                 ov: Mutex::new(None),
+                no_caps: AtomicBool::new(false),
             }),
         );
         Ok(id)
@@ -1265,6 +1275,9 @@ impl PassthroughFs {
         let st = fstat(fd.as_raw_fd())?;
         let id = self.register(fd, &st)?;
         let ino = self.inode(id)?;
+        // Just made: no attribute but perhaps our own.
+        ino.no_caps
+            .store(self.cfg.cache != CachePolicy::None, Ordering::Relaxed);
         // When the host file already shows what the client asked for (root creating a file
         // with owner-writable permissions: the common case), no attribute is needed.
         let plain = self.host_view(&st);
@@ -1457,8 +1470,16 @@ impl PassthroughFs {
         Ok(flags & keep)
     }
 
-    fn open_reply(&self, fh: u64) -> Vec<u8> {
+    /// The OPEN/CREATE reply for handle `fh` opened with `flags`. Write-only opens get
+    /// direct I/O whatever the policy: nothing can read or map through them, each write is
+    /// one WRITE of its own size (cached writes that start mid-page are split in two), and
+    /// the client skips its per-write capability probe (a GETXATTR round trip), leaving
+    /// the kill to us as FUSE_HANDLE_KILLPRIV_V2 asks. The client still writes back and
+    /// drops its cached pages of the range first, so other opens stay coherent.
+    fn open_reply(&self, fh: u64, flags: i32) -> Vec<u8> {
+        let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
         let flags = fopen::NOFLUSH
+            | if write_only { fopen::DIRECT_IO } else { 0 }
             | match self.cfg.cache {
                 CachePolicy::None => fopen::DIRECT_IO,
                 CachePolicy::Auto => 0,
@@ -1483,7 +1504,7 @@ impl PassthroughFs {
             self.kill_suidgid(&ino)?;
         }
         let fh = self.add_handle(Handle::File(f))?;
-        Ok(self.open_reply(fh))
+        Ok(self.open_reply(fh, flags))
     }
 
     /// What the VFS does on write, truncate or chown by a caller without CAP_FSETID (we
@@ -1550,7 +1571,7 @@ impl PassthroughFs {
                 }
                 let fh = self.add_handle(Handle::File(File::from(fd)))?;
                 let mut body = entry_body(&entry);
-                body.extend(self.open_reply(fh));
+                body.extend(self.open_reply(fh, flags));
                 return Ok(body);
             }
             Err(e) => return Err(e),
@@ -1566,7 +1587,7 @@ impl PassthroughFs {
         let entry = self.created(&parent, &name, ov)?;
         let fh = self.add_handle(Handle::File(file))?;
         let mut body = entry_body(&entry);
-        body.extend(self.open_reply(fh));
+        body.extend(self.open_reply(fh, flags));
         Ok(body)
     }
 
@@ -1643,6 +1664,26 @@ impl PassthroughFs {
         Ok(w.buf)
     }
 
+    /// A write drops the file's capability, as the VFS does for any writer (direct writes
+    /// leave it to us; for cached ones the client has done it already and we find none).
+    fn kill_caps(&self, ino: &Inode) {
+        if ino.kind != libc::S_IFREG || ino.no_caps.load(Ordering::Relaxed) {
+            return;
+        }
+        let path = self.proc_path(ino);
+        // SAFETY: NUL-terminated strings.
+        let r = unsafe { libc::removexattr(path.as_ptr(), CAPS_XATTR_C.as_ptr()) };
+        if r < 0 && errno() != libc::ENODATA {
+            tracing::debug!(
+                "fuse: dropping a file capability: {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        ino.no_caps
+            .store(self.cfg.cache != CachePolicy::None, Ordering::Relaxed);
+    }
+
     /// The host name of the client's attribute `name` (see [`MAPPED_XATTR_PREFIX`]).
     fn xattr_name(name: &[u8]) -> Result<CString> {
         if name.starts_with(PRIVATE_XATTR_PREFIX) {
@@ -1670,6 +1711,9 @@ impl PassthroughFs {
         let ino = self.inode(id)?;
         if ino.kind == libc::S_IFLNK {
             return Err(libc::ENOTSUP);
+        }
+        if name.as_c_str() == CAPS_XATTR_C {
+            ino.no_caps.store(false, Ordering::Relaxed);
         }
         let path = self.proc_path(&ino);
         // SAFETY: NUL-terminated strings and a value of the length passed.

@@ -747,6 +747,57 @@ fn writes_and_chown_kill_setuid_as_the_vfs_would() {
 }
 
 #[test]
+fn write_only_opens_are_direct_and_writes_drop_file_capabilities() {
+    let t = T::new(Config::default());
+    let open_flags = |b: &[u8]| u32::from_le_bytes(b[8..12].try_into().unwrap());
+    // CREATE write-only: direct I/O (and never FLUSH); read-write: cached.
+    let mut w = Writer::default();
+    w.u32(libc::O_WRONLY as u32)
+        .u32(0o755)
+        .u32(0)
+        .u32(0)
+        .bytes(&cname("w"));
+    let (e, b) = t.call(op::CREATE, 1, &w.buf);
+    assert_eq!(e, 0);
+    let flags = open_flags(&b[abi::ENTRY_OUT_LEN..]);
+    assert_eq!(
+        flags & (fopen::DIRECT_IO | fopen::NOFLUSH),
+        fopen::DIRECT_IO | fopen::NOFLUSH
+    );
+    let (f, _) = parse_entry(&b);
+    let mut w = Writer::default();
+    w.u32(libc::O_RDWR as u32).u32(0);
+    let (e, b) = t.call(op::OPEN, f, &w.buf);
+    assert_eq!((e, open_flags(&b) & fopen::DIRECT_IO), (0, 0));
+    let fh = u64::from_le_bytes(b[..8].try_into().unwrap());
+    // A capability set in the guest goes with the next write, whoever writes.
+    let cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    let mut w = Writer::default();
+    w.u32(cap.len() as u32)
+        .u32(0)
+        .bytes(b"security.capability\0")
+        .bytes(cap);
+    assert_eq!(t.call(op::SETXATTR, f, &w.buf).0, 0);
+    let get = || {
+        let mut w = Writer::default();
+        w.u32(0).u32(0).bytes(b"security.capability\0");
+        t.call(op::GETXATTR, f, &w.buf).0
+    };
+    assert_eq!(get(), 0, "the capability is there");
+    let mut w = Writer::default();
+    w.u64(fh)
+        .u64(0)
+        .u32(2)
+        .u32(0)
+        .u64(0)
+        .u32(0)
+        .u32(0)
+        .bytes(b"hi");
+    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    assert_eq!(get(), libc::ENODATA, "a write drops it");
+}
+
+#[test]
 fn plain_chmods_stay_on_the_host_file_and_create_keeps_existing_files() {
     let t = T::new(Config::default());
     let (f, _) = t.create(1, "script", libc::O_WRONLY, 0o600).unwrap();
