@@ -82,10 +82,6 @@ struct Entry {
     iov: Box<[libc::iovec; 2]>,
 }
 
-// SAFETY: the raw pointers in `iov` point into the entry's own boxed buffers, which move with
-// it; only the thread that owns the entry touches them.
-unsafe impl Send for Entry {}
-
 impl Entry {
     fn new() -> Entry {
         let mut header = Box::new([0u8; HEADER_LEN]);

@@ -119,6 +119,20 @@ impl T {
         Ok((id, fh))
     }
 
+    /// WRITE of `data` at offset 0 through handle `fh`; the errno.
+    fn write(&self, id: u64, fh: u64, data: &[u8], write_flags: u32) -> i32 {
+        let mut w = Writer::default();
+        w.u64(fh)
+            .u64(0)
+            .u32(data.len() as u32)
+            .u32(write_flags)
+            .u64(0)
+            .u32(0)
+            .u32(0)
+            .bytes(data);
+        self.call(op::WRITE, id, &w.buf).0
+    }
+
     fn open(&self, id: u64, flags: i32) -> std::result::Result<u64, i32> {
         let mut w = Writer::default();
         w.u32(flags as u32).u32(0);
@@ -545,16 +559,7 @@ fn links_renames_readdir_and_limits() {
         ..Default::default()
     });
     let (f, fh) = t.create(1, "a", libc::O_RDWR, 0o644).unwrap();
-    let mut w = Writer::default();
-    w.u64(fh)
-        .u64(0)
-        .u32(5)
-        .u32(0)
-        .u64(0)
-        .u32(0)
-        .u32(0)
-        .bytes(b"hello");
-    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    assert_eq!(t.write(f, fh, b"hello", 0), 0);
     // Hard link: same node, nlink 2.
     let mut w = Writer::default();
     w.u64(f).bytes(b"b\0");
@@ -697,30 +702,12 @@ fn writes_and_chown_kill_setuid_as_the_vfs_would() {
     assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o6755));
     // A write that asks for it (the writer lacks CAP_FSETID) drops setuid and, as the file
     // is group-executable, setgid.
-    let mut w = Writer::default();
-    w.u64(fh)
-        .u64(0)
-        .u32(2)
-        .u32(abi::WRITE_KILL_SUIDGID)
-        .u64(0)
-        .u32(0)
-        .u32(0)
-        .bytes(b"hi");
-    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    assert_eq!(t.write(f, fh, b"hi", abi::WRITE_KILL_SUIDGID), 0);
     let (e, b) = t.call(op::GETATTR, f, &[0; 16]);
     assert_eq!((e, attr_mode(&b)), (0, libc::S_IFREG | 0o755));
     // A write without the flag (root's) keeps them.
     t.setattr_mode_uid(f, Some(0o4755), None);
-    let mut w = Writer::default();
-    w.u64(fh)
-        .u64(0)
-        .u32(2)
-        .u32(0)
-        .u64(0)
-        .u32(0)
-        .u32(0)
-        .bytes(b"hi");
-    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    assert_eq!(t.write(f, fh, b"hi", 0), 0);
     let (_, b) = t.call(op::GETATTR, f, &[0; 16]);
     assert_eq!(attr_mode(&b), libc::S_IFREG | 0o4755);
     // SETATTR with FATTR_KILL_SUIDGID (a chown) drops it.
@@ -784,16 +771,7 @@ fn write_only_opens_are_direct_and_writes_drop_file_capabilities() {
         t.call(op::GETXATTR, f, &w.buf).0
     };
     assert_eq!(get(), 0, "the capability is there");
-    let mut w = Writer::default();
-    w.u64(fh)
-        .u64(0)
-        .u32(2)
-        .u32(0)
-        .u64(0)
-        .u32(0)
-        .u32(0)
-        .bytes(b"hi");
-    assert_eq!(t.call(op::WRITE, f, &w.buf).0, 0);
+    assert_eq!(t.write(f, fh, b"hi", 0), 0);
     assert_eq!(get(), libc::ENODATA, "a write drops it");
 }
 
