@@ -47,6 +47,7 @@ pub fn main() {
             eprintln!("msb-init: {e}");
         }
     }
+    tune_readahead();
     let hostname = match cmdline::value(&cmdline, cmdline::HOSTNAME) {
         Some(h) if cmdline::valid_hostname(h) => h,
         Some(h) => {
@@ -241,7 +242,41 @@ fn mount_spec(spec: &cmdline::MountSpec) -> io::Result<()> {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("mount {shown:?}: {e}")));
     }
+    if fstype.as_bytes() == b"virtiofs" {
+        note_share(&target);
+    }
     Ok(())
+}
+
+/// Devices of the virtio-fs mounts made so far, for [`tune_readahead`].
+static SHARES: std::sync::Mutex<Vec<libc::dev_t>> = std::sync::Mutex::new(Vec::new());
+
+fn note_share(target: &CString) {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::stat(target.as_ptr(), &mut st) } == 0 {
+        SHARES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(st.st_dev);
+    }
+}
+
+/// Read ahead 1 MiB (one FUSE request at the size we negotiate) on every virtio-fs mount,
+/// rather than the kernel's 128 KiB: each request costs a round trip to the VMM, and a
+/// sequential read then takes an eighth of them. Needs /sys (after [`mount_basics`]).
+fn tune_readahead() {
+    for dev in SHARES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let path = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(*dev),
+            libc::minor(*dev)
+        );
+        if let Err(e) = std::fs::write(&path, "1024") {
+            eprintln!("msb-init: {path}: {e}");
+        }
+    }
 }
 
 fn cstr(s: &str) -> CString {
@@ -268,6 +303,9 @@ fn mount(
             data.as_ptr().cast(),
         )
     };
+    if rc == 0 && fstype.as_bytes() == b"virtiofs" {
+        note_share(&target);
+    }
     if rc != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
