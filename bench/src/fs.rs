@@ -320,17 +320,10 @@ pub fn run(a: FsArgs) -> Result<()> {
                 },
             )?))
         };
-        if a.uring && !msb_devices::fs::devfuse_uring::enabled() {
+        if a.uring {
             // The bench runs as root and already drops caches machine-wide; this module
             // switch only lets io_uring carry FUSE requests.
-            std::fs::write(msb_devices::fs::devfuse_uring::ENABLE_PARAM, "Y").with_context(
-                || {
-                    format!(
-                        "turning on {}",
-                        msb_devices::fs::devfuse_uring::ENABLE_PARAM
-                    )
-                },
-            )?;
+            msb_devices::fs::devfuse_uring::enable()?;
         }
         let (mut host, mut fuse, mut uring) = Default::default();
         for run in 0..a.runs {

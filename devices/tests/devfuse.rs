@@ -36,12 +36,8 @@ fn fixture(cfg: Config) -> Fixture {
 /// A fixture served through FUSE over io_uring (per-CPU queues), which it turns on in the
 /// fuse module if needed (we are root; the switch only lets io_uring carry FUSE requests).
 fn fixture_uring() -> Fixture {
-    use msb_devices::fs::devfuse_uring::{enabled, ENABLE_PARAM};
-    if !enabled() {
-        std::fs::write(ENABLE_PARAM, "Y").unwrap_or_else(|e| {
-            panic!("FUSE over io_uring needs Linux 6.14+ with {ENABLE_PARAM}: {e}")
-        });
-    }
+    msb_devices::fs::devfuse_uring::enable()
+        .unwrap_or_else(|e| panic!("FUSE over io_uring needs Linux 6.14+: {e}"));
     mounted(Config::default(), "", |fs, mnt| {
         FuseMount::mount_uring(fs, mnt).expect("mounting with io_uring queues")
     })

@@ -113,8 +113,8 @@ impl FuseMount {
         threads: usize,
         poll: Duration,
     ) -> io::Result<(FuseMount, Arc<Shared>)> {
-        // Blocking reads: the kernel wakes exactly one waiting server thread per request, with
-        // no poll round trip.
+        // Blocking reads for threads that sleep: the kernel wakes exactly one of them per
+        // request, with no poll round trip (the polling thread uses a non-blocking clone).
         let dev = File::options().read(true).write(true).open("/dev/fuse")?;
         let opts = format!(
             "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={}",
@@ -148,7 +148,7 @@ impl FuseMount {
         let polling = if poll.is_zero() {
             None
         } else {
-            Some(Arc::new(clone_nonblocking(&dev)?))
+            Some(clone_nonblocking(&dev)?)
         };
         let shared = Arc::new(Shared {
             dev,
@@ -221,7 +221,7 @@ struct Shared {
     /// Blocking fd: threads that are not polling sleep in `read` on it.
     dev: File,
     /// Non-blocking fd on the same connection, for the polling thread.
-    polling: Option<Arc<File>>,
+    polling: Option<File>,
     poll: Duration,
     /// Held by the one thread polling (two would take both CPUs of a small host).
     poller: AtomicBool,

@@ -59,6 +59,16 @@ pub fn enabled() -> bool {
     std::fs::read_to_string(ENABLE_PARAM).is_ok_and(|s| s.trim() == "Y")
 }
 
+/// Lets io_uring carry FUSE requests on this kernel, if it does not yet (root only; the
+/// switch changes nothing for connections that do not ask for it).
+pub fn enable() -> io::Result<()> {
+    if enabled() {
+        return Ok(());
+    }
+    std::fs::write(ENABLE_PARAM, "Y")
+        .map_err(|e| io::Error::new(e.kind(), format!("turning on {ENABLE_PARAM}: {e}")))
+}
+
 /// CPUs the kernel makes queues for (`num_possible_cpus`).
 pub fn possible_cpus() -> usize {
     let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/possible") else {
@@ -255,18 +265,11 @@ impl Queue {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(UringError::Setup(e)),
             }
-            let done: Vec<(usize, i32)> = q
-                .ring
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result()))
-                .collect();
+            let done = q.completions();
             if done.is_empty() {
                 break;
             }
             for (idx, res) in done {
-                if let Some(h) = q.in_kernel.get_mut(idx) {
-                    *h = false;
-                }
                 match res {
                     // The connection's INIT has not been answered yet.
                     r if r == -libc::EAGAIN && Instant::now() < deadline => {
@@ -287,6 +290,20 @@ impl Queue {
         Ok(q)
     }
 
+    /// Completions waiting in the ring, as (entry, result); their entries are ours again.
+    fn completions(&mut self) -> Vec<(usize, i32)> {
+        let done: Vec<(usize, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .filter(|&(idx, _)| idx < self.in_kernel.len())
+            .collect();
+        for &(idx, _) in &done {
+            self.in_kernel[idx] = false;
+        }
+        done
+    }
+
     fn push_register(&mut self, dev: &File, idx: usize) -> Result<(), UringError> {
         let sqe = register_sqe(dev, self.qid, idx, &self.entries[idx]);
         // SAFETY: the entry's buffers outlive the registration: they live as long as the
@@ -300,15 +317,15 @@ impl Queue {
     /// Answers requests until the connection ends, counting them in `served`.
     pub fn serve(mut self, dev: &File, fs: &PassthroughFs, served: &AtomicU64) {
         let mut over = false;
+        // Waiting for the next request is not I/O wait: without the flag (Linux 6.15+) an
+        // idle mount shows as I/O pressure.
+        let flags = if self.ring.params().is_feature_no_iowait() {
+            EnterFlags::NO_IOWAIT
+        } else {
+            EnterFlags::empty()
+        };
         loop {
             let wait = usize::from(self.early.is_empty());
-            // Waiting for the next request is not I/O wait: without the flag (Linux 6.15+)
-            // an idle mount shows as I/O pressure.
-            let flags = if self.ring.params().is_feature_no_iowait() {
-                EnterFlags::NO_IOWAIT
-            } else {
-                EnterFlags::empty()
-            };
             let r = self.ring.submitter().submit_with_args_and_flags(
                 wait,
                 &types::SubmitArgs::new(),
@@ -322,16 +339,8 @@ impl Queue {
                 return;
             }
             let mut done = std::mem::take(&mut self.early);
-            done.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data() as usize, c.result())),
-            );
+            done.extend(self.completions());
             for (idx, res) in done {
-                let Some(held) = self.in_kernel.get_mut(idx) else {
-                    continue;
-                };
-                *held = false;
                 if res == -libc::EAGAIN && !over {
                     // A registration the kernel refused for now (the connection was not
                     // initialized yet): try again.
