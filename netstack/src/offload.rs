@@ -16,6 +16,8 @@ pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame an offloading guest may send: a 64 KiB IP packet and its Ethernet header.
 pub const MAX_OFFLOAD_FRAME: usize = 14 + 65535;
 
+/// The header bytes we read (flags to `csum_offset`; `num_buffers` is not ours).
+const HDR_READ: usize = 10;
 const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
@@ -24,7 +26,7 @@ const GSO_ECN: u8 = 0x80;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum OffloadError {
-    #[error("virtio-net header shorter than {VNET_HDR_LEN} bytes")]
+    #[error("virtio-net header shorter than {HDR_READ} bytes")]
     Short,
     #[error("checksum start {start} + offset {offset} outside a {len}-byte frame")]
     Checksum {
@@ -46,20 +48,15 @@ pub enum OffloadError {
 /// frame, as some senders leave one segment's there. The transport checksum stays as the
 /// guest left it.
 pub fn accept(hdr: &[u8], frame: &mut [u8]) -> Result<(), OffloadError> {
-    let h = parse(hdr, frame)?;
-    if let Some(gso) = h.gso {
+    if let Some(gso) = segmentation(hdr, frame)? {
         fix_ip_header(frame, gso)?;
     }
     Ok(())
 }
 
-/// What a header asks of us, checked against its frame.
-struct Parsed {
-    gso: Option<u8>,
-}
-
-fn parse(hdr: &[u8], frame: &[u8]) -> Result<Parsed, OffloadError> {
-    if hdr.len() < 10 {
+/// The segmentation a header asks for, once the header is checked against its frame.
+fn segmentation(hdr: &[u8], frame: &[u8]) -> Result<Option<u8>, OffloadError> {
+    if hdr.len() < HDR_READ {
         return Err(OffloadError::Short);
     }
     if frame.len() > MAX_OFFLOAD_FRAME {
@@ -83,7 +80,7 @@ fn parse(hdr: &[u8], frame: &[u8]) -> Result<Parsed, OffloadError> {
             });
         }
     }
-    Ok(Parsed { gso })
+    Ok(gso)
 }
 
 /// The IP header of a TCP segmentation frame: IPv4's total length and header checksum made

@@ -32,8 +32,9 @@ use super::{
 pub const DEVICE_TYPE: u32 = 1;
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// The header in front of every frame (virtio 1.x: `virtio_net_hdr_v1`).
-pub const HDR_LEN: usize = 12;
+/// The header in front of every frame (virtio 1.x: `virtio_net_hdr_v1`), which the netstack
+/// reads offloads from.
+pub const HDR_LEN: usize = msb_netstack::offload::VNET_HDR_LEN;
 /// Default and largest MTU.
 pub const DEFAULT_MTU: u16 = 1500;
 pub const MAX_MTU: u16 = 65520;
