@@ -404,6 +404,15 @@ pub fn write_dirent(w: &mut Writer, ino: u64, off: u64, typ: u32, name: &[u8]) {
         .pad8();
 }
 
+/// The out header of a reply whose `body_len` bytes of body travel separately.
+pub fn out_header(unique: u64, error: i32, body_len: usize) -> [u8; OUT_HEADER_LEN] {
+    let mut h = [0u8; OUT_HEADER_LEN];
+    h[..4].copy_from_slice(&((OUT_HEADER_LEN + body_len) as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&error.to_le_bytes());
+    h[8..].copy_from_slice(&unique.to_le_bytes());
+    h
+}
+
 /// Builds a complete reply: out header plus body.
 pub fn reply(unique: u64, error: i32, body: &[u8]) -> Vec<u8> {
     let mut w = Writer {

@@ -64,7 +64,7 @@ impl FuseMount {
         Ok(m)
     }
 
-    /// Mounts `fs` with FUSE over io_uring: a queue per CPU, each served by a thread pinned
+    /// Mounts `fs` with FUSE over io_uring: a queue per CPU, each served by threads pinned
     /// to that CPU, so a request is answered on the CPU that made it (see
     /// [`super::devfuse_uring`]). One thread still reads `/dev/fuse` for INIT, FORGET and
     /// INTERRUPT. Needs Linux 6.14+ with `enable_uring` set; fails with the fix otherwise.
@@ -75,13 +75,14 @@ impl FuseMount {
         fs.offer_io_uring(true);
         let (mut m, shared) = Self::mount_inner(fs.clone(), mountpoint, 1, Duration::ZERO)?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let queues = uring::possible_cpus();
-        for qid in 0..queues {
+        let threads = uring::possible_cpus() * uring::THREADS_PER_QUEUE;
+        for t in 0..threads {
+            let qid = t / uring::THREADS_PER_QUEUE;
             let (shared, fs, tx) = (shared.clone(), fs.clone(), tx.clone());
             let served = m.ring_served.clone();
             m.threads.push(
                 std::thread::Builder::new()
-                    .name(format!("fuse-q{qid}"))
+                    .name(format!("fuse-q{qid}.{}", t % uring::THREADS_PER_QUEUE))
                     .spawn(move || {
                         match uring::Queue::register(&shared.dev, qid as u16, REGISTER_WAIT) {
                             Ok(q) => {
@@ -95,7 +96,7 @@ impl FuseMount {
                     })?,
             );
         }
-        for _ in 0..queues {
+        for _ in 0..threads {
             match rx.recv_timeout(REGISTER_WAIT + Duration::from_secs(1)) {
                 Ok(Ok(())) => {}
                 // Dropping `m` unmounts, which ends the queues already registered.
@@ -251,6 +252,7 @@ fn read_request(fd: RawFd, buf: &mut [u8]) -> Read {
 
 fn serve(sh: &Shared, fs: &PassthroughFs) {
     let mut buf = vec![0u8; MAX_WRITE as usize + 4096];
+    let mut data = vec![0u8; MAX_WRITE as usize];
     let mut answered: Option<Instant> = None;
     loop {
         if sh.stop.load(Ordering::Relaxed) {
@@ -293,11 +295,40 @@ fn serve(sh: &Shared, fs: &PassthroughFs) {
         let req = &buf[..n];
         let is_destroy = req.len() >= abi::IN_HEADER_LEN
             && u32::from_le_bytes([req[4], req[5], req[6], req[7]]) == abi::op::DESTROY;
-        if let Some(reply) = fs.handle(req) {
+        // READ data goes from the host file into `data` and from there to the kernel.
+        let (head, full);
+        let reply: Option<(&[u8], usize)> = match fs.read_into(req, &mut data) {
+            Some(r) => {
+                let (error, n) = match r.result {
+                    Ok(n) => (0, n),
+                    Err(errno) => (-errno, 0),
+                };
+                head = abi::out_header(r.unique, error, n);
+                Some((&head, n))
+            }
+            None => match fs.handle(req) {
+                Some(reply) => {
+                    full = reply;
+                    Some((&full[..], 0))
+                }
+                None => None,
+            },
+        };
+        if let Some((reply, n)) = reply {
             // The reply goes to the fd the request came from (each has its own queue of
             // requests being processed).
-            // SAFETY: the reply is valid for its length.
-            let w = unsafe { libc::write(fd, reply.as_ptr().cast(), reply.len()) };
+            let iov = [
+                libc::iovec {
+                    iov_base: reply.as_ptr() as *mut libc::c_void,
+                    iov_len: reply.len(),
+                },
+                libc::iovec {
+                    iov_base: data.as_mut_ptr().cast(),
+                    iov_len: n,
+                },
+            ];
+            // SAFETY: both buffers are valid for the lengths given.
+            let w = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
             if w < 0 {
                 let e = io::Error::last_os_error();
                 // ENOENT: the request was interrupted meanwhile; anything else ends us.

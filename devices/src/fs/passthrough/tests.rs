@@ -944,3 +944,69 @@ fn unprivileged_inner() {
     assert!(t.lookup(1, "..").is_ok());
     assert_eq!(t.lookup(1, "outside").unwrap_err(), libc::ENOENT);
 }
+
+#[test]
+fn reads_go_straight_into_the_transport_buffer_and_answer_as_handle_would() {
+    let t = T::new(Config::default());
+    std::fs::write(t.share.join("data"), b"0123456789").unwrap();
+    let (f, _) = t.lookup(1, "data").unwrap();
+    let fh = t.open(f, libc::O_RDONLY).unwrap();
+    let read = |fh: u64, off: u64, size: u32, out: &mut [u8]| {
+        let mut w = Writer::default();
+        w.u64(fh).u64(off).u32(size).u32(0).u64(0).u32(0).u32(0);
+        let h = InHeader {
+            len: (abi::IN_HEADER_LEN + w.buf.len()) as u32,
+            opcode: op::READ,
+            unique: 77,
+            nodeid: f,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let mut req = h.encode().to_vec();
+        req.extend_from_slice(&w.buf);
+        t.fs.read_into(&req, out)
+    };
+    let mut out = [0u8; 8];
+    // The size asked, capped by the buffer; short at the end of the file; an errno for a
+    // handle never opened.
+    let r = read(fh, 2, 4, &mut out).unwrap();
+    assert_eq!((r.unique, r.result), (77, Ok(4)));
+    assert_eq!(&out[..4], b"2345");
+    assert_eq!(read(fh, 0, 100, &mut out).unwrap().result, Ok(8));
+    assert_eq!(read(fh, 7, 8, &mut out).unwrap().result, Ok(3));
+    assert_eq!(&out[..3], b"789");
+    assert_eq!(
+        read(fh + 100, 0, 4, &mut out).unwrap().result,
+        Err(libc::EBADF)
+    );
+    // Anything but a READ, or a READ cut short, is left to `handle`.
+    let mut w = Writer::default();
+    w.u32(0).u32(0).u64(0);
+    let getattr = [
+        InHeader {
+            len: (abi::IN_HEADER_LEN + 16) as u32,
+            opcode: op::GETATTR,
+            unique: 78,
+            nodeid: f,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        }
+        .encode()
+        .to_vec(),
+        w.buf,
+    ]
+    .concat();
+    assert!(t.fs.read_into(&getattr, &mut out).is_none());
+    let mut short = getattr.clone();
+    short[4..8].copy_from_slice(&op::READ.to_le_bytes());
+    short.truncate(abi::IN_HEADER_LEN + 10);
+    let len = short.len() as u32;
+    short[..4].copy_from_slice(&len.to_le_bytes());
+    assert!(t.fs.read_into(&short, &mut out).is_none());
+    assert_eq!(
+        t.fs.handle(&short).map(|r| r[4..8].to_vec()),
+        Some((-libc::EINVAL).to_le_bytes().to_vec())
+    );
+}
