@@ -31,7 +31,8 @@ pub struct FsArgs {
     /// 4 KiB random reads per run.
     #[arg(long, default_value_t = 20_000)]
     random_reads: usize,
-    /// Runs per metric and target.
+    /// Runs per metric and target (a multiple of the targets, 2 or 3 with --uring, lets each
+    /// go first equally often).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// FUSE cache policy of the mounted server: none, auto or always.
@@ -89,23 +90,33 @@ impl Metrics {
 
 /// Drops the page cache so reads come through the file system, not memory (root only).
 fn drop_caches() {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    settle();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", b"3");
 }
 
-/// `fs`: our server behind `dir`, whose request counts are reported for the tar run.
-fn measure(
-    dir: &Path,
-    a: &FsArgs,
-    tarball: &Path,
-    m: &mut Metrics,
-    fs: Option<&PassthroughFs>,
-) -> Result<()> {
+/// One place measured: a directory, and our server behind it if it is a mount.
+struct Target<'a> {
+    name: &'a str,
+    dir: PathBuf,
+    fs: Option<Arc<PassthroughFs>>,
+    m: &'a mut Metrics,
+}
+
+/// A step measured in every target, back to back.
+type Phase = fn(&mut Target<'_>, &FsArgs, &Path) -> Result<()>;
+
+/// Writes back what the step before left dirty (in any target), so it is not timed here.
+fn settle() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// Sequential write, fsync included.
+fn seq_write(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
     let chunk = vec![0x5au8; 1 << 20];
-    let file = dir.join("seq.bin");
-    // Sequential write, fsync included.
-    let t = Instant::now();
+    settle();
+    let file = t.dir.join("seq.bin");
+    let start = Instant::now();
     let mut f = File::create(&file).with_context(|| file.display().to_string())?;
     let mut left = a.bytes;
     while left > 0 {
@@ -115,12 +126,16 @@ fn measure(
     }
     f.sync_all()?;
     drop(f);
-    m.seq_write_mb_s
-        .push(a.bytes as f64 / t.elapsed().as_secs_f64() / 1e6);
-    // Sequential read from a cold cache.
+    t.m.seq_write_mb_s
+        .push(a.bytes as f64 / start.elapsed().as_secs_f64() / 1e6);
+    Ok(())
+}
+
+/// Sequential read of that file from a cold cache.
+fn seq_read(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
     drop_caches();
-    let t = Instant::now();
-    let mut f = File::open(&file)?;
+    let start = Instant::now();
+    let mut f = File::open(t.dir.join("seq.bin"))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
     loop {
@@ -133,28 +148,37 @@ fn measure(
     if got != a.bytes {
         bail!("read {got} of {} bytes back", a.bytes);
     }
-    m.seq_read_mb_s
-        .push(a.bytes as f64 / t.elapsed().as_secs_f64() / 1e6);
-    // Random 4 KiB reads over the file, cold.
+    t.m.seq_read_mb_s
+        .push(a.bytes as f64 / start.elapsed().as_secs_f64() / 1e6);
+    Ok(())
+}
+
+/// Random 4 KiB reads over the file, cold.
+fn random_read(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
+    let file = t.dir.join("seq.bin");
+    let f = File::open(&file)?;
     drop_caches();
     let blocks = (a.bytes / 4096).max(1);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut page = [0u8; 4096];
-    let t = Instant::now();
+    let start = Instant::now();
     for _ in 0..a.random_reads {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         f.read_exact_at(&mut page, (x % blocks) * 4096)?;
     }
-    m.rand_read_iops
-        .push(a.random_reads as f64 / t.elapsed().as_secs_f64());
-    drop(f);
-    std::fs::remove_file(&file)?;
-    // Metadata: create, stat, unlink.
-    let md = dir.join("meta");
+    t.m.rand_read_iops
+        .push(a.random_reads as f64 / start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Metadata: create, stat, unlink.
+fn metadata(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
+    let md = t.dir.join("meta");
     std::fs::create_dir_all(&md)?;
-    let t = Instant::now();
+    settle();
+    let start = Instant::now();
     for i in 0..a.files {
         File::create(md.join(format!("f{i}")))?;
     }
@@ -164,14 +188,23 @@ fn measure(
     for i in 0..a.files {
         std::fs::remove_file(md.join(format!("f{i}")))?;
     }
-    m.metadata_ops_s
-        .push(3.0 * a.files as f64 / t.elapsed().as_secs_f64());
+    t.m.metadata_ops_s
+        .push(3.0 * a.files as f64 / start.elapsed().as_secs_f64());
     std::fs::remove_dir(&md)?;
-    // tar x of a tree of many small files and a few big ones.
-    let x_dir = dir.join("tree");
+    Ok(())
+}
+
+/// tar x of a tree of many small files and a few big ones; for our server, the requests it
+/// took (small-file workloads are bound by request round trips).
+fn tar_x(t: &mut Target<'_>, _: &FsArgs, tarball: &Path) -> Result<()> {
+    let x_dir = t.dir.join("tree");
     std::fs::create_dir_all(&x_dir)?;
-    let before = fs.map(PassthroughFs::request_counts).unwrap_or_default();
-    let t = Instant::now();
+    let before =
+        t.fs.as_deref()
+            .map(PassthroughFs::request_counts)
+            .unwrap_or_default();
+    settle();
+    let start = Instant::now();
     let ok = Command::new("tar")
         .arg("-xf")
         .arg(tarball)
@@ -181,12 +214,11 @@ fn measure(
         .success();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    m.tar_x_s.push(t.elapsed().as_secs_f64());
+    t.m.tar_x_s.push(start.elapsed().as_secs_f64());
     if !ok {
         bail!("tar -x into {} failed", x_dir.display());
     }
-    if let Some(fs) = fs {
-        // Where the time goes: small-file workloads are bound by request round trips.
+    if let Some(fs) = &t.fs {
         let mut total = 0;
         let by_op: Vec<String> = fs
             .request_counts()
@@ -198,13 +230,22 @@ fn measure(
             })
             .collect();
         eprintln!(
-            "  tar x through our server: {total} requests for {TAR_FILES} files ({})",
+            "  tar x through {}: {total} requests for {TAR_FILES} files ({})",
+            t.name,
             by_op.join(", ")
         );
     }
     std::fs::remove_dir_all(&x_dir)?;
     Ok(())
 }
+
+const PHASES: [(&str, Phase); 5] = [
+    ("sequential write", seq_write),
+    ("sequential read", seq_read),
+    ("random reads", random_read),
+    ("create+stat+unlink", metadata),
+    ("tar x", tar_x),
+];
 
 /// Files in the benchmark tarball.
 const TAR_FILES: usize = 40 * 100 + 8;
@@ -305,15 +346,17 @@ pub fn run(a: FsArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("msb-bench-fs-{}", std::process::id()));
-    let (host_dir, share, mnt) = (base.join("host"), base.join("share"), base.join("mnt"));
-    for d in [&host_dir, &share, &mnt] {
+    let host_dir = base.join("host");
+    let (share, mnt) = (base.join("share"), base.join("mnt"));
+    let (share_uring, mnt_uring) = (base.join("share-uring"), base.join("mnt-uring"));
+    for d in [&host_dir, &share, &mnt, &share_uring, &mnt_uring] {
         std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
     }
     let result = (|| -> Result<[Metrics; 4]> {
         let tarball = make_tarball(&base)?;
-        let server = || -> Result<Arc<PassthroughFs>> {
+        let server = |share: &Path| -> Result<Arc<PassthroughFs>> {
             Ok(Arc::new(PassthroughFs::new(
-                &share,
+                share,
                 Config {
                     cache: a.cache,
                     ..Default::default()
@@ -327,30 +370,53 @@ pub fn run(a: FsArgs) -> Result<()> {
         }
         let (mut host, mut fuse, mut uring) = Default::default();
         for run in 0..a.runs {
-            eprintln!("run {}/{}: host directory", run + 1, a.runs);
-            measure(&host_dir, &a, &tarball, &mut host, None)?;
-            eprintln!("run {}/{}: our server via /dev/fuse", run + 1, a.runs);
-            let fs = server()?;
-            let mount = FuseMount::mount_polling(
+            let fs = server(&share)?;
+            let _mount = FuseMount::mount_polling(
                 fs.clone(),
                 &mnt,
                 a.fuse_threads,
                 std::time::Duration::from_micros(a.poll_us),
             )
             .context("mounting through /dev/fuse")?;
-            measure(&mnt, &a, &tarball, &mut fuse, Some(&fs))?;
-            drop(mount);
-            if a.uring {
-                eprintln!(
-                    "run {}/{}: our server via /dev/fuse, io_uring queues",
-                    run + 1,
-                    a.runs
-                );
-                let fs = server()?;
-                let mount = FuseMount::mount_uring(fs.clone(), &mnt)
+            let mut targets = vec![
+                Target {
+                    name: "the host directory",
+                    dir: host_dir.clone(),
+                    fs: None,
+                    m: &mut host,
+                },
+                Target {
+                    name: "our server via /dev/fuse",
+                    dir: mnt.clone(),
+                    fs: Some(fs),
+                    m: &mut fuse,
+                },
+            ];
+            let _mount_uring = if a.uring {
+                let fs = server(&share_uring)?;
+                let mount = FuseMount::mount_uring(fs.clone(), &mnt_uring)
                     .context("mounting through /dev/fuse with io_uring")?;
-                measure(&mnt, &a, &tarball, &mut uring, Some(&fs))?;
-                drop(mount);
+                targets.push(Target {
+                    name: "our server via /dev/fuse, io_uring queues",
+                    dir: mnt_uring.clone(),
+                    fs: Some(fs),
+                    m: &mut uring,
+                });
+                Some(mount)
+            } else {
+                None
+            };
+            // Who goes first changes each run: a write-heavy step slows this disk for
+            // seconds after its sync (the layer beneath still writing back), which taxes
+            // whoever comes next.
+            let first = run % targets.len();
+            targets.rotate_left(first);
+            for t in &mut targets {
+                eprintln!("run {}/{}: {}", run + 1, a.runs, t.name);
+                for (what, phase) in PHASES {
+                    phase(t, &a, &tarball).with_context(|| format!("{what} in {}", t.name))?;
+                }
+                std::fs::remove_file(t.dir.join("seq.bin"))?;
             }
         }
         let mut sandbox = Metrics::default();
