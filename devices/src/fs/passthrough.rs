@@ -629,13 +629,14 @@ impl PassthroughFs {
                 let write_flags = r.u32().map_err(bad)?;
                 r.skip(16).map_err(bad)?;
                 let data = r.bytes(size as usize).map_err(bad)?;
-                let reply = self.write(fh, off, data)?;
+                // As the VFS does: privileges go before the data lands, and a node id never
+                // looked up writes nothing.
                 let ino = self.inode(h.nodeid)?;
                 if write_flags & abi::WRITE_KILL_SUIDGID != 0 {
                     self.kill_suidgid(&ino)?;
                 }
                 self.kill_caps(&ino);
-                Ok(reply)
+                self.write(fh, off, data)
             }
             op::STATFS => self.statfs(h.nodeid),
             op::RELEASE | op::RELEASEDIR => {

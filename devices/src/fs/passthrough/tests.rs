@@ -1010,3 +1010,13 @@ fn reads_go_straight_into_the_transport_buffer_and_answer_as_handle_would() {
         Some((-libc::EINVAL).to_le_bytes().to_vec())
     );
 }
+
+#[test]
+fn a_write_naming_a_node_never_looked_up_writes_nothing() {
+    let t = T::new(Config::default());
+    let (f, fh) = t.create(1, "file", libc::O_RDWR, 0o644).unwrap();
+    assert_eq!(t.write(f + 1000, fh, b"data", 0), libc::EBADF);
+    assert_eq!(std::fs::read(t.share.join("file")).unwrap(), b"");
+    assert_eq!(t.write(f, fh, b"data", 0), 0);
+    assert_eq!(std::fs::read(t.share.join("file")).unwrap(), b"data");
+}
