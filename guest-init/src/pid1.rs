@@ -228,22 +228,39 @@ fn mount_spec(spec: &cmdline::MountSpec) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("creating mount point {shown:?}: {e}")))?;
     let target = CString::new(path.as_slice()).map_err(|_| io::Error::other("NUL in path"))?;
     let (src, fstype, data) = (cstr(&src), cstr(fstype), cstr(&data));
+    sys_mount(
+        &src,
+        &target,
+        &fstype,
+        flags | libc::MS_NOSUID | libc::MS_NODEV,
+        &data,
+    )
+    .map_err(|e| io::Error::new(e.kind(), format!("mount {shown:?}: {e}")))
+}
+
+/// mount(2), noting virtio-fs shares for [`tune_readahead`]; the bare OS error.
+fn sys_mount(
+    src: &CString,
+    target: &CString,
+    fstype: &CString,
+    flags: libc::c_ulong,
+    data: &CString,
+) -> io::Result<()> {
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
             src.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            flags | libc::MS_NOSUID | libc::MS_NODEV,
+            flags,
             data.as_ptr().cast(),
         )
     };
     if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("mount {shown:?}: {e}")));
+        return Err(io::Error::last_os_error());
     }
     if fstype.as_bytes() == b"virtiofs" {
-        note_share(&target);
+        note_share(target);
     }
     Ok(())
 }
@@ -293,29 +310,13 @@ fn mount(
 ) -> io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let (src, target, fstype, data) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 && fstype.as_bytes() == b"virtiofs" {
-        note_share(&target);
+    match sys_mount(&src, &target, &fstype, flags, &data) {
+        Err(e) if e.raw_os_error() != Some(libc::EBUSY) => Err(io::Error::new(
+            e.kind(),
+            format!("mount {fstype:?} on {target:?}: {e}"),
+        )),
+        _ => Ok(()),
     }
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("mount {fstype:?} on {target:?}: {e}"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn mount_basics() -> io::Result<()> {
