@@ -46,7 +46,8 @@ pub const DNS_TTL: u32 = 60;
 pub trait Link: Send {
     /// An fd that polls readable when a frame is waiting.
     fn raw_fd(&self) -> RawFd;
-    /// One frame, or `None` when none is waiting.
+    /// One frame, or `None` when none is waiting; `Some(0)` for a frame the link dropped
+    /// (the stack goes on to the next).
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
     /// Sends one frame (dropping it when the link is full is fine).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
@@ -632,6 +633,7 @@ impl State {
     fn round(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         for _ in 0..32 {
             match self.link.recv(buf)? {
+                Some(0) => continue,
                 Some(n) => {
                     self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                     let frame = buf[..n.min(buf.len())].to_vec();
