@@ -299,11 +299,8 @@ fn serve(sh: &Shared, fs: &PassthroughFs) {
         let (head, full);
         let reply: Option<(&[u8], usize)> = match fs.read_into(req, &mut data) {
             Some(r) => {
-                let (error, n) = match r.result {
-                    Ok(n) => (0, n),
-                    Err(errno) => (-errno, 0),
-                };
-                head = abi::out_header(r.unique, error, n);
+                let n;
+                (head, n) = r.out_header();
                 Some((&head, n))
             }
             None => match fs.handle(req) {

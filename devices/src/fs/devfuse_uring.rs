@@ -188,12 +188,8 @@ impl Entry {
         };
         // READ data goes straight into the payload buffer, which the kernel copies from.
         if let Some(r) = fs.read_into(&req, &mut self.payload) {
-            let (error, n) = match r.result {
-                Ok(n) => (0, n),
-                Err(errno) => (-errno, 0),
-            };
-            self.header[IN_OUT..IN_OUT + abi::OUT_HEADER_LEN]
-                .copy_from_slice(&abi::out_header(r.unique, error, n));
+            let (head, n) = r.out_header();
+            self.header[IN_OUT..IN_OUT + abi::OUT_HEADER_LEN].copy_from_slice(&head);
             self.set_payload_len(n);
             return;
         }

@@ -78,6 +78,17 @@ pub struct ReadReply {
     pub result: std::result::Result<usize, i32>,
 }
 
+impl ReadReply {
+    /// The reply's out header, and how many bytes of the buffer follow it.
+    pub fn out_header(&self) -> ([u8; abi::OUT_HEADER_LEN], usize) {
+        let (error, n) = match self.result {
+            Ok(n) => (0, n),
+            Err(errno) => (-errno, 0),
+        };
+        (abi::out_header(self.unique, error, n), n)
+    }
+}
+
 /// What is shared and how.
 #[derive(Debug, Clone)]
 pub struct Config {
