@@ -60,7 +60,8 @@ impl T {
         t
     }
 
-    fn call(&self, opcode: u32, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+    /// A request as root with a fresh id: (the id, the request).
+    fn request(&self, opcode: u32, nodeid: u64, body: &[u8]) -> (u64, Vec<u8>) {
         let unique = self.unique.fetch_add(1, Ordering::Relaxed);
         let h = InHeader {
             len: (abi::IN_HEADER_LEN + body.len()) as u32,
@@ -73,6 +74,11 @@ impl T {
         };
         let mut req = h.encode().to_vec();
         req.extend_from_slice(body);
+        (unique, req)
+    }
+
+    fn call(&self, opcode: u32, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+        let (unique, req) = self.request(opcode, nodeid, body);
         let reply = self.fs.handle(&req).expect("a reply");
         let mut r = Reader::new(&reply);
         let len = r.u32().unwrap();
@@ -93,6 +99,17 @@ impl T {
         }
     }
 
+    /// CREATE's errno and raw reply.
+    fn create_call(&self, parent: u64, name: &str, flags: i32, mode: u32) -> (i32, Vec<u8>) {
+        let mut w = Writer::default();
+        w.u32(flags as u32)
+            .u32(mode)
+            .u32(0)
+            .u32(0)
+            .bytes(&cname(name));
+        self.call(op::CREATE, parent, &w.buf)
+    }
+
     fn create(
         &self,
         parent: u64,
@@ -100,13 +117,7 @@ impl T {
         flags: i32,
         mode: u32,
     ) -> std::result::Result<(u64, u64), i32> {
-        let mut w = Writer::default();
-        w.u32(flags as u32)
-            .u32(mode)
-            .u32(0)
-            .u32(0)
-            .bytes(&cname(name));
-        let (e, b) = self.call(op::CREATE, parent, &w.buf);
+        let (e, b) = self.create_call(parent, name, flags, mode);
         if e != 0 {
             return Err(e);
         }
@@ -738,13 +749,7 @@ fn write_only_opens_are_direct_and_writes_drop_file_capabilities() {
     let t = T::new(Config::default());
     let open_flags = |b: &[u8]| u32::from_le_bytes(b[8..12].try_into().unwrap());
     // CREATE write-only: direct I/O (and never FLUSH); read-write: cached.
-    let mut w = Writer::default();
-    w.u32(libc::O_WRONLY as u32)
-        .u32(0o755)
-        .u32(0)
-        .u32(0)
-        .bytes(&cname("w"));
-    let (e, b) = t.call(op::CREATE, 1, &w.buf);
+    let (e, b) = t.create_call(1, "w", libc::O_WRONLY, 0o755);
     assert_eq!(e, 0);
     let flags = open_flags(&b[abi::ENTRY_OUT_LEN..]);
     assert_eq!(
@@ -796,24 +801,16 @@ fn plain_chmods_stay_on_the_host_file_and_create_keeps_existing_files() {
     // CREATE without O_EXCL on a file the host made meanwhile opens it as it is: its
     // ownership is not the creator's and a failure could never remove it.
     std::fs::write(t.share.join("hostfile"), b"keep").unwrap();
-    let mut w = Writer::default();
-    w.u32(libc::O_WRONLY as u32)
-        .u32(0o600)
-        .u32(0)
-        .u32(0)
-        .bytes(&cname("hostfile"));
-    let (e, b) = t.call(op::CREATE, 1, &w.buf);
+    let (e, b) = t.create_call(1, "hostfile", libc::O_WRONLY, 0o600);
     assert_eq!(e, 0);
     assert_eq!(parse_entry(&b).1.mode & 0o777, 0o644);
     assert!(!has_xattr(&t.share.join("hostfile")));
     assert_eq!(std::fs::read(t.share.join("hostfile")).unwrap(), b"keep");
-    let mut w = Writer::default();
-    w.u32((libc::O_WRONLY | libc::O_EXCL) as u32)
-        .u32(0o600)
-        .u32(0)
-        .u32(0)
-        .bytes(&cname("hostfile"));
-    assert_eq!(t.call(op::CREATE, 1, &w.buf).0, libc::EEXIST);
+    assert_eq!(
+        t.create_call(1, "hostfile", libc::O_WRONLY | libc::O_EXCL, 0o600)
+            .0,
+        libc::EEXIST
+    );
 }
 
 fn has_xattr(p: &Path) -> bool {
@@ -951,27 +948,20 @@ fn reads_go_straight_into_the_transport_buffer_and_answer_as_handle_would() {
     std::fs::write(t.share.join("data"), b"0123456789").unwrap();
     let (f, _) = t.lookup(1, "data").unwrap();
     let fh = t.open(f, libc::O_RDONLY).unwrap();
-    let read = |fh: u64, off: u64, size: u32, out: &mut [u8]| {
+    let read_req = |fh: u64, off: u64, size: u32| {
         let mut w = Writer::default();
         w.u64(fh).u64(off).u32(size).u32(0).u64(0).u32(0).u32(0);
-        let h = InHeader {
-            len: (abi::IN_HEADER_LEN + w.buf.len()) as u32,
-            opcode: op::READ,
-            unique: 77,
-            nodeid: f,
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
-        let mut req = h.encode().to_vec();
-        req.extend_from_slice(&w.buf);
-        t.fs.read_into(&req, out)
+        t.request(op::READ, f, &w.buf)
+    };
+    let read = |fh: u64, off: u64, size: u32, out: &mut [u8]| {
+        t.fs.read_into(&read_req(fh, off, size).1, out)
     };
     let mut out = [0u8; 8];
     // The size asked, capped by the buffer; short at the end of the file; an errno for a
     // handle never opened.
-    let r = read(fh, 2, 4, &mut out).unwrap();
-    assert_eq!((r.unique, r.result), (77, Ok(4)));
+    let (unique, req) = read_req(fh, 2, 4);
+    let r = t.fs.read_into(&req, &mut out).unwrap();
+    assert_eq!((r.unique, r.result), (unique, Ok(4)));
     assert_eq!(&out[..4], b"2345");
     assert_eq!(read(fh, 0, 100, &mut out).unwrap().result, Ok(8));
     assert_eq!(read(fh, 7, 8, &mut out).unwrap().result, Ok(3));
@@ -981,23 +971,7 @@ fn reads_go_straight_into_the_transport_buffer_and_answer_as_handle_would() {
         Err(libc::EBADF)
     );
     // Anything but a READ, or a READ cut short, is left to `handle`.
-    let mut w = Writer::default();
-    w.u32(0).u32(0).u64(0);
-    let getattr = [
-        InHeader {
-            len: (abi::IN_HEADER_LEN + 16) as u32,
-            opcode: op::GETATTR,
-            unique: 78,
-            nodeid: f,
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        }
-        .encode()
-        .to_vec(),
-        w.buf,
-    ]
-    .concat();
+    let (_, getattr) = t.request(op::GETATTR, f, &[0; 16]);
     assert!(t.fs.read_into(&getattr, &mut out).is_none());
     let mut short = getattr.clone();
     short[4..8].copy_from_slice(&op::READ.to_le_bytes());
