@@ -70,6 +70,14 @@ impl std::str::FromStr for CachePolicy {
     }
 }
 
+/// The arguments after `req`'s header, if the length the header claims is one `req` has.
+fn args_of<'a>(h: &InHeader, req: &'a [u8]) -> Option<&'a [u8]> {
+    let len = h.len as usize;
+    (abi::IN_HEADER_LEN..=req.len())
+        .contains(&len)
+        .then(|| &req[abi::IN_HEADER_LEN..len])
+}
+
 /// A READ answered in the transport's buffer by [`PassthroughFs::read_into`]: the request's
 /// id, and the bytes read into the buffer or an errno.
 #[derive(Debug)]
@@ -469,7 +477,7 @@ impl PassthroughFs {
                 return None;
             }
         };
-        if (h.len as usize) < abi::IN_HEADER_LEN || h.len as usize > req.len() {
+        let Some(args) = args_of(&h, req) else {
             tracing::warn!(
                 "fuse: request {} claims {} bytes, has {}",
                 h.unique,
@@ -477,11 +485,9 @@ impl PassthroughFs {
                 req.len()
             );
             return Some(abi::reply(h.unique, -libc::EINVAL, &[]));
-        }
-        let mut r = Reader::new(&req[abi::IN_HEADER_LEN..h.len as usize]);
-        if let Some(n) = self.op_counts.get(h.opcode as usize) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        };
+        let mut r = Reader::new(args);
+        self.count(h.opcode);
         match h.opcode {
             op::FORGET => {
                 if let Ok(n) = r.u64() {
@@ -512,23 +518,24 @@ impl PassthroughFs {
     pub fn read_into(&self, req: &[u8], out: &mut [u8]) -> Option<ReadReply> {
         let mut r = Reader::new(req);
         let h = InHeader::parse(&mut r).ok()?;
-        if h.opcode != op::READ
-            || (h.len as usize) < abi::IN_HEADER_LEN
-            || h.len as usize > req.len()
-            || !self.initialized.load(Ordering::Acquire)
-        {
+        if h.opcode != op::READ || !self.initialized.load(Ordering::Acquire) {
             return None;
         }
-        let mut r = Reader::new(&req[abi::IN_HEADER_LEN..h.len as usize]);
+        let mut r = Reader::new(args_of(&h, req)?);
         let (fh, off, size) = (r.u64().ok()?, r.u64().ok()?, r.u32().ok()?);
-        if let Some(n) = self.op_counts.get(op::READ as usize) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count(op::READ);
         let size = (size.min(MAX_WRITE) as usize).min(out.len());
         Some(ReadReply {
             unique: h.unique,
             result: self.read_to(fh, off, &mut out[..size]),
         })
+    }
+
+    /// Counts a request by opcode (see [`Self::request_counts`]).
+    fn count(&self, opcode: u32) {
+        if let Some(n) = self.op_counts.get(opcode as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn dispatch(&self, h: &InHeader, r: &mut Reader<'_>) -> Result<Vec<u8>> {
@@ -1321,8 +1328,7 @@ impl PassthroughFs {
         let id = self.register(fd, &st)?;
         let ino = self.inode(id)?;
         // Just made: no attribute but perhaps our own.
-        ino.no_caps
-            .store(self.cfg.cache != CachePolicy::None, Ordering::Relaxed);
+        self.note_no_caps(&ino);
         // When the host file already shows what the client asked for (root creating a file
         // with owner-writable permissions: the common case), no attribute is needed.
         let plain = self.host_view(&st);
@@ -1731,6 +1737,12 @@ impl PassthroughFs {
             );
             return;
         }
+        self.note_no_caps(ino);
+    }
+
+    /// Remembers that `ino` has no file capability, unless the host may change the file
+    /// underneath us (cache policy `none`).
+    fn note_no_caps(&self, ino: &Inode) {
         ino.no_caps
             .store(self.cfg.cache != CachePolicy::None, Ordering::Relaxed);
     }
