@@ -71,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
     // Each request: [op index][node id][uid][len u16][body...].
     let mut rest = data;
     let mut unique = 2;
+    let mut out = [0u8; 8192];
     while rest.len() >= 5 {
         let opcode = OPS[rest[0] as usize % OPS.len()];
         let nodeid = u64::from(rest[1] % 8);
@@ -91,7 +92,6 @@ fuzz_target!(|data: &[u8]| {
         let mut req = h.encode().to_vec();
         req.extend_from_slice(body);
         // READs take the transports' zero-copy path every other time.
-        let mut out = [0u8; 8192];
         if unique % 2 == 0 {
             if let Some(r) = fs.read_into(&req, &mut out) {
                 assert!(r.result.map_or(true, |n| n <= out.len()));
