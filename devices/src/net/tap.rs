@@ -98,20 +98,26 @@ impl Tap {
         &self.name
     }
 
+    /// The vnet header (only with offloads on: otherwise it takes no bytes) and the frame, as
+    /// one readv/writev argument.
+    fn iov_pair(&self, hdr: *mut u8, frame: *mut u8, len: usize) -> [libc::iovec; 2] {
+        [
+            libc::iovec {
+                iov_base: hdr.cast(),
+                iov_len: if self.offload { VNET_HDR_LEN } else { 0 },
+            },
+            libc::iovec {
+                iov_base: frame.cast(),
+                iov_len: len,
+            },
+        ]
+    }
+
     /// Reads one frame; `Ok(None)` when none is waiting. With offloads, the frame may be up
     /// to 64 KiB whatever the MTU and its checksum partial (the netstack does not check it).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut hdr = [0u8; VNET_HDR_LEN];
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_mut_ptr().cast(),
-                iov_len: if self.offload { hdr.len() } else { 0 },
-            },
-            libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            },
-        ];
+        let iov = self.iov_pair(hdr.as_mut_ptr(), buf.as_mut_ptr(), buf.len());
         // SAFETY: both iovecs point into live buffers of their lengths; the fd is ours.
         let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
         if n < 0 {
@@ -136,16 +142,11 @@ impl Tap {
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // No offload asked of the kernel: checksums are whole, one segment per frame.
         let hdr = [0u8; VNET_HDR_LEN];
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: if self.offload { hdr.len() } else { 0 },
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
+        let iov = self.iov_pair(
+            hdr.as_ptr().cast_mut(),
+            frame.as_ptr().cast_mut(),
+            frame.len(),
+        );
         // SAFETY: both iovecs point into live buffers of their lengths (only read); the fd
         // is ours.
         let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
