@@ -200,6 +200,13 @@ fn read_ahead(mountpoint: &Path) {
     }
 }
 
+/// What a server thread sends back: a READ's out header followed by that many bytes of its
+/// data buffer, or a whole reply.
+enum Reply {
+    Read(([u8; abi::OUT_HEADER_LEN], usize)),
+    Whole(Vec<u8>),
+}
+
 /// A second fd on the connection `dev` serves, non-blocking.
 fn clone_nonblocking(dev: &File) -> io::Result<File> {
     let f = File::options().read(true).write(true).open("/dev/fuse")?;
@@ -296,22 +303,15 @@ fn serve(sh: &Shared, fs: &PassthroughFs) {
         let is_destroy = req.len() >= abi::IN_HEADER_LEN
             && u32::from_le_bytes([req[4], req[5], req[6], req[7]]) == abi::op::DESTROY;
         // READ data goes from the host file into `data` and from there to the kernel.
-        let (head, full);
-        let reply: Option<(&[u8], usize)> = match fs.read_into(req, &mut data) {
-            Some(r) => {
-                let n;
-                (head, n) = r.out_header();
-                Some((&head, n))
-            }
-            None => match fs.handle(req) {
-                Some(reply) => {
-                    full = reply;
-                    Some((&full[..], 0))
-                }
-                None => None,
-            },
+        let reply = match fs.read_into(req, &mut data) {
+            Some(r) => Some(Reply::Read(r.out_header())),
+            None => fs.handle(req).map(Reply::Whole),
         };
-        if let Some((reply, n)) = reply {
+        if let Some(reply) = &reply {
+            let (reply, n): (&[u8], usize) = match reply {
+                Reply::Read((head, n)) => (head, *n),
+                Reply::Whole(full) => (full, 0),
+            };
             // The reply goes to the fd the request came from (each has its own queue of
             // requests being processed).
             let iov = [
