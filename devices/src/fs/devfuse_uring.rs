@@ -158,21 +158,22 @@ impl Entry {
         if reply.len() < abi::OUT_HEADER_LEN || body.len() > self.payload.len() {
             return false;
         }
-        self.header[IN_OUT..IN_OUT + abi::OUT_HEADER_LEN]
-            .copy_from_slice(&reply[..abi::OUT_HEADER_LEN]);
         self.payload[..body.len()].copy_from_slice(body);
-        self.set_payload_len(body.len());
+        self.set_out(&reply[..abi::OUT_HEADER_LEN], body.len());
         true
+    }
+
+    /// Sets the reply's out header and how many payload bytes follow it.
+    fn set_out(&mut self, head: &[u8], payload_len: usize) {
+        self.header[IN_OUT..IN_OUT + abi::OUT_HEADER_LEN].copy_from_slice(head);
+        self.header[ENT_IN_OUT + 16..ENT_IN_OUT + 20]
+            .copy_from_slice(&(payload_len as u32).to_le_bytes());
     }
 
     /// Whether the entry holds a READ of at least [`BIG_READ`] bytes.
     fn is_big_read(&self) -> bool {
         // fuse_read_in: fh, offset, size.
         self.u32_at(IN_OUT + 4) == abi::op::READ && self.u32_at(OP_IN + 16) >= BIG_READ
-    }
-
-    fn set_payload_len(&mut self, n: usize) {
-        self.header[ENT_IN_OUT + 16..ENT_IN_OUT + 20].copy_from_slice(&(n as u32).to_le_bytes());
     }
 
     /// Answers the entry's request (the payload holds the request's data, if any).
@@ -189,8 +190,7 @@ impl Entry {
         // READ data goes straight into the payload buffer, which the kernel copies from.
         if let Some(r) = fs.read_into(&req, &mut self.payload) {
             let (head, n) = r.out_header();
-            self.header[IN_OUT..IN_OUT + abi::OUT_HEADER_LEN].copy_from_slice(&head);
-            self.set_payload_len(n);
+            self.set_out(&head, n);
             return;
         }
         let reply = fs
