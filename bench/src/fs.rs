@@ -88,10 +88,12 @@ impl Metrics {
     }
 }
 
-/// Drops the page cache so reads come through the file system, not memory (root only).
+/// Drops the page cache so reads come through the file system, not memory (root only),
+/// then waits [`QUIET`].
 fn drop_caches() {
     settle();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", b"3");
+    std::thread::sleep(QUIET);
 }
 
 /// One place measured: a directory, and our server behind it if it is a mount.
@@ -153,7 +155,6 @@ const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
 /// Sequential read of [`READ_FILE`] from a cold cache.
 fn seq_read(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
     drop_caches();
-    std::thread::sleep(QUIET);
     let start = Instant::now();
     let mut f = File::open(t.dir.join(READ_FILE))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -178,7 +179,6 @@ fn random_read(t: &mut Target<'_>, a: &FsArgs, _: &Path) -> Result<()> {
     let file = t.dir.join(READ_FILE);
     let f = File::open(&file)?;
     drop_caches();
-    std::thread::sleep(QUIET);
     let blocks = (a.bytes / 4096).max(1);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut page = [0u8; 4096];
@@ -382,8 +382,10 @@ pub fn run(a: FsArgs) -> Result<()> {
     }
     let result = (|| -> Result<[Metrics; 4]> {
         let tarball = make_tarball(&base)?;
-        let read_dirs = [&host_dir, &share, &share_uring];
-        for d in &read_dirs[..if a.uring { 3 } else { 2 }] {
+        for d in [&host_dir, &share]
+            .into_iter()
+            .chain(a.uring.then_some(&share_uring))
+        {
             write_file(&d.join(READ_FILE), a.bytes)?;
         }
         let server = |share: &Path| -> Result<Arc<PassthroughFs>> {
