@@ -52,7 +52,7 @@ fn name(b: &mut Bytes) -> (String, String) {
 /// An IPv4 address from a small set so flows hit rules often.
 fn v4(b: &mut Bytes) -> Ipv4Addr {
     match b.u8() % 4 {
-        0 => Ipv4Addr::new(10, 0, b.u8() % 2, b.u8() % 3),
+        0 => Ipv4Addr::new(10, 0, 1 + b.u8() % 2, b.u8() % 3),
         1 => Ipv4Addr::new(127, 0, 0, 1),
         2 => Ipv4Addr::new(1, 1, 1, b.u8() % 2),
         _ => Ipv4Addr::from(b.u32()),
@@ -84,6 +84,18 @@ fn avoid_embedded(ip: IpAddr) -> bool {
         }
         _ => false,
     }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 127,
+        IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST,
+    }
+}
+
+fn is_gateway(ip: IpAddr) -> bool {
+    ip == IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2))
+        || ip == IpAddr::V6(Ipv6Addr::new(0xfd00, 0x6d73, 0x62, 0, 0, 0, 0, 2))
 }
 
 enum RefDest {
@@ -192,11 +204,14 @@ fuzz_target!(|data: &[u8]| {
         let port = b.u16() % 5;
         let (_, fname) = name(&mut b);
         let names = [fname.as_str()];
+        // Some flows go to an address of the host's own (the kernel delivers it locally).
+        let local = b.u8().is_multiple_of(4);
         let flow = Flow {
             proto: fproto,
             ip,
             port: Some(port),
             names: &names,
+            local,
         };
         let proto_ok = proto == Proto::Any || proto == fproto;
         let port_ok = ports.is_none_or(|(lo, hi)| lo <= port && port <= hi);
@@ -205,7 +220,10 @@ fuzz_target!(|data: &[u8]| {
             RefDest::Domain(d) => fname == *d,
             RefDest::Suffix(s) => fname.ends_with(&format!(".{s}")),
         };
-        let want = proto_ok && port_ok && dest_ok;
+        // The host (a local address or the gateway's; the loopback range stays the guest's)
+        // is reached by `host` rules alone, which are never generated.
+        let host = !is_loopback(fold(ip)) && (local || is_gateway(fold(ip)));
+        let want = proto_ok && port_ok && dest_ok && !host;
         let got = policy.decide(&flow);
         assert_eq!(got.allowed, want, "rule {rule:?} flow {flow:?}: {got}");
     }

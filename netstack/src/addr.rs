@@ -33,7 +33,8 @@ pub enum Group {
     LinkLocal,
     /// Cloud instance metadata endpoints (169.254.169.254, fd00:ec2::254, 100.100.100.200).
     Metadata,
-    /// The gateway's address: the host's own loopback.
+    /// The host itself: the gateway's address (the host's loopback) and every address the
+    /// host kernel delivers locally (see [`group_at`] and [`crate::local`]).
     Host,
     /// Everything else: unspecified, multicast, broadcast, reserved and documentation ranges.
     /// No preset allows these; only an explicit IP or CIDR rule does.
@@ -173,6 +174,18 @@ pub fn group_of(ip: IpAddr) -> Group {
     }
 }
 
+/// The group of `ip` when the host kernel does (`local`) or does not deliver it to itself:
+/// a local address is the host's own, `Host`, whatever range it is in (a LAN, Docker bridge,
+/// public or link-local address of a host interface). The loopback range stays `Loopback`:
+/// it is the guest's own and never relayed.
+pub fn group_at(ip: IpAddr, local: bool) -> Group {
+    match group_of(ip) {
+        Group::Loopback => Group::Loopback,
+        _ if local => Group::Host,
+        g => g,
+    }
+}
+
 /// An address prefix (`10.0.0.0/8`, `2001:db8::/32`); a bare address is a full-length one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -276,6 +289,18 @@ mod tests {
             assert_eq!(g(r), Group::Reserved, "{r}");
         }
         assert_eq!(g("2001:db8::1"), Group::Reserved);
+    }
+
+    #[test]
+    fn local_addresses_are_the_host_but_loopback_stays_the_guests() {
+        let at = |s: &str, local| group_at(s.parse().unwrap(), local);
+        assert_eq!(at("192.168.1.5", true), Group::Host);
+        assert_eq!(at("192.168.1.5", false), Group::Private);
+        assert_eq!(at("81.2.69.142", true), Group::Host);
+        assert_eq!(at("fe80::1", true), Group::Host);
+        assert_eq!(at("169.254.169.254", true), Group::Host);
+        assert_eq!(at("127.0.0.1", true), Group::Loopback);
+        assert_eq!(at("10.0.2.2", false), Group::Host);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod addr;
 pub mod dns;
+pub mod local;
 pub mod offload;
 pub mod policy;
 pub mod sniff;

@@ -21,6 +21,12 @@
 //! Presets: `none` (nothing), `public` (the default: public addresses only), `all`
 //! (everything but `host` and loopback), `non-local` (everything but loopback, link-local, metadata and
 //! `host`). No preset allows `host` or reserved addresses: only rules do.
+//!
+//! **The host.** An address the host kernel delivers locally (the gateway, and any address of
+//! any host interface: the caller asks the kernel, see [`crate::local`]) is in the group
+//! `host` whatever range it is in, and only an allow rule naming the group `host` reaches it:
+//! `any`, a CIDR, an address or a domain rule that happens to cover a host address does not.
+//! Deny rules match it as written.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -278,11 +284,19 @@ impl Rule {
             }
     }
 
-    fn matches_dest(&self, ip: IpAddr, names: &[&str]) -> bool {
+    /// Whether the rule covers `ip` (in `group`) or one of its `names`. An allow rule reaches
+    /// the host only by naming the group.
+    fn matches_dest(&self, ip: IpAddr, group: Group, names: &[&str]) -> bool {
+        if self.action == Action::Allow
+            && group == Group::Host
+            && self.dest != Dest::Group(Group::Host)
+        {
+            return false;
+        }
         match &self.dest {
             Dest::Any => true,
             Dest::Cidr(c) => c.contains(ip),
-            Dest::Group(g) => addr::group_of(ip) == *g,
+            Dest::Group(g) => group == *g,
             Dest::Domain(d) => names.iter().any(|n| n == d),
             Dest::Suffix(s) => names.iter().any(|n| is_below(n, s)),
         }
@@ -320,6 +334,9 @@ pub struct Flow<'a> {
     /// Names known for this flow, normalized: what the sandbox resolved `ip` from, its SNI
     /// or Host.
     pub names: &'a [&'a str],
+    /// Whether the host kernel delivers `ip` locally (an address of the host's own): then the
+    /// flow is to the group `host`, whatever the address.
+    pub local: bool,
 }
 
 /// A decision and why.
@@ -419,11 +436,12 @@ impl Policy {
     /// The decision for `flow`: deny rules, then allow rules, then the preset.
     pub fn decide(&self, flow: &Flow<'_>) -> Decision {
         let ip = addr::canonical(flow.ip);
+        let g = addr::group_at(ip, flow.local);
         for action in [Action::Deny, Action::Allow] {
             if let Some(r) = self.rules.iter().find(|r| {
                 r.action == action
                     && r.matches_proto_port(flow.proto, flow.port)
-                    && r.matches_dest(ip, flow.names)
+                    && r.matches_dest(ip, g, flow.names)
             }) {
                 return Decision {
                     allowed: action == Action::Allow,
@@ -432,11 +450,23 @@ impl Policy {
                 };
             }
         }
-        let g = addr::group_of(ip);
         Decision {
             allowed: self.preset.allows(g),
             by_rule: false,
-            reason: format!("preset {} ({} address)", self.preset.name(), g.name()),
+            reason: self.preset_reason(ip, g),
+        }
+    }
+
+    /// Why the preset decided: its name and the address's group (and for the host, which
+    /// address, since it may not look like one of the host's).
+    fn preset_reason(&self, ip: IpAddr, g: Group) -> String {
+        if g == Group::Host {
+            format!(
+                "preset {} (host address {ip}: only a host rule reaches the host)",
+                self.preset.name()
+            )
+        } else {
+            format!("preset {} ({} address)", self.preset.name(), g.name())
         }
     }
 
@@ -492,13 +522,14 @@ impl Policy {
     /// Whether an answer `ip` for `name` may reach the sandbox (rebinding protection): kept
     /// when some flow to it could be allowed: a deny rule for the address or name without
     /// ports drops it; the preset's groups, and allow rules naming the address, its group or
-    /// the name itself (explicit opt-in, e.g. an internal name) keep it.
-    pub fn decide_answer(&self, name: &str, ip: IpAddr) -> Decision {
+    /// the name itself (explicit opt-in, e.g. an internal name) keep it. `local`: whether the host kernel delivers `ip` locally (it is then the host's).
+    pub fn decide_answer(&self, name: &str, ip: IpAddr, local: bool) -> Decision {
         let ip = addr::canonical(ip);
+        let g = addr::group_at(ip, local);
         let names = [name];
         if let Some(r) = self.rules.iter().find(|r| {
             r.action == Action::Deny && r.ports.is_none() && r.proto == Proto::Any && {
-                r.matches_dest(ip, &names)
+                r.matches_dest(ip, g, &names)
             }
         }) {
             return Decision {
@@ -507,16 +538,15 @@ impl Policy {
                 reason: r.origin.clone(),
             };
         }
-        let g = addr::group_of(ip);
         if self.preset.allows(g) {
             return Decision {
                 allowed: true,
                 by_rule: false,
-                reason: format!("preset {} ({} address)", self.preset.name(), g.name()),
+                reason: self.preset_reason(ip, g),
             };
         }
-        // A name never opts in the host's own loopback (or the guest's): only a rule naming
-        // the address or its group does, so no DNS answer can aim a domain rule at the host.
+        // A name never opts in the host (any address of its own) or loopback: only a rule
+        // naming the group does, so no DNS answer can aim a domain rule at the host.
         let by_name: &[&str] = if matches!(g, Group::Host | Group::Loopback) {
             &[]
         } else {
@@ -525,7 +555,7 @@ impl Policy {
         if let Some(r) = self
             .rules
             .iter()
-            .find(|r| r.action == Action::Allow && r.matches_dest(ip, by_name))
+            .find(|r| r.action == Action::Allow && r.matches_dest(ip, g, by_name))
         {
             return Decision {
                 allowed: true,
@@ -536,11 +566,18 @@ impl Policy {
         Decision {
             allowed: false,
             by_rule: false,
-            reason: format!(
-                "preset {} ({} address for {name}: rebinding protection)",
-                self.preset.name(),
-                g.name()
-            ),
+            reason: if g == Group::Host {
+                format!(
+                    "preset {} (host address {ip} for {name}: rebinding protection)",
+                    self.preset.name()
+                )
+            } else {
+                format!(
+                    "preset {} ({} address for {name}: rebinding protection)",
+                    self.preset.name(),
+                    g.name()
+                )
+            },
         }
     }
 }

@@ -30,6 +30,7 @@ use smoltcp::wire::{
 
 use crate::addr::{self, Group};
 use crate::dns::{self, Answer, Bindings};
+use crate::local::{Delivery, Routes};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
 mod echo;
@@ -169,6 +170,8 @@ fn unix_now() -> f64 {
 struct Audit {
     proto: Proto,
     dst: SocketAddr,
+    /// The destination's group as decided (`host` for any address of the host's own).
+    group: Group,
     names: Vec<String>,
     rule: String,
     started: StdInstant,
@@ -177,14 +180,29 @@ struct Audit {
 }
 
 impl Audit {
+    /// The record of a connection (or UDP peer) from `peer` to a published guest port.
+    fn published(proto: Proto, guest_port: u16, peer: SocketAddr, spec: String) -> Audit {
+        let guest = IpAddr::V4(addr::GUEST_V4);
+        Audit {
+            proto,
+            dst: SocketAddr::new(guest, guest_port),
+            group: addr::group_of(guest),
+            names: vec![format!("published from {peer}")],
+            rule: spec,
+            started: StdInstant::now(),
+            bytes_out: 0,
+            bytes_in: 0,
+        }
+    }
+
     fn event(&self, verdict: &'static str) -> LogEvent {
         LogEvent {
             time: unix_now(),
             kind: "flow",
-            proto: if self.proto == Proto::Tcp {
-                "tcp"
-            } else {
-                "udp"
+            proto: match self.proto {
+                Proto::Tcp => "tcp",
+                Proto::Icmp => "icmp",
+                _ => "udp",
             },
             dst: self.dst.to_string(),
             names: self.names.clone(),
@@ -474,6 +492,8 @@ struct State {
     resolving: Arc<AtomicU64>,
     pending_dns: Vec<PendingDns>,
     next_dns: u64,
+    /// Asks the host kernel which destinations are the host's own (see [`crate::local`]).
+    routes: Routes,
 }
 
 fn now() -> Instant {
@@ -534,6 +554,12 @@ impl State {
             dns_socks.push(sockets.add(s));
         }
         let (resolved_tx, resolved) = mpsc::channel();
+        let routes = Routes::new().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("opening a netlink route socket (to tell the host's own addresses): {e}"),
+            )
+        })?;
         let mut cfg = cfg;
         let mut next_token = FIRST_FLOW;
         let (mut tcp_publish, mut udp_publish) = (Vec::new(), Vec::new());
@@ -599,6 +625,7 @@ impl State {
             lookups: HashMap::new(),
             reap: Vec::new(),
             next_dns: 0,
+            routes,
         })
     }
 
@@ -705,6 +732,20 @@ impl State {
         (d, audit)
     }
 
+    /// Whether the host kernel delivers `ip` (canonical) to itself, asked now so that an
+    /// address the host gained since the sandbox started counts. The gateway and the loopback
+    /// range are decided without asking; an address that cannot be asked about is taken as the
+    /// host's (fails closed).
+    fn delivery(&self, ip: IpAddr) -> Delivery {
+        if matches!(addr::group_of(ip), Group::Host | Group::Loopback) || !is_unicast_std(ip) {
+            return Delivery::Elsewhere;
+        }
+        self.routes.delivery(ip).unwrap_or_else(|e| {
+            tracing::warn!("netstack: asking the kernel how it routes {ip} failed ({e}); treating it as the host's");
+            Delivery::Local
+        })
+    }
+
     /// The decision for a flow to `dst`, named by the sandbox's DNS answers for it and by
     /// `sniffed` (its TLS server name or HTTP Host), with the audit record it starts.
     fn judge(&self, proto: Proto, dst: IpEndpoint, sniffed: Option<&str>) -> (Decision, Audit) {
@@ -721,18 +762,19 @@ impl State {
             }
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let canon = addr::canonical(ip);
+        let delivery = self.delivery(canon);
+        let local = delivery == Delivery::Local;
+        let group = addr::group_at(canon, local);
         let mut d = self.cfg.policy.decide(&Flow {
             proto,
             ip,
             port: (proto != Proto::Icmp).then_some(dst.port),
             names: &refs,
+            local,
         });
         // DNS goes through the gateway: other resolvers only by an explicit rule.
-        if d.allowed
-            && !d.by_rule
-            && proto != Proto::Icmp
-            && dst.port == 53
-            && addr::group_of(ip) != Group::Host
+        if d.allowed && !d.by_rule && proto != Proto::Icmp && dst.port == 53 && group != Group::Host
         {
             d = Decision {
                 allowed: false,
@@ -740,8 +782,17 @@ impl State {
                 reason: "DNS goes through the gateway (allow a resolver by a rule)".into(),
             };
         }
+        // Multicast and broadcast (the host's subnet broadcasts too) reach every listener on a
+        // network, the host's included: never relayed, whatever the rules.
+        if !is_unicast_std(canon) || matches!(delivery, Delivery::Broadcast | Delivery::Multicast) {
+            d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: format!("{canon} is a multicast or broadcast address (never relayed)"),
+            };
+        }
         // The guest's own loopback and unspecified addresses are never relayed.
-        if addr::group_of(ip) == Group::Loopback || ip.is_unspecified() {
+        if group == Group::Loopback || ip.is_unspecified() {
             d = Decision {
                 allowed: false,
                 by_rule: false,
@@ -758,6 +809,7 @@ impl State {
         let audit = Audit {
             proto,
             dst: SocketAddr::new(ip, dst.port),
+            group,
             names,
             rule: d.reason.clone(),
             started: StdInstant::now(),
@@ -861,7 +913,7 @@ impl State {
     fn open_tcp(&mut self, key: FlowKey, syn: Vec<u8>) -> Option<Vec<u8>> {
         let (guest, dst) = key;
         let (d, audit) = self.judge(Proto::Tcp, dst, None);
-        if !d.allowed && self.may_sniff(&d, dst) {
+        if !d.allowed && self.may_sniff(&d, dst, audit.group) {
             // A domain rule may still allow it by the name its first bytes carry.
             if let Some(h) = Self::accept_tcp(&mut self.sockets, dst) {
                 tracing::debug!("netstack: tcp {dst} {d}; waiting for its TLS or HTTP name");
@@ -1001,15 +1053,7 @@ impl State {
                 busy = true;
                 let (guest_port, spec) = (self.tcp_publish[i].1, self.tcp_publish[i].2.clone());
                 let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), guest_port);
-                let mut audit = Audit {
-                    proto: Proto::Tcp,
-                    dst: SocketAddr::new(IpAddr::V4(addr::GUEST_V4), guest_port),
-                    names: vec![format!("published from {peer}")],
-                    rule: spec,
-                    started: StdInstant::now(),
-                    bytes_out: 0,
-                    bytes_in: 0,
-                };
+                let mut audit = Audit::published(Proto::Tcp, guest_port, peer, spec);
                 if self.flows() >= self.cfg.max_flows {
                     audit.rule = format!("connection limit ({})", self.cfg.max_flows);
                     self.log(audit.event("denied"));
@@ -1067,15 +1111,7 @@ impl State {
                     }
                     let handle = self.sockets.add(s);
                     let p = &mut self.udp_publish[i];
-                    let audit = Audit {
-                        proto: Proto::Udp,
-                        dst: SocketAddr::new(IpAddr::V4(addr::GUEST_V4), p.guest_port),
-                        names: vec![format!("published from {peer}")],
-                        rule: p.spec.clone(),
-                        started: StdInstant::now(),
-                        bytes_out: 0,
-                        bytes_in: 0,
-                    };
+                    let audit = Audit::published(Proto::Udp, p.guest_port, peer, p.spec.clone());
                     p.peers.insert(peer, (handle, StdInstant::now(), audit));
                 }
                 let p = &mut self.udp_publish[i];
@@ -1414,7 +1450,8 @@ impl State {
                         if ip.is_ipv4() != want_v4 {
                             continue;
                         }
-                        let d = self.cfg.policy.decide_answer(&name, ip);
+                        let local = self.delivery(addr::canonical(ip)) == Delivery::Local;
+                        let d = self.cfg.policy.decide_answer(&name, ip, local);
                         if d.allowed {
                             answers.push(Answer { ip, ttl: DNS_TTL });
                         } else {
@@ -1552,13 +1589,19 @@ fn rx_buffer_len(mtu: usize) -> usize {
 
 /// Neither multicast nor broadcast (those stay with smoltcp: neighbour discovery, for one).
 fn is_unicast(a: IpAddress) -> bool {
+    is_unicast_std(to_std(a))
+}
+
+/// Neither multicast, the limited broadcast, nor the sandbox network's broadcast. (The host's
+/// own subnet broadcasts are the kernel's to tell: [`Delivery::Broadcast`].)
+fn is_unicast_std(a: IpAddr) -> bool {
     match a {
-        IpAddress::Ipv4(v4) => {
+        IpAddr::V4(v4) => {
             let host_bits = u32::MAX >> addr::PREFIX_V4;
             let subnet_broadcast = Ipv4Addr::from(u32::from(addr::GATEWAY_V4) | host_bits);
             !v4.is_multicast() && !v4.is_broadcast() && v4 != subnet_broadcast
         }
-        IpAddress::Ipv6(v6) => !v6.is_multicast(),
+        IpAddr::V6(v6) => !v6.is_multicast(),
     }
 }
 

@@ -388,12 +388,7 @@ for n in ["public.test", "ads.blocked.test", "evil.test", "missing.test", "gw.te
 fn udp_flows_relay_and_other_resolvers_are_denied() {
     let server = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = server.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = server.recv_from(&mut buf) {
-            let _ = server.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo(server);
     let mut p = Policy::preset(Preset::Public);
     p.add_flag(Action::Allow, &format!("udp:host:{port}"))
         .unwrap();
@@ -609,11 +604,16 @@ print(query("fast.test", 5)[0])
     assert!(out.contains("rcode 0 answers 1"), "{out}");
 }
 
-/// The world the stack relays to, in a namespace of its own: its loopback holds a public
-/// IPv4 and IPv6 address, a private, a link-local and the metadata address, with one
-/// echo server on all of them (and on its loopback, the sandbox's `host`). Nothing leaves it.
+/// The host the stack runs on and the world it relays to, each a network namespace of its
+/// own joined by a veth pair (nothing leaves them). The world's loopback holds a public IPv4
+/// and IPv6 address, a private, a link-local and the metadata address, with one echo server on
+/// all of them. The host has addresses of its own, the kinds a LAN host, a cloud VM or a laptop
+/// has (a private and a unique-local one on its link to the world, a public IPv4 and IPv6 one
+/// on its loopback), and an echo server (TCP and UDP) on the wildcard address at the same port
+/// as the world's: only the sandbox's `host` group may reach it.
 struct Upstream {
-    name: String,
+    host: String,
+    world: String,
     port: u16,
 }
 
@@ -622,36 +622,56 @@ const PUBLIC6: &str = "2a00:1450:4001::1";
 const PRIVATE: &str = "10.77.0.1";
 const LINK_LOCAL: &str = "169.254.7.7";
 const METADATA: &str = "169.254.169.254";
+/// The host's own addresses (inside the test's namespace only).
+const HOST_LAN: &str = "192.168.77.1";
+const HOST_LAN_BROADCAST: &str = "192.168.77.255";
+const HOST_ULA: &str = "fd77::1";
+const HOST_PUBLIC4: &str = "81.2.69.142";
+const HOST_PUBLIC6: &str = "2a02:8070::5";
+/// The world's end of the host's link (a private address that is not the host's).
+const WORLD_LAN: &str = "192.168.77.2";
+
+/// Runs `ip ARGS`, asserting it worked.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 impl Upstream {
     fn new() -> Upstream {
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "msbu{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let (h, w) = (
+            format!("msbh{}-{n}", std::process::id()),
+            format!("msbw{}-{n}", std::process::id()),
         );
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        ip(&["netns", "add", &h]);
+        let mut u = Upstream {
+            host: h.clone(),
+            world: String::new(),
+            port: 0,
         };
-        run(&["netns", "add", &name]);
-        let mut u = Upstream { name, port: 0 };
-        let n = u.name.clone();
-        run(&["-n", &n, "link", "set", "lo", "up"]);
-        for a in [PUBLIC4, PRIVATE, LINK_LOCAL, METADATA] {
-            run(&["-n", &n, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        ip(&["netns", "add", &w]);
+        u.world = w.clone();
+        ip(&[
+            "-n", &h, "link", "add", "h0", "type", "veth", "peer", "name", "w0", "netns", &w,
+        ]);
+        for ns in [&h, &w] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        run(&[
+        for a in [PUBLIC4, PRIVATE, LINK_LOCAL, METADATA] {
+            ip(&["-n", &w, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        ip(&[
             "-n",
-            &n,
+            &w,
             "addr",
             "add",
             &format!("{PUBLIC6}/128"),
@@ -659,26 +679,123 @@ impl Upstream {
             "lo",
             "nodad",
         ]);
+        ip(&[
+            "-n",
+            &w,
+            "addr",
+            "add",
+            &format!("{WORLD_LAN}/24"),
+            "dev",
+            "w0",
+        ]);
+        ip(&["-n", &w, "addr", "add", "fd77::2/64", "dev", "w0", "nodad"]);
+        ip(&["-n", &w, "link", "set", "w0", "up"]);
+        ip(&["-n", &w, "route", "add", "default", "via", HOST_LAN]);
+        ip(&["-n", &w, "-6", "route", "add", "default", "via", HOST_ULA]);
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{HOST_LAN}/24"),
+            "dev",
+            "h0",
+        ]);
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{HOST_ULA}/64"),
+            "dev",
+            "h0",
+            "nodad",
+        ]);
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{HOST_PUBLIC4}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{HOST_PUBLIC6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        ip(&["-n", &h, "link", "set", "h0", "up"]);
+        ip(&["-n", &h, "route", "add", "default", "via", WORLD_LAN]);
+        ip(&["-n", &h, "-6", "route", "add", "default", "via", "fd77::2"]);
         allow_ping_sockets(&u.path()).unwrap();
         // [::] takes IPv4 too (v4-mapped), loopback included.
-        let l = in_namespace(&u.path(), || TcpListener::bind("[::]:0"))
+        let l = in_namespace(&u.world_path(), || TcpListener::bind("[::]:0"))
             .unwrap()
             .unwrap();
         u.port = echo_on(l);
+        let port = u.port;
+        let l = in_namespace(&u.path(), move || TcpListener::bind(("::", port)))
+            .unwrap()
+            .unwrap();
+        echo_on(l);
+        let udp = in_namespace(&u.path(), move || UdpSocket::bind(("::", port)))
+            .unwrap()
+            .unwrap();
+        udp_echo(udp);
         u
     }
 
+    /// The host's namespace: the stack runs here.
     fn path(&self) -> std::path::PathBuf {
-        format!("/var/run/netns/{}", self.name).into()
+        format!("/var/run/netns/{}", self.host).into()
+    }
+
+    fn world_path(&self) -> std::path::PathBuf {
+        format!("/var/run/netns/{}", self.world).into()
+    }
+
+    /// Another TCP echo server on the host's wildcard address; its port.
+    fn host_server(&self) -> u16 {
+        let l = in_namespace(&self.path(), || TcpListener::bind("[::]:0"))
+            .unwrap()
+            .unwrap();
+        echo_on(l)
+    }
+
+    /// `ip -n HOST ARGS`: changes to the host's addresses while a sandbox runs.
+    fn host_ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.host.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
     }
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        for ns in [&self.host, &self.world] {
+            if !ns.is_empty() {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .status();
+            }
+        }
     }
+}
+
+/// Echoes every datagram back to its sender.
+fn udp_echo(server: UdpSocket) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
 }
 
 /// Pings from the guest through an ICMP datagram socket: reply, timeout or error.
@@ -948,4 +1065,304 @@ fn domain_rules_bind_to_tls_server_names_and_http_hosts() {
     assert_eq!(hello(&sb, PUBLIC4, port, "http", "x.blocked.test"), "reset");
     assert_eq!(hello(&sb, PUBLIC4, port, "tls", "fine.test"), "echoed");
     assert_eq!(hello(&sb, PUBLIC4, port, "raw", "not tls at all"), "echoed");
+}
+
+/// Connects to each host at `port`, sends 100 bytes and half-closes: `echoed`, `refused`,
+/// `reset` or an error, one line per host.
+const CONNECT_EACH: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+for host in sys.argv[2:]:
+    try:
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"x" * 100); s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            b = s.recv(4096)
+            if not b: break
+            got += b
+        r = "echoed" if got == b"x" * 100 else "closed %d" % len(got)
+    except ConnectionRefusedError: r = "refused"
+    except ConnectionResetError: r = "reset"
+    except OSError as e: r = "error %s" % e
+    print(host, r)
+"#;
+
+/// Sends a datagram to each host at `port` (broadcast allowed) and waits 1 s for it back:
+/// `reply`, `timeout` or an error, one line per host.
+const UDP_EACH: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+for host in sys.argv[2:]:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.settimeout(1)
+    try:
+        s.sendto(b"hello", (host, port))
+        print(host, "reply" if s.recv(100) == b"hello" else "bad")
+    except socket.timeout: print(host, "timeout")
+    except OSError as e: print(host, "error", e.errno)
+"#;
+
+/// Runs one of the scripts above in the guest: each host's outcome, in order.
+fn each(sb: &Sandbox, script: &str, port: u16, hosts: &[&str]) -> Vec<String> {
+    let argv: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+    let code = format!(
+        "import sys; sys.argv = ['x', '{port}', {}]\n{script}",
+        argv.join(", ")
+    );
+    let out = stdout(&sb.py(&code));
+    let got: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, r)| r.to_string()))
+        .collect();
+    assert_eq!(got.len(), hosts.len(), "one outcome per host: {out}");
+    got
+}
+
+/// Asserts each host's outcome is `want`.
+fn expect_each(sb: &Sandbox, script: &str, port: u16, hosts: &[&str], want: &str, ctx: &str) {
+    let got = each(sb, script, port, hosts);
+    for (h, g) in hosts.iter().zip(&got) {
+        assert_eq!(g, want, "{h}:{port} {ctx}");
+    }
+}
+
+/// The addresses of the host's own a guest could aim at: IPv4 and IPv6, private, unique-local
+/// and public, and the NAT64 and 6to4 forms of the private one.
+const HOST_ADDRS: [&str; 6] = [
+    HOST_LAN,
+    HOST_ULA,
+    HOST_PUBLIC4,
+    HOST_PUBLIC6,
+    "64:ff9b::c0a8:4d01",
+    "2002:c0a8:4d01::1",
+];
+
+/// The kernel's answer, which the stack asks per flow: the host's addresses (any interface,
+/// link-local included, and one added later) are local, its subnet broadcast is broadcast,
+/// the world is elsewhere.
+#[test]
+fn the_kernel_tells_the_hosts_own_addresses() {
+    use msb_netstack::local::{Delivery, Routes};
+    let up = Upstream::new();
+    up.host_ip(&["addr", "add", "fe80::77:1/64", "dev", "h0", "nodad"]);
+    let ask = |up: &Upstream, addrs: &[&str]| -> Vec<Delivery> {
+        let addrs: Vec<std::net::IpAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+        in_namespace(&up.path(), move || {
+            let r = Routes::new().unwrap();
+            addrs.iter().map(|a| r.delivery(*a).unwrap()).collect()
+        })
+        .unwrap()
+    };
+    let local = [
+        HOST_LAN,
+        HOST_ULA,
+        HOST_PUBLIC4,
+        HOST_PUBLIC6,
+        "fe80::77:1",
+        "127.0.0.1",
+        "::1",
+    ];
+    for (a, d) in local.iter().zip(ask(&up, &local)) {
+        assert_eq!(d, Delivery::Local, "{a}");
+    }
+    let elsewhere = [WORLD_LAN, "fd77::2", PUBLIC4, PUBLIC6, PRIVATE, METADATA];
+    for (a, d) in elsewhere.iter().zip(ask(&up, &elsewhere)) {
+        assert_eq!(d, Delivery::Elsewhere, "{a}");
+    }
+    assert_eq!(ask(&up, &[HOST_LAN_BROADCAST]), [Delivery::Broadcast]);
+    assert_eq!(ask(&up, &["ff02::1"]), [Delivery::Multicast]);
+    up.host_ip(&["addr", "add", "172.20.0.9/32", "dev", "lo"]);
+    assert_eq!(ask(&up, &["172.20.0.9"]), [Delivery::Local]);
+    up.host_ip(&["addr", "del", "172.20.0.9/32", "dev", "lo"]);
+    assert_eq!(ask(&up, &["172.20.0.9"]), [Delivery::Elsewhere]);
+}
+
+/// A server on the host's wildcard address is not reachable through any of the host's own
+/// addresses under any preset, over TCP, UDP or ICMP, nor through a CIDR, `any` or a DNS name;
+/// also through an address the host gains after the sandbox started. A `host:PORT` rule
+/// admits exactly that port on all of them.
+#[test]
+fn the_hosts_own_addresses_are_the_host() {
+    let up = Upstream::new();
+    let port = up.port;
+    for preset in [Preset::None, Preset::Public, Preset::All, Preset::NonLocal] {
+        let mut sb = sandbox_in(Some(&up), Policy::preset(preset), &[], Vec::new(), |_| {});
+        expect_each(
+            &sb,
+            CONNECT_EACH,
+            port,
+            &HOST_ADDRS,
+            "refused",
+            &format!("under {preset:?}"),
+        );
+        if preset == Preset::All {
+            // The world is reached meanwhile (the relay works), its private LAN end included.
+            expect_each(
+                &sb,
+                CONNECT_EACH,
+                port,
+                &[PUBLIC4, PUBLIC6, WORLD_LAN],
+                "echoed",
+                "all",
+            );
+            let udp = [HOST_LAN, HOST_PUBLIC4, HOST_PUBLIC6];
+            expect_each(&sb, UDP_EACH, port, &udp, "timeout", "udp under all");
+            let out = pings(&sb, &[HOST_LAN, HOST_PUBLIC6, PRIVATE]);
+            for want in [
+                format!("{HOST_LAN} timeout"),
+                format!("{HOST_PUBLIC6} timeout"),
+                format!("{PRIVATE} reply"),
+            ] {
+                assert!(out.contains(&want), "ping under all: want {want}: {out}");
+            }
+        }
+        // The audit log says which address and that it is the host's.
+        let log = sb.stop();
+        let line = log
+            .iter()
+            .find(|e| e.dst == format!("{HOST_LAN}:{port}"))
+            .unwrap_or_else(|| panic!("no line for {HOST_LAN}: {log:#?}"));
+        assert_eq!(line.verdict, "denied");
+        assert!(
+            line.rule.contains(&format!("host address {HOST_LAN}")),
+            "{line:?}"
+        );
+    }
+
+    // Rules that cover a host address by range or by name do not reach it.
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "192.168.77.0/24").unwrap();
+    p.add_flag(Action::Allow, &format!("tcp:{HOST_PUBLIC4}:{port}"))
+        .unwrap();
+    p.add_flag(Action::Allow, "*.test").unwrap();
+    let names = [
+        ("lan.test", HOST_LAN),
+        ("mine.test", HOST_PUBLIC4),
+        ("world.test", PUBLIC4),
+    ];
+    let sb = sandbox_in(Some(&up), p, &names, Vec::new(), |_| {});
+    let hosts = [HOST_LAN, HOST_PUBLIC4, WORLD_LAN];
+    assert_eq!(
+        each(&sb, CONNECT_EACH, port, &hosts),
+        ["refused", "refused", "echoed"]
+    );
+    let code = r#"
+import socket
+for n in ["lan.test", "mine.test", "world.test"]:
+    try:
+        print(n, sorted({a[4][0] for a in socket.getaddrinfo(n, 80, socket.AF_INET)}))
+    except socket.gaierror as e:
+        print(n, "error", e.errno)
+"#;
+    let out = stdout(&sb.py(code));
+    assert!(out.contains(&format!("world.test ['{PUBLIC4}']")), "{out}");
+    assert!(
+        !out.contains(HOST_LAN) && !out.contains(HOST_PUBLIC4),
+        "DNS answers naming the host are refused: {out}"
+    );
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "any").unwrap();
+    let sb = sandbox_in(Some(&up), p, &[], Vec::new(), |_| {});
+    assert_eq!(
+        each(&sb, CONNECT_EACH, port, &[HOST_PUBLIC6, PUBLIC6]),
+        ["refused", "echoed"]
+    );
+
+    // Sandboxes started before the host gains an address: one under `all`, one with a rule
+    // for the host's port.
+    let all = sandbox_in(
+        Some(&up),
+        Policy::preset(Preset::All),
+        &[],
+        Vec::new(),
+        |_| {},
+    );
+    let mut p = Policy::preset(Preset::All);
+    p.add_flag(Action::Allow, &format!("host:{port}")).unwrap();
+    let allowed = sandbox_in(Some(&up), p, &[], Vec::new(), |_| {});
+    up.host_ip(&["addr", "add", "172.20.0.9/32", "dev", "lo"]);
+    up.host_ip(&["addr", "add", "2a02:8070::9/128", "dev", "lo", "nodad"]);
+    let late = ["172.20.0.9", "2a02:8070::9"];
+    expect_each(
+        &all,
+        CONNECT_EACH,
+        port,
+        &late,
+        "refused",
+        "added after start, under all",
+    );
+    expect_each(
+        &allowed,
+        CONNECT_EACH,
+        port,
+        &late,
+        "echoed",
+        "added after start, host rule",
+    );
+    // The host rule: its port on every host address, TCP and UDP; another port refused.
+    expect_each(
+        &allowed,
+        CONNECT_EACH,
+        port,
+        &HOST_ADDRS,
+        "echoed",
+        "host rule",
+    );
+    let udp = [HOST_LAN, HOST_PUBLIC4, HOST_PUBLIC6];
+    expect_each(&allowed, UDP_EACH, port, &udp, "reply", "udp, host rule");
+    let other = up.host_server();
+    expect_each(
+        &allowed,
+        CONNECT_EACH,
+        other,
+        &HOST_ADDRS,
+        "refused",
+        "another port",
+    );
+}
+
+/// Multicast and broadcast destinations (the host's subnet broadcast included) are never
+/// relayed, even when a rule allows everything; the audit log says why.
+#[test]
+fn multicast_and_broadcast_are_never_relayed() {
+    let up = Upstream::new();
+    let port = up.port;
+    let mut p = Policy::preset(Preset::All);
+    p.add_flag(Action::Allow, "any").unwrap();
+    let mut sb = sandbox_in(Some(&up), p, &[], Vec::new(), |_| {});
+    let dsts = [
+        "255.255.255.255",
+        HOST_LAN_BROADCAST,
+        "10.0.2.255",
+        "224.0.0.251",
+        "239.1.2.3",
+        "ff02::1%tap0",
+    ];
+    expect_each(
+        &sb,
+        UDP_EACH,
+        port,
+        &dsts,
+        "timeout",
+        "multicast or broadcast",
+    );
+    let log = sb.stop();
+    for d in [
+        "255.255.255.255",
+        HOST_LAN_BROADCAST,
+        "10.0.2.255",
+        "224.0.0.251",
+        "239.1.2.3",
+        "ff02::1",
+    ] {
+        let dst = std::net::SocketAddr::new(d.parse().unwrap(), port).to_string();
+        let line = log
+            .iter()
+            .find(|e| e.dst == dst)
+            .unwrap_or_else(|| panic!("no line for {d}: {log:#?}"));
+        assert_eq!(line.verdict, "denied", "{line:?}");
+        assert!(line.rule.contains("multicast or broadcast"), "{line:?}");
+    }
 }

@@ -14,6 +14,15 @@ fn flow<'a>(proto: Proto, ip_: &str, port: u16, names: &'a [&'a str]) -> Flow<'a
         ip: ip(ip_),
         port: Some(port),
         names,
+        local: false,
+    }
+}
+
+/// A flow to an address the host kernel delivers locally (one of the host's own).
+fn to_host<'a>(proto: Proto, ip_: &str, port: u16, names: &'a [&'a str]) -> Flow<'a> {
+    Flow {
+        local: true,
+        ..flow(proto, ip_, port, names)
     }
 }
 
@@ -127,6 +136,7 @@ fn host_is_denied_unless_allowed_and_ports_and_protocols_matter() {
         ip: ip("1.1.1.1"),
         port: None,
         names: &[],
+        local: false,
     };
     assert!(!p.decide(&icmp).allowed, "a ported rule never matches ICMP");
 }
@@ -174,33 +184,39 @@ fn dns_names_and_answers() {
     assert!(p.decide_name("blocked-port.example").allowed);
     assert!(p.decide_name("anything.example").allowed);
     // Rebinding: a public name answering with a private address is refused under `public`.
-    let d = p.decide_answer("evil.example", ip("192.168.1.10"));
+    let d = p.decide_answer("evil.example", ip("192.168.1.10"), false);
     assert!(!d.allowed && d.reason.contains("rebinding"), "{d}");
     assert!(
-        !p.decide_answer("evil.example", ip("::ffff:127.0.0.1"))
+        !p.decide_answer("evil.example", ip("::ffff:127.0.0.1"), false)
             .allowed
     );
-    assert!(p.decide_answer("good.example", ip("93.184.215.14")).allowed);
+    assert!(
+        p.decide_answer("good.example", ip("93.184.215.14"), false)
+            .allowed
+    );
     // ...unless the user opted in for that address or that name.
     p.add_flag(Action::Allow, "internal.corp.example").unwrap();
     assert!(
-        p.decide_answer("internal.corp.example", ip("10.1.1.1"))
+        p.decide_answer("internal.corp.example", ip("10.1.1.1"), false)
             .allowed
     );
     p.add_flag(Action::Allow, "tcp:192.168.1.0/24:22").unwrap();
-    assert!(p.decide_answer("evil.example", ip("192.168.1.10")).allowed);
+    assert!(
+        p.decide_answer("evil.example", ip("192.168.1.10"), false)
+            .allowed
+    );
     // A name never opts in the host's loopback (the gateway) or loopback: only `host` does.
     assert!(
-        !p.decide_answer("internal.corp.example", ip("10.0.2.2"))
+        !p.decide_answer("internal.corp.example", ip("10.0.2.2"), false)
             .allowed
     );
     assert!(
-        !p.decide_answer("internal.corp.example", ip("127.0.0.1"))
+        !p.decide_answer("internal.corp.example", ip("127.0.0.1"), false)
             .allowed
     );
     p.add_flag(Action::Allow, "host").unwrap();
     assert!(
-        p.decide_answer("internal.corp.example", ip("10.0.2.2"))
+        p.decide_answer("internal.corp.example", ip("10.0.2.2"), false)
             .allowed
     );
     // Under `none`, only named domains resolve.
@@ -209,7 +225,7 @@ fn dns_names_and_answers() {
     assert!(n.decide_name("files.pypi.org").allowed);
     assert!(!n.decide_name("example.com").allowed);
     assert!(
-        n.decide_answer("files.pypi.org", ip("151.101.0.223"))
+        n.decide_answer("files.pypi.org", ip("151.101.0.223"), false)
             .allowed
     );
 }
@@ -260,4 +276,121 @@ fn normalization() {
     assert_eq!(normalize_domain(".."), None);
     assert_eq!(normalize_domain(&format!("{}.com", "a".repeat(250))), None);
     assert_eq!(normalize_domain("a\0b.com"), None);
+}
+
+/// Any address of the host's own is `host`: no preset reaches it, nor `any`, a CIDR, the
+/// address itself or a domain; a `host` rule does, for its ports only; deny rules still deny.
+#[test]
+fn the_hosts_own_addresses_are_the_host_whatever_their_range() {
+    for addr in [
+        "192.168.1.5",
+        "81.2.69.142",
+        "2a02:8070::5",
+        "fe80::1",
+        "fd42::1",
+    ] {
+        for preset in [Preset::None, Preset::Public, Preset::All, Preset::NonLocal] {
+            let d = Policy::preset(preset).decide(&to_host(Proto::Tcp, addr, 80, &[]));
+            assert!(!d.allowed, "{addr} under {}: {d}", preset.name());
+            assert!(d.reason.contains(&format!("host address {addr}")), "{d}");
+        }
+    }
+    // The same addresses, not the host's, are their ranges' (the preset decides).
+    assert!(
+        Policy::preset(Preset::Public)
+            .decide(&flow(Proto::Tcp, "81.2.69.142", 80, &[]))
+            .allowed
+    );
+    assert!(
+        Policy::preset(Preset::All)
+            .decide(&flow(Proto::Tcp, "192.168.1.5", 80, &[]))
+            .allowed
+    );
+    let names = ["lan.example"];
+    for r in [
+        "any",
+        "192.168.0.0/16",
+        "192.168.1.5",
+        "tcp:192.168.1.5:80",
+        "lan.example",
+        "private",
+    ] {
+        let mut p = Policy::preset(Preset::All);
+        p.add_flag(Action::Allow, r).unwrap();
+        let d = p.decide(&to_host(Proto::Tcp, "192.168.1.5", 80, &names));
+        assert!(
+            !d.allowed && !d.by_rule,
+            "--allow {r} reached the host: {d}"
+        );
+        assert!(
+            p.decide(&flow(Proto::Tcp, "192.168.1.5", 80, &names))
+                .allowed,
+            "{r}"
+        );
+    }
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "tcp:host:8080").unwrap();
+    assert!(
+        p.decide(&to_host(Proto::Tcp, "192.168.1.5", 8080, &[]))
+            .allowed
+    );
+    assert!(
+        p.decide(&to_host(Proto::Tcp, "2a02:8070::5", 8080, &[]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&to_host(Proto::Tcp, "192.168.1.5", 8081, &[]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&to_host(Proto::Udp, "192.168.1.5", 8080, &[]))
+            .allowed
+    );
+    // IPv6 forms of a host IPv4 address are that address (the caller asks the kernel about
+    // the canonical form).
+    assert!(
+        p.decide(&to_host(Proto::Tcp, "::ffff:192.168.1.5", 8080, &[]))
+            .allowed
+    );
+    assert!(
+        !p.decide(&to_host(Proto::Tcp, "64:ff9b::c0a8:105", 80, &[]))
+            .allowed
+    );
+    // A host rule does not make the host's addresses anything but the host.
+    assert!(
+        !p.decide(&flow(Proto::Tcp, "192.168.1.5", 8080, &[]))
+            .allowed
+    );
+    p.add_flag(Action::Deny, "192.168.0.0/16").unwrap();
+    let d = p.decide(&to_host(Proto::Tcp, "192.168.1.5", 8080, &[]));
+    assert!(!d.allowed && d.reason == "--deny 192.168.0.0/16", "{d}");
+    // The guest's loopback range stays the guest's, though the host kernel delivers it too.
+    let mut p = Policy::preset(Preset::All);
+    p.add_flag(Action::Allow, "host").unwrap();
+    assert!(!p.decide(&to_host(Proto::Tcp, "127.0.0.1", 80, &[])).allowed);
+}
+
+#[test]
+fn dns_answers_naming_the_hosts_own_addresses_are_refused() {
+    let mut p = Policy::preset(Preset::Public);
+    p.add_flag(Action::Allow, "lan.example").unwrap();
+    p.add_flag(Action::Allow, "81.2.69.0/24").unwrap();
+    assert!(
+        p.decide_answer("www.example", ip("81.2.69.142"), false)
+            .allowed
+    );
+    let d = p.decide_answer("www.example", ip("81.2.69.142"), true);
+    assert!(
+        !d.allowed && d.reason.contains("host address 81.2.69.142"),
+        "{d}"
+    );
+    assert!(
+        !p.decide_answer("lan.example", ip("192.168.1.5"), true)
+            .allowed
+    );
+    p.add_flag(Action::Allow, "host:8080").unwrap();
+    assert!(
+        p.decide_answer("lan.example", ip("192.168.1.5"), true)
+            .allowed
+    );
 }

@@ -76,6 +76,7 @@ pub(super) fn inspect(
                 ip: to_std(dst.addr),
                 port: Some(dst.port),
                 names: &[&name],
+                local: audit.group == Group::Host,
             });
             if !audit.names.contains(&name) {
                 audit.names.push(name.clone());
@@ -103,11 +104,12 @@ fn finished(s: &tcp::Socket<'_>) -> bool {
 
 impl State {
     /// Whether a flow `d` denied may still be allowed by the name in its first bytes.
-    pub(super) fn may_sniff(&self, d: &Decision, dst: IpEndpoint) -> bool {
+    pub(super) fn may_sniff(&self, d: &Decision, dst: IpEndpoint, group: Group) -> bool {
         let ip = to_std(dst.addr);
-        // A deny rule, or the guest's own loopback, stays denied whatever the name.
+        // A deny rule, the host (only a `host` rule reaches it, never a name) or the guest's
+        // own loopback stays denied whatever the name.
         !d.by_rule
-            && addr::group_of(ip) != Group::Loopback
+            && !matches!(group, Group::Loopback | Group::Host)
             && !ip.is_unspecified()
             && self.flows() < self.cfg.max_flows
             && self
@@ -203,7 +205,8 @@ impl State {
             self.refuse_sniffed(key, format!("{ip} is not an address of {name}"));
             return;
         }
-        let d = self.cfg.policy.decide_answer(&name, ip);
+        let local = self.delivery(ip) == Delivery::Local;
+        let d = self.cfg.policy.decide_answer(&name, ip, local);
         if !d.allowed {
             self.refuse_sniffed(key, format!("{d}"));
             return;
