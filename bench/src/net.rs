@@ -6,7 +6,8 @@
 //!
 //! One client (`msb-bench net-client`, this binary) runs wherever the guest is; one server,
 //! on host loopback in this process, answers every target. The guest reaches it through its
-//! gateway address, as the policy group `host`.
+//! gateway address, as the policy group `host`. The `hostcheck` row measures what a flow to
+//! any other address pays on top: asking the kernel whether it is the host's.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -43,7 +44,7 @@ pub struct NetArgs {
     /// has them, as a sandbox's virtio-net card does).
     #[arg(long)]
     no_offload: bool,
-    /// Only these metrics (comma-separated: up1,up8,down1,down8,connect1,connect8,rtt).
+    /// Only these metrics (comma-separated: hostcheck,up1,up8,down1,down8,connect1,connect8,rtt).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also measure inside a sandbox (needs a /dev/kvm that runs Linux guests: inside the L2
@@ -467,6 +468,9 @@ pub fn run(a: NetArgs) -> Result<()> {
         a.round_trips
     );
     let mut rows = Vec::new();
+    if a.only.is_empty() || a.only.iter().any(|o| o == "hostcheck") {
+        rows.push(host_check()?);
+    }
     let mut failed_peers = Vec::new();
     for (key, label, mode, streams) in METRICS {
         if !a.only.is_empty() && !a.only.iter().any(|o| o == key) {
@@ -549,6 +553,39 @@ pub fn run(a: NetArgs) -> Result<()> {
             .with_context(|| path.display().to_string())?;
     }
     Ok(())
+}
+
+/// What each new flow to an address other than the gateway's pays to learn whether the host
+/// kernel delivers it locally (one `RTM_GETROUTE` round trip, see `msb_netstack::local`),
+/// in µs, over loopback, a public and a private destination in turn (asked, never contacted).
+fn host_check() -> Result<Row> {
+    const N: usize = 3000;
+    let routes = msb_netstack::local::Routes::new().context("opening a netlink route socket")?;
+    let dsts: [std::net::IpAddr; 3] = [
+        std::net::Ipv4Addr::new(127, 0, 0, 1).into(),
+        std::net::Ipv4Addr::new(93, 184, 215, 14).into(),
+        std::net::Ipv4Addr::new(10, 77, 0, 1).into(),
+    ];
+    let mut samples = Vec::with_capacity(N);
+    for i in 0..N {
+        let t = std::time::Instant::now();
+        routes.delivery(dsts[i % dsts.len()])?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let label = "host-address check per flow (us)";
+    let summary = summarize(&samples);
+    if let Some(s) = &summary {
+        eprintln!(
+            "{label:<32} {:<14} p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  (n={})",
+            "msb netstack", s.p50, s.p90, s.p99, s.n
+        );
+    }
+    Ok(Row {
+        metric: label,
+        target: "msb netstack".into(),
+        samples,
+        summary,
+    })
 }
 
 /// The host's IPv4 default gateway (from /proc/net/route).

@@ -1,10 +1,11 @@
 //! Guest frames into the netstack with the policy engine: raw bytes, and well-formed
 //! Ethernet/IPv4/IPv6/TCP/UDP/DNS frames with fuzzer-chosen fields. Nothing panics, every frame
 //! is taken, and what the stack sends back fits the link. The policy only ever allows the
-//! host group, so the only host sockets the fuzzer can open are to this machine's loopback:
-//! every name resolves to the gateway (the host group too), so a flow admitted by its TLS or
-//! HTTP name can only be one to the gateway. Domain rules of both kinds make the stack read
-//! first bytes of denied and of allowed flows.
+//! host group (the gateway and any address the kernel delivers locally), and the stack runs in
+//! a network namespace of its own holding only a loopback, so the only host sockets the
+//! fuzzer can open are to that empty loopback: every name resolves to the gateway (the host
+//! group too), so a flow admitted by its TLS or HTTP name can only be one to the gateway.
+//! Domain rules of both kinds make the stack read first bytes of denied and of allowed flows.
 #![no_main]
 
 use std::io;
@@ -180,7 +181,30 @@ fn frame(b: &mut Bytes) -> Vec<u8> {
     out
 }
 
+/// Moves the fuzzing thread (and the stack it drives) into a fresh network namespace with
+/// only `lo`, once: the host group then holds nothing of this machine's.
+fn isolate() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "netstack_frames runs in a network namespace of its own; unshare failed ({}): run it as root",
+                io::Error::last_os_error()
+            );
+        }
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(
+            up.is_ok_and(|s| s.success()),
+            "ip link set lo up (iproute2) in the fuzz namespace"
+        );
+    });
+}
+
 fuzz_target!(|data: &[u8]| {
+    isolate();
     let mut b = Bytes(data);
     let mut frames = Vec::new();
     while !b.0.is_empty() && frames.len() < 32 {

@@ -1157,3 +1157,78 @@ fn published_ports_reach_a_server_in_the_guest() {
     );
     drop(child);
 }
+
+/// The host's own addresses are the host: a real guest under `--net all` cannot reach a
+/// server on the host's wildcard address through a private, a public or an IPv6 address of
+/// the host, and `--allow tcp:host:PORT` reaches it through each. The VMM runs in a network
+/// namespace this test makes (so the machine's own interfaces never change), holding those
+/// addresses.
+#[test]
+fn the_hosts_own_addresses_are_reached_only_by_a_host_rule() {
+    let _w = watchdog("the_hosts_own_addresses_are_reached_only_by_a_host_rule");
+    check_host();
+    use std::io::{Read, Write};
+    const ADDRS: [&str; 3] = ["192.168.77.1", "81.2.69.142", "[2a02:8070::5]"];
+    // One thread moves into a fresh network namespace; what it runs (ip, the listener, the
+    // VMM) lives there.
+    let outs = std::thread::spawn(|| {
+        // SAFETY: unshare affects only the calling thread (CLONE_NEWNET alone).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "unshare(CLONE_NEWNET): {} (this test needs root)",
+                std::io::Error::last_os_error()
+            );
+        }
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", "192.168.77.1/32", "dev", "lo"],
+            &["addr", "add", "81.2.69.142/32", "dev", "lo"],
+            &["addr", "add", "2a02:8070::5/128", "dev", "lo", "nodad"],
+        ] {
+            let ok = Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip (iproute2)");
+            assert!(ok.success(), "ip {args:?}");
+        }
+        let l = std::net::TcpListener::bind("[::]:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut b = [0u8; 1024];
+                let _ = c.read(&mut b);
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhost-service");
+            }
+        });
+        let script: String = ADDRS
+            .iter()
+            .map(|a| {
+                format!("wget -q -O - http://{a}:{port}/ 2>/dev/null || echo no-answer; echo; ")
+            })
+            .collect();
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", "--net", "all"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--", "sh", "-c", &script]);
+            msb_vmm(&args)
+        };
+        let allow = format!("tcp:host:{port}");
+        (run(&[]), run(&["--allow", &allow]))
+    })
+    .join()
+    .unwrap();
+    let (denied, allowed) = outs;
+    assert_eq!(
+        text(&denied.stdout),
+        "no-answer\n\n".repeat(3),
+        "under --net all; stderr: {}",
+        text(&denied.stderr)
+    );
+    assert_eq!(
+        text(&allowed.stdout),
+        "host-service\n".repeat(3),
+        "with a host rule; stderr: {}",
+        text(&allowed.stderr)
+    );
+}
