@@ -3,7 +3,8 @@
 //! Every sandbox sees the same small network (it is private to the sandbox, so nothing
 //! collides): the guest is `10.0.2.15/24` and `fd00:6d73:62::15/64`, the gateway (our netstack,
 //! also the DNS resolver) is `10.0.2.2` and `fd00:6d73:62::2`. Flows to the gateway's address
-//! on any port other than DNS reach the host's own loopback: that is the `host` group.
+//! on any port other than DNS reach the host's own loopback. That address, and every address
+//! the host kernel delivers locally (asked per flow, see [`crate::local`]), is the `host` group.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

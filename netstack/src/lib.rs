@@ -4,7 +4,8 @@
 //! Network, and issue 5).
 //!
 //! Implemented so far: the sandbox network's address plan and address groups ([`addr`]), the
-//! egress policy engine ([`policy`]), the DNS codec with the name↔address bindings domain
+//! egress policy engine ([`policy`]), the kernel's word on which destinations are the host's
+//! own ([`local`]), the DNS codec with the name↔address bindings domain
 //! rules match against ([`dns`]), and the gateway itself ([`stack`]: smoltcp in any-IP mode,
 //! TCP and UDP relayed through the policy, DNS answered and filtered), tested with the host
 //! kernel as the guest through a TAP device in a network namespace (`msb_devices::net::tap`). Sandboxes

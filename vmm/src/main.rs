@@ -101,6 +101,7 @@ struct MountArgs {
 struct NetArgs {
     /// Egress preset: none (no network card), public (public internet only; the default),
     /// all (everything but the host), non-local (no loopback, link-local, metadata or host).
+    /// The host is every address it holds, not just the gateway; only a host rule reaches it.
     /// Wins over a policy file's preset.
     #[arg(long, value_name = "PRESET")]
     net: Option<String>,

@@ -205,7 +205,7 @@ fn dns_names_and_answers() {
         p.decide_answer("evil.example", ip("192.168.1.10"), false)
             .allowed
     );
-    // A name never opts in the host's loopback (the gateway) or loopback: only `host` does.
+    // A name never opts in the host (here its loopback, the gateway) or loopback: only `host` does.
     assert!(
         !p.decide_answer("internal.corp.example", ip("10.0.2.2"), false)
             .allowed
