@@ -14,8 +14,10 @@
 
 pub mod addr;
 pub mod dns;
+pub mod http1;
 pub mod local;
 pub mod offload;
 pub mod policy;
+pub mod secrets;
 pub mod sniff;
 pub mod stack;
