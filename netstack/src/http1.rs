@@ -625,7 +625,7 @@ fn base64_encode(data: &[u8]) -> String {
 }
 
 /// Standard base64 with padding; `None` if it is not that.
-fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
     if s.len() % 4 != 0 {
         return None;
     }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod ca;
 pub mod dns;
 pub mod http1;
 pub mod local;

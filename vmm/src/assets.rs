@@ -66,3 +66,22 @@ pub fn default_root() -> DefaultRoot {
         None => DefaultRoot::Dir(cache_dir().join("rootfs-debian")),
     }
 }
+
+/// Where the installation's sandbox CA lives (see `msb_netstack::ca`): `$MSB_CA_DIR`, else
+/// `msb-vmm-ca` beside the default state directory (`$XDG_STATE_HOME`, else
+/// `~/.local/state`). Not under `$XDG_RUNTIME_DIR`: the CA is long-lived and guests may have
+/// been given it.
+pub fn ca_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MSB_CA_DIR") {
+        return PathBuf::from(d);
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp"))
+                .join(".local/state")
+        });
+    state.join("msb-vmm-ca")
+}

@@ -58,6 +58,13 @@ enum Command {
         /// The sandbox.
         name: String,
     },
+    /// Print the sandbox CA's certificate (PEM), the one guests trust for TLS interception;
+    /// made on first use.
+    Ca {
+        /// Replace the CA with a new one (the old one is no longer trusted by new sandboxes).
+        #[arg(long)]
+        regenerate: bool,
+    },
     /// The process behind `start` (internal).
     #[command(hide = true, name = "__serve")]
     Serve(StartArgs),
@@ -293,6 +300,7 @@ fn run_command(command: Command) -> u8 {
         Command::Cp { src, dst } => cli::daemon::cp(&src, &dst),
         Command::Ls => cli::daemon::ls(),
         Command::Stop { name } => cli::daemon::stop(&name),
+        Command::Ca { regenerate } => cli::ca::ca(regenerate),
     };
     result.unwrap_or_else(|e| {
         eprintln!("msb-vmm: error: {e:#}");
@@ -407,6 +415,10 @@ mod tests {
             Command::Cp { .. }
         ));
         assert!(matches!(parse(&["ls"]).unwrap().command, Command::Ls));
+        assert!(matches!(
+            parse(&["ca", "--regenerate"]).unwrap().command,
+            Command::Ca { regenerate: true }
+        ));
         assert!(parse(&["stop"]).is_err());
         assert!(parse(&["start"]).is_err(), "start needs --name");
     }

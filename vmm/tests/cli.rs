@@ -212,3 +212,38 @@ fn publish_mistakes_are_caught_before_boot() {
         &format!("cannot listen on 127.0.0.1:{port}"),
     );
 }
+
+/// `msb-vmm ca`: made once (0700 directory, 0600 key), the same certificate on every call,
+/// a new one with `--regenerate`, and a key others can read refused with the fix named.
+#[test]
+fn the_sandbox_ca_is_made_once_kept_private_and_regenerated_on_request() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("msb-cli-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let env = [("MSB_CA_DIR", dir.to_str().unwrap())];
+    let first = msb_vmm(&["ca"], &env);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let pem = String::from_utf8(first.stdout).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+    assert!(String::from_utf8_lossy(&first.stderr).contains("made a new sandbox CA"));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("ca-key.pem")), 0o600);
+    let again = msb_vmm(&["ca"], &env);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), pem);
+    assert!(again.stderr.is_empty());
+    let new = msb_vmm(&["ca", "--regenerate"], &env);
+    assert!(new.status.success());
+    assert_ne!(String::from_utf8(new.stdout).unwrap(), pem);
+    std::fs::set_permissions(
+        dir.join("ca-key.pem"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    one_line_error(&msb_vmm(&["ca"], &env), 125, "chmod 600");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -15,6 +15,7 @@ use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
 
 use super::{BootArgs, ExecOpts, RunArgs, EXIT_FAILURE, EXIT_TIMEOUT};
 
+pub mod ca;
 pub mod daemon;
 
 /// Exit code when the command could not be executed.
