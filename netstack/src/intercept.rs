@@ -22,7 +22,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 use crate::ca::Leaves;
 use crate::http1::{Request, RequestRewriter, RewriteError};
 use crate::policy::normalize_domain;
-use crate::secrets::{Scanner, Secrets};
+use crate::secrets::{HostPattern, Scanner, Secrets};
 
 /// Debian's (and most distributions') bundle of trusted roots, for verifying upstreams.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -63,6 +63,10 @@ pub struct Intercept {
     pub secrets: Secrets,
     /// A placeholder where it must not be ends the flow (`block`) or is only logged.
     pub block_violations: bool,
+    /// TCP ports whose flows are intercepted (443 unless set).
+    pub ports: Vec<u16>,
+    /// Names whose flows pass through untouched (certificate-pinned clients).
+    pub bypass: Vec<HostPattern>,
     upstream: ClientConfig,
     /// Guest-side configurations by the protocol they offer: none, HTTP/1.1, HTTP/2.
     guest: [Arc<ServerConfig>; 3],
@@ -127,6 +131,8 @@ impl Intercept {
             leaves,
             secrets,
             block_violations: true,
+            ports: vec![443],
+            bypass: Vec::new(),
             upstream,
             guest,
         })
@@ -183,6 +189,8 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 enum Phase {
     /// Reading the guest's ClientHello.
     Hello(Box<Acceptor>),
+    /// Not intercepted after all (a bypassed name, or none): the raw hello goes upstream.
+    Bypassed,
     /// The upstream handshake, the guest's ClientHello waiting for its outcome.
     Upstream(Box<Accepted>, Box<ClientConnection>),
     Open(Box<ServerConnection>, Box<ClientConnection>),
@@ -207,6 +215,10 @@ pub struct Mitm {
     alert: Vec<u8>,
     /// Guest bytes after its hello, until the guest side exists.
     held: Vec<u8>,
+    /// The guest's bytes until its hello is read, in case the flow is bypassed.
+    raw: Vec<u8>,
+    /// Why the flow was bypassed.
+    bypass_reason: Option<&'static str>,
     /// Plaintext waiting for the other side's TLS writer.
     to_up_plain: Vec<u8>,
     guest_closed: bool,
@@ -234,6 +246,8 @@ impl Mitm {
             inner: None,
             alert: Vec::new(),
             held: Vec::new(),
+            raw: Vec::new(),
+            bypass_reason: None,
             to_up_plain: Vec::new(),
             guest_closed: false,
             upstream_closed: false,
@@ -290,7 +304,10 @@ impl Mitm {
         while !data.is_empty() {
             match &mut self.phase {
                 Phase::Hello(acc) => {
+                    let before = *data;
                     acc.read_tls(data)?;
+                    self.raw
+                        .extend_from_slice(&before[..before.len() - data.len()]);
                     match acc.accept() {
                         Ok(None) => continue,
                         Ok(Some(accepted)) => self.hello(accepted)?,
@@ -308,6 +325,10 @@ impl Mitm {
                         )));
                     }
                     self.held.extend_from_slice(data);
+                    return Ok(());
+                }
+                Phase::Bypassed => {
+                    self.raw.extend_from_slice(data);
                     return Ok(());
                 }
                 Phase::Open(server, _) => {
@@ -329,12 +350,34 @@ impl Mitm {
         !matches!(self.phase, Phase::Failed) && !self.upstream_full()
     }
 
+    /// The guest's bytes so far, once, if the flow turned out not to be intercepted (then
+    /// they go upstream as they are and the caller relays the rest unchanged).
+    pub fn bypassed(&mut self) -> Option<(Vec<u8>, &'static str)> {
+        match self.phase {
+            Phase::Bypassed => self
+                .bypass_reason
+                .take()
+                .map(|why| (std::mem::take(&mut self.raw), why)),
+            _ => None,
+        }
+    }
+
     fn hello(&mut self, accepted: Accepted) -> Result<(), MitmError> {
         let hello = accepted.client_hello();
-        let name = hello
-            .server_name()
-            .and_then(normalize_domain)
-            .ok_or(MitmError::NoName)?;
+        let Some(name) = hello.server_name().and_then(normalize_domain) else {
+            // Nothing to impersonate: passed through (it still cannot reach a host the policy
+            // denies; a placeholder inside stays unreadable to anyone without the session).
+            self.phase = Phase::Bypassed;
+            self.bypass_reason = Some("no server name");
+            return Ok(());
+        };
+        if self.cfg.bypass.iter().any(|b| b.matches(&name)) {
+            self.name = Some(name);
+            self.phase = Phase::Bypassed;
+            self.bypass_reason = Some("--tls-bypass");
+            return Ok(());
+        }
+        self.raw = Vec::new();
         let offered: Vec<Vec<u8>> = hello
             .alpn()
             .map(|a| a.map(<[u8]>::to_vec).collect())
@@ -380,7 +423,7 @@ impl Mitm {
         while !data.is_empty() {
             let client = match &mut self.phase {
                 Phase::Upstream(_, c) | Phase::Open(_, c) => c,
-                Phase::Hello(_) | Phase::Failed => return Ok(()),
+                Phase::Hello(_) | Phase::Bypassed | Phase::Failed => return Ok(()),
             };
             client.read_tls(&mut data)?;
             client

@@ -34,6 +34,7 @@ use crate::local::{Delivery, Routes};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
 mod echo;
+mod intercepting;
 mod sniffing;
 
 /// The gateway's MAC address (locally administered).
@@ -85,6 +86,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// A DNS query the host resolver has not answered in this long gets SERVFAIL.
     pub dns_timeout: Duration,
+    /// TLS interception and secrets (see [`crate::intercept`]); none: flows are relayed as
+    /// they are.
+    pub intercept: Option<Arc<crate::intercept::Intercept>>,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -117,6 +121,7 @@ impl Default for Config {
             publish: Vec::new(),
             handshake_timeout: Duration::from_secs(30),
             dns_timeout: Duration::from_secs(5),
+            intercept: None,
         }
     }
 }
@@ -136,7 +141,7 @@ impl std::fmt::Debug for Config {
 pub struct LogEvent {
     /// Seconds since the Unix epoch.
     pub time: f64,
-    /// `flow` or `dns`.
+    /// `flow`, `dns`, `tls` (an intercepted or bypassed TLS flow) or `secret`.
     pub kind: &'static str,
     /// `tcp`, `udp` or `icmp`.
     pub proto: &'static str,
@@ -157,6 +162,39 @@ pub struct LogEvent {
     /// Addresses answered (DNS).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub answers: Vec<String>,
+    /// The secret a `secret` line is about (its name, never its value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// How many placeholders a `secret` line counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+impl LogEvent {
+    /// A line of `kind` with no byte counts, names or answers yet.
+    pub(crate) fn new(
+        kind: &'static str,
+        proto: &'static str,
+        dst: String,
+        verdict: &'static str,
+        rule: String,
+    ) -> LogEvent {
+        LogEvent {
+            time: unix_now(),
+            kind,
+            proto,
+            dst,
+            names: Vec::new(),
+            verdict,
+            rule,
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            answers: Vec::new(),
+            secret: None,
+            count: None,
+        }
+    }
 }
 
 fn unix_now() -> f64 {
@@ -212,6 +250,8 @@ impl Audit {
             bytes_in: self.bytes_in,
             duration_ms: self.started.elapsed().as_millis() as u64,
             answers: Vec::new(),
+            secret: None,
+            count: None,
         }
     }
 }
@@ -414,6 +454,12 @@ struct TcpFlow {
     /// Ended by the policy (a denied name), not by either side.
     denied: bool,
     audit: Audit,
+    /// TLS interception, for flows on an intercepted port.
+    mitm: Option<Box<intercepting::MitmFlow>>,
+    /// The placeholder scan of a flow not intercepted (when secrets exist), and how many
+    /// bytes at the head of the guest's buffer it has already read.
+    scanner: Option<Box<crate::secrets::Scanner>>,
+    scanned: usize,
 }
 
 impl TcpFlow {
@@ -436,6 +482,9 @@ impl TcpFlow {
             inspect_until: None,
             denied: false,
             audit,
+            mitm: None,
+            scanner: None,
+            scanned: 0,
         }
     }
 }
@@ -946,6 +995,8 @@ impl State {
         tracing::debug!("netstack: tcp {guest} -> {dst} via {target}: {d}");
         let mut flow = TcpFlow::new(stream, None, Some(syn), false, audit);
         flow.inspect_until = self.inspect_deadline(dst);
+        flow.mitm = self.mitm_for(dst);
+        flow.scanner = self.scanner();
         self.tcp.insert(key, flow);
         None
     }
@@ -963,8 +1014,22 @@ impl State {
 
     fn open_udp(&mut self, key: FlowKey) {
         let (guest, dst) = key;
-        let (d, audit) = self.decide(Proto::Udp, dst);
+        let (mut d, mut audit) = self.judge(Proto::Udp, dst, None);
+        // QUIC carries TLS inside UDP, where nothing can be intercepted: refused on the
+        // intercepted ports, so clients fall back to TCP.
+        if d.allowed
+            && self
+                .cfg
+                .intercept
+                .as_ref()
+                .is_some_and(|i| i.ports.contains(&dst.port))
+        {
+            d.allowed = false;
+            d.reason = format!("UDP to port {} (QUIC) while TLS is intercepted", dst.port);
+            audit.rule = d.reason.clone();
+        }
         if !d.allowed {
+            self.log(audit.event("denied"));
             self.stats.udp_denied.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -1155,6 +1220,14 @@ impl State {
     fn relay_tcp(&mut self) -> bool {
         let mut busy = false;
         let mut dead = Vec::new();
+        // `tls` audit lines and placeholder violations, written after the pass.
+        let mut tls_lines: Vec<(FlowKey, Option<String>, &'static str, String)> = Vec::new();
+        let block = self
+            .cfg
+            .intercept
+            .as_ref()
+            .is_some_and(|i| i.block_violations);
+        let mut violations: Vec<(FlowKey, usize)> = Vec::new();
         let handshake_timeout = self.cfg.handshake_timeout;
         let policy = &self.cfg.policy;
         for (key, f) in self.tcp.iter_mut() {
@@ -1239,11 +1312,90 @@ impl State {
                     }
                 }
             }
-            // Guest to host, straight from smoltcp's buffer, as fast as the host takes it.
-            while f.inspect_until.is_none() && s.can_recv() {
-                match s.recv(|buf| match f.stream.write(buf) {
-                    Ok(n) => (n, Ok(n)),
-                    Err(e) => (0, Err(e)),
+            if f.inspect_until.is_none() && f.mitm.is_some() {
+                let (ip, port, local) =
+                    (to_std(key.1.addr), key.1.port, f.audit.group == Group::Host);
+                let mut admit = |r: &crate::http1::Request| match &r.host {
+                    None => true,
+                    Some(h) => {
+                        policy
+                            .decide(&Flow {
+                                proto: Proto::Tcp,
+                                ip,
+                                port: Some(port),
+                                names: &[h.as_str()],
+                                local,
+                            })
+                            .allowed
+                    }
+                };
+                let m = f.mitm.as_mut().expect("checked");
+                let r = intercepting::relay(
+                    s,
+                    &mut f.stream,
+                    m,
+                    f.established,
+                    &mut admit,
+                    &mut f.audit,
+                );
+                let name = m.mitm().server_name().map(String::from);
+                match r {
+                    intercepting::Relayed::Busy(b) => {
+                        busy |= b;
+                        if !m.announced && m.mitm().is_open() {
+                            m.announced = true;
+                            tls_lines.push((*key, name, "intercepted", "upstream verified".into()));
+                        }
+                        if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                            dead.push(*key);
+                        }
+                        continue;
+                    }
+                    intercepting::Relayed::Bypass(raw, why) => {
+                        tls_lines.push((*key, name, "bypassed", why.to_string()));
+                        if f.stream.write_all(&raw).is_err() {
+                            s.abort();
+                            dead.push(*key);
+                            continue;
+                        }
+                        f.audit.bytes_out += raw.len() as u64;
+                        f.mitm = None;
+                        busy = true;
+                    }
+                    intercepting::Relayed::Fail(reason) => {
+                        tracing::debug!("netstack: tls {} -> {}: {reason}", key.0, key.1);
+                        tls_lines.push((*key, name, "failed", reason.clone()));
+                        f.audit.rule = reason;
+                        f.denied = true;
+                        s.abort();
+                        dead.push(*key);
+                        continue;
+                    }
+                }
+            }
+            // Guest to host, straight from smoltcp's buffer, as fast as the host takes it
+            // (scanned for placeholders first when secrets exist).
+            let secrets = self.cfg.intercept.as_ref().map(|i| &i.secrets);
+            let mut violation = None;
+            while f.inspect_until.is_none() && s.can_recv() && violation.is_none() {
+                match s.recv(|buf| {
+                    if let (Some(sc), Some(secrets)) = (f.scanner.as_mut(), secrets) {
+                        let new = &buf[f.scanned.min(buf.len())..];
+                        if let Some(i) = sc.scan(secrets, new) {
+                            violation = Some(i);
+                            if block {
+                                return (0, Err(io::Error::other("placeholder")));
+                            }
+                        }
+                        f.scanned += new.len();
+                    }
+                    match f.stream.write(buf) {
+                        Ok(n) => {
+                            f.scanned = f.scanned.saturating_sub(n);
+                            (n, Ok(n))
+                        }
+                        Err(e) => (0, Err(e)),
+                    }
                 }) {
                     Ok(Ok(n)) => {
                         f.audit.bytes_out += n as u64;
@@ -1257,6 +1409,19 @@ impl State {
                         break;
                     }
                     Err(_) => break,
+                }
+            }
+            if let Some(i) = violation {
+                violations.push((*key, i));
+                if block {
+                    f.denied = true;
+                    if let Some(secrets) = secrets {
+                        f.audit.rule = format!(
+                            "placeholder of secret {} on a flow no secret may use",
+                            secrets.get(i).name()
+                        );
+                    }
+                    continue;
                 }
             }
             // The guest's FIN, carried to the host once everything before it is written.
@@ -1301,8 +1466,23 @@ impl State {
                 dead.push(*key);
             }
         }
+        for (key, name, verdict, rule) in tls_lines {
+            if let Some(f) = self.tcp.get(&key) {
+                self.log_tls(&f.audit, name.as_deref(), verdict, rule);
+            }
+        }
+        for (key, i) in violations {
+            if let (Some(f), Some(cfg)) = (self.tcp.get(&key), self.cfg.intercept.as_ref()) {
+                let verdict = if block { "blocked" } else { "logged" };
+                let dst = f.audit.dst.to_string();
+                self.log_secret(cfg.secrets.get(i).name(), &dst, "tcp", verdict, 1);
+            }
+        }
         for key in dead {
             if let Some(mut f) = self.tcp.remove(&key) {
+                if let Some(m) = &f.mitm {
+                    self.log_substitutions(m, &f.audit);
+                }
                 // A flow the host refused never carried anything; it is logged as it ends.
                 let ev = f.audit.event(if f.denied { "denied" } else { "allowed" });
                 self.log(ev);
@@ -1327,6 +1507,10 @@ impl State {
             while let Ok((n, meta)) = s.recv_slice(&mut tmp) {
                 busy = true;
                 if let Some(f) = self.udp.get_mut(&(meta.endpoint, dst)) {
+                    let to = f.audit.dst.to_string();
+                    if intercepting::datagram_violates(&self.cfg, &tmp[..n], &to, "udp") {
+                        continue;
+                    }
                     if f.sock.send(&tmp[..n]).is_ok() {
                         f.audit.bytes_out += n as u64;
                     }
@@ -1376,6 +1560,13 @@ impl State {
                 };
                 busy = true;
                 let msg = &tmp[..n];
+                let gw = SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53).to_string();
+                if intercepting::datagram_violates(&self.cfg, msg, &gw, "udp") {
+                    if let Some(r) = dns::error_response(msg, dns::RCODE_REFUSED) {
+                        let _ = s.send_slice(&r, meta.endpoint);
+                    }
+                    continue;
+                }
                 let q = match dns::parse_query(msg) {
                     Ok(q) => q,
                     Err(_) => {
@@ -1478,19 +1669,16 @@ impl State {
 
     fn log_dns(&self, name: &str, d: &Decision, answers: &[Answer]) {
         tracing::debug!("netstack: dns {name}: {d}");
-        self.log(LogEvent {
-            time: unix_now(),
-            kind: "dns",
-            proto: "udp",
-            dst: SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53).to_string(),
-            names: vec![name.to_string()],
-            verdict: if d.allowed { "allowed" } else { "denied" },
-            rule: d.reason.clone(),
-            bytes_out: 0,
-            bytes_in: 0,
-            duration_ms: 0,
-            answers: answers.iter().map(|a| a.ip.to_string()).collect(),
-        });
+        let mut e = LogEvent::new(
+            "dns",
+            "udp",
+            SocketAddr::new(IpAddr::V4(addr::GATEWAY_V4), 53).to_string(),
+            if d.allowed { "allowed" } else { "denied" },
+            d.reason.clone(),
+        );
+        e.names = vec![name.to_string()];
+        e.answers = answers.iter().map(|a| a.ip.to_string()).collect();
+        self.log(e);
     }
 
     /// Resolves on a thread of its own (the host resolver blocks), with a deadline.
@@ -1557,6 +1745,11 @@ impl Drop for State {
             .collect();
         for e in events {
             self.log(e);
+        }
+        for f in self.tcp.values() {
+            if let Some(m) = &f.mitm {
+                self.log_substitutions(m, &f.audit);
+            }
         }
     }
 }

@@ -246,7 +246,7 @@ fn hostile_guests_end_their_flow() {
     m.take_for_guest(&mut alert).unwrap();
     assert!(alert.is_empty() || alert[0] == 0x15, "{alert:?}");
     assert!(m.guest_bytes(b"more", &mut |_| true).is_ok() && !m.wants_guest());
-    // A ClientHello in 1-byte segments is read; one naming no server is refused.
+    // A ClientHello in 1-byte segments is read; one naming no server is passed through.
     let mut g = guest(&w.sandbox_ca, "93.184.215.14", &[]);
     let mut hello = Vec::new();
     g.write_tls(&mut hello).unwrap();
@@ -258,7 +258,10 @@ fn hostile_guests_end_their_flow() {
             break;
         }
     }
-    assert!(matches!(r, Err(MitmError::NoName)), "{r:?}");
+    r.unwrap();
+    let (raw, why) = m.bypassed().expect("passed through");
+    assert_eq!((raw, why), (hello.clone(), "no server name"));
+    assert!(m.bypassed().is_none(), "once");
     // Endless handshake bytes while the upstream has not answered are bounded.
     let mut g = guest(&w.sandbox_ca, "api.example.com", &[]);
     let mut hello = Vec::new();
@@ -313,4 +316,27 @@ fn a_bad_roots_file_is_one_clear_error() {
     let e = Intercept::new(leaves, Secrets::default(), &[&f], false).unwrap_err();
     assert!(e.to_string().contains("no usable CA certificate"), "{e}");
     std::fs::remove_file(&f).unwrap();
+}
+
+#[test]
+fn bypassed_names_pass_through_with_their_hello() {
+    let w = world(true);
+    let mut i = Intercept::new(
+        w.intercept.leaves.clone(),
+        Secrets::default(),
+        &[&w.upstream_ca_file],
+        false,
+    )
+    .unwrap();
+    i.bypass = vec![HostPattern::parse("*.pinned.test").unwrap()];
+    let i = Arc::new(i);
+    let mut g = guest(&w.sandbox_ca, "app.pinned.test", &[]);
+    let mut hello = Vec::new();
+    g.write_tls(&mut hello).unwrap();
+    let mut m = Mitm::new(i.clone());
+    m.guest_bytes(&hello[..10], &mut |_| true).unwrap();
+    assert!(m.bypassed().is_none());
+    m.guest_bytes(&hello[10..], &mut |_| true).unwrap();
+    assert_eq!(m.bypassed(), Some((hello, "--tls-bypass")));
+    assert_eq!(m.server_name(), Some("app.pinned.test"));
 }

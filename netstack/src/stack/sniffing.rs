@@ -232,6 +232,8 @@ impl State {
                 tracing::debug!("netstack: tcp {} -> {}: {}", key.0, key.1, f.audit.rule);
                 let mut flow = TcpFlow::new(stream, Some(f.handle), None, false, f.audit);
                 flow.inspect_until = self.inspect_deadline(key.1);
+                flow.mitm = self.mitm_for(key.1);
+                flow.scanner = self.scanner();
                 self.tcp.insert(key, flow);
             }
             Err(e) => {
