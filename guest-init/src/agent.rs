@@ -98,7 +98,33 @@ pub enum Request {
     Remove { path: Vec<u8>, recursive: bool },
     /// Flush file systems and power off (the agent answers `Done` first).
     Shutdown,
+    /// Sandbox-wide settings for every later exec (answered by `Done`).
+    Configure(Configure),
 }
+
+/// Sandbox-wide settings the host gives the agent once, before the first exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Configure {
+    /// Added to every later exec's environment (an exec's own variables win): secret
+    /// placeholders, for one.
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A CA certificate (PEM) the guest's TLS clients must trust (TLS interception): written
+    /// to [`CA_FILE`] and appended to the root's bundle [`CA_BUNDLE`] when
+    /// `append_to_bundle` (a root whose changes vanish with the sandbox), else combined with
+    /// that bundle into [`RUN_CA_BUNDLE`]; `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`,
+    /// `CURL_CA_BUNDLE` and `NODE_EXTRA_CA_CERTS` then name them in every exec's environment.
+    pub ca_pem: Option<Vec<u8>>,
+    pub append_to_bundle: bool,
+}
+
+/// The sandbox CA's own file in the guest.
+pub const CA_FILE: &str = "/etc/ssl/certs/msb-vmm-ca.pem";
+/// Debian's bundle of trusted CAs (OpenSSL's default file there).
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The combined bundle when the root's own is left alone (a root that persists).
+pub const RUN_CA_BUNDLE: &str = "/run/msb-vmm/ca-certificates.crt";
+/// The sandbox CA's file then.
+pub const RUN_CA_FILE: &str = "/run/msb-vmm/ca.pem";
 
 /// A process to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,9 +23,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use msb_init::agent::{
-    payload_message, AgentError, AgentMessage, DirEntry, ErrorKind, ExecRequest, ExitStatus,
-    FileKind, FileStat, HostMessage, Payload, Request, Response, RlimitResource, DEFAULT_NOFILE,
-    DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
+    payload_message, AgentError, AgentMessage, Configure, DirEntry, ErrorKind, ExecRequest,
+    ExitStatus, FileKind, FileStat, HostMessage, Payload, Request, Response, RlimitResource,
+    DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
 };
 use msb_init::frame::{read_frame, FrameWriter, ReadError};
 use msb_init::PROTOCOL_VERSION;
@@ -56,15 +56,26 @@ pub enum OnShutdown {
 pub struct Agent {
     reaper: Arc<Reaper>,
     on_shutdown: OnShutdown,
+    /// Environment every exec starts from (set by `Configure`).
+    defaults: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Where `Configure` writes certificates: `/` in a guest; for a host-process agent,
+    /// `$MSB_AGENT_ROOT` (never the host's own /etc), none without it.
+    root: Option<std::path::PathBuf>,
 }
 
 impl Agent {
     /// An agent; starts the reaper thread.
     pub fn new(on_shutdown: OnShutdown) -> Arc<Agent> {
         let reaper = Reaper::start();
+        let root = match on_shutdown {
+            OnShutdown::PowerOff => Some("/".into()),
+            OnShutdown::Exit => std::env::var_os("MSB_AGENT_ROOT").map(Into::into),
+        };
         Arc::new(Agent {
             reaper,
             on_shutdown,
+            defaults: Mutex::new(Vec::new()),
+            root,
         })
     }
 
@@ -214,6 +225,7 @@ impl Agent {
                 ctl.shutdown_after.store(true, Ordering::SeqCst);
                 Ok(Response::Done)
             }
+            Request::Configure(c) => self.configure(c),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -225,13 +237,42 @@ impl Agent {
         }
     }
 
+    /// Sandbox-wide settings: default environment and a CA to trust.
+    fn configure(&self, c: Configure) -> Result<Response, AgentError> {
+        let mut env = c.env;
+        check_env(&env)?;
+        if let Some(pem) = &c.ca_pem {
+            let root = self
+                .root
+                .as_ref()
+                .ok_or_else(|| invalid("no root to write certificates under (MSB_AGENT_ROOT)"))?;
+            let (file, bundle) = install_ca(root, pem, c.append_to_bundle)?;
+            for (k, v) in [
+                ("SSL_CERT_FILE", &bundle),
+                ("REQUESTS_CA_BUNDLE", &bundle),
+                ("CURL_CA_BUNDLE", &bundle),
+                ("NODE_EXTRA_CA_CERTS", &file),
+            ] {
+                env.retain(|(key, _)| key != k.as_bytes());
+                env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+            }
+        }
+        *lock(&self.defaults) = env;
+        Ok(Response::Done)
+    }
+
     fn exec(
         &self,
         conn: &Arc<Conn>,
         id: u64,
         ctl: &Arc<ReqCtl>,
-        req: ExecRequest,
+        mut req: ExecRequest,
     ) -> Result<Response, AgentError> {
+        for (k, v) in lock(&self.defaults).iter() {
+            if !req.env.iter().any(|(key, _)| key == k) {
+                req.env.push((k.clone(), v.clone()));
+            }
+        }
         let slot = ExitSlot::new().map_err(io_error)?;
         let spawned = spawn(&req)?;
         let pid = spawned.pid;
@@ -497,6 +538,62 @@ struct Spawned {
     pty: Option<OwnedFd>,
 }
 
+fn check_env(env: &[(Vec<u8>, Vec<u8>)]) -> Result<(), AgentError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
+            return Err(invalid("invalid environment variable name or value"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the sandbox CA under `root` and makes a bundle holding it: the root's own bundle
+/// with it appended (once), or a combined copy under /run. Returns the guest paths of the CA
+/// file and the bundle.
+fn install_ca(
+    root: &std::path::Path,
+    pem: &[u8],
+    append: bool,
+) -> Result<(String, String), AgentError> {
+    use msb_init::agent::{CA_BUNDLE, CA_FILE, RUN_CA_BUNDLE, RUN_CA_FILE};
+    let text = std::str::from_utf8(pem).map_err(|_| invalid("the CA is not PEM text"))?;
+    if pem.len() > 64 << 10 || !text.trim_start().starts_with("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid("the CA is not a PEM certificate"));
+    }
+    let at = |p: &str| root.join(p.trim_start_matches('/'));
+    let write = |p: &str, data: &[u8]| -> Result<(), AgentError> {
+        let path = at(p);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_error)?;
+        }
+        std::fs::write(&path, data).map_err(io_error)
+    };
+    let mut pem = pem.to_vec();
+    if !pem.ends_with(b"\n") {
+        pem.push(b'\n');
+    }
+    let existing = std::fs::read(at(CA_BUNDLE)).unwrap_or_default();
+    let mut combined = existing.clone();
+    if !combined.is_empty() && !combined.ends_with(b"\n") {
+        combined.push(b'\n');
+    }
+    let present = existing.windows(pem.len()).any(|w| w == pem.as_slice());
+    if !present {
+        combined.extend_from_slice(&pem);
+    }
+    if append {
+        write(CA_FILE, &pem)?;
+        if !present {
+            write(CA_BUNDLE, &combined)?;
+        }
+        Ok((CA_FILE.into(), CA_BUNDLE.into()))
+    } else {
+        write(RUN_CA_FILE, &pem)?;
+        write(RUN_CA_BUNDLE, &combined)?;
+        Ok((RUN_CA_FILE.into(), RUN_CA_BUNDLE.into()))
+    }
+}
+
 fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(invalid("no command given"));
@@ -504,11 +601,7 @@ fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
     if req.argv.iter().any(|a| a.contains(&0)) {
         return Err(invalid("an argument contains a NUL byte"));
     }
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains(&b'=') || k.contains(&0) || v.contains(&0) {
-            return Err(invalid("invalid environment variable name or value"));
-        }
-    }
+    check_env(&req.env)?;
     let user = match &req.user {
         None => None,
         Some(u) => Some(sys::resolve_user(u).map_err(|m| AgentError {

@@ -344,6 +344,14 @@ impl AgentClient {
         }
     }
 
+    /// Sandbox-wide settings for every later exec (default environment, a CA to trust).
+    pub fn configure(&self, c: crate::agent::Configure) -> Result<()> {
+        match self.handle(Request::Configure(c))?.next_response()? {
+            Some(Response::Done) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks the agent to sync and power off; returns once it acknowledged.
     pub fn shutdown(&self) -> Result<()> {
         match self.handle(Request::Shutdown)?.next_response()? {

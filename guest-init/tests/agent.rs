@@ -30,6 +30,8 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_msb-init"))
             .args(["agent", "--listen"])
             .arg(&sock)
+            // Certificates from `Configure` land here, never in this host's /etc.
+            .env("MSB_AGENT_ROOT", dir.join("root"))
             .spawn()
             .expect("msb-init agent starts");
         let t = Instant::now();
@@ -544,4 +546,78 @@ fn hostile_agent_streams_fail_cleanly() {
         );
         assert!(c.failure().is_some());
     }
+}
+
+/// `Configure`: a default environment under every exec's own, and a CA appended once to the
+/// root's bundle (or combined under /run for a root that persists), named by the variables
+/// TLS clients read.
+#[test]
+fn configure_sets_default_environment_and_trusts_a_ca() {
+    use msb_init::agent::Configure;
+    let a = Agent::start();
+    let c = a.client();
+    let root = a.dir.join("root");
+    std::fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
+    std::fs::write(
+        root.join("etc/ssl/certs/ca-certificates.crt"),
+        "existing roots",
+    )
+    .unwrap();
+    let pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_vec();
+    let cfg = Configure {
+        env: vec![(b"KEY".to_vec(), b"MSB_SECRET_placeholder".to_vec())],
+        ca_pem: Some(pem.clone()),
+        append_to_bundle: true,
+    };
+    c.configure(cfg.clone()).unwrap();
+    c.configure(cfg).unwrap();
+    let bundle = std::fs::read(root.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    let mut want = b"existing roots\n".to_vec();
+    want.extend_from_slice(&pem);
+    assert_eq!(
+        String::from_utf8_lossy(&bundle),
+        String::from_utf8_lossy(&want),
+        "appended once"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/ssl/certs/msb-vmm-ca.pem")).unwrap(),
+        pem
+    );
+    let script =
+        "echo $KEY $SSL_CERT_FILE $REQUESTS_CA_BUNDLE $CURL_CA_BUNDLE $NODE_EXTRA_CA_CERTS";
+    let out = c.exec(sh(script)).unwrap().output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "MSB_SECRET_placeholder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/msb-vmm-ca.pem\n"
+    );
+    let mut own = sh("echo $KEY");
+    own.env.push((b"KEY".to_vec(), b"mine".to_vec()));
+    assert_eq!(
+        c.exec(own).unwrap().output().unwrap().stdout,
+        b"mine\n",
+        "an exec's own variable wins"
+    );
+    // A root that persists keeps its bundle; the combined one lives under /run.
+    c.configure(Configure {
+        env: Vec::new(),
+        ca_pem: Some(pem.clone()),
+        append_to_bundle: false,
+    })
+    .unwrap();
+    let run = std::fs::read(root.join("run/msb-vmm/ca-certificates.crt")).unwrap();
+    assert_eq!(run, want);
+    let out = c
+        .exec(sh("echo $SSL_CERT_FILE $KEY."))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"/run/msb-vmm/ca-certificates.crt .\n");
+    let e = c
+        .configure(Configure {
+            env: Vec::new(),
+            ca_pem: Some(b"not a certificate".to_vec()),
+            append_to_bundle: true,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("PEM"), "{e}");
 }
