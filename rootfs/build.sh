@@ -22,8 +22,8 @@ esac
 
 suite=bookworm
 mirror="${MSB_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-# Beyond minbase: TLS roots, ps/ip and python3, which sandbox users reach for first.
-include=ca-certificates,procps,iproute2,python3
+# Beyond minbase: TLS roots, ps/ip, python3 and curl, which sandbox users reach for first.
+include=ca-certificates,procps,iproute2,python3,curl
 # Bump when a change here changes the tree (not for cosmetic changes).
 recipe=1
 cache="${MSB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/msb-vmm}"

@@ -319,15 +319,11 @@ fn bench_sandbox(exe: &Path, port: u16, mtu: usize) -> Result<msb_vmm::sandbox::
     policy
         .add_flag(Action::Allow, &format!("tcp:host:{port}"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut b = Sandbox::builder()
-        .memory_mib(1024)
-        .volume(vol)
-        .network(Network {
-            policy,
-            mtu: u16::try_from(mtu).context("--mtu")?,
-            log: None,
-            publish: Vec::new(),
-        });
+    let mut b = Sandbox::builder().memory_mib(1024).volume(vol).network({
+        let mut n = Network::new(policy);
+        n.mtu = u16::try_from(mtu).context("--mtu")?;
+        n
+    });
     match default_root() {
         DefaultRoot::Dir(d) if d.is_dir() => b = b.rootfs_overlay(d),
         DefaultRoot::Dir(d) => bail!(

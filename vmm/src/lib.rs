@@ -25,6 +25,8 @@ pub mod initramfs;
 pub mod loader;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod sandbox;
+#[cfg(target_os = "linux")]
+pub mod tls;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vm;
 

@@ -121,6 +121,34 @@ struct NetArgs {
     /// TOML policy file: preset = "...", allow = [...], deny = [...].
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// A secret the guest holds only as a placeholder: the real value is taken from this
+    /// process's environment variable NAME and sent only to HOSTS (comma-separated domains
+    /// or *.suffix) over intercepted TLS. Repeatable.
+    #[arg(long = "secret", value_name = "NAME=HOSTS")]
+    secret: Vec<String>,
+    /// A secret whose value is the content of PATH (trailing newline removed). Repeatable.
+    #[arg(long = "secret-file", value_name = "NAME=PATH=HOSTS")]
+    secret_file: Vec<String>,
+    /// What a placeholder where no secret may go does: block (the default) ends that flow,
+    /// log only writes the audit line.
+    #[arg(long, value_name = "block|log", default_value = "block")]
+    on_violation: String,
+    /// Intercept TLS (with the sandbox CA, see `msb-vmm ca`) even without secrets.
+    #[arg(long)]
+    tls_intercept: bool,
+    /// Intercepted TCP ports, comma-separated (default 443).
+    #[arg(long, value_name = "PORTS", value_delimiter = ',')]
+    tls_intercept_ports: Vec<u16>,
+    /// Pass flows to these names through untouched (domain or *.suffix; repeatable), for
+    /// certificate-pinned clients.
+    #[arg(long = "tls-bypass", value_name = "PATTERN")]
+    tls_bypass: Vec<String>,
+    /// Also trust this CA (PEM) when verifying upstream servers. Repeatable.
+    #[arg(long = "tls-upstream-ca", value_name = "FILE")]
+    tls_upstream_ca: Vec<PathBuf>,
+    /// Do not verify upstream certificates (only for testing; never the default).
+    #[arg(long)]
+    tls_insecure_upstream: bool,
     /// Link MTU (68 to 65520).
     #[arg(long, value_name = "BYTES", default_value_t = 1500)]
     mtu: u16,

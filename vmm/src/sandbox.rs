@@ -120,6 +120,9 @@ pub struct Network {
     pub log: Option<msb_netstack::stack::LogHook>,
     /// Host ports forwarded to the guest.
     pub publish: Vec<Publish>,
+    /// TLS interception and secrets: the guest gets the placeholders in its environment and
+    /// trusts the sandbox CA.
+    pub intercept: Option<std::sync::Arc<msb_netstack::intercept::Intercept>>,
 }
 
 /// A host port forwarded to a guest port (`--publish`).
@@ -216,6 +219,7 @@ impl Network {
             mtu: 1500,
             log: None,
             publish: Vec::new(),
+            intercept: None,
         }
     }
 }
@@ -504,6 +508,7 @@ impl SandboxBuilder {
                             .iter()
                             .map(Publish::bind)
                             .collect::<Result<_, _>>()?,
+                        intercept: net.intercept.clone(),
                         ..Default::default()
                     },
                 )
@@ -522,9 +527,36 @@ impl SandboxBuilder {
             }
             None => None,
         };
+        // What the agent is told before the first exec: secret placeholders, and the CA to
+        // trust (appended to the root's bundle unless the root is a host directory that keeps
+        // changes).
+        #[cfg(target_os = "linux")]
+        let configure = self
+            .network
+            .as_ref()
+            .and_then(|n| n.intercept.as_ref())
+            .map(|i| msb_init::agent::Configure {
+                env: i
+                    .secrets
+                    .guest_env()
+                    .into_iter()
+                    .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                    .collect(),
+                ca_pem: Some(i.leaves.ca().cert_pem().as_bytes().to_vec()),
+                append_to_bundle: !matches!(self.rootfs, Some((_, Access::ReadWrite))),
+            });
+        #[cfg(not(target_os = "linux"))]
+        let configure: Option<msb_init::agent::Configure> = None;
         let vm = b.start()?;
         let started = Instant::now();
-        match connect_agent(&vm, self.boot_timeout) {
+        let connected = connect_agent(&vm, self.boot_timeout).and_then(|agent| match configure {
+            Some(c) => agent
+                .configure(c)
+                .map(|_| agent)
+                .map_err(ConnectFailure::Agent),
+            None => Ok(agent),
+        });
+        match connected {
             Ok(agent) => {
                 let ready = self.start.elapsed();
                 tracing::info!(
@@ -717,6 +749,12 @@ impl Sandbox {
     }
 
     /// Writes a file in the guest (parents created).
+    /// How many times `needle` occurs in the guest's RAM now (for audits such as "a secret's
+    /// value never entered the guest").
+    pub fn count_in_guest_memory(&self, needle: &[u8]) -> usize {
+        self.vm.as_ref().map_or(0, |vm| vm.count_in_memory(needle))
+    }
+
     pub fn write_file(
         &self,
         path: impl AsRef<OsStr>,

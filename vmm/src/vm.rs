@@ -756,7 +756,7 @@ impl VmBuilder {
             hybrid,
             defer_teardown: self.defer_teardown,
             vm,
-            mem,
+            mem: mem.clone(),
         };
         let event_loop = std::thread::Builder::new()
             .name("vmm-events".into())
@@ -770,6 +770,7 @@ impl VmBuilder {
             boot_time,
             vsock,
             event_loop: Some(event_loop),
+            mem,
         })
     }
 }
@@ -1129,9 +1130,47 @@ pub struct RunningVm {
     boot_time: Arc<OnceLock<Duration>>,
     vsock: Option<VsockHost>,
     event_loop: Option<JoinHandle<VmOutcome>>,
+    /// Guest RAM (shared with the event loop), for [`RunningVm::count_in_memory`].
+    mem: GuestMemoryMmap,
 }
 
 impl RunningVm {
+    /// How many times `needle` occurs in guest RAM, read now (an audit that a value never
+    /// entered the guest; reading faults in pages the guest never touched, as zeros).
+    pub fn count_in_memory(&self, needle: &[u8]) -> usize {
+        use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+        if needle.is_empty() {
+            return 0;
+        }
+        let finder = memchr::memmem::Finder::new(needle);
+        let mut buf = vec![0u8; (1 << 20) + needle.len()];
+        let mut count = 0;
+        for region in self.mem.iter() {
+            let (start, len) = (region.start_addr(), region.len() as usize);
+            let mut off = 0;
+            // Chunks overlap by needle.len() - 1 bytes so a match across a boundary counts,
+            // and only matches starting before the overlap are counted in each chunk.
+            while off < len {
+                let n = buf.len().min(len - off);
+                if self
+                    .mem
+                    .read_slice(&mut buf[..n], start.unchecked_add(off as u64))
+                    .is_err()
+                {
+                    break;
+                }
+                let fresh = if off + n < len {
+                    n - (needle.len() - 1)
+                } else {
+                    n
+                };
+                count += finder.find_iter(&buf[..n]).filter(|p| *p < fresh).count();
+                off += fresh;
+            }
+        }
+        count
+    }
+
     /// A handle that stops the VM.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()

@@ -247,3 +247,83 @@ fn the_sandbox_ca_is_made_once_kept_private_and_regenerated_on_request() {
     one_line_error(&msb_vmm(&["ca"], &env), 125, "chmod 600");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Secret and interception mistakes: one line naming the fix, before boot; a value is never
+/// taken from the command line.
+#[test]
+fn secret_mistakes_are_caught_before_boot() {
+    let env = stub_env();
+    one_line_error(
+        &msb_vmm(
+            &[
+                "run",
+                "--secret",
+                "MSB_TEST_UNSET_VAR=api.test",
+                "--",
+                "true",
+            ],
+            &env,
+        ),
+        125,
+        "the environment variable MSB_TEST_UNSET_VAR is not set",
+    );
+    one_line_error(
+        &msb_vmm(&["run", "--secret", "KEY", "--", "true"], &env),
+        125,
+        "--secret KEY: use NAME=HOSTS",
+    );
+    let mut with_value = env.to_vec();
+    with_value.push(("MSB_TEST_KEY", "v"));
+    one_line_error(
+        &msb_vmm(
+            &["run", "--secret", "MSB_TEST_KEY=not a host", "--", "true"],
+            &with_value,
+        ),
+        125,
+        "bad host \"not a host\"",
+    );
+    one_line_error(
+        &msb_vmm(
+            &[
+                "run",
+                "--secret-file",
+                "K=/nonexistent/key=api.test",
+                "--",
+                "true",
+            ],
+            &env,
+        ),
+        125,
+        "--secret-file K: /nonexistent/key",
+    );
+    one_line_error(
+        &msb_vmm(
+            &[
+                "run",
+                "--tls-intercept",
+                "--on-violation",
+                "maybe",
+                "--",
+                "true",
+            ],
+            &env,
+        ),
+        125,
+        "--on-violation maybe: use block or log",
+    );
+    one_line_error(
+        &msb_vmm(
+            &[
+                "run",
+                "--tls-upstream-ca",
+                "/nonexistent.pem",
+                "--tls-intercept",
+                "--",
+                "true",
+            ],
+            &env,
+        ),
+        125,
+        "--tls-upstream-ca /nonexistent.pem: no such file",
+    );
+}

@@ -1232,3 +1232,136 @@ fn the_hosts_own_addresses_are_reached_only_by_a_host_rule() {
         text(&allowed.stderr)
     );
 }
+
+/// Secrets through TLS interception, end to end: the default Debian root's curl and python3
+/// call an HTTPS upstream (the test's, with its own CA given as an upstream CA) with a
+/// placeholder from their environment; the upstream receives the real value, and afterwards
+/// the guest's whole RAM holds the placeholder but never the value. The VMM runs in a network
+/// namespace the test makes, where the upstream is the host (reached by a `host:443` rule).
+#[test]
+fn secrets_reach_their_host_and_never_enter_the_guest() {
+    let _w = watchdog("secrets_reach_their_host_and_never_enter_the_guest");
+    check_host();
+    use msb_netstack::ca::{Ca, Leaves};
+    use msb_netstack::policy::{Action, Policy, Preset};
+    use msb_netstack::secrets::{Secret, Secrets};
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let root = match msb_vmm::assets::default_root() {
+        msb_vmm::assets::DefaultRoot::Dir(d) if d.is_dir() => d,
+        other => panic!("this test needs the default Debian root (./x setup): {other:?}"),
+    };
+    // A value that exists nowhere but here and at the upstream.
+    let mut rnd = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut rnd)
+        .unwrap();
+    let value: String = format!(
+        "sk-e2e-{}",
+        rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let up_ca = Ca::generate().unwrap();
+    let ca_file =
+        std::env::temp_dir().join(format!("msb-e2e-upstream-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, up_ca.cert_pem()).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let (value2, seen2, ca2) = (value.clone(), seen.clone(), ca_file.clone());
+    let (outs, guest_value, guest_placeholder) = std::thread::spawn(move || {
+        // SAFETY: unshare affects only the calling thread (CLONE_NEWNET alone).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare(CLONE_NEWNET): {} (this test needs root)", std::io::Error::last_os_error());
+        }
+        for args in [&["link", "set", "lo", "up"][..], &["addr", "add", "192.168.77.1/32", "dev", "lo"]] {
+            assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        }
+        // The upstream: HTTPS on 192.168.77.1:443, recording what it receives, answering
+        // without echoing it (so the value cannot come back into the guest).
+        let l = std::net::TcpListener::bind("192.168.77.1:443").unwrap();
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(Leaves::new(up_ca).unwrap())),
+        );
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                let (cfg, seen) = (cfg.clone(), seen2.clone());
+                std::thread::spawn(move || {
+                    let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(cfg).unwrap(), c);
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    seen.lock().unwrap().extend_from_slice(&req);
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nseen\n");
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        let mut policy = Policy::preset(Preset::None);
+        policy.add_flag(Action::Allow, "tcp:host:443").unwrap();
+        let mut net = msb_vmm::sandbox::Network::new(policy);
+        let secrets = Secrets::new(vec![Secret::new("API_KEY", value2.clone().into_bytes(), "api.test").unwrap()]).unwrap();
+        let placeholder = secrets.get(0).placeholder().to_string();
+        net.intercept = Some(
+            msb_vmm::tls::TlsOptions { secrets, upstream_cas: vec![ca2], ..Default::default() }
+                .build()
+                .unwrap(),
+        );
+        let sb = Sandbox::builder()
+            .cpus(2)
+            .memory_mib(256)
+            .rootfs_overlay(root)
+            .network(net)
+            .start()
+            .expect("sandbox starts");
+        let run = |script: &str| {
+            let out = sb.output(["sh", "-c", script]).expect("exec");
+            (text(&out.stdout), text(&out.stderr))
+        };
+        let curl = run("curl -sS --resolve api.test:443:192.168.77.1 -H \"Authorization: Bearer $API_KEY\" https://api.test/curl");
+        let py = run(
+            r#"python3 -c '
+import os, socket, ssl
+s = ssl.create_default_context().wrap_socket(socket.create_connection(("192.168.77.1", 443)), server_hostname="api.test")
+s.sendall(("GET /py?key=" + os.environ["API_KEY"] + " HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n").encode())
+print(s.recv(4096).decode().split("\r\n\r\n")[1], end="")
+'"#,
+        );
+        let env = run("echo $API_KEY; echo $SSL_CERT_FILE; grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/msb-vmm-ca.pem");
+        let counts = (sb.count_in_guest_memory(value2.as_bytes()), sb.count_in_guest_memory(placeholder.as_bytes()));
+        let _ = sb.shutdown();
+        ((curl, py, env, placeholder.clone()), counts.0, counts.1)
+    })
+    .join()
+    .unwrap();
+    let _ = std::fs::remove_file(&ca_file);
+    let (curl, py, env, placeholder) = outs;
+    assert_eq!(curl.0, "seen\n", "curl: {curl:?}");
+    assert_eq!(py.0, "seen\n", "python: {py:?}");
+    assert_eq!(
+        env.0,
+        format!("{placeholder}\n/etc/ssl/certs/ca-certificates.crt\n1\n"),
+        "{env:?}"
+    );
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).to_string();
+    assert!(
+        seen.contains(&format!("Authorization: Bearer {value}")),
+        "the upstream got the value: {seen}"
+    );
+    assert!(seen.contains(&format!("GET /py?key={value} ")), "{seen}");
+    assert!(!seen.contains(&placeholder), "{seen}");
+    assert!(
+        guest_placeholder > 0,
+        "the memory scan finds what the guest holds"
+    );
+    assert_eq!(guest_value, 0, "the real value is nowhere in guest RAM");
+}

@@ -466,6 +466,10 @@ pub fn with_network(
     let mut net = msb_vmm::sandbox::Network::new(policy);
     net.mtu = n.mtu;
     net.publish = publish;
+    net.intercept = tls_options(n)?
+        .map(|o| o.build())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("TLS interception: {e}"))?;
     if let Some(path) = &n.net_log {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -475,6 +479,71 @@ pub fn with_network(
         net.log = Some(json_lines(file));
     }
     Ok(b.network(net))
+}
+
+/// Secrets and TLS interception from the flags; none when neither is asked for. A secret
+/// whose variable or file is missing is one line naming it, before boot.
+fn tls_options(n: &crate::NetArgs) -> anyhow::Result<Option<msb_vmm::tls::TlsOptions>> {
+    use msb_netstack::secrets::{HostPattern, Secret, Secrets};
+    let mut list = Vec::new();
+    for spec in &n.secret {
+        let (name, hosts) = spec.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--secret {spec}: use NAME=HOSTS, e.g. OPENAI_API_KEY=api.openai.com")
+        })?;
+        let value = std::env::var_os(name).ok_or_else(|| {
+            anyhow::anyhow!("--secret {name}: the environment variable {name} is not set (export it; values are never taken from the command line)")
+        })?;
+        list.push(
+            Secret::new(name, value.as_bytes().to_vec(), hosts)
+                .map_err(|e| anyhow::anyhow!("--secret {spec}: {e}"))?,
+        );
+    }
+    for spec in &n.secret_file {
+        let mut parts = spec.splitn(3, '=');
+        let (Some(name), Some(path), Some(hosts)) = (parts.next(), parts.next(), parts.next())
+        else {
+            anyhow::bail!("--secret-file {spec}: use NAME=PATH=HOSTS");
+        };
+        let mut value = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("--secret-file {name}: {path}: {e}"))?;
+        while value.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            value.pop();
+        }
+        list.push(
+            Secret::new(name, value, hosts)
+                .map_err(|e| anyhow::anyhow!("--secret-file {name}: {e}"))?,
+        );
+    }
+    let log_violations = match n.on_violation.as_str() {
+        "block" => false,
+        "log" => true,
+        other => anyhow::bail!("--on-violation {other}: use block or log"),
+    };
+    let bypass = n
+        .tls_bypass
+        .iter()
+        .map(|b| {
+            HostPattern::parse(b)
+                .ok_or_else(|| anyhow::anyhow!("--tls-bypass {b}: use a domain or *.suffix"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let asked = n.tls_intercept || !n.tls_intercept_ports.is_empty() || !bypass.is_empty();
+    if list.is_empty() && !asked {
+        return Ok(None);
+    }
+    for p in &n.tls_upstream_ca {
+        if !p.is_file() {
+            anyhow::bail!("--tls-upstream-ca {}: no such file", p.display());
+        }
+    }
+    Ok(Some(msb_vmm::tls::TlsOptions {
+        secrets: Secrets::new(list).map_err(|e| anyhow::anyhow!("--secret: {e}"))?,
+        ports: n.tls_intercept_ports.clone(),
+        bypass,
+        upstream_cas: n.tls_upstream_ca.clone(),
+        insecure_upstream: n.tls_insecure_upstream,
+        log_violations,
+    }))
 }
 
 /// An audit-log hook writing one JSON object per line, each line in one write (so lines from
