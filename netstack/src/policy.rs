@@ -356,11 +356,26 @@ impl fmt::Display for Decision {
     }
 }
 
-/// A preset and rules.
+/// A preset and rules, and the secrets a policy file names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     pub preset: Preset,
     pub rules: Vec<Rule>,
+    /// `[[secret]]` tables of a policy file (their values are read by the caller).
+    pub secrets: Vec<SecretSpec>,
+    /// `on_violation = "block" | "log"` of a policy file.
+    pub on_violation: Option<String>,
+}
+
+/// A secret a policy file names: the value comes from the environment variable `name`, or
+/// from `file`; it may go to `hosts` only (checked as [`crate::secrets::HostPattern`]s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretSpec {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub file: Option<String>,
+    /// `policy.toml:7`, for messages.
+    pub origin: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -371,6 +386,17 @@ struct PolicyFile {
     allow: Vec<toml::Spanned<String>>,
     #[serde(default)]
     deny: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    secret: Vec<toml::Spanned<SecretTable>>,
+    on_violation: Option<toml::Spanned<String>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretTable {
+    name: String,
+    hosts: Vec<String>,
+    file: Option<String>,
 }
 
 impl Policy {
@@ -378,7 +404,7 @@ impl Policy {
     pub fn preset(preset: Preset) -> Policy {
         Policy {
             preset,
-            rules: Vec::new(),
+            ..Policy::default()
         }
     }
 
@@ -415,6 +441,44 @@ impl Policy {
                 line: line_of(p.span().start),
                 why: e.to_string(),
             })?;
+        }
+        if let Some(v) = parsed.on_violation {
+            if !matches!(v.get_ref().as_str(), "block" | "log") {
+                return Err(PolicyError::File {
+                    file: file.into(),
+                    line: line_of(v.span().start),
+                    why: format!("on_violation {:?}: use \"block\" or \"log\"", v.get_ref()),
+                });
+            }
+            self.on_violation = Some(v.into_inner());
+        }
+        for t in parsed.secret {
+            let line = line_of(t.span().start);
+            let t = t.into_inner();
+            let bad = |why: String| PolicyError::File {
+                file: file.into(),
+                line,
+                why,
+            };
+            if t.hosts.is_empty() {
+                return Err(bad(format!("secret {}: no hosts", t.name)));
+            }
+            if let Some(h) = t
+                .hosts
+                .iter()
+                .find(|h| crate::secrets::HostPattern::parse(h).is_none())
+            {
+                return Err(bad(format!(
+                    "secret {}: bad host {h:?} (a domain or *.suffix)",
+                    t.name
+                )));
+            }
+            self.secrets.push(SecretSpec {
+                name: t.name,
+                hosts: t.hosts,
+                file: t.file,
+                origin: format!("{file}:{line}"),
+            });
         }
         for (action, list) in [(Action::Deny, parsed.deny), (Action::Allow, parsed.allow)] {
             for r in list {

@@ -131,8 +131,8 @@ struct NetArgs {
     secret_file: Vec<String>,
     /// What a placeholder where no secret may go does: block (the default) ends that flow,
     /// log only writes the audit line.
-    #[arg(long, value_name = "block|log", default_value = "block")]
-    on_violation: String,
+    #[arg(long, value_name = "block|log")]
+    on_violation: Option<String>,
     /// Intercept TLS (with the sandbox CA, see `msb-vmm ca`) even without secrets.
     #[arg(long)]
     tls_intercept: bool,

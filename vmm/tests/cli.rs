@@ -326,4 +326,16 @@ fn secret_mistakes_are_caught_before_boot() {
         125,
         "--tls-upstream-ca /nonexistent.pem: no such file",
     );
+    let policy = std::env::temp_dir().join(format!("msb-cli-secret-{}.toml", std::process::id()));
+    std::fs::write(
+        &policy,
+        "\n[[secret]]\nname = \"MSB_TEST_UNSET_VAR\"\nhosts = [\"api.test\"]\n",
+    )
+    .unwrap();
+    let out = msb_vmm(
+        &["run", "--policy", policy.to_str().unwrap(), "--", "true"],
+        &env,
+    );
+    let _ = std::fs::remove_file(&policy);
+    one_line_error(&out, 125, ".toml:2: secret MSB_TEST_UNSET_VAR: the environment variable MSB_TEST_UNSET_VAR is not set");
 }

@@ -394,3 +394,34 @@ fn dns_answers_naming_the_hosts_own_addresses_are_refused() {
             .allowed
     );
 }
+
+#[test]
+fn policy_files_name_secrets_and_the_violation_mode() {
+    let mut p = Policy::default();
+    let text = "on_violation = \"log\"\n\n[[secret]]\nname = \"OPENAI_API_KEY\"\nhosts = [\"api.openai.com\"]\n\n[[secret]]\nname = \"GH\"\nhosts = [\"*.github.com\"]\nfile = \"/run/gh\"\n";
+    p.merge_file("p.toml", text).unwrap();
+    assert_eq!(p.on_violation.as_deref(), Some("log"));
+    assert_eq!(p.secrets.len(), 2);
+    assert_eq!(p.secrets[0].name, "OPENAI_API_KEY");
+    assert_eq!(p.secrets[0].origin, "p.toml:3");
+    assert_eq!(p.secrets[1].file.as_deref(), Some("/run/gh"));
+    let mut q = Policy::default();
+    let e = q
+        .merge_file(
+            "p.toml",
+            "[[secret]]\nname = \"K\"\nhosts = [\"not a host\"]\n",
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().starts_with("p.toml:1: secret K: bad host"),
+        "{e}"
+    );
+    let e = q
+        .merge_file("p.toml", "\non_violation = \"warn\"\n")
+        .unwrap_err();
+    assert!(e.to_string().starts_with("p.toml:2: on_violation"), "{e}");
+    let e = q
+        .merge_file("p.toml", "[[secret]]\nname = \"K\"\nhost = [\"a.test\"]\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown field `host`"), "{e}");
+}

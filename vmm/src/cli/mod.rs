@@ -466,7 +466,7 @@ pub fn with_network(
     let mut net = msb_vmm::sandbox::Network::new(policy);
     net.mtu = n.mtu;
     net.publish = publish;
-    net.intercept = tls_options(n)?
+    net.intercept = tls_options(n, &net.policy)?
         .map(|o| o.build())
         .transpose()
         .map_err(|e| anyhow::anyhow!("TLS interception: {e}"))?;
@@ -483,9 +483,39 @@ pub fn with_network(
 
 /// Secrets and TLS interception from the flags; none when neither is asked for. A secret
 /// whose variable or file is missing is one line naming it, before boot.
-fn tls_options(n: &crate::NetArgs) -> anyhow::Result<Option<msb_vmm::tls::TlsOptions>> {
+fn tls_options(
+    n: &crate::NetArgs,
+    policy: &msb_netstack::policy::Policy,
+) -> anyhow::Result<Option<msb_vmm::tls::TlsOptions>> {
     use msb_netstack::secrets::{HostPattern, Secret, Secrets};
     let mut list = Vec::new();
+    // The policy file's [[secret]] tables: from the variable of that name, or a file.
+    for spec in &policy.secrets {
+        let hosts = spec.hosts.join(",");
+        let value = match &spec.file {
+            Some(path) => {
+                let mut v = std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("{}: secret {}: {path}: {e}", spec.origin, spec.name))?;
+                while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    v.pop();
+                }
+                v
+            }
+            None => std::env::var_os(&spec.name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: secret {}: the environment variable {} is not set (export it, or give the table a file)",
+                        spec.origin, spec.name, spec.name
+                    )
+                })?
+                .as_bytes()
+                .to_vec(),
+        };
+        list.push(
+            Secret::new(&spec.name, value, &hosts)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", spec.origin))?,
+        );
+    }
     for spec in &n.secret {
         let (name, hosts) = spec.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("--secret {spec}: use NAME=HOSTS, e.g. OPENAI_API_KEY=api.openai.com")
@@ -514,7 +544,12 @@ fn tls_options(n: &crate::NetArgs) -> anyhow::Result<Option<msb_vmm::tls::TlsOpt
                 .map_err(|e| anyhow::anyhow!("--secret-file {name}: {e}"))?,
         );
     }
-    let log_violations = match n.on_violation.as_str() {
+    let mode = n
+        .on_violation
+        .as_deref()
+        .or(policy.on_violation.as_deref())
+        .unwrap_or("block");
+    let log_violations = match mode {
         "block" => false,
         "log" => true,
         other => anyhow::bail!("--on-violation {other}: use block or log"),
