@@ -528,6 +528,27 @@ impl Mitm {
             };
             if n > 0 {
                 match self.inner.as_mut() {
+                    Some(Inner::Http1(rw))
+                        if rw.requests == 0
+                            && !secrets.any_for(name)
+                            && !looks_like_http1(&buf[..n]) =>
+                    {
+                        // Another protocol inside TLS toward a host no secret is bound to:
+                        // passed through, scanned for placeholders like HTTP/2.
+                        let mut sc = Box::<Scanner>::default();
+                        if let Some(i) = sc.scan(secrets, &buf[..n]) {
+                            let secret = secrets.get(i).name().to_string();
+                            if self.cfg.block_violations {
+                                return Err(MitmError::Violation {
+                                    secret,
+                                    host: name.to_string(),
+                                });
+                            }
+                            self.logged_violations.push(secret);
+                        }
+                        self.to_up_plain.extend_from_slice(&buf[..n]);
+                        self.inner = Some(Inner::Scanned(sc));
+                    }
                     Some(Inner::Http1(rw)) => {
                         rw.push(secrets, &buf[..n], &mut self.to_up_plain, admit)?;
                         if let Some(&i) = rw.violations.first() {
@@ -618,6 +639,12 @@ impl Mitm {
     fn fail(&mut self) {
         self.phase = Phase::Failed;
     }
+}
+
+/// Whether `data` can begin an HTTP/1 request line (a method in capitals, then a space).
+fn looks_like_http1(data: &[u8]) -> bool {
+    let method = data.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    method > 0 && (data.len() == method || (method < 16 && data[method] == b' '))
 }
 
 #[cfg(test)]

@@ -385,6 +385,19 @@ fn curl_gets_the_value_substituted_toward_its_host_only() {
     );
     assert!(out.contains("{\"key\":\"sk-live-real-value\"}"), "{out}");
     assert!(!out.contains(&ph), "{out}");
+    // curl offering HTTP/2 gets HTTP/1.1 toward a host a secret is bound to, substituted.
+    let (ok, out) = sb.curl(&[
+        "--cacert",
+        ca,
+        "--http2",
+        "-H",
+        &format!("X-Key: {ph}"),
+        "https://api.test/h2",
+    ]);
+    assert!(
+        ok && out.contains("GET /h2 HTTP/1.1") && out.contains("X-Key: sk-live-real-value"),
+        "{out}"
+    );
     // Toward another host the flow is blocked, the value never sent.
     let (ok, out) = sb.curl(&[
         "--cacert",

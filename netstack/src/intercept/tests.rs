@@ -340,3 +340,31 @@ fn bypassed_names_pass_through_with_their_hello() {
     assert_eq!(m.bypassed(), Some((hello, "--tls-bypass")));
     assert_eq!(m.server_name(), Some("app.pinned.test"));
 }
+
+#[test]
+fn other_protocols_pass_toward_hosts_without_secrets_only() {
+    let w = world(true);
+    let mut g = guest(&w.sandbox_ca, "db.test", &[]);
+    let mut u = upstream(&w.upstream, &[]);
+    let mut m = Mitm::new(w.intercept.clone());
+    let (at_up, _) = pump(&mut g, &mut m, &mut u, b"\x00\x01binary protocol", b"").unwrap();
+    assert_eq!(at_up, b"\x00\x01binary protocol");
+    let mut g = guest(&w.sandbox_ca, "api.example.com", &[]);
+    let mut u = upstream(&w.upstream, &[]);
+    let mut m = Mitm::new(w.intercept.clone());
+    let (at_up, _) = pump(&mut g, &mut m, &mut u, b"\x00\x01binary protocol", b"").unwrap();
+    assert!(
+        at_up.is_empty(),
+        "held as an unfinished request head, nothing sent"
+    );
+    g.writer().write_all(b"\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    g.write_tls(&mut buf).unwrap();
+    let e = m.guest_bytes(&buf, &mut |_| true).unwrap_err();
+    assert!(
+        matches!(e, MitmError::Request(RewriteError::NotHttp1(_))),
+        "{e}"
+    );
+    assert!(looks_like_http1(b"GET / HTTP/1.1") && looks_like_http1(b"PO"));
+    assert!(!looks_like_http1(b"\x16\x03") && !looks_like_http1(b"get /"));
+}
