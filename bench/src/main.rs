@@ -7,6 +7,7 @@ mod fs;
 mod net;
 mod stats;
 mod svg;
+mod tls;
 
 use std::ffi::OsString;
 use std::fs::File;

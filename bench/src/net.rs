@@ -27,16 +27,17 @@ use crate::stats::{summarize, Summary};
 pub struct NetArgs {
     /// Link MTU of the namespace's TAP device and the netstack (up to 65520).
     #[arg(long, default_value_t = 65520)]
-    mtu: usize,
+    pub(crate) mtu: usize,
     /// Seconds per throughput and connect-rate sample.
     #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// Samples per throughput and connect-rate metric and target.
     #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Round trips (1 byte each way) per latency run.
+    pub(crate) runs: usize,
+    /// Round trips (1 byte each way) per latency run (with --tls: a tenth of it new
+    /// connections, at least 20).
     #[arg(long, default_value_t = 5000)]
-    round_trips: usize,
+    pub(crate) round_trips: usize,
     /// A peer to compare with: `pasta` or `pasta=PATH` (Debian's passt package).
     #[arg(long = "peer", value_name = "NAME[=PATH]")]
     peers: Vec<String>,
@@ -54,32 +55,42 @@ pub struct NetArgs {
     /// Write samples and summaries as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// HTTPS with TLS interception and a secret vs the same HTTPS without, and loopback.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// The client's side of one measurement, run where the guest is.
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
-    /// up (guest sends), down (guest receives), connect, rtt.
+    /// up (guest sends), down (guest receives), connect, rtt; tls-down, tls-up,
+    /// tls-connect, tls-first (HTTPS, see `--tls`).
     #[arg(long)]
-    mode: String,
+    pub(crate) mode: String,
     /// The server, as the guest sees it.
     #[arg(long)]
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     #[arg(long, default_value_t = 1)]
     streams: usize,
     #[arg(long, default_value_t = 5000)]
-    round_trips: usize,
+    pub(crate) round_trips: usize,
+    /// TLS modes: the CA (PEM) the client trusts.
+    #[arg(long)]
+    pub(crate) ca: Option<PathBuf>,
+    /// TLS modes: the Authorization bearer value each request carries (a placeholder).
+    #[arg(long)]
+    pub(crate) auth: Option<String>,
 }
 
 /// What a client prints (one JSON line).
 #[derive(Serialize, Deserialize, Debug, Default)]
-struct ClientResult {
+pub(crate) struct ClientResult {
     /// Throughput in Gbit/s, connects per second, or nothing for rtt.
-    rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     /// Round-trip times in µs.
-    rtt_us: Vec<f64>,
+    pub(crate) rtt_us: Vec<f64>,
 }
 
 const UP: u8 = b'U';
@@ -133,6 +144,11 @@ fn serve(l: TcpListener) {
 
 /// `net-client`: one measurement; prints a [`ClientResult`] line.
 pub fn client(a: ClientArgs) -> Result<()> {
+    if a.mode.starts_with("tls-") {
+        let out = crate::tls::client(&a)?;
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
     let dur = Duration::from_secs_f64(a.seconds);
     let connect = || -> Result<TcpStream> {
         let s = TcpStream::connect_timeout(&a.addr, Duration::from_secs(5))
@@ -352,6 +368,9 @@ pub fn run(a: NetArgs) -> Result<()> {
     }
     if !(68..=65520).contains(&a.mtu) {
         bail!("--mtu {}: expected 68 to 65520", a.mtu);
+    }
+    if a.tls {
+        return crate::tls::run(&a);
     }
     if a.sandbox && Path::new("/sys/module/kvm_pvm").exists() {
         bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run the sandbox part inside the L2 VM, `./x l2 -- target/release/msb-bench net --sandbox`");

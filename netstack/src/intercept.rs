@@ -398,12 +398,15 @@ impl Mitm {
                 .collect()
         };
         let server_name = ServerName::try_from(name.clone()).map_err(|_| MitmError::NoName)?;
-        let client = ClientConnection::new(Arc::new(up), server_name).map_err(|err| {
+        let mut client = ClientConnection::new(Arc::new(up), server_name).map_err(|err| {
             MitmError::Upstream {
                 name: name.clone(),
                 err,
             }
         })?;
+        // Plaintext is bounded by the relay's back-pressure (it feeds at most a socket
+        // buffer's worth at once), not by rustls refusing writes mid-record.
+        client.set_buffer_limit(None);
         self.name = Some(name);
         self.phase = Phase::Upstream(Box::new(accepted), Box::new(client));
         Ok(())
@@ -488,6 +491,7 @@ impl Mitm {
         });
         self.alpn = alpn;
         let mut server = Box::new(server);
+        server.set_buffer_limit(None);
         let held = std::mem::take(&mut self.held);
         let mut rest = &held[..];
         while !rest.is_empty() {

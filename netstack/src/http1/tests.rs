@@ -326,3 +326,22 @@ fn upgraded_connections_pass_through() {
     let (out, _, _) = rewrite(&s, "api.example.com", &[input.as_bytes()]);
     assert_eq!(out.unwrap(), input.as_bytes());
 }
+
+#[test]
+fn big_chunked_uploads_in_tls_record_sized_pieces() {
+    let s = secrets();
+    let p = ph(&s, 0);
+    let mut input = format!("POST /up HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Bearer {p}\r\nTransfer-Encoding: chunked\r\n\r\n").into_bytes();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..3 {
+        input.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        input.extend_from_slice(&chunk);
+        input.extend_from_slice(b"\r\n");
+    }
+    input.extend_from_slice(b"0\r\n\r\n");
+    let parts: Vec<&[u8]> = input.chunks(16384).collect();
+    let (out, _, _) = rewrite(&s, "api.example.com", &parts);
+    let reqs = requests(&out.unwrap());
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].1.len(), 3 << 20);
+}
