@@ -1330,7 +1330,7 @@ impl State {
                     }
                 };
                 let m = f.mitm.as_mut().expect("checked");
-                let r = intercepting::relay(
+                let mut r = intercepting::relay(
                     s,
                     &mut f.stream,
                     m,
@@ -1338,6 +1338,17 @@ impl State {
                     &mut admit,
                     &mut f.audit,
                 );
+                // An upstream (or guest) that never finishes its TLS handshake: the guest gets
+                // a reset in bounded time.
+                if matches!(r, intercepting::Relayed::Busy(_))
+                    && !m.mitm().is_open()
+                    && f.since.elapsed() > handshake_timeout
+                {
+                    r = intercepting::Relayed::Fail(format!(
+                        "TLS handshake not done after {} s",
+                        handshake_timeout.as_secs_f64()
+                    ));
+                }
                 let name = m.mitm().server_name().map(String::from);
                 match r {
                     intercepting::Relayed::Busy(b) => {

@@ -232,6 +232,18 @@ fn world() -> World {
             });
         }
     });
+    // An upstream that accepts connections and never says a word.
+    let silent = in_namespace(&PathBuf::from(format!("/var/run/netns/{name}")), || {
+        TcpListener::bind(("::", 9443))
+    })
+    .unwrap()
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
     // A second upstream whose certificates chain to a CA nobody trusts.
     https_server(
         &name,
@@ -311,7 +323,7 @@ fn sandbox(w: &World, tweak: impl FnOnce(&mut Intercept)) -> Sandbox {
     .unwrap();
     let placeholder = secrets.get(0).placeholder().to_string();
     let mut i = Intercept::new(w.sandbox_leaves.clone(), secrets, &[&w.ca_file], false).unwrap();
-    i.ports = vec![443, 8443];
+    i.ports = vec![443, 8443, 9443];
     tweak(&mut i);
     let log = Arc::new(Mutex::new(Vec::new()));
     let hook = log.clone();
@@ -331,6 +343,8 @@ fn sandbox(w: &World, tweak: impl FnOnce(&mut Intercept)) -> Sandbox {
             hook.lock().unwrap().push(e.clone())
         })),
         intercept: Some(Arc::new(i)),
+        // Short, so a silent upstream is given up on within the test.
+        handshake_timeout: std::time::Duration::from_secs(3),
         ..Config::default()
     };
     let host = PathBuf::from(format!("/var/run/netns/{}", w.host));
@@ -419,6 +433,10 @@ fn curl_gets_the_value_substituted_toward_its_host_only() {
     // An upstream whose certificate does not verify: the guest gets no answer.
     let (ok, out) = sb.curl(&["--cacert", ca, "https://api.test:8443/"]);
     assert!(!ok, "{out}");
+    // An upstream that never answers the handshake: the guest is reset once the handshake
+    // deadline passes (the log line below names it; curl's own limit is far longer).
+    let (ok, out) = sb.curl(&["--cacert", ca, "https://api.test:9443/"]);
+    assert!(!ok, "{out}");
     let log = sb.stop();
     let has = |kind: &str, verdict: &str, pred: &dyn Fn(&LogEvent) -> bool| {
         log.iter()
@@ -443,6 +461,12 @@ fn curl_gets_the_value_substituted_toward_its_host_only() {
     );
     assert!(
         has("tls", "failed", &|e| e.rule.contains("UnknownIssuer")),
+        "{log:#?}"
+    );
+    assert!(
+        has("tls", "failed", &|e| e
+            .rule
+            .contains("TLS handshake not done after 3 s")),
         "{log:#?}"
     );
     // Finished flows end (and are logged) as they finish, not when the sandbox stops.
