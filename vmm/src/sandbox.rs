@@ -749,10 +749,12 @@ impl Sandbox {
     }
 
     /// Writes a file in the guest (parents created).
-    /// How many times `needle` occurs in the guest's RAM now (for audits such as "a secret's
-    /// value never entered the guest").
-    pub fn count_in_guest_memory(&self, needle: &[u8]) -> usize {
-        self.vm.as_ref().map_or(0, |vm| vm.count_in_memory(needle))
+    /// How many times each needle occurs in the guest's RAM now, in one pass (for audits
+    /// such as "a secret's value never entered the guest").
+    pub fn count_in_guest_memory(&self, needles: &[&[u8]]) -> Vec<usize> {
+        self.vm
+            .as_ref()
+            .map_or_else(|| vec![0; needles.len()], |vm| vm.count_in_memory(needles))
     }
 
     pub fn write_file(

@@ -1135,21 +1135,22 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// How many times `needle` occurs in guest RAM, read now (an audit that a value never
-    /// entered the guest; reading faults in pages the guest never touched, as zeros).
-    pub fn count_in_memory(&self, needle: &[u8]) -> usize {
+    /// How many times each needle occurs in guest RAM, read now in one pass (an audit that a
+    /// value never entered the guest; reading faults in pages the guest never touched).
+    pub fn count_in_memory(&self, needles: &[&[u8]]) -> Vec<usize> {
         use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
-        if needle.is_empty() {
-            return 0;
+        let longest = needles.iter().map(|n| n.len()).max().unwrap_or(0);
+        let mut counts = vec![0; needles.len()];
+        if needles.iter().any(|n| n.is_empty()) {
+            return counts;
         }
-        let finder = memchr::memmem::Finder::new(needle);
-        let mut buf = vec![0u8; (1 << 20) + needle.len()];
-        let mut count = 0;
+        let finders: Vec<_> = needles.iter().map(memchr::memmem::Finder::new).collect();
+        let mut buf = vec![0u8; (1 << 20) + longest];
         for region in self.mem.iter() {
             let (start, len) = (region.start_addr(), region.len() as usize);
             let mut off = 0;
-            // Chunks overlap by needle.len() - 1 bytes so a match across a boundary counts,
-            // and only matches starting before the overlap are counted in each chunk.
+            // Chunks overlap by the longest needle's length - 1 so a match across a boundary
+            // counts, and only matches starting before the overlap count in each chunk.
             while off < len {
                 let n = buf.len().min(len - off);
                 if self
@@ -1159,16 +1160,14 @@ impl RunningVm {
                 {
                     break;
                 }
-                let fresh = if off + n < len {
-                    n - (needle.len() - 1)
-                } else {
-                    n
-                };
-                count += finder.find_iter(&buf[..n]).filter(|p| *p < fresh).count();
+                let fresh = if off + n < len { n - (longest - 1) } else { n };
+                for (c, f) in counts.iter_mut().zip(&finders) {
+                    *c += f.find_iter(&buf[..n]).filter(|p| *p < fresh).count();
+                }
                 off += fresh;
             }
         }
-        count
+        counts
     }
 
     /// A handle that stops the VM.
