@@ -37,7 +37,7 @@ impl Drop for Watchdog {
 }
 
 fn watchdog(test: &'static str) -> Watchdog {
-    // Below `./x test`'s 900 s limit for the whole L2 run, which it treats as an emulator wedge;
+    // Below `./x test`'s 1200 s limit for the whole L2 run, which it treats as an emulator wedge;
     // a test sharing the emulated CPUs with the Debian-root tests can take minutes.
     const LIMIT: Duration = Duration::from_secs(450);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
