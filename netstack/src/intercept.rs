@@ -531,56 +531,36 @@ impl Mitm {
                 Err(e) => return Err(e.into()),
             };
             if n > 0 {
-                match self.inner.as_mut() {
-                    Some(Inner::Http1(rw))
-                        if rw.requests == 0
-                            && !secrets.any_for(name)
-                            && !looks_like_http1(&buf[..n]) =>
-                    {
-                        // Another protocol inside TLS toward a host no secret is bound to:
-                        // passed through, scanned for placeholders like HTTP/2.
-                        let mut sc = Box::<Scanner>::default();
-                        if let Some(i) = sc.scan(secrets, &buf[..n]) {
-                            let secret = secrets.get(i).name().to_string();
-                            if self.cfg.block_violations {
-                                return Err(MitmError::Violation {
-                                    secret,
-                                    host: name.to_string(),
-                                });
-                            }
-                            self.logged_violations.push(secret);
-                        }
-                        self.to_up_plain.extend_from_slice(&buf[..n]);
-                        self.inner = Some(Inner::Scanned(sc));
+                let data = &buf[..n];
+                // Another protocol inside TLS toward a host no secret is bound to: passed
+                // through, scanned for placeholders like HTTP/2.
+                if let Some(Inner::Http1(rw)) = &self.inner {
+                    if rw.requests == 0 && !secrets.any_for(name) && !looks_like_http1(data) {
+                        self.inner = Some(Inner::Scanned(Box::default()));
                     }
+                }
+                let (found, passthrough) = match self.inner.as_mut() {
                     Some(Inner::Http1(rw)) => {
-                        rw.push(secrets, &buf[..n], &mut self.to_up_plain, admit)?;
-                        if let Some(&i) = rw.violations.first() {
-                            let secret = secrets.get(i).name().to_string();
-                            rw.violations.clear();
-                            if self.cfg.block_violations {
-                                return Err(MitmError::Violation {
-                                    secret,
-                                    host: name.to_string(),
-                                });
-                            }
-                            self.logged_violations.push(secret);
-                        }
+                        rw.push(secrets, data, &mut self.to_up_plain, admit)?;
+                        let found = rw.violations.first().copied();
+                        rw.violations.clear();
+                        (found, false)
                     }
-                    Some(Inner::Scanned(sc)) => {
-                        if let Some(i) = sc.scan(secrets, &buf[..n]) {
-                            let secret = secrets.get(i).name().to_string();
-                            if self.cfg.block_violations {
-                                return Err(MitmError::Violation {
-                                    secret,
-                                    host: name.to_string(),
-                                });
-                            }
-                            self.logged_violations.push(secret);
-                        }
-                        self.to_up_plain.extend_from_slice(&buf[..n]);
+                    Some(Inner::Scanned(sc)) => (sc.scan(secrets, data), true),
+                    None => (None, false),
+                };
+                if let Some(i) = found {
+                    let secret = secrets.get(i).name().to_string();
+                    if self.cfg.block_violations {
+                        return Err(MitmError::Violation {
+                            secret,
+                            host: name.to_string(),
+                        });
                     }
-                    None => {}
+                    self.logged_violations.push(secret);
+                }
+                if passthrough {
+                    self.to_up_plain.extend_from_slice(data);
                 }
             }
             if !self.to_up_plain.is_empty() {
