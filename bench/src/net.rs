@@ -392,17 +392,7 @@ pub fn run(a: NetArgs) -> Result<()> {
     let mut tap_part = None;
     match GuestNamespace::create(&ns_name, a.mtu, !a.no_offload) {
         Ok((ns, tap)) => {
-            let mut policy = Policy::preset(Preset::None);
-            policy
-                .add_flag(Action::Allow, &format!("tcp:host:{port}"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let cfg = Config {
-                policy,
-                mtu: a.mtu,
-                ..Config::default()
-            };
-            msb_devices::net::alloc::pin_mmap_threshold();
-            let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
+            let stack = serve_tap(tap, port, a.mtu, None)?;
             targets.push(Target {
                 name: "msb netstack".into(),
                 prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
@@ -601,6 +591,28 @@ fn host_check() -> Result<Row> {
         samples,
         summary,
     })
+}
+
+/// Our netstack serving a guest namespace's TAP device, letting the guest reach only the
+/// host's `port` (and intercepting TLS with `intercept`).
+pub(crate) fn serve_tap(
+    tap: msb_devices::net::tap::Tap,
+    port: u16,
+    mtu: usize,
+    intercept: Option<std::sync::Arc<msb_netstack::intercept::Intercept>>,
+) -> Result<NetStack> {
+    let mut policy = Policy::preset(Preset::None);
+    policy
+        .add_flag(Action::Allow, &format!("tcp:host:{port}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = Config {
+        policy,
+        mtu,
+        intercept,
+        ..Config::default()
+    };
+    msb_devices::net::alloc::pin_mmap_threshold();
+    NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")
 }
 
 /// The host's IPv4 default gateway (from /proc/net/route).

@@ -20,9 +20,7 @@ use anyhow::{bail, Context, Result};
 use msb_devices::net::tap::GuestNamespace;
 use msb_netstack::ca::{Ca, Leaves};
 use msb_netstack::intercept::Intercept;
-use msb_netstack::policy::{Action, Policy, Preset};
 use msb_netstack::secrets::{Secret, Secrets};
-use msb_netstack::stack::{Config, NetStack};
 
 use crate::net::{ClientArgs, ClientResult, NetArgs};
 use crate::stats::summarize;
@@ -322,18 +320,7 @@ pub fn run(a: &NetArgs) -> Result<()> {
         let ns_name = format!("msbtls{}{}", std::process::id(), parts.len());
         let (ns, tap) = GuestNamespace::create(&ns_name, a.mtu, true)
             .context("creating a guest namespace (needs root, iproute2 and /dev/net/tun)")?;
-        let mut policy = Policy::preset(Preset::None);
-        policy
-            .add_flag(Action::Allow, &format!("tcp:host:{port}"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cfg = Config {
-            policy,
-            mtu: a.mtu,
-            intercept: icpt,
-            ..Config::default()
-        };
-        msb_devices::net::alloc::pin_mmap_threshold();
-        let stack = NetStack::spawn(Box::new(tap), cfg).context("starting the netstack")?;
+        let stack = crate::net::serve_tap(tap, port, a.mtu, icpt)?;
         targets.push(Target {
             name,
             prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
