@@ -39,6 +39,16 @@ pub enum RewriteError {
     Refused(String),
 }
 
+/// The domain a Host header (or HTTP/2 `:authority`) names, without its port; `None` for an
+/// address literal or anything else that is not a domain.
+pub(crate) fn host_name(text: &str) -> Option<String> {
+    let name = match text.rsplit_once(':') {
+        Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => text,
+    };
+    normalize_domain(name)
+}
+
 /// One request head, as the policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -546,12 +556,8 @@ fn parse_head(head: &[u8]) -> Result<Head, RewriteError> {
             }
             b"host" => {
                 hosts += 1;
-                let name = match text.rsplit_once(':') {
-                    Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
-                    _ => &text,
-                };
                 h.host_header = true;
-                h.host = normalize_domain(name);
+                h.host = host_name(&text);
             }
             b"expect" => h.expect_continue = text.eq_ignore_ascii_case("100-continue"),
             b"upgrade" => h.upgrade = true,

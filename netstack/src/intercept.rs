@@ -1,9 +1,9 @@
 //! TLS interception of one connection, without I/O: the guest's TLS is terminated with a leaf
 //! certificate minted for the name it asked for, the upstream's is originated anew and
 //! verified against that name, and the plaintext between them goes through the HTTP/1 request
-//! rewriter (secrets substituted toward their hosts, each request shown to the policy) or, for
-//! HTTP/2 and other protocols toward hosts no secret is bound to, through the placeholder
-//! scanner. The caller moves bytes: [`Mitm::guest_bytes`] / [`Mitm::take_for_upstream`] one way,
+//! rewriter (secrets substituted toward their hosts, each request shown to the policy), the
+//! HTTP/2 inspector (each request shown to the policy; toward hosts no secret is bound to) or,
+//! for other protocols toward such hosts, the placeholder scanner. The caller moves bytes: [`Mitm::guest_bytes`] / [`Mitm::take_for_upstream`] one way,
 //! [`Mitm::upstream_bytes`] / [`Mitm::take_for_guest`] the other.
 //!
 //! The guest's handshake is answered only after the upstream's completed, so the guest gets the
@@ -21,6 +21,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 
 use crate::ca::Leaves;
 use crate::http1::{Request, RequestRewriter, RewriteError};
+use crate::http2::{InspectError, RequestInspector};
 use crate::policy::normalize_domain;
 use crate::secrets::{HostPattern, Scanner, Secrets};
 
@@ -41,6 +42,8 @@ pub enum MitmError {
     Upstream { name: String, err: rustls::Error },
     #[error("{0}")]
     Request(#[from] RewriteError),
+    #[error("{0}")]
+    Http2(#[from] InspectError),
     #[error("placeholder of secret {secret} sent toward {host}: blocked")]
     Violation { secret: String, host: String },
     #[error("{0}")]
@@ -200,7 +203,10 @@ enum Phase {
 /// How the plaintext from the guest is read.
 enum Inner {
     Http1(Box<RequestRewriter>),
-    /// HTTP/2 or anything else toward a host no secret is bound to: scanned only.
+    /// HTTP/2 (toward a host no secret is bound to): each request shown to the policy, the
+    /// stream scanned.
+    Http2(Box<RequestInspector>, Box<Scanner>),
+    /// Anything else toward a host no secret is bound to: scanned only.
     Scanned(Box<Scanner>),
 }
 
@@ -274,6 +280,7 @@ impl Mitm {
     pub fn counts(&self) -> (Vec<u64>, u64) {
         match &self.inner {
             Some(Inner::Http1(rw)) => (rw.counts.clone(), rw.requests),
+            Some(Inner::Http2(ins, _)) => (vec![0; self.cfg.secrets.len()], ins.requests),
             _ => (vec![0; self.cfg.secrets.len()], 0),
         }
     }
@@ -485,7 +492,7 @@ impl Mitm {
         };
         let name = self.name.clone().unwrap_or_default();
         self.inner = Some(if alpn.as_deref() == Some(b"h2") {
-            Inner::Scanned(Box::default())
+            Inner::Http2(Box::new(RequestInspector::new(&name)), Box::default())
         } else {
             Inner::Http1(Box::new(RequestRewriter::new(&self.cfg.secrets, &name)))
         });
@@ -545,6 +552,12 @@ impl Mitm {
                         let found = rw.violations.first().copied();
                         rw.violations.clear();
                         (found, false)
+                    }
+                    Some(Inner::Http2(ins, sc)) => {
+                        ins.push(secrets, data, &mut self.to_up_plain, admit)?;
+                        let found = ins.violations.first().copied();
+                        ins.violations.clear();
+                        (found.or_else(|| sc.scan(secrets, data)), false)
                     }
                     Some(Inner::Scanned(sc)) => (sc.scan(secrets, data), true),
                     None => (None, false),

@@ -16,6 +16,7 @@ pub mod addr;
 pub mod ca;
 pub mod dns;
 pub mod http1;
+pub mod http2;
 pub mod intercept;
 pub mod local;
 pub mod offload;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use msb_devices::net::tap::{in_namespace, GuestNamespace};
 use msb_netstack::ca::{Ca, Leaves};
 use msb_netstack::intercept::Intercept;
-use msb_netstack::policy::{Policy, Preset};
+use msb_netstack::policy::{Action, Policy, Preset};
 use msb_netstack::secrets::{HostPattern, Secret, Secrets};
 use msb_netstack::stack::{Config, LogEvent, NetStack};
 
@@ -137,6 +137,76 @@ fn serve(conn: &mut dyn ReadWrite) {
     }
 }
 
+/// A minimal HTTP/2 server (enough for curl): each request is answered with its decoded
+/// header fields, one `name: value` line each, after a first line `h2`.
+fn serve_h2(conn: &mut dyn ReadWrite) {
+    fn frame(ty: u8, flags: u8, stream: u32, p: &[u8]) -> Vec<u8> {
+        let n = p.len();
+        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(p);
+        f
+    }
+    let mut preface = [0u8; 24];
+    if conn.read_exact(&mut preface).is_err() || conn.write_all(&frame(4, 0, 0, &[])).is_err() {
+        return;
+    }
+    let (mut dec, mut enc) = (loona_hpack::Decoder::new(), loona_hpack::Encoder::new());
+    let mut block = Vec::new();
+    loop {
+        let mut h = [0u8; 9];
+        if conn.read_exact(&mut h).is_err() {
+            return;
+        }
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let (ty, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        let mut p = vec![0u8; len];
+        if conn.read_exact(&mut p).is_err() {
+            return;
+        }
+        let reply = match ty {
+            4 if flags & 1 == 0 => frame(4, 1, 0, &[]),
+            1 | 9 => {
+                let mut frag = &p[..];
+                if ty == 1 && flags & 0x8 != 0 {
+                    let pad = usize::from(frag[0]);
+                    frag = &frag[1..frag.len() - pad];
+                }
+                if ty == 1 && flags & 0x20 != 0 {
+                    frag = &frag[5..];
+                }
+                block.extend_from_slice(frag);
+                if flags & 0x4 == 0 {
+                    continue;
+                }
+                let mut body = String::from("h2\n");
+                for (n, v) in dec.decode(&block).unwrap() {
+                    body += &format!(
+                        "{}: {}\n",
+                        String::from_utf8_lossy(&n),
+                        String::from_utf8_lossy(&v)
+                    );
+                }
+                block.clear();
+                let len = body.len().to_string();
+                let head = enc.encode([
+                    (&b":status"[..], &b"200"[..]),
+                    (b"content-length", len.as_bytes()),
+                ]);
+                let mut r = frame(1, 0x4, stream, &head);
+                r.extend(frame(0, 0x1, stream, body.as_bytes()));
+                r
+            }
+            7 => return,
+            _ => continue,
+        };
+        if conn.write_all(&reply).and_then(|_| conn.flush()).is_err() {
+            return;
+        }
+    }
+}
+
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
@@ -155,7 +225,7 @@ fn https_server(world: &str, port: u16, leaves: Arc<Leaves>) {
     .unwrap()
     .with_no_client_auth()
     .with_cert_resolver(leaves);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let cfg = Arc::new(cfg);
     std::thread::spawn(move || {
         for c in l.incoming() {
@@ -164,7 +234,14 @@ fn https_server(world: &str, port: u16, leaves: Arc<Leaves>) {
             std::thread::spawn(move || {
                 let conn = rustls::ServerConnection::new(cfg).unwrap();
                 let mut tls = rustls::StreamOwned::new(conn, c);
-                serve(&mut tls);
+                if tls.conn.complete_io(&mut tls.sock).is_err() {
+                    return;
+                }
+                if tls.conn.alpn_protocol() == Some(b"h2") {
+                    serve_h2(&mut tls);
+                } else {
+                    serve(&mut tls);
+                }
             });
         }
     });
@@ -327,8 +404,10 @@ fn sandbox(w: &World, tweak: impl FnOnce(&mut Intercept)) -> Sandbox {
     tweak(&mut i);
     let log = Arc::new(Mutex::new(Vec::new()));
     let hook = log.clone();
+    let mut policy = Policy::preset(Preset::Public);
+    policy.add_flag(Action::Deny, "evil.test").unwrap();
     let cfg = Config {
-        policy: Policy::preset(Preset::Public),
+        policy,
         resolver: Arc::new(|name: &str| {
             if name.ends_with(".test") {
                 Ok(vec![UPSTREAM.parse::<IpAddr>().unwrap()])
@@ -421,9 +500,34 @@ fn curl_gets_the_value_substituted_toward_its_host_only() {
         "https://other.test/",
     ]);
     assert!(!ok, "{out}");
-    // Without a placeholder other hosts work, through the sandbox CA (HTTP/2 offered).
-    let (ok, out) = sb.curl(&["--cacert", ca, "https://other.test/plain"]);
+    // Without a placeholder other hosts work, through the sandbox CA: HTTP/1.1, and HTTP/2
+    // end to end (the upstream speaks it), two requests on one connection.
+    let (ok, out) = sb.curl(&["--cacert", ca, "--http1.1", "https://other.test/plain"]);
     assert!(ok && out.contains("GET /plain HTTP/1.1"), "{out}");
+    let (ok, out) = sb.curl(&[
+        "--cacert",
+        ca,
+        "--http2",
+        "https://other.test/a",
+        "https://other.test/b",
+    ]);
+    assert!(
+        ok && out.matches("h2\n").count() == 2
+            && out.contains(":path: /b")
+            && out.contains(":authority: other.test"),
+        "{out}"
+    );
+    // Each HTTP/2 request's authority is shown to the policy: curl sends its Host header as
+    // `:authority`; a denied name ends the flow before the request leaves.
+    let (ok, out) = sb.curl(&[
+        "--cacert",
+        ca,
+        "--http2",
+        "-H",
+        "Host: evil.test",
+        "https://other.test/fronted",
+    ]);
+    assert!(!ok, "{out}");
     // The upstream's own CA is not what the guest sees: interception is visible.
     let (ok, _) = sb.curl(&["--cacert", w.ca_file.to_str().unwrap(), "https://api.test/"]);
     assert!(
@@ -457,6 +561,12 @@ fn curl_gets_the_value_substituted_toward_its_host_only() {
         has("tls", "failed", &|e| e
             .rule
             .contains("placeholder of secret KEY")),
+        "{log:#?}"
+    );
+    assert!(
+        has("tls", "failed", &|e| e
+            .rule
+            .contains("request to evil.test refused by the policy")),
         "{log:#?}"
     );
     assert!(
