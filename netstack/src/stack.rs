@@ -530,6 +530,10 @@ struct State {
     lookups: HashMap<u64, FlowKey>,
     /// Sockets to remove after the next poll (so an abort's reset goes out first).
     reap: Vec<SocketHandle>,
+    /// New flows' SYNs waiting a round for another SYN to the same address (`listen_pending`).
+    deferred: Vec<Vec<u8>>,
+    /// Whether `deferred` frames are being looked at again.
+    retrying: bool,
     dns_socks: Vec<SocketHandle>,
     bindings: Bindings,
     next_token: usize,
@@ -673,6 +677,8 @@ impl State {
             sniffing: HashMap::new(),
             lookups: HashMap::new(),
             reap: Vec::new(),
+            deferred: Vec::new(),
+            retrying: false,
             next_dns: 0,
             routes,
         })
@@ -707,6 +713,13 @@ impl State {
     /// Small batches (32 frames, 2 MiB at the largest MTU) keep ACKs flowing back while many
     /// streams send: with 256, eight guest→host streams ran at half the rate.
     fn round(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.retrying = true;
+        for frame in std::mem::take(&mut self.deferred) {
+            if let Some(frame) = self.inspect(frame) {
+                self.rx.push_back(frame);
+            }
+        }
+        self.retrying = false;
         for _ in 0..32 {
             match self.link.recv(buf)? {
                 Some(0) => continue,
@@ -721,7 +734,7 @@ impl State {
             }
         }
         let busy = self.step();
-        Ok(busy || !self.rx.is_empty())
+        Ok(busy || !self.rx.is_empty() || !self.deferred.is_empty())
     }
 
     /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
@@ -926,10 +939,26 @@ impl State {
                     IpEndpoint::new(src, tcp.src_port()),
                     IpEndpoint::new(dst, tcp.dst_port()),
                 );
-                match self.tcp.get_mut(&key) {
+                match self.tcp.get(&key) {
                     // A retransmitted SYN while the host connection is being made.
                     Some(f) if f.handle.is_none() => return None,
-                    Some(_) => {}
+                    Some(f) => {
+                        // A new SYN on a tuple whose old connection is not finished here yet
+                        // (the guest reusing its port: the old one's RST or last ACK may be
+                        // in this very batch): tried again next round, once, when the old
+                        // flow has ended. Otherwise smoltcp answers it as RFC 5961 says.
+                        let st = f.handle.map(|h| self.sockets.get::<tcp::Socket>(h).state());
+                        if !self.retrying && st != Some(tcp::State::SynReceived) {
+                            self.deferred.push(frame);
+                            return None;
+                        }
+                    }
+                    // One guest connection at a time is accepted per destination (see
+                    // `listen_pending`); the others wait a round.
+                    None if self.listen_pending(key.1) => {
+                        self.deferred.push(frame);
+                        return None;
+                    }
                     None => return self.open_tcp(key, frame),
                 }
             }
@@ -985,10 +1014,11 @@ impl State {
                 return Some(syn);
             }
         };
-        if self
-            .watch(&mut stream, Interest::READABLE | Interest::WRITABLE)
-            .is_err()
-        {
+        // What the guest sent is written at once: its own stack already decided when to send
+        // (Nagle here would hold a TLS handshake's second flight for the first one's ACK).
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = self.watch(&mut stream, Interest::READABLE | Interest::WRITABLE) {
+            tracing::warn!("netstack: tcp {dst}: watching the host connection: {e}");
             return Some(syn);
         }
         self.stats.tcp_allowed.fetch_add(1, Ordering::Relaxed);
@@ -1002,6 +1032,10 @@ impl State {
     }
 
     /// The guest-side socket for a flow whose host connection is up.
+    fn listen_pending(&self, dst: IpEndpoint) -> bool {
+        listen_pending(&self.sockets, dst)
+    }
+
     fn accept_tcp(sockets: &mut SocketSet<'static>, dst: IpEndpoint) -> Option<SocketHandle> {
         let mut s = tcp_socket();
         s.listen(IpListenEndpoint {
@@ -1247,8 +1281,16 @@ impl State {
                     },
                 };
                 busy = true;
+                if !failed && f.handle.is_none() && listen_pending(&self.sockets, key.1) {
+                    continue;
+                }
                 let syn = f.syn.take();
                 if failed {
+                    tracing::debug!(
+                        "netstack: tcp {} -> {}: the host connection failed",
+                        key.0,
+                        key.1
+                    );
                     match (syn, f.handle) {
                         // Refused by the host: the held SYN meets no socket and is reset.
                         (Some(syn), _) => self.rx.push_front(syn),
@@ -1769,6 +1811,21 @@ impl Drop for State {
 fn udp_socket() -> udp::Socket<'static> {
     let buffer = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]);
     udp::Socket::new(buffer(), buffer())
+}
+
+/// Whether a guest-side socket listens on `dst` for a SYN not yet processed. A listening
+/// socket takes the first SYN to its address, whichever guest connection it is from: with two
+/// at once, two flows' guest connections could be swapped, and a flow would outlive the
+/// connection it believes it has (the guest, reusing that port, was then refused).
+fn listen_pending(sockets: &SocketSet<'static>, dst: IpEndpoint) -> bool {
+    sockets.iter().any(|(_, s)| match s {
+        smoltcp::socket::Socket::Tcp(t) => {
+            t.state() == tcp::State::Listen
+                && t.listen_endpoint().port == dst.port
+                && t.listen_endpoint().addr == Some(dst.addr)
+        }
+        _ => false,
+    })
 }
 
 /// A guest-side TCP socket; no Nagle (the host side already batches).

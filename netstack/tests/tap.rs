@@ -568,6 +568,43 @@ print("over the limit refused", refused > 0)
     assert!(out.contains("over the limit refused True"), "{out}");
 }
 
+/// Many guest connections opened at once to one address, each source port reused as soon as
+/// its connection ends (an abortive close leaves no TIME_WAIT in the guest): every one is
+/// accepted. Two SYNs to one address in the same round once swapped their flows' guest
+/// connections, and a flow that outlived its connection refused the port's next one.
+#[test]
+fn parallel_connections_to_one_address_reusing_ports_are_all_accepted() {
+    let port = echo_server();
+    let sb = sandbox(host_port(Preset::Public, port), &[]);
+    let code = format!(
+        r#"
+import socket, struct, threading
+bad = []
+def client(i):
+    for n in range(150):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.settimeout(10)
+        try:
+            s.bind(("10.0.2.15", 41000 + i))
+            s.connect(("10.0.2.2", {port}))
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                bad.append((i, n, "no echo"))
+        except OSError as e:
+            bad.append((i, n, repr(e)))
+        s.close()
+threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("failures", len(bad), bad[:5])
+"#
+    );
+    let out = stdout(&sb.py(&code));
+    assert!(out.contains("failures 0 "), "{out}");
+}
+
 /// A resolver that does not answer in time: the guest gets SERVFAIL after the stack's own
 /// timeout, not the resolver's, and other names are still served meanwhile.
 #[test]
