@@ -45,9 +45,10 @@ pub struct NetArgs {
     /// has them, as a sandbox's virtio-net card does).
     #[arg(long)]
     no_offload: bool,
-    /// Only these metrics (comma-separated: hostcheck,up1,up8,down1,down8,connect1,connect8,rtt).
+    /// Only these metrics (comma-separated: hostcheck,up1,up8,down1,down8,connect1,connect8,rtt;
+    /// with --tls: tls-down,tls-up,tls-connect,tls-first).
     #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
+    pub(crate) only: Vec<String>,
     /// Also measure inside a sandbox (needs a /dev/kvm that runs Linux guests: inside the L2
     /// VM on PVM hosts, where only the path, not the figures, means anything).
     #[arg(long)]
@@ -73,7 +74,7 @@ pub struct ClientArgs {
     #[arg(long, default_value_t = 2.0)]
     pub(crate) seconds: f64,
     #[arg(long, default_value_t = 1)]
-    streams: usize,
+    pub(crate) streams: usize,
     #[arg(long, default_value_t = 5000)]
     pub(crate) round_trips: usize,
     /// TLS modes: the CA (PEM) the client trusts.

@@ -173,6 +173,31 @@ fn read_head(s: &mut impl Read) -> Result<Vec<u8>> {
     }
 }
 
+/// CPU time (user + system) of this process's netstack threads so far.
+fn netstack_cpu() -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "netstack" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+            total += u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Duration::from_secs_f64(total / tick)
+}
+
 /// `net-client --mode tls-*`: one measurement where the guest is.
 pub fn client(a: &ClientArgs) -> Result<ClientResult> {
     let ca = a.ca.as_ref().context("--ca is needed for TLS modes")?;
@@ -227,18 +252,32 @@ pub fn client(a: &ClientArgs) -> Result<ClientResult> {
             out.rate = Some(total as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
         }
         "tls-connect" => {
+            // `streams` clients at once, each connecting, asking, and closing in a loop.
             let t = Instant::now();
-            let mut n = 0u64;
             let req = get("/1");
-            while t.elapsed() < dur {
-                let mut s = connect(a.addr, &cfg)?;
-                s.write_all(req.as_bytes())?;
-                read_head(&mut s)?;
-                s.conn.send_close_notify();
-                let _ = s.flush();
-                n += 1;
-            }
-            out.rate = Some(n as f64 / t.elapsed().as_secs_f64());
+            let counts = std::thread::scope(|sc| {
+                let workers: Vec<_> = (0..a.streams.max(1))
+                    .map(|_| {
+                        sc.spawn(|| -> Result<u64> {
+                            let mut n = 0u64;
+                            while t.elapsed() < dur {
+                                let mut s = connect(a.addr, &cfg)?;
+                                s.write_all(req.as_bytes())?;
+                                read_head(&mut s)?;
+                                s.conn.send_close_notify();
+                                let _ = s.flush();
+                                n += 1;
+                            }
+                            Ok(n)
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("a client thread"))
+                    .collect::<Result<Vec<u64>>>()
+            })?;
+            out.rate = Some(counts.iter().sum::<u64>() as f64 / t.elapsed().as_secs_f64());
         }
         "tls-first" => {
             let req = get("/1");
@@ -264,11 +303,33 @@ struct Target {
     ca: PathBuf,
 }
 
-const METRICS: [(&str, &str); 4] = [
-    ("tls-down", "HTTPS host→guest 1 stream (Gbit/s)"),
-    ("tls-up", "HTTPS guest→host 1 stream (Gbit/s)"),
-    ("tls-connect", "new HTTPS connections (/s)"),
-    ("tls-first", "new connection → first byte (µs)"),
+/// Metric key, label, client mode, clients at once.
+const METRICS: [(&str, &str, &str, usize); 5] = [
+    (
+        "tls-down",
+        "HTTPS host→guest 1 stream (Gbit/s)",
+        "tls-down",
+        1,
+    ),
+    ("tls-up", "HTTPS guest→host 1 stream (Gbit/s)", "tls-up", 1),
+    (
+        "tls-connect",
+        "new HTTPS connections, 1 client (/s)",
+        "tls-connect",
+        1,
+    ),
+    (
+        "tls-connect8",
+        "new HTTPS connections, 8 clients (/s)",
+        "tls-connect",
+        8,
+    ),
+    (
+        "tls-first",
+        "new connection → first byte (µs)",
+        "tls-first",
+        1,
+    ),
 ];
 
 /// `msb-bench net --tls`.
@@ -282,10 +343,18 @@ pub fn run(a: &NetArgs) -> Result<()> {
     let sb_ca = Ca::generate()?;
     let sb_ca_file = dir.join("sandbox-ca.pem");
     std::fs::write(&sb_ca_file, sb_ca.cert_pem())?;
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding the server on loopback")?;
-    let port = listener.local_addr()?.port();
+    // A server (port) per target: a thousand connections a second leave tens of thousands of
+    // loopback tuples in TIME_WAIT, which would starve the next target's connects to the
+    // same port of ephemeral ports.
     let leaves = Arc::new(Leaves::new(up_ca)?);
-    std::thread::spawn(move || serve(listener, leaves));
+    let server = || -> Result<u16> {
+        let l = TcpListener::bind("127.0.0.1:0").context("binding the server on loopback")?;
+        let port = l.local_addr()?.port();
+        let leaves = leaves.clone();
+        std::thread::spawn(move || serve(l, leaves));
+        Ok(port)
+    };
+    let port = server()?;
 
     let secrets = Secrets::new(vec![Secret::new(
         "BENCH_KEY",
@@ -299,9 +368,9 @@ pub fn run(a: &NetArgs) -> Result<()> {
         &[&up_ca_file],
         false,
     )?;
-    intercept.ports = vec![port];
+    let tls_port = server()?;
+    intercept.ports = vec![tls_port];
     let intercept = Arc::new(intercept);
-    let gw = SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port));
     let mut parts = Vec::new();
     let mut targets = vec![Target {
         name: "loopback",
@@ -320,11 +389,12 @@ pub fn run(a: &NetArgs) -> Result<()> {
         let ns_name = format!("msbtls{}{}", std::process::id(), parts.len());
         let (ns, tap) = GuestNamespace::create(&ns_name, a.mtu, true)
             .context("creating a guest namespace (needs root, iproute2 and /dev/net/tun)")?;
+        let port = if icpt.is_some() { tls_port } else { server()? };
         let stack = crate::net::serve_tap(tap, port, a.mtu, icpt)?;
         targets.push(Target {
             name,
             prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
-            addr: gw,
+            addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
             ca,
         });
         parts.push((stack, ns));
@@ -335,12 +405,19 @@ pub fn run(a: &NetArgs) -> Result<()> {
         a.mtu, a.runs, a.seconds, a.round_trips
     );
     let mut table = Vec::new();
-    for (mode, label) in METRICS {
+    for (key, label, mode, clients) in METRICS {
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == key) {
+            continue;
+        }
         for t in &targets {
             let mut samples = Vec::new();
             let runs = if mode == "tls-first" { 1 } else { a.runs };
+            let (mut cpu, mut conns) = (Duration::ZERO, 0.0);
             for _ in 0..runs {
-                let r = run_client(&exe, t, mode, a, &placeholder)?;
+                let before = netstack_cpu();
+                let r = run_client(&exe, t, mode, clients, a, &placeholder)?;
+                cpu += netstack_cpu().saturating_sub(before);
+                conns += r.rate.unwrap_or(0.0) * a.seconds;
                 match r.rate {
                     Some(v) => samples.push(v),
                     None => samples.extend(r.rtt_us),
@@ -351,7 +428,16 @@ pub fn run(a: &NetArgs) -> Result<()> {
                     "{label:<36} {:<18} p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  (n={})",
                     t.name, s.p50, s.p90, s.p99, s.n
                 );
-                table.push((mode, t.name, s));
+                table.push((key, t.name, s));
+            }
+            if mode == "tls-connect" && t.name != "loopback" && conns > 0.0 {
+                // The netstack thread's own CPU time: what a connection costs the VMM, which
+                // on this 2-core box shares the cores with the clients and the server.
+                let us = cpu.as_secs_f64() * 1e6 / conns;
+                eprintln!(
+                    "{:<36} {:<18} {us:>9.0} µs of netstack CPU per connection (≈ {:.0} /s per core)",
+                    "", t.name, 1e6 / us
+                );
             }
         }
     }
@@ -359,11 +445,11 @@ pub fn run(a: &NetArgs) -> Result<()> {
         "\n{:<36} {:>12} {:>12} {:>8}",
         "metric (p50)", "intercepted", "plain", "ratio"
     );
-    for (mode, label) in METRICS {
+    for (key, label, mode, _) in METRICS {
         let p50 = |name: &str| {
             table
                 .iter()
-                .find(|(m, n, _)| *m == mode && *n == name)
+                .find(|(m, n, _)| *m == key && *n == name)
                 .map(|(_, _, s)| s.p50)
         };
         if let (Some(i), Some(p)) = (p50("msb netstack+tls"), p50("msb netstack")) {
@@ -384,7 +470,14 @@ pub fn run(a: &NetArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_client(exe: &Path, t: &Target, mode: &str, a: &NetArgs, auth: &str) -> Result<ClientResult> {
+fn run_client(
+    exe: &Path,
+    t: &Target,
+    mode: &str,
+    clients: usize,
+    a: &NetArgs,
+    auth: &str,
+) -> Result<ClientResult> {
     let (program, rest) = t.prefix.split_first().expect("a prefix");
     let rounds = (a.round_trips / 10).max(20).to_string();
     let out = Command::new(program)
@@ -396,6 +489,8 @@ fn run_client(exe: &Path, t: &Target, mode: &str, a: &NetArgs, auth: &str) -> Re
             &a.seconds.to_string(),
             "--round-trips",
             &rounds,
+            "--streams",
+            &clients.to_string(),
         ])
         .arg("--ca")
         .arg(&t.ca)
