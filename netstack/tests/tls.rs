@@ -659,6 +659,91 @@ print("bypass", p.getresponse().status)
     );
 }
 
+/// Node's and Go's HTTPS clients, given only the environment msb-init sets in a sandbox
+/// (`NODE_EXTRA_CA_CERTS`, `SSL_CERT_FILE`), trust the sandbox CA and get the value
+/// substituted toward its host; toward another host the flow is blocked.
+#[test]
+fn node_and_go_clients_work_unchanged() {
+    let w = world();
+    let sb = sandbox(&w, |_| {});
+    let ca = w.sandbox_ca_file.to_str().unwrap();
+    let node = r#"
+const https = require("https");
+const get = (host) => new Promise((resolve) => {
+  const req = https.request({ host, path: "/node?k=" + process.env.KEY, headers: { "X-Key": process.env.KEY } },
+    (res) => { let b = ""; res.on("data", (d) => b += d); res.on("end", () => resolve(b)); });
+  req.on("error", (e) => resolve("error " + e.code));
+  req.end();
+});
+(async () => { console.log(await get("api.test")); console.log("other:", await get("other.test")); })();
+"#;
+    let o = sb
+        .ns
+        .command("node")
+        .args(["-e", node])
+        .env("KEY", &sb.placeholder)
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .output()
+        .expect("node is needed (./x test installs nodejs)");
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        out.contains("GET /node?k=sk-live-real-value HTTP/1.1")
+            && out.contains("X-Key: sk-live-real-value")
+            && out.contains("other: error ECONNRESET"),
+        "{out}"
+    );
+    let dir = std::env::temp_dir().join(format!("{}-go", w.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("main.go"),
+        r#"package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+)
+
+func get(url string) string {
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("X-Key", os.Getenv("KEY"))
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "error " + err.Error()
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return string(b)
+}
+
+func main() {
+	fmt.Println(get("https://api.test/go"))
+	fmt.Println("other:", get("https://other.test/go"))
+}
+"#,
+    )
+    .unwrap();
+    let o = sb
+        .ns
+        .command("go")
+        .args(["run", "main.go"])
+        .current_dir(&dir)
+        .env("KEY", &sb.placeholder)
+        .env("SSL_CERT_FILE", ca)
+        .env("GOCACHE", std::env::temp_dir().join("msb-test-gocache"))
+        .env("GO111MODULE", "off")
+        .output()
+        .expect("go is needed (./x test installs golang-go)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        out.contains("GET /go HTTP/1.1") && out.contains("X-Key: sk-live-real-value"),
+        "{out}"
+    );
+    assert!(out.contains("other: error"), "{out}");
+}
+
 /// A placeholder in plain HTTP, raw TCP, UDP or a DNS query (flows not intercepted) is a
 /// violation: the flow is blocked and logged.
 #[test]
