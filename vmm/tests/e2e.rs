@@ -461,14 +461,23 @@ fn state_dir() -> std::path::PathBuf {
     base.join(format!("msb-e2e-state-{}", std::process::id()))
 }
 
+/// `msb-vmm` with a test state directory, under umask 002 (a shared-group setup, where
+/// files following the umask would be open to the group).
 fn msb_vmm_state(args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
     check_host();
-    Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
+    cmd.args(args)
         .env("MSB_STATE_DIR", state_dir())
-        .env("MSB_ROOTFS", "initramfs")
-        .output()
-        .expect("msb-vmm runs")
+        .env("MSB_ROOTFS", "initramfs");
+    let hook = || -> std::io::Result<()> {
+        // SAFETY: umask cannot fail and changes only this (child) process's mask.
+        unsafe { libc::umask(0o002) };
+        Ok(())
+    };
+    // SAFETY: the hook only calls umask, which is async-signal-safe.
+    unsafe { cmd.pre_exec(hook) };
+    cmd.output().expect("msb-vmm runs")
 }
 
 #[test]
@@ -476,6 +485,14 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
     let _w = watchdog("long_running_sandbox_start_exec_cp_ls_stop");
     let out = msb_vmm_state(&["start", "--name", "box1", "--cpus", "2"]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
+    // The owner's only, whatever the umask: the socket runs commands as root in the guest.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = state_dir().join("box1");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    for f in ["vsock.sock", "log", "pid", "info.json", "ready"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
     let again = msb_vmm_state(&["start", "--name", "box1"]);
     assert_eq!(again.status.code(), Some(125));
     assert!(

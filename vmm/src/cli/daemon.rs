@@ -14,6 +14,7 @@
 //! directory removed.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,22 @@ fn state_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/state/msb-vmm")
+}
+
+/// A new file (or an emptied one) readable and writable by the owner only, whatever the umask.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    private_file(path)?.write_all(data)
 }
 
 /// Sandbox names: safe as a directory name and readable in `ls`.
@@ -128,7 +145,11 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
     super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net)?;
     let root = state_root();
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .with_context(|| format!("creating {}", root.display()))?;
     let dir = root.join(&a.name);
     if dir.exists() {
         match status(&dir) {
@@ -142,12 +163,21 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
             ),
         }
     }
-    // mkdir is the lock: two concurrent starts of one name cannot both get here.
-    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => anyhow!("a sandbox named {} already exists", a.name),
-        _ => anyhow!("creating {}: {e}", dir.display()),
-    })?;
-    let log = std::fs::File::create(dir.join("log")).context("creating the sandbox log")?;
+    // mkdir is the lock: two concurrent starts of one name cannot both get here. The owner
+    // only, whatever the umask: the socket inside runs commands as root in the guest, and the
+    // log holds the guest's console.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                anyhow!("a sandbox named {} already exists", a.name)
+            }
+            _ => anyhow!("creating {}: {e}", dir.display()),
+        })?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| dir.display().to_string())?;
+    let log = private_file(&dir.join("log")).context("creating the sandbox log")?;
     let exe = std::env::current_exe().context("finding the msb-vmm executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__serve")
@@ -257,8 +287,11 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
 /// `msb-vmm __serve`: runs a sandbox until it powers off, then removes its directory.
 pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
     let dir = state_root().join(&a.name);
-    std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))
-        .context("writing the pid file")?;
+    write_private(
+        &dir.join("pid"),
+        format!("{}\n", std::process::id()).as_bytes(),
+    )
+    .context("writing the pid file")?;
     let _signals = Signals::block();
     let hostname = a.hostname.clone().unwrap_or_else(|| {
         if msb_init::cmdline::valid_hostname(&a.name) {
@@ -300,8 +333,8 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         "boot_time_us": sb.boot_time().map(|d| d.as_micros() as u64),
         "agent_ready_us": sb.ready_time().as_micros() as u64,
     });
-    std::fs::write(dir.join("info.json"), format!("{info}\n"))?;
-    std::fs::write(dir.join("ready"), b"")?;
+    write_private(&dir.join("info.json"), format!("{info}\n").as_bytes())?;
+    write_private(&dir.join("ready"), b"")?;
     // Until the guest powers off (a `stop` asks its agent to) or we are told to stop.
     let stop = sb.stop_handle();
     std::thread::spawn(move || {

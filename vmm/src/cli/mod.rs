@@ -471,9 +471,12 @@ pub fn with_network(
         .transpose()
         .map_err(|e| anyhow::anyhow!("TLS interception: {e}"))?;
     if let Some(path) = &n.net_log {
+        use std::os::unix::fs::OpenOptionsExt;
+        // A new audit log is the owner's only (it names every host the guest reached).
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| anyhow::anyhow!("--net-log {}: {e}", path.display()))?;
         net.log = Some(json_lines(file));

@@ -3,6 +3,7 @@
 //! the socket is the connection.
 
 use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,9 @@ impl HybridListener {
     pub fn bind(path: &Path, host: VsockHost) -> io::Result<HybridListener> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        // Whoever connects runs commands as root in the guest: the owner only, whatever the
+        // umask made of it (0775 under umask 002 lets any group member in).
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -141,5 +145,20 @@ mod tests {
         ] {
             assert_eq!(parse_connect(bad), None, "{bad}");
         }
+    }
+
+    /// The socket is the owner's only, whatever the umask (the test's is usually 022, which
+    /// alone would leave it 0755).
+    #[test]
+    fn the_socket_is_the_owners_only() {
+        let dir = std::env::temp_dir().join(format!("msb-hybrid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let (_device, host) = crate::virtio::vsock::VsockDevice::new().unwrap();
+        let l = HybridListener::bind(&path, host).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(mode, 0o600);
     }
 }
