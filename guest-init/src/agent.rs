@@ -73,6 +73,9 @@ pub enum HostMessage {
     },
     /// The host consumed this many payload bytes of request `id`'s responses.
     Ack { id: u64, bytes: u32 },
+    /// The host gave up on request `id`'s input: a file write is discarded (the target left
+    /// as it was), an exec's standard input closed.
+    Abort { id: u64 },
 }
 
 /// What the host asks for.

@@ -179,6 +179,11 @@ impl Agent {
                     ctl.input(Input::Close)?;
                 }
             }
+            HostMessage::Abort { id } => {
+                if let Some(ctl) = conn.get(id) {
+                    ctl.close_input();
+                }
+            }
             HostMessage::CloseStdin { id } => {
                 if let Some(ctl) = conn.get(id) {
                     ctl.input(Input::Close)?;
@@ -898,40 +903,64 @@ fn write_file(
             std::fs::create_dir_all(parent).map_err(|e| path_error(path, e))?;
         }
     }
+    // Written beside the target and renamed over it once complete: a failed copy (a full
+    // disk, a dropped connection) leaves the target as it was and no partial file.
+    let name = p
+        .file_name()
+        .ok_or_else(|| invalid("the path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".msb-{}-{id}", std::process::id()));
+    let tmp = p.with_file_name(tmp_name);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode & 0o7777)
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(p)
+        .open(&tmp)
         .map_err(|e| path_error(path, e))?;
-    // Apply the mode exactly (the umask narrowed it at creation).
-    let _ = f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777));
-    let rx = lock(&ctl.input_rx)
-        .take()
-        .ok_or_else(|| invalid("file data channel missing"))?;
-    let mut failure = None;
-    for i in rx {
-        match i {
-            Input::Data(d) => {
-                if failure.is_none() {
-                    if let Err(e) = f.write_all(&d) {
-                        failure = Some(path_error(path, e));
+    let result = (|| {
+        // Apply the mode exactly (the umask narrowed it at creation).
+        let _ = f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777));
+        let rx = lock(&ctl.input_rx)
+            .take()
+            .ok_or_else(|| invalid("file data channel missing"))?;
+        let mut failure = None;
+        let mut complete = false;
+        for i in rx {
+            match i {
+                Input::Data(d) => {
+                    if failure.is_none() {
+                        if let Err(e) = f.write_all(&d) {
+                            failure = Some(path_error(path, e));
+                        }
                     }
+                    ctl.input_in_flight
+                        .fetch_sub(d.len() as u64, Ordering::SeqCst);
+                    let _ = conn.respond(id, Response::Ack(d.len() as u32));
                 }
-                ctl.input_in_flight
-                    .fetch_sub(d.len() as u64, Ordering::SeqCst);
-                let _ = conn.respond(id, Response::Ack(d.len() as u32));
+                Input::Close => {
+                    complete = true;
+                    break;
+                }
             }
-            Input::Close => break,
         }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if !complete {
+            return Err(io_error(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended before the file did",
+            )));
+        }
+        f.sync_all().map_err(|e| path_error(path, e))?;
+        std::fs::rename(&tmp, p).map_err(|e| path_error(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    f.sync_all().map_err(|e| path_error(path, e))?;
-    Ok(Response::Done)
+    result.map(|()| Response::Done)
 }
 
 fn read_file(conn: &Conn, id: u64, ctl: &ReqCtl, path: &[u8]) -> Result<Response, AgentError> {

@@ -255,8 +255,14 @@ impl AgentClient {
         let mut total = 0u64;
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
-            let n = read_some(data, &mut buf)
-                .map_err(|e| ClientError::Io(format!("reading the local file: {e}")))?;
+            let n = match read_some(data, &mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    // The agent discards what it has so far rather than keep a partial file.
+                    let _ = h.inner.send(&HostMessage::Abort { id: h.id });
+                    return Err(ClientError::Io(format!("reading the local file: {e}")));
+                }
+            };
             // An early error from the agent (cannot create the file) ends the transfer.
             if let Some(r) = h.try_final()? {
                 return match r {

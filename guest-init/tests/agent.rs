@@ -369,6 +369,51 @@ fn files_written_read_listed_and_removed() {
     );
 }
 
+/// A copy that fails part-way (here the local file cannot be read past 1 MiB) leaves the
+/// target as it was and no partial file beside it.
+#[test]
+fn a_failed_write_leaves_no_partial_file() {
+    struct Failing(usize);
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 >= 1 << 20 {
+                return Err(std::io::Error::other("disk error"));
+            }
+            let n = buf.len().min((1 << 20) - self.0);
+            buf[..n].fill(b'n');
+            self.0 += n;
+            Ok(n)
+        }
+    }
+    let a = Agent::start();
+    let c = a.client();
+    let dir = a.dir.join("partial");
+    let path = dir.join("f.txt");
+    let p = path.as_os_str().as_encoded_bytes();
+    c.write_file(p, 0o644, true, &mut b"old".as_slice())
+        .unwrap();
+    assert!(c.write_file(p, 0o644, false, &mut Failing(0)).is_err());
+    let listing = || {
+        let mut names: Vec<Vec<u8>> = c
+            .list_dir(dir.as_os_str().as_encoded_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        names
+    };
+    // The agent notices the abandoned transfer on its own time.
+    let t = std::time::Instant::now();
+    while listing().len() > 1 && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(listing(), vec![b"f.txt".to_vec()]);
+    let mut back = Vec::new();
+    c.read_file(p, &mut back).unwrap();
+    assert_eq!(back, b"old");
+}
+
 #[test]
 fn a_slow_reader_throttles_the_process() {
     let a = Agent::start();
