@@ -75,8 +75,8 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    /// Guest memory in MiB (faulted in as the guest touches it: unused memory costs nothing).
+    #[arg(long, default_value_t = msb_vmm::sandbox::DEFAULT_MEMORY_MIB, value_name = "MIB")]
     memory: u64,
     /// Show the guest's serial console (on stderr for sandboxes).
     #[arg(long)]
@@ -227,12 +227,7 @@ struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
     /// The command and its arguments.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -262,12 +257,7 @@ struct ExecArgs {
     /// The sandbox.
     name: String,
     /// The command and its arguments.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -418,7 +408,7 @@ mod tests {
         let Command::Run(r) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(r.vm.memory, 128);
+        assert_eq!(r.vm.memory, msb_vmm::sandbox::DEFAULT_MEMORY_MIB);
         assert_eq!(
             r.command,
             ["ls", "-la", "--memory", "5"].map(OsString::from).to_vec()
@@ -457,7 +447,10 @@ mod tests {
         let Command::Boot(b) = cli.command else {
             panic!("not boot")
         };
-        assert_eq!((b.vm.cpus, b.vm.memory, b.vm.console), (1, 128, false));
+        assert_eq!(
+            (b.vm.cpus, b.vm.memory, b.vm.console),
+            (1, msb_vmm::sandbox::DEFAULT_MEMORY_MIB, false)
+        );
         assert!(parse(&["boot"]).is_err());
         assert!(parse(&["run"]).is_err(), "run needs a command");
     }

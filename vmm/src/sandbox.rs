@@ -40,6 +40,10 @@ use crate::vm::{
 
 /// How long a sandbox may take from start to a connected agent, by default.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Guest memory when none is asked for. Memory is faulted in as the guest touches it, so a
+/// sandbox using 40 MiB costs 40 MiB whatever this says; 512 MiB gives `/tmp` (a tmpfs of half
+/// of it) room for a 200 MiB file, as the sandboxes users compare us with do (E2B 512 MiB).
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// How long a guest may take to power off after the agent acknowledged Shutdown.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
 
@@ -329,7 +333,7 @@ impl SandboxBuilder {
         self
     }
 
-    /// Guest memory in MiB (default 128).
+    /// Guest memory in MiB (default [`DEFAULT_MEMORY_MIB`]).
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
         self
@@ -662,7 +666,7 @@ impl Sandbox {
     pub fn builder() -> SandboxBuilder {
         SandboxBuilder {
             cpus: 1,
-            memory_mib: 128,
+            memory_mib: DEFAULT_MEMORY_MIB,
             kernel: None,
             console: false,
             hostname: "msb".into(),

@@ -88,10 +88,10 @@ pub enum VmError {
     TooManyShares(usize),
     #[error("{0}")]
     BadShare(String),
-    #[error("--memory {0} MiB is out of range: use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
-    BadMemory(u64),
-    #[error("--memory {given} MiB is too small for this kernel and initramfs: use --memory {needed} or more")]
-    TooLittleMemory { given: u64, needed: u64 },
+    /// One range, whichever end was missed: the smallest memory this kernel and initramfs
+    /// can run in, up to the largest we map.
+    #[error("--memory {given} MiB is out of range for this kernel and initramfs: use {min} to {MAX_MEMORY_MIB} MiB")]
+    BadMemory { given: u64, min: u64 },
     #[error(transparent)]
     Loader(#[from] LoaderError),
     #[error(transparent)]
@@ -473,9 +473,6 @@ impl VmBuilder {
                 source: io::Error::other("the process is out of file descriptors"),
             });
         }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(VmError::BadMemory(self.memory_mib));
-        }
         let info = loader::inspect_kernel(&self.kernel)?;
         if info.is_linux && crate::host::is_pvm() && !self.allow_pvm_linux {
             return Err(HypervisorError::Pvm.into());
@@ -485,12 +482,12 @@ impl VmBuilder {
             Some(Initrd::Path(p)) => Some(Arc::new(loader::read_initrd(p)?)),
             Some(Initrd::Bytes(b)) => Some(b.clone()),
         };
-        let mem_bytes = self.memory_mib << 20;
         let initrd_addr = check_fit(
             &info,
             initrd.as_ref().map(|i| i.len() as u64),
             self.memory_mib,
         )?;
+        let mem_bytes = self.memory_mib << 20;
 
         let hv = match &self.hypervisor {
             Some(h) => h.clone(),
@@ -806,7 +803,12 @@ fn check_fit(
     initrd_len: Option<u64>,
     memory_mib: u64,
 ) -> Result<Option<u64>, VmError> {
-    let low_end = low_ram_end(memory_mib << 20);
+    if info.load_start < HIMEM_START {
+        return Err(VmError::KernelLoad(format!(
+            "kernel wants to load at {:#x}, below 1 MiB",
+            info.load_start
+        )));
+    }
     let mib = |b: u64| b.div_ceil(1 << 20);
     let initrd = initrd_len.unwrap_or(0).next_multiple_of(4096);
     // A Linux guest also needs room to run: page tables, slab, the unpacked initramfs.
@@ -818,26 +820,27 @@ fn check_fit(
     } else {
         info.load_end.saturating_add(initrd)
     };
-    if info.load_start < HIMEM_START || info.load_end > low_end || needed > (memory_mib << 20) {
-        if info.load_start < HIMEM_START {
-            return Err(VmError::KernelLoad(format!(
-                "kernel wants to load at {:#x}, below 1 MiB",
-                info.load_start
-            )));
-        }
-        return Err(VmError::TooLittleMemory {
-            given: memory_mib,
-            needed: mib(needed.max(info.load_end)),
-        });
+    let min = mib(needed).max(MIN_MEMORY_MIB);
+    let bad = VmError::BadMemory {
+        given: memory_mib,
+        min,
+    };
+    // Checked before any shift: a huge --memory must not wrap.
+    if !(min..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(bad);
+    }
+    let low_end = low_ram_end(memory_mib << 20);
+    if info.load_end > low_end {
+        return Err(bad);
     }
     match initrd_len {
         None => Ok(None),
         Some(len) => {
             let addr = low_end.saturating_sub(len) & !0xfff;
             if addr < info.load_end {
-                return Err(VmError::TooLittleMemory {
+                return Err(VmError::BadMemory {
                     given: memory_mib,
-                    needed: mib(info.load_end + initrd),
+                    min: mib(info.load_end + initrd).max(min),
                 });
             }
             Ok(Some(addr))
@@ -1297,13 +1300,13 @@ mod tests {
         // A Linux kernel ending at 30 MiB cannot boot in 32 MiB.
         assert!(matches!(
             check_fit(&info(30 << 20, true), None, 32),
-            Err(VmError::TooLittleMemory { needed: 46, .. })
+            Err(VmError::BadMemory { min: 46, .. })
         ));
         assert!(check_fit(&info(30 << 20, true), Some(4 << 20), 128).is_ok());
         // The image itself must fit.
         assert!(matches!(
             check_fit(&info(20 << 20, false), None, 16),
-            Err(VmError::TooLittleMemory { .. })
+            Err(VmError::BadMemory { .. })
         ));
         let low = KernelInfo {
             load_start: 0x8000,

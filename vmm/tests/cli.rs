@@ -64,16 +64,48 @@ fn missing_and_wrong_kernels() {
 
 #[test]
 fn too_little_memory_and_bad_cpus() {
-    one_line_error(
-        &msb_vmm(&["boot", "--kernel", stub(), "--memory", "4"], &[]),
-        125,
-        "--memory 4 MiB is out of range",
+    // One range whichever end is missed, and its low end is accepted.
+    let range = |mem: &str| {
+        let out = msb_vmm(&["boot", "--kernel", stub(), "--memory", mem], &[]);
+        one_line_error(&out, 125, &format!("--memory {mem} MiB is out of range"));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        err.split_once(": use ").unwrap().1.trim().to_string()
+    };
+    let low = range("4");
+    assert_eq!(low, range("99999999"));
+    assert_eq!(low, range("18446744073709551615"));
+    let min = low.split_whitespace().next().unwrap();
+    let ok = msb_vmm(&["boot", "--kernel", stub(), "--memory", min], &[]);
+    assert!(
+        ok.status.success(),
+        "--memory {min}: {}",
+        String::from_utf8_lossy(&ok.stderr)
     );
     one_line_error(
         &msb_vmm(&["boot", "--kernel", stub(), "--cpus", "65"], &[]),
         125,
         "--cpus 65 is out of range",
     );
+}
+
+/// An unknown flag before the command is refused, as `docker run` does, not run as the
+/// command; after `--` (or after the command's first word) flags are the command's.
+#[test]
+fn unknown_flags_before_the_command_are_refused() {
+    for sub in [&["run"][..], &["exec", "box"][..]] {
+        let mut args = sub.to_vec();
+        args.extend(["--bogus", "--", "echo", "hi"]);
+        let out = msb_vmm(&args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--bogus'"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Flags after the command's first word belong to it (refused here only for PVM).
+    let out = msb_vmm(&["run", "ls", "-la"], &[("MSB_HOST_PVM", "1")]);
+    one_line_error(&out, 125, "is PVM");
 }
 
 #[test]
@@ -338,4 +370,21 @@ fn secret_mistakes_are_caught_before_boot() {
     );
     let _ = std::fs::remove_file(&policy);
     one_line_error(&out, 125, ".toml:2: secret MSB_TEST_UNSET_VAR: the environment variable MSB_TEST_UNSET_VAR is not set");
+}
+
+/// A state directory where no Unix socket can be bound (here: a path too long for one; on 9p
+/// or NFS mounts, the file system) is one line naming MSB_STATE_DIR, before anything starts.
+#[test]
+fn a_state_directory_without_sockets_is_named() {
+    let dir = std::env::temp_dir()
+        .join(format!("msb-cli-state-{}", std::process::id()))
+        .join("x".repeat(100));
+    let out = msb_vmm(
+        &["start", "--name", "box"],
+        &[("MSB_STATE_DIR", dir.to_str().unwrap())],
+    );
+    one_line_error(&out, 125, "cannot hold Unix sockets");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MSB_STATE_DIR"));
+    assert!(!dir.join("box").exists(), "nothing left behind");
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }

@@ -177,6 +177,16 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         })?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| dir.display().to_string())?;
+    // 9p and some network file systems cannot hold Unix sockets: say so, not ENXIO later.
+    let probe = dir.join("probe.sock");
+    if let Err(e) = std::os::unix::net::UnixListener::bind(&probe) {
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!(
+            "{} cannot hold Unix sockets ({e}): set MSB_STATE_DIR to a local directory (e.g. /dev/shm/msb-vmm)",
+            root.display()
+        );
+    }
+    let _ = std::fs::remove_file(&probe);
     let log = private_file(&dir.join("log")).context("creating the sandbox log")?;
     let exe = std::env::current_exe().context("finding the msb-vmm executable")?;
     let mut cmd = std::process::Command::new(exe);
