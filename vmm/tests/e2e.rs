@@ -483,7 +483,15 @@ fn msb_vmm_state(args: &[&str]) -> Output {
 #[test]
 fn long_running_sandbox_start_exec_cp_ls_stop() {
     let _w = watchdog("long_running_sandbox_start_exec_cp_ls_stop");
-    let out = msb_vmm_state(&["start", "--name", "box1", "--cpus", "2"]);
+    let out = msb_vmm_state(&[
+        "start",
+        "--name",
+        "box1",
+        "--cpus",
+        "2",
+        "--tmpfs",
+        "/small:1m",
+    ]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
     // The owner's only, whatever the umask: the socket runs commands as root in the guest.
     use std::os::unix::fs::PermissionsExt;
@@ -535,6 +543,29 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
     let cp = msb_vmm_state(&["cp", "box1:/tmp/payload.bin", back.to_str().unwrap()]);
     assert!(cp.status.success(), "cp out: {}", text(&cp.stderr));
     assert!(std::fs::read(&back).unwrap() == data);
+    // The default memory leaves /tmp room for a 64 MiB file.
+    let big = state_dir().join("big.bin");
+    std::fs::write(&big, vec![0x5a; 64 << 20]).unwrap();
+    let cp = msb_vmm_state(&["cp", big.to_str().unwrap(), "box1:/tmp/big.bin"]);
+    assert!(cp.status.success(), "cp 64 MiB: {}", text(&cp.stderr));
+    let size = msb_vmm_state(&["exec", "box1", "--", "stat", "-c", "%s", "/tmp/big.bin"]);
+    assert_eq!(text(&size.stdout), format!("{}\n", 64 << 20));
+    // A copy that does not fit fails and leaves the target as it was, and nothing beside it.
+    let e = msb_vmm_state(&["exec", "box1", "--", "sh", "-c", "echo old > /small/keep"]);
+    assert!(e.status.success());
+    let over = state_dir().join("over.bin");
+    std::fs::write(&over, vec![1u8; 2 << 20]).unwrap();
+    let cp = msb_vmm_state(&["cp", over.to_str().unwrap(), "box1:/small/keep"]);
+    assert_eq!(cp.status.code(), Some(125), "{}", text(&cp.stderr));
+    let e = msb_vmm_state(&[
+        "exec",
+        "box1",
+        "--",
+        "sh",
+        "-c",
+        "ls -A /small; head -c 8 /small/keep",
+    ]);
+    assert_eq!(text(&e.stdout), "keep\nold\n", "{}", text(&e.stderr));
     let missing = msb_vmm_state(&["cp", "box1:/no/such/file", back.to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(125));
     assert_eq!(
