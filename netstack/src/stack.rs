@@ -531,9 +531,9 @@ struct State {
     /// Sockets to remove after the next poll (so an abort's reset goes out first).
     reap: Vec<SocketHandle>,
     /// New flows' SYNs waiting a round for another SYN to the same address (`listen_pending`).
-    deferred: Vec<Vec<u8>>,
-    /// Whether `deferred` frames are being looked at again.
-    retrying: bool,
+    deferred: Vec<(Vec<u8>, u8)>,
+    /// While `deferred` frames are looked at again: how many rounds the current one waited.
+    attempt: u8,
     dns_socks: Vec<SocketHandle>,
     bindings: Bindings,
     next_token: usize,
@@ -678,7 +678,7 @@ impl State {
             lookups: HashMap::new(),
             reap: Vec::new(),
             deferred: Vec::new(),
-            retrying: false,
+            attempt: 0,
             next_dns: 0,
             routes,
         })
@@ -713,13 +713,13 @@ impl State {
     /// Small batches (32 frames, 2 MiB at the largest MTU) keep ACKs flowing back while many
     /// streams send: with 256, eight guest→host streams ran at half the rate.
     fn round(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.retrying = true;
-        for frame in std::mem::take(&mut self.deferred) {
+        for (frame, n) in std::mem::take(&mut self.deferred) {
+            self.attempt = n.saturating_add(1);
             if let Some(frame) = self.inspect(frame) {
                 self.rx.push_back(frame);
             }
         }
-        self.retrying = false;
+        self.attempt = 0;
         for _ in 0..32 {
             match self.link.recv(buf)? {
                 Some(0) => continue,
@@ -948,15 +948,15 @@ impl State {
                         // in this very batch): tried again next round, once, when the old
                         // flow has ended. Otherwise smoltcp answers it as RFC 5961 says.
                         let st = f.handle.map(|h| self.sockets.get::<tcp::Socket>(h).state());
-                        if !self.retrying && st != Some(tcp::State::SynReceived) {
-                            self.deferred.push(frame);
+                        if self.attempt == 0 && st != Some(tcp::State::SynReceived) {
+                            self.defer(frame);
                             return None;
                         }
                     }
                     // One guest connection at a time is accepted per destination (see
                     // `listen_pending`); the others wait a round.
                     None if self.listen_pending(key.1) => {
-                        self.deferred.push(frame);
+                        self.defer(frame);
                         return None;
                     }
                     None => return self.open_tcp(key, frame),
@@ -1032,6 +1032,17 @@ impl State {
     }
 
     /// The guest-side socket for a flow whose host connection is up.
+    /// Holds a SYN for the next round. A listener whose own SYN never arrives (smoltcp
+    /// dropped it) would hold others forever, and the loop spins while frames wait: after
+    /// [`MAX_DEFERRALS`] rounds the SYN is dropped and the guest's retransmission tries again.
+    fn defer(&mut self, frame: Vec<u8>) {
+        if self.attempt >= MAX_DEFERRALS {
+            tracing::debug!("netstack: a SYN waited {MAX_DEFERRALS} rounds; dropped");
+            return;
+        }
+        self.deferred.push((frame, self.attempt));
+    }
+
     fn listen_pending(&self, dst: IpEndpoint) -> bool {
         listen_pending(&self.sockets, dst)
     }
@@ -1812,6 +1823,9 @@ fn udp_socket() -> udp::Socket<'static> {
     let buffer = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]);
     udp::Socket::new(buffer(), buffer())
 }
+
+/// Rounds a new flow's SYN may wait for another to the same address (see `State::defer`).
+const MAX_DEFERRALS: u8 = 64;
 
 /// Whether a guest-side socket listens on `dst` for a SYN not yet processed. A listening
 /// socket takes the first SYN to its address, whichever guest connection it is from: with two
