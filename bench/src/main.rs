@@ -103,14 +103,7 @@ trait Runner {
 
 fn main() -> Result<()> {
     // The VMM's and netstack's own logs, as `msb-vmm` shows them (`MSB_LOG=debug`).
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    msb_vmm::init_logging("warn");
     let cli = Cli::parse();
     match cli.command {
         Cmd::Boot(a) => boot(a),

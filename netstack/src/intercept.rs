@@ -3,8 +3,9 @@
 //! verified against that name, and the plaintext between them goes through the HTTP/1 request
 //! rewriter (secrets substituted toward their hosts, each request shown to the policy), the
 //! HTTP/2 inspector (each request shown to the policy; toward hosts no secret is bound to) or,
-//! for other protocols toward such hosts, the placeholder scanner. The caller moves bytes: [`Mitm::guest_bytes`] / [`Mitm::take_for_upstream`] one way,
-//! [`Mitm::upstream_bytes`] / [`Mitm::take_for_guest`] the other.
+//! for other protocols toward such hosts, the placeholder scanner. The caller moves bytes:
+//! [`Mitm::guest_bytes`] / [`Mitm::take_for_upstream`] one way, [`Mitm::upstream_bytes`] /
+//! [`Mitm::take_for_guest`] the other.
 //!
 //! The guest's handshake is answered only after the upstream's completed, so the guest gets the
 //! protocol (ALPN) the upstream chose; a host a secret is bound to is offered HTTP/1.1 only

@@ -955,7 +955,7 @@ impl State {
                     }
                     // One guest connection at a time is accepted per destination (see
                     // `listen_pending`); the others wait a round.
-                    None if self.listen_pending(key.1) => {
+                    None if listen_pending(&self.sockets, key.1) => {
                         self.defer(frame);
                         return None;
                     }
@@ -1031,7 +1031,6 @@ impl State {
         None
     }
 
-    /// The guest-side socket for a flow whose host connection is up.
     /// Holds a SYN for the next round. A listener whose own SYN never arrives (smoltcp
     /// dropped it) would hold others forever, and the loop spins while frames wait: after
     /// [`MAX_DEFERRALS`] rounds the SYN is dropped and the guest's retransmission tries again.
@@ -1043,10 +1042,7 @@ impl State {
         self.deferred.push((frame, self.attempt));
     }
 
-    fn listen_pending(&self, dst: IpEndpoint) -> bool {
-        listen_pending(&self.sockets, dst)
-    }
-
+    /// The guest-side socket for a flow whose host connection is up.
     fn accept_tcp(sockets: &mut SocketSet<'static>, dst: IpEndpoint) -> Option<SocketHandle> {
         let mut s = tcp_socket();
         s.listen(IpListenEndpoint {

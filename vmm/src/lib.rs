@@ -32,6 +32,21 @@ pub mod vm;
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
+/// Logs to stderr as the CLI shows them: `$MSB_LOG` (an `EnvFilter` directive) if set, else
+/// `default`; colours only on a terminal. For the CLI and tools built on the library (msb-bench).
+pub fn init_logging(default: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
 /// The instant boot times are measured from. The CLI calls this first thing in `main`, so it
 /// is the process start to within microseconds; a library user gets the first call's time.
 pub fn process_start() -> Instant {

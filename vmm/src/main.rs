@@ -272,22 +272,12 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(verbose: u8) {
-    use std::io::IsTerminal;
-    let default = match verbose {
+    msb_vmm::init_logging(match verbose {
         0 => "warn",
         1 => "info",
         2 => "debug",
         _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
-        .init();
+    });
 }
 
 fn main() -> ExitCode {
