@@ -35,6 +35,7 @@ use crate::policy::{Decision, Flow, Policy, Proto};
 
 mod echo;
 mod intercepting;
+mod resolvers;
 mod sniffing;
 
 /// The gateway's MAC address (locally administered).
@@ -89,6 +90,8 @@ pub struct Config {
     /// TLS interception and secrets (see [`crate::intercept`]); none: flows are relayed as
     /// they are.
     pub intercept: Option<Arc<crate::intercept::Intercept>>,
+    /// Whether the stack's threads install their seccomp filters (`msb_confine`).
+    pub seccomp: msb_confine::Seccomp,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -122,6 +125,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(30),
             dns_timeout: Duration::from_secs(5),
             intercept: None,
+            seccomp: msb_confine::Seccomp::Enforce,
         }
     }
 }
@@ -289,11 +293,17 @@ impl NetStack {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
-        let mut state = State::new(link, cfg, poll, waker.clone(), stats.clone())?;
+        let mut state = State::new(link, cfg, poll, waker.clone(), stats.clone(), true)?;
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("netstack".into())
             .spawn(move || {
+                if let Err(e) =
+                    msb_confine::enter(msb_confine::ThreadKind::Netstack, state.cfg.seccomp)
+                {
+                    tracing::error!("netstack not started: {e}");
+                    return;
+                }
                 if let Err(e) = state.run(&stop2) {
                     tracing::error!("netstack stopped: {e}");
                 }
@@ -317,7 +327,7 @@ impl NetStack {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stats = Arc::new(Stats::default());
-        let mut state = State::new(link, cfg, poll, waker, stats.clone())?;
+        let mut state = State::new(link, cfg, poll, waker, stats.clone(), false)?;
         let mut buf = vec![0u8; rx_buffer_len(state.cfg.mtu)];
         for _ in 0..rounds {
             state.round(&mut buf)?;
@@ -510,7 +520,6 @@ struct State {
     link: Box<dyn Link>,
     cfg: Config,
     poll: Poll,
-    waker: Arc<Waker>,
     stats: Arc<Stats>,
     iface: Interface,
     sockets: SocketSet<'static>,
@@ -543,6 +552,7 @@ struct State {
     resolved: mpsc::Receiver<Resolved>,
     resolved_tx: mpsc::Sender<Resolved>,
     resolving: Arc<AtomicU64>,
+    resolvers: resolvers::Resolvers,
     pending_dns: Vec<PendingDns>,
     next_dns: u64,
     /// Asks the host kernel which destinations are the host's own (see [`crate::local`]).
@@ -560,6 +570,7 @@ impl State {
         poll: Poll,
         waker: Arc<Waker>,
         stats: Arc<Stats>,
+        resolver_threads: bool,
     ) -> io::Result<State> {
         let mut rx = VecDeque::new();
         let mut tx = Vec::new();
@@ -607,6 +618,18 @@ impl State {
             dns_socks.push(sockets.add(s));
         }
         let (resolved_tx, resolved) = mpsc::channel();
+        let resolving = Arc::new(AtomicU64::new(0));
+        let resolvers = if resolver_threads {
+            resolvers::Resolvers::start(
+                &cfg.resolver,
+                &resolved_tx,
+                &waker,
+                &resolving,
+                cfg.seccomp,
+            )?
+        } else {
+            resolvers::Resolvers::Inline
+        };
         let routes = Routes::new().map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -653,7 +676,6 @@ impl State {
             link,
             cfg,
             poll,
-            waker,
             stats,
             iface,
             sockets,
@@ -671,7 +693,8 @@ impl State {
             next_port: EPHEMERAL_FIRST,
             resolved,
             resolved_tx,
-            resolving: Arc::new(AtomicU64::new(0)),
+            resolving,
+            resolvers,
             pending_dns: Vec::new(),
             echo: HashMap::new(),
             sniffing: HashMap::new(),
@@ -1759,29 +1782,24 @@ impl State {
         }
     }
 
-    /// Starts resolving `name` on a thread of its own; its answer comes back by id. `None`
-    /// if no thread could be started.
+    /// Hands `name` to the resolver threads; its answer comes back by id. `None` if they are
+    /// gone.
     fn lookup(&mut self, name: String) -> Option<u64> {
         let id = self.next_dns;
         self.next_dns += 1;
-        let (tx, waker, resolver, count) = (
-            self.resolved_tx.clone(),
-            self.waker.clone(),
-            self.cfg.resolver.clone(),
-            self.resolving.clone(),
-        );
-        count.fetch_add(1, Ordering::Relaxed);
-        let spawned = std::thread::Builder::new()
-            .name("netstack-dns".into())
-            .spawn(move || {
-                let r = resolver(&name);
-                count.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send((id, r));
-                let _ = waker.wake();
-            });
-        if spawned.is_err() {
-            self.resolving.fetch_sub(1, Ordering::Relaxed);
-            return None;
+        self.resolving.fetch_add(1, Ordering::Relaxed);
+        match &self.resolvers {
+            resolvers::Resolvers::Pool(jobs) => {
+                if jobs.send((id, name)).is_err() {
+                    self.resolving.fetch_sub(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+            resolvers::Resolvers::Inline => {
+                let r = (self.cfg.resolver)(&name);
+                self.resolving.fetch_sub(1, Ordering::Relaxed);
+                let _ = self.resolved_tx.send((id, r));
+            }
         }
         Some(id)
     }

@@ -12,6 +12,7 @@
 //! # Ok::<(), msb_vmm::vm::VmError>(())
 //! ```
 
+use msb_confine::{Seccomp, ThreadKind};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -306,6 +307,7 @@ pub struct VmBuilder {
     hypervisor: Option<Arc<dyn Hypervisor>>,
     allow_pvm_linux: bool,
     defer_teardown: bool,
+    seccomp: Seccomp,
     stop: StopHandle,
 }
 
@@ -339,6 +341,7 @@ impl VmBuilder {
             hypervisor: None,
             allow_pvm_linux: std::env::var_os("MSB_ALLOW_PVM").is_some(),
             defer_teardown: false,
+            seccomp: Seccomp::Enforce,
             vsock: true,
             vsock_uds: None,
             shares: Vec::new(),
@@ -449,6 +452,14 @@ impl VmBuilder {
     /// [`crate::host::exit_detaching_teardown`] the process then exits without waiting for it.
     pub fn defer_teardown_to_exit(mut self, on: bool) -> Self {
         self.defer_teardown = on;
+        self
+    }
+
+    /// Whether the VM's threads (vCPUs, event loop, device workers, vsock socket) install
+    /// their seccomp filters before the guest runs: they do unless this is `Off`, which is for
+    /// debugging a filter (`--no-seccomp`). Capabilities are dropped either way.
+    pub fn seccomp(mut self, mode: Seccomp) -> Self {
+        self.seccomp = mode;
         self
     }
 
@@ -614,13 +625,21 @@ impl VmBuilder {
         mmio.insert(BOOT_TIMER_START, BOOT_TIMER_LEN, timer)
             .map_err(bus_err)?;
         // A virtio device on its MMIO slot: transport, interrupt line, queue notifications.
+        let seccomp = self.seccomp;
+        // Device workers start when the guest's drivers activate them, on vCPU threads: they
+        // are started by the launcher instead, which must exist before the vCPUs are confined.
+        msb_devices::virtio::start_worker_launcher(seccomp).map_err(|source| VmError::Io {
+            what: "starting the device worker launcher",
+            source,
+        })?;
         let mut attach = |device: Box<dyn VirtioDevice>, base: u64, gsi: u32| {
             let irq = IrqStatus::new(vm.create_irq(gsi)?);
-            let transport =
+            let mut transport =
                 MmioTransport::new(device, mem.clone(), irq).map_err(|source| VmError::Io {
                     what: "creating a virtio-mmio transport",
                     source,
                 })?;
+            transport.set_seccomp(seccomp);
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(base + QUEUE_NOTIFY, q as u32, evt)?;
             }
@@ -635,12 +654,12 @@ impl VmBuilder {
                 VsockDevice::new().map_err(dev_err("creating the vsock device"))?;
             attach(Box::new(device), VIRTIO_MMIO_START, VSOCK_IRQ)?;
             if let Some(path) = &self.vsock_uds {
-                hybrid = Some(HybridListener::bind(path, host.clone()).map_err(|source| {
-                    VmError::Io {
+                hybrid = Some(HybridListener::bind(path, host.clone(), seccomp).map_err(
+                    |source| VmError::Io {
                         what: "binding the vsock socket",
                         source,
-                    }
-                })?);
+                    },
+                )?);
             }
             vsock = Some(host);
         }
@@ -677,7 +696,15 @@ impl VmBuilder {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let mut vcpu = match vm.create_vcpu(&boot) {
+                    let confined = |v| {
+                        msb_confine::enter(ThreadKind::Vcpu, seccomp)
+                            .map(|()| v)
+                            .map_err(|e| HypervisorError::Vcpu {
+                                index,
+                                msg: e.to_string(),
+                            })
+                    };
+                    let mut vcpu = match vm.create_vcpu(&boot).and_then(confined) {
                         Ok(v) => {
                             let _ = ready.send(Ok(v.kicker()));
                             v
@@ -757,7 +784,15 @@ impl VmBuilder {
         };
         let event_loop = std::thread::Builder::new()
             .name("vmm-events".into())
-            .spawn(move || shared.run())
+            .spawn(move || {
+                if let Err(e) = msb_confine::enter(ThreadKind::Events, seccomp) {
+                    shared.stop.0.request(GuestExit::Fatal {
+                        vcpu: None,
+                        message: e.to_string(),
+                    });
+                }
+                shared.run()
+            })
             .map_err(|source| VmError::Io {
                 what: "spawning the event loop",
                 source,

@@ -133,10 +133,15 @@ impl VirtioDevice for FsDevice {
             epoll,
             buf: Vec::new(),
         };
-        let t = std::thread::Builder::new()
-            .name(format!("virtiofs-{}", self.tag))
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
+        let failure = worker.failure.clone();
+        let t = super::spawn_worker(
+            format!("virtiofs-{}", self.tag),
+            msb_confine::ThreadKind::Fs,
+            a.seccomp,
+            failure,
+            move || worker.run(),
+        )
+        .map_err(ActivateError::Worker)?;
         self.worker = Some((t, stop));
         Ok(())
     }
@@ -348,6 +353,7 @@ mod tests {
                             .zip(evts.iter().cloned())
                             .collect(),
                         failure: failure.clone(),
+                        seccomp: msb_confine::Seccomp::Enforce,
                     },
                     1 << 32,
                 )

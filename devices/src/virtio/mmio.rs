@@ -36,6 +36,7 @@ pub struct MmioTransport {
     status: u32,
     active: bool,
     failure: Arc<DeviceFailure>,
+    seccomp: msb_confine::Seccomp,
     /// Protocol violations logged so far (only the first few are).
     complaints: u32,
 }
@@ -51,6 +52,11 @@ impl std::fmt::Debug for MmioTransport {
 }
 
 impl MmioTransport {
+    /// Whether the device's worker installs its seccomp filter (it does unless told not to).
+    pub fn set_seccomp(&mut self, mode: msb_confine::Seccomp) {
+        self.seccomp = mode;
+    }
+
     /// Wraps `device`; its queues are created empty (the driver sizes and places them).
     pub fn new(
         device: Box<dyn VirtioDevice>,
@@ -79,6 +85,7 @@ impl MmioTransport {
             status: 0,
             active: false,
             failure: Arc::new(DeviceFailure::default()),
+            seccomp: msb_confine::Seccomp::Enforce,
             complaints: 0,
         })
     }
@@ -223,6 +230,7 @@ impl MmioTransport {
             irq: self.irq.clone(),
             queues,
             failure: self.failure.clone(),
+            seccomp: self.seccomp,
         };
         match self.device.activate(activation, self.driver_features) {
             Ok(()) => self.active = true,

@@ -6,6 +6,7 @@
 //! Everything the guest writes is validated; a driver that breaks the rules gets its device
 //! marked failed (DEVICE_NEEDS_RESET), never a VMM panic.
 
+use msb_confine::{Seccomp, ThreadKind};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -122,6 +123,73 @@ pub struct Activation {
     pub queues: Vec<(Queue, Arc<EventFd>)>,
     /// Set by the device when the driver misbehaves.
     pub failure: Arc<DeviceFailure>,
+    /// Whether the device's worker installs its seccomp filter.
+    pub seccomp: Seccomp,
+}
+
+/// Starts a device worker that confines itself as `kind` before it touches the guest's queues;
+/// a worker that cannot be confined fails its device rather than run unconfined.
+///
+/// Workers start when the driver sets DRIVER_OK, which happens on a vCPU thread; a thread
+/// inherits its creator's seccomp filters, so the worker is started by the launcher thread
+/// (see [`start_worker_launcher`]) rather than by the vCPU, whose filter is far narrower.
+pub(crate) fn spawn_worker(
+    name: String,
+    kind: ThreadKind,
+    seccomp: Seccomp,
+    failure: Arc<DeviceFailure>,
+    work: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let job: Job = Box::new(move || {
+        std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = msb_confine::enter(kind, seccomp) {
+                failure.fail(&e.to_string());
+                return;
+            }
+            work()
+        })
+    });
+    let launcher = start_worker_launcher(seccomp)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    launcher
+        .send((job, tx))
+        .map_err(|_| std::io::Error::other("the device worker launcher is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the device worker launcher is gone"))?
+}
+
+type Job = Box<dyn FnOnce() -> std::io::Result<std::thread::JoinHandle<()>> + Send>;
+type Launcher = std::sync::mpsc::Sender<(
+    Job,
+    std::sync::mpsc::Sender<std::io::Result<std::thread::JoinHandle<()>>>,
+)>;
+
+/// One launcher per seccomp mode, for the life of the process.
+static LAUNCHERS: std::sync::Mutex<[Option<Launcher>; 2]> = std::sync::Mutex::new([None, None]);
+
+/// Starts (once per process and mode) the thread that starts device workers, confined as the
+/// `launcher` kind (what any device worker may do, plus starting threads). Call it during VM
+/// set-up, from a thread that is not confined yet; the VMM does.
+pub fn start_worker_launcher(seccomp: Seccomp) -> std::io::Result<Launcher> {
+    let slot = usize::from(seccomp == Seccomp::Off);
+    let mut launchers = LAUNCHERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = &launchers[slot] {
+        return Ok(l.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<(Job, std::sync::mpsc::Sender<_>)>();
+    std::thread::Builder::new()
+        .name("vmm-launcher".into())
+        .spawn(move || {
+            if let Err(e) = msb_confine::enter(ThreadKind::Launcher, seccomp) {
+                tracing::error!("device worker launcher: {e}");
+                return;
+            }
+            for (job, reply) in rx {
+                let _ = reply.send(job());
+            }
+        })?;
+    launchers[slot] = Some(tx.clone());
+    Ok(tx)
 }
 
 /// A virtio device model.

@@ -240,10 +240,15 @@ impl VirtioDevice for NetDevice {
                 self.ch.mtu + 14
             },
         };
-        let t = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
+        let failure = worker.failure.clone();
+        let t = super::spawn_worker(
+            "virtio-net".into(),
+            msb_confine::ThreadKind::Net,
+            a.seccomp,
+            failure,
+            move || worker.run(),
+        )
+        .map_err(ActivateError::Worker)?;
         self.worker = Some((t, stop));
         Ok(())
     }

@@ -52,6 +52,7 @@ fn driver_with(mtu: u16, features: u64) -> Driver {
                     .zip(evts.iter().cloned())
                     .collect(),
                 failure: failure.clone(),
+                seccomp: msb_confine::Seccomp::Enforce,
             },
             features,
         )

@@ -43,8 +43,13 @@ impl std::fmt::Debug for HybridListener {
 }
 
 impl HybridListener {
-    /// Binds `path` (replacing a stale socket) and serves it on a thread.
-    pub fn bind(path: &Path, host: VsockHost) -> io::Result<HybridListener> {
+    /// Binds `path` (replacing a stale socket) and serves it on a thread, confined as a
+    /// vsock listener (its per-connection threads inherit the filter).
+    pub fn bind(
+        path: &Path,
+        host: VsockHost,
+        seccomp: msb_confine::Seccomp,
+    ) -> io::Result<HybridListener> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         // Whoever connects runs commands as root in the guest: the owner only, whatever the
@@ -52,9 +57,15 @@ impl HybridListener {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let listener_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("vsock-hybrid".into())
             .spawn(move || {
+                if let Err(e) = msb_confine::enter(msb_confine::ThreadKind::VsockListener, seccomp)
+                {
+                    tracing::error!("vsock socket {}: {e}", listener_path.display());
+                    return;
+                }
                 for conn in listener.incoming() {
                     if s.load(Ordering::SeqCst) {
                         break;
@@ -155,7 +166,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.sock");
         let (_device, host) = crate::virtio::vsock::VsockDevice::new().unwrap();
-        let l = HybridListener::bind(&path, host).unwrap();
+        let l = HybridListener::bind(&path, host, msb_confine::Seccomp::Enforce).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         drop(l);
         let _ = std::fs::remove_dir_all(&dir);

@@ -319,10 +319,15 @@ impl VirtioDevice for VsockDevice {
             buf: vec![0u8; MAX_PAYLOAD as usize],
             rr: 0,
         };
-        let t = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
+        let failure = worker.failure.clone();
+        let t = super::spawn_worker(
+            "vsock".into(),
+            msb_confine::ThreadKind::Vsock,
+            a.seccomp,
+            failure,
+            move || worker.run(),
+        )
+        .map_err(ActivateError::Worker)?;
         *lock(&self.host.cmd) = Some(cmd_tx);
         self.worker = Some((t, stop));
         Ok(())

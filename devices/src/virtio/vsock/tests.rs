@@ -72,6 +72,7 @@ impl Guest {
                 .zip(evts.iter().cloned())
                 .collect(),
             failure: failure.clone(),
+            seccomp: msb_confine::Seccomp::Enforce,
         };
         device.activate(a, 1 << 32).unwrap();
         let mut g = Guest {
