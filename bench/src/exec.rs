@@ -38,6 +38,10 @@ pub struct ExecArgs {
     /// The msb-vmm binary (default: next to msb-bench).
     #[arg(long)]
     msb_vmm: Option<PathBuf>,
+    /// Over the Unix socket, also measure with the client confined as the CLI's control
+    /// thread is (seccomp filter, no capabilities), in the same run: what the filter costs.
+    #[arg(long)]
+    seccomp_cost: bool,
     /// Write samples and summaries as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -231,6 +235,25 @@ pub fn run(a: ExecArgs) -> Result<()> {
             a.bytes,
             a.throughput_runs,
         )?);
+        if a.seccomp_cost {
+            // A fresh connection from a confined thread: its reader thread inherits the filter.
+            let sock = _agent.dir.join("agent.sock");
+            let (iterations, bytes, runs) = (a.iterations, a.bytes, a.throughput_runs);
+            let confined = std::thread::spawn(move || -> Result<TransportResult> {
+                msb_confine::enter(
+                    msb_confine::ThreadKind::Control,
+                    msb_confine::Seccomp::Enforce,
+                )?;
+                let client =
+                    AgentClient::connect(UnixStream::connect(&sock)?, Duration::from_secs(10))?;
+                measure("unix, seccomp", &client, iterations, bytes, runs)
+            });
+            results.push(
+                confined
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the confined client panicked"))??,
+            );
+        }
     }
     if sandbox {
         let msb_vmm = match &a.msb_vmm {

@@ -81,6 +81,9 @@ struct BootArgs {
     /// The msb-vmm binary (default: next to msb-bench).
     #[arg(long, value_name = "PATH")]
     msb_vmm: Option<PathBuf>,
+    /// Also boot msb-vmm with `--no-seccomp`, in the same run: what confinement costs.
+    #[arg(long)]
+    seccomp_cost: bool,
     /// Guest kernel for --guest linux (default: the one `./x setup` built).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -141,13 +144,14 @@ fn timed_spawn(mut cmd: Command, out: &Path) -> Result<(f64, u64, bool)> {
 }
 
 struct MsbVmm {
+    name: &'static str,
     bin: PathBuf,
     args: Vec<OsString>,
 }
 
 impl Runner for MsbVmm {
     fn name(&self) -> &str {
-        "msb-vmm"
+        self.name
     }
     fn boot_once(&self, scratch: &Path) -> Result<Sample> {
         let report = scratch.join("report.json");
@@ -383,7 +387,17 @@ fn boot(a: BootArgs) -> Result<()> {
             "true".into(),
         ],
     };
+    if a.seccomp_cost {
+        let mut args = vm_args.clone();
+        args.insert(1, "--no-seccomp".into());
+        runners.push(Box::new(MsbVmm {
+            name: "msb-vmm --no-seccomp",
+            bin: msb_vmm.clone(),
+            args,
+        }));
+    }
     runners.push(Box::new(MsbVmm {
+        name: "msb-vmm",
         bin: msb_vmm,
         args: vm_args,
     }));

@@ -9,6 +9,7 @@
 //! gateway address, as the policy group `host`. The `hostcheck` row measures what a flow to
 //! any other address pays on top: asking the kernel whether it is the host's.
 
+use msb_confine::Seccomp;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub struct NetArgs {
     /// HTTPS with TLS interception and a secret vs the same HTTPS without, and loopback.
     #[arg(long)]
     tls: bool,
+    /// Also measure a second netstack running without its seccomp filter, in the same run:
+    /// what confinement costs.
+    #[arg(long)]
+    seccomp_cost: bool,
 }
 
 /// The client's side of one measurement, run where the guest is.
@@ -393,7 +398,7 @@ pub fn run(a: NetArgs) -> Result<()> {
     let mut tap_part = None;
     match GuestNamespace::create(&ns_name, a.mtu, !a.no_offload) {
         Ok((ns, tap)) => {
-            let stack = serve_tap(tap, port, a.mtu, None)?;
+            let stack = serve_tap(tap, port, a.mtu, None, Seccomp::Enforce)?;
             targets.push(Target {
                 name: "msb netstack".into(),
                 prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
@@ -411,6 +416,20 @@ pub fn run(a: NetArgs) -> Result<()> {
             return Err(anyhow::Error::new(e)
                 .context("creating the guest namespace (needs iproute2 and /dev/net/tun)"))
         }
+    }
+    let mut unconfined_part = None;
+    if a.seccomp_cost {
+        let (ns, tap) = GuestNamespace::create(&format!("{ns_name}u"), a.mtu, !a.no_offload)
+            .context("creating the second guest namespace")?;
+        let stack = serve_tap(tap, port, a.mtu, None, Seccomp::Off)?;
+        targets.push(Target {
+            name: "msb netstack, no seccomp".into(),
+            prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],
+            addr: SocketAddr::from((msb_netstack::addr::GATEWAY_V4, port)),
+            sandbox: None,
+            peer: false,
+        });
+        unconfined_part = Some((stack, ns));
     }
     if a.sandbox {
         targets.push(Target {
@@ -550,6 +569,7 @@ pub fn run(a: NetArgs) -> Result<()> {
         }
     }
     drop(tap_part);
+    drop(unconfined_part);
     if let Some(path) = &a.json {
         let doc = serde_json::json!({
             "machine": machine, "mtu": a.mtu, "offload": !a.no_offload, "rows": rows,
@@ -601,6 +621,7 @@ pub(crate) fn serve_tap(
     port: u16,
     mtu: usize,
     intercept: Option<std::sync::Arc<msb_netstack::intercept::Intercept>>,
+    seccomp: Seccomp,
 ) -> Result<NetStack> {
     let mut policy = Policy::preset(Preset::None);
     policy
@@ -610,6 +631,7 @@ pub(crate) fn serve_tap(
         policy,
         mtu,
         intercept,
+        seccomp,
         ..Config::default()
     };
     msb_devices::net::alloc::pin_mmap_threshold();

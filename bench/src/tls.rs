@@ -397,7 +397,7 @@ pub fn run(a: &NetArgs) -> Result<()> {
         let (ns, tap) = GuestNamespace::create(&ns_name, a.mtu, true)
             .context("creating a guest namespace (needs root, iproute2 and /dev/net/tun)")?;
         let port = if icpt.is_some() { tls_port } else { server()? };
-        let stack = crate::net::serve_tap(tap, port, a.mtu, icpt)?;
+        let stack = crate::net::serve_tap(tap, port, a.mtu, icpt, msb_confine::Seccomp::Enforce)?;
         targets.push(Target {
             name,
             prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.name().into()],

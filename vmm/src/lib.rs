@@ -22,6 +22,8 @@ pub mod assets;
 pub mod host;
 pub mod hypervisor;
 pub mod initramfs;
+#[cfg(target_os = "linux")]
+pub mod jail;
 pub mod loader;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod sandbox;

@@ -84,6 +84,28 @@ struct VmArgs {
     /// Write a JSON report (exit, boot time) to FILE.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Run the VMM's threads without their seccomp filters: only for debugging a filter that
+    /// stopped the VMM (capabilities are still dropped)
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Jail the VMM (root only): new mount, PID, IPC and UTS namespaces, pivot_root into DIR
+    /// (empty or new) holding only what it needs, at most 8192 open files
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
+    /// With --jail: the largest file the VMM may write (bytes, or with k/m/g), e.g. into a
+    /// volume; larger writes fail with EFBIG in the guest
+    #[arg(long, value_name = "SIZE", requires = "jail")]
+    jail_max_file: Option<String>,
+}
+
+impl VmArgs {
+    fn seccomp(&self) -> msb_confine::Seccomp {
+        if self.no_seccomp {
+            msb_confine::Seccomp::Off
+        } else {
+            msb_confine::Seccomp::Enforce
+        }
+    }
 }
 
 /// File systems for a sandbox.

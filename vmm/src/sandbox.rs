@@ -62,6 +62,8 @@ pub enum SandboxError {
     Share(String),
     #[error("network: {0}")]
     Network(String),
+    #[error(transparent)]
+    Confine(msb_confine::ConfineError),
     #[error("the guest kernel panicked")]
     KernelPanic { console_tail: Vec<String> },
     #[error("the guest stopped before its agent was ready ({exit})")]
@@ -103,6 +105,8 @@ pub struct SandboxBuilder {
     boot_timeout: Duration,
     start: Instant,
     defer_teardown: bool,
+    seccomp: msb_confine::Seccomp,
+    confine_caller: bool,
     vsock_uds: Option<PathBuf>,
     vm_timeout: Option<Duration>,
     volumes: Vec<Volume>,
@@ -375,6 +379,48 @@ impl SandboxBuilder {
         self
     }
 
+    /// Whether the sandbox's threads install their seccomp filters (see [`VmBuilder::seccomp`]
+    /// and the netstack's); `Off` is for debugging a filter.
+    pub fn seccomp(mut self, mode: msb_confine::Seccomp) -> Self {
+        self.seccomp = mode;
+        self
+    }
+
+    /// Confines the thread that calls [`SandboxBuilder::start`] too, as the `control` kind, once
+    /// the VM is set up and before the agent's first message: for programs whose only job is
+    /// the sandbox (the CLI does this). Off by default: the caller's thread is not ours.
+    pub fn confine_caller(mut self, on: bool) -> Self {
+        self.confine_caller = on;
+        self
+    }
+
+    /// Adds the host paths this sandbox uses to a jail: its kernel and boot assets (read-only;
+    /// the initramfs image is made first, since the jail's cache is read-only), its root and
+    /// volumes (as shared), a named sandbox's state directory.
+    pub fn jail_binds(&self, spec: &mut crate::jail::JailSpec) -> Result<(), SandboxError> {
+        let cache = crate::assets::cache_dir();
+        let (init, busybox) = (crate::assets::msb_init(), crate::assets::busybox());
+        initramfs::cached_default(&cache, &init, Some(&busybox))?;
+        spec.bind(&cache, false)
+            .bind(&init, false)
+            .bind(&busybox, false);
+        let kernel = self
+            .kernel
+            .clone()
+            .unwrap_or_else(crate::assets::default_kernel);
+        spec.bind(kernel, false);
+        if let Some((dir, access)) = &self.rootfs {
+            spec.bind(dir, *access == Access::ReadWrite);
+        }
+        for v in &self.volumes {
+            spec.bind(&v.host, !v.read_only);
+        }
+        if let Some(dir) = self.vsock_uds.as_ref().and_then(|p| p.parent()) {
+            spec.bind(dir, true);
+        }
+        Ok(())
+    }
+
     /// See [`VmBuilder::defer_teardown_to_exit`]: for programs that exit right after.
     pub fn defer_teardown_to_exit(mut self, on: bool) -> Self {
         self.defer_teardown = on;
@@ -422,6 +468,7 @@ impl SandboxBuilder {
             .timeout(self.vm_timeout)
             .start_time(self.start)
             .defer_teardown_to_exit(self.defer_teardown)
+            .seccomp(self.seccomp)
             .console(if self.console {
                 Console::Stderr
             } else {
@@ -513,6 +560,7 @@ impl SandboxBuilder {
                             .map(Publish::bind)
                             .collect::<Result<_, _>>()?,
                         intercept: net.intercept.clone(),
+                        seccomp: self.seccomp,
                         ..Default::default()
                     },
                 )
@@ -552,6 +600,12 @@ impl SandboxBuilder {
         #[cfg(not(target_os = "linux"))]
         let configure: Option<msb_init::agent::Configure> = None;
         let vm = b.start()?;
+        if self.confine_caller {
+            if let Err(e) = msb_confine::enter(msb_confine::ThreadKind::Control, self.seccomp) {
+                let _ = stop_and_wait(vm);
+                return Err(SandboxError::Confine(e));
+            }
+        }
         let started = Instant::now();
         let connected = connect_agent(&vm, self.boot_timeout).and_then(|agent| match configure {
             Some(c) => agent
@@ -673,6 +727,8 @@ impl Sandbox {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             start: crate::process_start(),
             defer_teardown: false,
+            seccomp: msb_confine::Seccomp::Enforce,
+            confine_caller: false,
             vsock_uds: None,
             vm_timeout: None,
             volumes: Vec::new(),

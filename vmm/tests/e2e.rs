@@ -1415,3 +1415,130 @@ print(s.recv(4096).decode().split("\r\n\r\n")[1], end="")
     );
     assert_eq!(guest_value, 0, "the real value is nowhere in guest RAM");
 }
+
+#[test]
+fn a_forbidden_call_in_any_thread_kind_stops_the_vmm_naming_it() {
+    let _w = watchdog("a_forbidden_call_in_any_thread_kind_stops_the_vmm_naming_it");
+    let vol = std::env::temp_dir().join(format!("msb-e2e-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&vol).unwrap();
+    let volume = format!("{}:/v", vol.display());
+    let check = |kind: &str, thread: &str, out: &Output| {
+        let stderr = text(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("seccomp")).collect();
+        assert_eq!(
+            out.status.code(),
+            if kind == "vsock-listener" {
+                Some(125) // `start` reports its sandbox process's failure
+            } else {
+                Some(msb_confine::EXIT_CODE)
+            },
+            "{kind}: {stderr}"
+        );
+        assert_eq!(lines.len(), 1, "{kind}: one line: {stderr}");
+        assert!(
+            lines[0].contains(&format!("thread '{thread}' ({kind} filter)"))
+                && lines[0].contains("forbidden system call execve (59)"),
+            "{kind}: {}",
+            lines[0]
+        );
+    };
+    // Every kind a sandbox with a volume and a network runs, through the real CLI.
+    for (kind, thread) in [
+        ("control", "msb-vmm"),
+        ("vcpu", "vcpu0"),
+        ("events", "vmm-events"),
+        ("vsock", "vsock"),
+        ("fs", "virtiofs-vol0"),
+        ("net", "virtio-net"),
+        ("netstack", "netstack"),
+        ("dns", "netstack-dns"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
+        cmd.args(["run", "-V", &volume, "--", "ls", "/v"])
+            .env("MSB_ROOTFS", "initramfs")
+            .env(msb_confine::PROBE_ENV, kind);
+        check_host();
+        check(kind, thread, &cmd.output().unwrap());
+    }
+    // The vsock listener of a named sandbox.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
+    cmd.args(["start", "--name", "probe"])
+        .env("MSB_STATE_DIR", state_dir())
+        .env("MSB_ROOTFS", "initramfs")
+        .env(msb_confine::PROBE_ENV, "vsock-listener");
+    check("vsock-listener", "vsock-hybrid", &cmd.output().unwrap());
+    let _ = std::fs::remove_dir_all(&vol);
+}
+
+#[test]
+fn a_jailed_sandbox_runs_shares_files_and_is_held_to_its_limits() {
+    let _w = watchdog("a_jailed_sandbox_runs_shares_files_and_is_held_to_its_limits");
+    let base = std::env::temp_dir().join(format!("msb-e2e-jail-{}", std::process::id()));
+    let vol = base.join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("in"), b"from the host\n").unwrap();
+    let volume = format!("{}:/v", vol.display());
+    let jails = state_dir().with_extension("jails");
+    let jail = jails.join("run");
+    // One command in a jailed sandbox, through a volume.
+    let out = msb_vmm(&[
+        "run",
+        "--jail",
+        jail.to_str().unwrap(),
+        "-V",
+        &volume,
+        "--",
+        "sh",
+        "-c",
+        "cat /v/in; echo from the guest > /v/out",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from the host\n");
+    assert_eq!(std::fs::read(vol.join("out")).unwrap(), b"from the guest\n");
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+
+    // A named one: exec and cp reach it; a file past --jail-max-file fails, the VMM lives.
+    let jail = jails.join("start");
+    let out = msb_vmm_state(&[
+        "start",
+        "--name",
+        "jailed",
+        "--jail",
+        jail.to_str().unwrap(),
+        "--jail-max-file",
+        "1m",
+        "-V",
+        &volume,
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let out = msb_vmm_state(&[
+        "exec",
+        "jailed",
+        "--",
+        "sh",
+        "-c",
+        "head -c 2097152 /dev/zero > /v/big; echo rc=$?; hostname",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        !stdout.contains("rc=0"),
+        "a 2 MiB file under a 1 MiB limit: {stdout}"
+    );
+    assert!(
+        std::fs::metadata(vol.join("big")).map_or(0, |m| m.len()) <= 1 << 20,
+        "the host file stayed within the limit"
+    );
+    let out = msb_vmm_state(&["exec", "jailed", "--", "cat", "/v/in"]);
+    assert_eq!(
+        text(&out.stdout),
+        "from the host\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = msb_vmm_state(&["stop", "jailed"]);
+    assert!(out.status.success(), "stop: {}", text(&out.stderr));
+    assert!(!state_dir().join("jailed").exists(), "state cleaned up");
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&jails);
+}

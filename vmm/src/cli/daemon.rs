@@ -197,6 +197,15 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         .arg(a.vm.cpus.to_string())
         .arg("--memory")
         .arg(a.vm.memory.to_string());
+    if a.vm.no_seccomp {
+        cmd.arg("--no-seccomp");
+    }
+    if let Some(j) = &a.vm.jail {
+        cmd.arg("--jail").arg(std::env::current_dir()?.join(j));
+    }
+    if let Some(m) = &a.vm.jail_max_file {
+        cmd.arg("--jail-max-file").arg(m);
+    }
     if let Some(k) = &a.kernel {
         cmd.arg("--kernel").arg(k);
     }
@@ -311,6 +320,8 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         }
     });
     let mut b = Sandbox::builder()
+        .seccomp(a.vm.seccomp())
+        .confine_caller(true)
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .hostname(hostname)
@@ -321,6 +332,11 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
     }
     b = super::with_mounts(b, &a.mounts)?;
     b = super::with_network(b, &a.net)?;
+    if let Some(code) = super::jail(&a.vm, |spec| Ok(b.jail_binds(spec)?))? {
+        // The jailed sandbox process is gone; what it could not remove (its mount point).
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(code);
+    }
     let sb = match b.start() {
         Ok(sb) => sb,
         Err(e) => {

@@ -46,6 +46,7 @@ fn write_report(path: &Option<PathBuf>, fields: serde_json::Value) -> anyhow::Re
 pub fn boot(a: BootArgs) -> anyhow::Result<u8> {
     let mut b = VmBuilder::new(&a.kernel)
         .defer_teardown_to_exit(true)
+        .seccomp(a.vm.seccomp())
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .timeout(a.timeout)
@@ -56,11 +57,21 @@ pub fn boot(a: BootArgs) -> anyhow::Result<u8> {
             Console::Off
         })
         .console_input(a.vm.console);
-    if let Some(i) = a.initrd {
+    if let Some(i) = a.initrd.clone() {
         b = b.initrd(Initrd::Path(i));
     }
     if let Some(c) = a.cmdline {
         b = b.cmdline(c);
+    }
+    let jailed = jail(&a.vm, |spec| {
+        spec.bind(&a.kernel, false);
+        if let Some(i) = &a.initrd {
+            spec.bind(i, false);
+        }
+        Ok(())
+    })?;
+    if let Some(code) = jailed {
+        return Ok(code);
     }
     let out = b.run()?;
     let code = match &out.exit {
@@ -91,6 +102,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = exec_request(&a.exec, &a.command)?;
     let mut b = Sandbox::builder()
         .defer_teardown_to_exit(true)
+        .seccomp(a.vm.seccomp())
+        .confine_caller(true)
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .console(a.vm.console)
@@ -100,6 +113,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     }
     b = with_mounts(b, &a.mounts)?;
     b = with_network(b, &a.net)?;
+    if let Some(code) = jail(&a.vm, |spec| Ok(b.jail_binds(spec)?))? {
+        return Ok(code);
+    }
     // Blocked before any thread starts, so every thread inherits the mask and only the
     // forwarding thread receives them.
     let signals = Signals::block();
@@ -596,6 +612,34 @@ fn json_lines(file: std::fs::File) -> msb_netstack::stack::LogHook {
                 tracing::warn!("--net-log: {err}");
             }
         }
+    })
+}
+
+/// Enters `--jail` when asked, after `add` names the paths the VMM needs. `Some(code)` in the
+/// parent once the jailed child (which ran the VMM) exited; `None` in the child, or unjailed.
+pub fn jail(
+    vm: &crate::VmArgs,
+    add: impl FnOnce(&mut msb_vmm::jail::JailSpec) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<u8>> {
+    let Some(dir) = &vm.jail else {
+        return Ok(None);
+    };
+    let mut spec = msb_vmm::jail::JailSpec::new(dir);
+    if let Some(s) = &vm.jail_max_file {
+        spec.fsize = Some(parse_size(s).ok_or_else(|| {
+            anyhow::anyhow!("--jail-max-file {s}: expected bytes, or a number with k, m or g")
+        })?);
+    }
+    if let Some(report) = &vm.report {
+        // The jailed VMM writes the report: make the file and let it in.
+        std::fs::write(report, b"")
+            .with_context(|| format!("writing --report {}", report.display()))?;
+        spec.bind(report, true);
+    }
+    add(&mut spec)?;
+    Ok(match msb_vmm::jail::enter(&spec)? {
+        msb_vmm::jail::Side::Jailed => None,
+        msb_vmm::jail::Side::Parent { exit_code } => Some(exit_code.clamp(0, 255) as u8),
     })
 }
 
