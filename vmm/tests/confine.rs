@@ -57,7 +57,7 @@ fn every_thread_of_a_running_vm_is_confined() {
     let stop = b.stop_handle();
     let vm = b.start().unwrap();
     // The VM's threads confine themselves as they start; give them a moment to.
-    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vsock-hybrid"];
+    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vsock-hybrid", "vmm-launcher"];
     let deadline = Instant::now() + Duration::from_secs(10);
     let seen = loop {
         let ours: Vec<_> = threads()
@@ -100,9 +100,13 @@ fn probe(kind: &str, timeout_secs: u32, extra: &[&str]) -> (Option<i32>, String)
 }
 
 #[test]
-fn a_forbidden_call_in_a_vcpu_or_the_event_loop_stops_the_vmm_naming_it() {
+fn a_forbidden_call_in_a_vcpu_the_event_loop_or_the_launcher_stops_the_vmm_naming_it() {
     require_kvm();
-    for (kind, thread) in [("vcpu", "vcpu0"), ("events", "vmm-events")] {
+    for (kind, thread) in [
+        ("vcpu", "vcpu0"),
+        ("events", "vmm-events"),
+        ("launcher", "vmm-launcher"),
+    ] {
         let (code, stderr) = probe(kind, 30, &[]);
         assert_eq!(code, Some(msb_confine::EXIT_CODE), "{kind}: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("seccomp")).collect();

@@ -1452,6 +1452,7 @@ fn a_forbidden_call_in_any_thread_kind_stops_the_vmm_naming_it() {
         ("net", "virtio-net"),
         ("netstack", "netstack"),
         ("dns", "netstack-dns"),
+        ("launcher", "vmm-launcher"),
     ] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
         cmd.args(["run", "-V", &volume, "--", "ls", "/v"])
