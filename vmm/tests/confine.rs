@@ -57,7 +57,13 @@ fn every_thread_of_a_running_vm_is_confined() {
     let stop = b.stop_handle();
     let vm = b.start().unwrap();
     // The VM's threads confine themselves as they start; give them a moment to.
-    let wanted = ["vcpu0", "vcpu1", "vmm-events", "vsock-hybrid", "vmm-launcher"];
+    let wanted = [
+        "vcpu0",
+        "vcpu1",
+        "vmm-events",
+        "vsock-hybrid",
+        "vmm-launcher",
+    ];
     let deadline = Instant::now() + Duration::from_secs(10);
     let seen = loop {
         let ours: Vec<_> = threads()
