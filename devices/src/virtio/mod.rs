@@ -6,7 +6,8 @@
 //! Everything the guest writes is validated; a driver that breaks the rules gets its device
 //! marked failed (DEVICE_NEEDS_RESET), never a VMM panic.
 
-use msb_confine::{Seccomp, ThreadKind};
+pub use msb_confine::Seccomp;
+use msb_confine::ThreadKind;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
