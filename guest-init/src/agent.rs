@@ -103,6 +103,21 @@ pub enum Request {
     Shutdown,
     /// Sandbox-wide settings for every later exec (answered by `Done`).
     Configure(Configure),
+    /// The guest's own figures for `msb-vmm stats` (answered by `Stats`).
+    Stats,
+}
+
+/// What only the guest knows about itself: its memory in use and the agent's exec counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// `MemTotal` and `MemAvailable` of `/proc/meminfo`, KiB.
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    /// Processes the agent started since boot, and how many of them still run.
+    pub execs_started: u64,
+    pub execs_running: u64,
+    /// Processes in the guest (entries of `/proc` that are pids).
+    pub processes: u64,
 }
 
 /// Sandbox-wide settings the host gives the agent once, before the first exec.
@@ -226,6 +241,8 @@ pub enum Response {
     Done,
     /// The request failed (final).
     Error(AgentError),
+    /// Answer to `Stats` (final).
+    Stats(GuestStats),
 }
 
 /// Which payload response [`payload_message`] builds.
@@ -283,6 +300,7 @@ impl Response {
             Response::Pong
                 | Response::Exited { .. }
                 | Response::Stat(_)
+                | Response::Stats(_)
                 | Response::Done
                 | Response::Error(_)
         )

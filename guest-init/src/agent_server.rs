@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use msb_init::agent::{
     payload_message, AgentError, AgentMessage, Configure, DirEntry, ErrorKind, ExecRequest,
-    ExitStatus, FileKind, FileStat, HostMessage, Payload, Request, Response, RlimitResource,
-    DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
+    ExitStatus, FileKind, FileStat, GuestStats, HostMessage, Payload, Request, Response,
+    RlimitResource, DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
 };
 use msb_init::frame::{read_frame, FrameWriter, ReadError};
 use msb_init::PROTOCOL_VERSION;
@@ -61,6 +61,18 @@ pub struct Agent {
     /// Where `Configure` writes certificates: `/` in a guest; for a host-process agent,
     /// `$MSB_AGENT_ROOT` (never the host's own /etc), none without it.
     root: Option<std::path::PathBuf>,
+    /// Execs started since boot, and those still running (for `Stats`).
+    execs_started: AtomicU64,
+    execs_running: Arc<AtomicU64>,
+}
+
+/// Counts a running exec until dropped (whichever way the request ends).
+struct Running(Arc<AtomicU64>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Agent {
@@ -76,6 +88,8 @@ impl Agent {
             on_shutdown,
             defaults: Mutex::new(Vec::new()),
             root,
+            execs_started: AtomicU64::new(0),
+            execs_running: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -231,6 +245,7 @@ impl Agent {
                 Ok(Response::Done)
             }
             Request::Configure(c) => self.configure(c),
+            Request::Stats => Ok(Response::Stats(self.stats())),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -239,6 +254,37 @@ impl Agent {
         match self.on_shutdown {
             OnShutdown::PowerOff => crate::pid1::power_off(),
             OnShutdown::Exit => std::process::exit(0),
+        }
+    }
+
+    /// Memory from `/proc/meminfo`, processes from `/proc`, execs from our counters. A field
+    /// the kernel does not show is 0.
+    fn stats(&self) -> GuestStats {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let processes = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        GuestStats {
+            mem_total_kib: field("MemTotal"),
+            mem_available_kib: field("MemAvailable"),
+            execs_started: self.execs_started.load(Ordering::Relaxed),
+            execs_running: self.execs_running.load(Ordering::Relaxed),
+            processes,
         }
     }
 
@@ -280,6 +326,9 @@ impl Agent {
         }
         let slot = ExitSlot::new().map_err(io_error)?;
         let spawned = spawn(&req)?;
+        self.execs_started.fetch_add(1, Ordering::Relaxed);
+        self.execs_running.fetch_add(1, Ordering::Relaxed);
+        let _running = Running(self.execs_running.clone());
         let pid = spawned.pid;
         let exit = self.reaper.watch(pid, slot);
         ctl.pgid.store(pid, Ordering::SeqCst);

@@ -230,6 +230,14 @@ impl AgentClient {
         }
     }
 
+    /// The guest's memory in use, processes and exec counts.
+    pub fn stats(&self) -> Result<crate::agent::GuestStats> {
+        match self.handle(Request::Stats)?.next_response()? {
+            Some(Response::Stats(s)) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Starts a process; its output, exit status and stdin go through the handle.
     pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle> {
         Ok(ExecHandle {

@@ -14,7 +14,7 @@ pub mod client;
 pub mod frame;
 
 /// Version of the agent protocol. The agent announces it first; the host refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Guest physical address of the boot-timer device (Firecracker-compatible on x86_64).
 #[cfg(target_arch = "x86_64")]

@@ -666,3 +666,25 @@ fn configure_sets_default_environment_and_trusts_a_ca() {
         .unwrap_err();
     assert!(e.to_string().contains("PEM"), "{e}");
 }
+
+#[test]
+fn stats_count_execs_and_read_the_memory_in_use() {
+    let a = Agent::start();
+    let c = a.client();
+    let before = c.stats().unwrap();
+    assert_eq!((before.execs_started, before.execs_running), (0, 0));
+    assert!(before.mem_total_kib > 0 && before.mem_available_kib <= before.mem_total_kib);
+    assert!(before.processes > 0);
+    c.exec(sh("true")).unwrap().wait().unwrap();
+    let mut sleeper = c.exec(sh("sleep 30")).unwrap();
+    assert!(matches!(
+        sleeper.next_event().unwrap(),
+        Some(ExecEvent::Started { .. })
+    ));
+    let during = c.stats().unwrap();
+    assert_eq!((during.execs_started, during.execs_running), (2, 1));
+    sleeper.signal(9).unwrap();
+    assert_eq!(sleeper.wait().unwrap(), ExitStatus::Signal(9));
+    let after = c.stats().unwrap();
+    assert_eq!((after.execs_started, after.execs_running), (2, 0));
+}
