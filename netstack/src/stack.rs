@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use mio::net::{TcpStream, UdpSocket};
@@ -219,6 +219,8 @@ struct Audit {
     started: StdInstant,
     bytes_out: u64,
     bytes_in: u64,
+    /// A flow into the guest through a published port: no egress policy applies to it.
+    inbound: bool,
 }
 
 impl Audit {
@@ -234,6 +236,7 @@ impl Audit {
             started: StdInstant::now(),
             bytes_out: 0,
             bytes_in: 0,
+            inbound: true,
         }
     }
 
@@ -260,9 +263,19 @@ impl Audit {
     }
 }
 
-/// Counters, for tests and diagnostics.
+/// Counters for `msb-vmm stats`, tests and diagnostics. Frames and bytes are counted on the
+/// link (Ethernet frames, both directions), flows as they are decided.
 #[derive(Debug, Default)]
 pub struct Stats {
+    pub frames_to_guest: AtomicU64,
+    pub bytes_to_guest: AtomicU64,
+    pub bytes_from_guest: AtomicU64,
+    /// Flows open now (TCP, UDP, ICMP, published), set each round.
+    pub flows_open: AtomicU64,
+    /// Connections and UDP peers that came in through published ports.
+    pub published_accepted: AtomicU64,
+    /// Flows a policy change ended.
+    pub flows_cut: AtomicU64,
     pub tcp_allowed: AtomicU64,
     pub tcp_denied: AtomicU64,
     pub udp_allowed: AtomicU64,
@@ -272,8 +285,71 @@ pub struct Stats {
     pub tcp_timed_out: AtomicU64,
     pub icmp_allowed: AtomicU64,
     pub icmp_denied: AtomicU64,
+    /// Frames from the guest.
     pub frames_in: AtomicU64,
     pub malformed: AtomicU64,
+}
+
+impl Stats {
+    /// Flows the guest opened that the policy allowed, and those it refused (DNS refusals
+    /// count as denials).
+    pub fn flows_allowed(&self) -> u64 {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        l(&self.tcp_allowed) + l(&self.udp_allowed) + l(&self.icmp_allowed)
+    }
+
+    pub fn denials(&self) -> u64 {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        l(&self.tcp_denied) + l(&self.udp_denied) + l(&self.icmp_denied) + l(&self.dns_refused)
+    }
+}
+
+/// Counts what crosses the link (see [`Stats`]).
+struct Counted {
+    inner: Box<dyn Link>,
+    stats: Arc<Stats>,
+}
+
+impl Link for Counted {
+    fn raw_fd(&self) -> RawFd {
+        self.inner.raw_fd()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let r = self.inner.recv(buf)?;
+        if let Some(n) = r {
+            if n > 0 {
+                self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_from_guest
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(r)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.inner.send(frame)?;
+        self.stats.frames_to_guest.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_to_guest
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// What a policy change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyChanged {
+    /// Open flows the new policy denies, ended (the guest saw a reset).
+    pub flows_cut: usize,
+    /// Open flows decided again and kept.
+    pub flows_kept: usize,
+}
+
+/// Orders for the stack's thread.
+enum Command {
+    SetPolicy(Box<Policy>, mpsc::Sender<PolicyChanged>),
 }
 
 /// A running stack; dropping it stops the thread.
@@ -283,6 +359,17 @@ pub struct NetStack {
     waker: Arc<Waker>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<Stats>,
+    commands: Mutex<mpsc::Sender<Command>>,
+    /// The policy in force, as the stack's thread last applied it.
+    policy: Arc<Mutex<Policy>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::SetPolicy(..) => f.write_str("SetPolicy"),
+        }
+    }
 }
 
 impl NetStack {
@@ -293,7 +380,10 @@ impl NetStack {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
+        let policy = Arc::new(Mutex::new(cfg.policy.clone()));
+        let (commands, orders) = mpsc::channel();
         let mut state = State::new(link, cfg, poll, waker.clone(), stats.clone(), true)?;
+        state.orders = Some((orders, policy.clone()));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("netstack".into())
@@ -313,11 +403,39 @@ impl NetStack {
             waker,
             thread: Some(thread),
             stats,
+            commands: Mutex::new(commands),
+            policy,
         })
     }
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Policy {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the policy at once, between two rounds of the stack: every open flow is
+    /// decided again under it and those it denies are ended (logged as `denied`, with the
+    /// new rule); DNS answers and new flows from then on are decided by it. The sandbox's
+    /// DNS bindings (which address a name resolved to) are kept: they are what name rules
+    /// match flows by. Returns once the stack has applied it.
+    pub fn set_policy(&self, policy: Policy) -> io::Result<PolicyChanged> {
+        let (done, applied) = mpsc::channel();
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Command::SetPolicy(Box::new(policy), done))
+            .map_err(|_| io::Error::other("the netstack has stopped"))?;
+        self.waker.wake()?;
+        applied
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| io::Error::other("the netstack did not apply the policy"))
     }
 
     /// Runs the stack on this thread for `rounds` non-blocking rounds over `link`, then stops:
@@ -557,6 +675,8 @@ struct State {
     next_dns: u64,
     /// Asks the host kernel which destinations are the host's own (see [`crate::local`]).
     routes: Routes,
+    /// Orders from [`NetStack`], and where the policy in force is shown (none when driven).
+    orders: Option<(mpsc::Receiver<Command>, Arc<Mutex<Policy>>)>,
 }
 
 fn now() -> Instant {
@@ -565,13 +685,17 @@ fn now() -> Instant {
 
 impl State {
     fn new(
-        mut link: Box<dyn Link>,
+        link: Box<dyn Link>,
         cfg: Config,
         poll: Poll,
         waker: Arc<Waker>,
         stats: Arc<Stats>,
         resolver_threads: bool,
     ) -> io::Result<State> {
+        let mut link: Box<dyn Link> = Box::new(Counted {
+            inner: link,
+            stats: stats.clone(),
+        });
         let mut rx = VecDeque::new();
         let mut tx = Vec::new();
         let mut phy = Phy {
@@ -704,6 +828,7 @@ impl State {
             attempt: 0,
             next_dns: 0,
             routes,
+            orders: None,
         })
     }
 
@@ -711,6 +836,7 @@ impl State {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; rx_buffer_len(self.cfg.mtu)];
         while !stop.load(Ordering::Relaxed) {
+            self.obey();
             let busy = self.round(&mut buf)?;
             let timeout = if busy {
                 Some(Duration::ZERO)
@@ -732,6 +858,104 @@ impl State {
         Ok(())
     }
 
+    /// Carries out the orders waiting (a policy change).
+    fn obey(&mut self) {
+        loop {
+            let order = match &self.orders {
+                Some((rx, _)) => rx.try_recv(),
+                None => return,
+            };
+            let Ok(Command::SetPolicy(policy, done)) = order else {
+                return;
+            };
+            self.cfg.policy = *policy;
+            let changed = self.revoke();
+            if let Some((_, shown)) = &self.orders {
+                *shown.lock().unwrap_or_else(|e| e.into_inner()) = self.cfg.policy.clone();
+            }
+            tracing::info!(
+                "netstack: policy changed; {} open flows ended, {} kept",
+                changed.flows_cut,
+                changed.flows_kept
+            );
+            let _ = done.send(changed);
+        }
+    }
+
+    /// Decides every open flow the guest started again, under the policy now in force, and
+    /// ends those it denies: the guest's side gets a reset, the host socket is closed, and
+    /// the flow's log line says `denied` with the rule. Flows still waiting for their name
+    /// (sniffing) are decided when it comes, by the new policy.
+    fn revoke(&mut self) -> PolicyChanged {
+        let again = |st: &State, a: &Audit| -> Option<String> {
+            let dst = IpEndpoint::new(IpAddress::from(a.dst.ip()), a.dst.port());
+            let (d, _) = st.judge_named(a.proto, dst, a.names.clone(), false);
+            (!d.allowed).then(|| format!("policy changed: {}", d.reason))
+        };
+        let mut kept = 0;
+        let mut tcp = Vec::new();
+        for (k, f) in &self.tcp {
+            if f.audit.inbound {
+                continue;
+            }
+            match again(self, &f.audit) {
+                Some(why) => tcp.push((*k, why)),
+                None => kept += 1,
+            }
+        }
+        let mut udp = Vec::new();
+        for (k, f) in &self.udp {
+            match again(self, &f.audit) {
+                Some(why) => udp.push((*k, why)),
+                None => kept += 1,
+            }
+        }
+        let mut echo = Vec::new();
+        for (k, f) in &self.echo {
+            match again(self, &f.audit) {
+                Some(why) => echo.push((*k, why)),
+                None => kept += 1,
+            }
+        }
+        let cut = tcp.len() + udp.len() + echo.len();
+        for (key, why) in tcp {
+            if let Some(mut f) = self.tcp.remove(&key) {
+                f.audit.rule = why;
+                self.log(f.audit.event("denied"));
+                let _ = self.poll.registry().deregister(&mut f.stream);
+                if let Some(h) = f.handle {
+                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                    // After the next poll, which sends the reset.
+                    self.reap.push(h);
+                }
+            }
+        }
+        for (key, why) in udp {
+            if let Some(mut f) = self.udp.remove(&key) {
+                f.audit.rule = why;
+                self.log(f.audit.event("denied"));
+                let _ = self.poll.registry().deregister(&mut f.sock);
+                if !self.udp.values().any(|g| g.handle == f.handle) {
+                    self.udp_socks.remove(&key.1);
+                    self.sockets.remove(f.handle);
+                }
+            }
+        }
+        for (key, why) in echo {
+            if let Some(mut a) = self.end_echo(&key) {
+                a.rule = why;
+                self.log(a.event("denied"));
+            }
+        }
+        self.stats
+            .flows_cut
+            .fetch_add(cut as u64, Ordering::Relaxed);
+        PolicyChanged {
+            flows_cut: cut,
+            flows_kept: kept,
+        }
+    }
+
     /// Takes a batch of guest frames and runs one step; whether there is more to do at once.
     /// Small batches (32 frames, 2 MiB at the largest MTU) keep ACKs flowing back while many
     /// streams send: with 256, eight guest→host streams ran at half the rate.
@@ -747,7 +971,6 @@ impl State {
             match self.link.recv(buf)? {
                 Some(0) => continue,
                 Some(n) => {
-                    self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                     let frame = buf[..n.min(buf.len())].to_vec();
                     if let Some(frame) = self.inspect(frame) {
                         self.rx.push_back(frame);
@@ -786,6 +1009,9 @@ impl State {
         for h in self.reap.drain(..) {
             self.sockets.remove(h);
         }
+        self.stats
+            .flows_open
+            .store(self.flows() as u64, Ordering::Relaxed);
         busy
     }
 
@@ -834,6 +1060,22 @@ impl State {
     /// The decision for a flow to `dst`, named by the sandbox's DNS answers for it and by
     /// `sniffed` (its TLS server name or HTTP Host), with the audit record it starts.
     fn judge(&self, proto: Proto, dst: IpEndpoint, sniffed: Option<&str>) -> (Decision, Audit) {
+        let mut names = Vec::new();
+        if let Some(n) = sniffed {
+            names.push(n.to_string());
+        }
+        self.judge_named(proto, dst, names, true)
+    }
+
+    /// The decision for a flow to `dst` known by `names` and by the sandbox's DNS answers for
+    /// it. `new`: a flow being opened (the flow limit applies), else an open flow decided again.
+    fn judge_named(
+        &self,
+        proto: Proto,
+        dst: IpEndpoint,
+        extra: Vec<String>,
+        new: bool,
+    ) -> (Decision, Audit) {
         let ip = to_std(dst.addr);
         let mut names: Vec<String> = self
             .bindings
@@ -841,9 +1083,9 @@ impl State {
             .into_iter()
             .map(String::from)
             .collect();
-        if let Some(n) = sniffed {
-            if !names.iter().any(|m| m == n) {
-                names.push(n.to_string());
+        for n in extra {
+            if !names.contains(&n) {
+                names.push(n);
             }
         }
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -884,7 +1126,7 @@ impl State {
                 reason: "loopback is the guest's own".into(),
             };
         }
-        if d.allowed && self.flows() >= self.cfg.max_flows {
+        if new && d.allowed && self.flows() >= self.cfg.max_flows {
             d = Decision {
                 allowed: false,
                 by_rule: false,
@@ -900,6 +1142,7 @@ impl State {
             started: StdInstant::now(),
             bytes_out: 0,
             bytes_in: 0,
+            inbound: false,
         };
         (d, audit)
     }
@@ -1204,6 +1447,9 @@ impl State {
                     continue;
                 }
                 let handle = self.sockets.add(s);
+                self.stats
+                    .published_accepted
+                    .fetch_add(1, Ordering::Relaxed);
                 self.tcp.insert(
                     (
                         guest,
@@ -1242,6 +1488,9 @@ impl State {
                     let p = &mut self.udp_publish[i];
                     let audit = Audit::published(Proto::Udp, p.guest_port, peer, p.spec.clone());
                     p.peers.insert(peer, (handle, StdInstant::now(), audit));
+                    self.stats
+                        .published_accepted
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 let p = &mut self.udp_publish[i];
                 let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), p.guest_port);

@@ -1403,3 +1403,112 @@ fn multicast_and_broadcast_are_never_relayed() {
         assert!(line.rule.contains("multicast or broadcast"), "{line:?}");
     }
 }
+
+/// A server on this host's loopback that sends 64 KiB blocks to each client until the
+/// connection fails; each client's end is reported on the channel.
+fn endless_download() -> (u16, std::sync::mpsc::Receiver<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let block = vec![7u8; 1 << 16];
+                while c.write_all(&block).is_ok() {}
+                let _ = tx.send(());
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// Downloads from one port and echoes on another; after the first line the test changes the
+/// policy. The download must end in a reset, the echo connection must still work.
+const DOWNLOAD_AND_ECHO: &str = r#"
+import socket, sys
+down = socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=30)
+echo = socket.create_connection(("10.0.2.2", int(sys.argv[2])), timeout=30)
+got = 0
+while got < 4 << 20:
+    got += len(down.recv(1 << 16))
+print("downloading", flush=True)
+try:
+    while True:
+        b = down.recv(1 << 16)
+        if not b:
+            print("download ended cleanly"); break
+        got += len(b)
+except ConnectionResetError:
+    print("download reset")
+echo.sendall(b"still here")
+print("echo", echo.recv(64).decode())
+"#;
+
+/// A live policy change ends, at once, the open flows the new policy denies (the guest gets
+/// a reset, the host socket closes, the log says why) and keeps the others; new flows are
+/// decided by the new policy, and `policy()` shows it.
+#[test]
+fn a_policy_change_cuts_the_flows_it_denies_and_keeps_the_rest() {
+    let (down, ended) = endless_download();
+    let echo = echo_server();
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, &format!("tcp:host:{down}"))
+        .unwrap();
+    p.add_flag(Action::Allow, &format!("tcp:host:{echo}"))
+        .unwrap();
+    let mut sb = sandbox(p, &[]);
+    let code = format!("import sys; sys.argv = ['x', '{down}', '{echo}']\n{DOWNLOAD_AND_ECHO}");
+    let mut guest = sb
+        .ns
+        .command("python3")
+        .args(["-c", &code])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = io::BufReader::new(guest.stdout.take().unwrap());
+    let mut line = String::new();
+    io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "downloading");
+    let stack = sb.stack.as_ref().unwrap();
+    let mut narrower = Policy::preset(Preset::None);
+    narrower
+        .add_flag(Action::Allow, &format!("tcp:host:{echo}"))
+        .unwrap();
+    let changed = stack.set_policy(narrower.clone()).unwrap();
+    assert_eq!((changed.flows_cut, changed.flows_kept), (1, 1));
+    assert_eq!(stack.policy(), narrower);
+    // The host side of the cut flow is closed (a liveness bound, not a timing).
+    ended
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the host socket of the cut download was closed");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = guest.wait().unwrap();
+    assert!(status.success(), "{rest}");
+    assert_eq!(rest, "download reset\necho still here\n");
+    assert_eq!(
+        stack.stats().flows_cut.load(Ordering::Relaxed),
+        1,
+        "one flow cut"
+    );
+    let st = stack.stats();
+    assert!(st.bytes_to_guest.load(Ordering::Relaxed) >= 4 << 20);
+    assert!(st.bytes_from_guest.load(Ordering::Relaxed) > 0);
+    assert!(st.frames_to_guest.load(Ordering::Relaxed) > 64);
+    assert_eq!(st.flows_allowed(), 2);
+    // A new download is decided by the new policy.
+    assert_eq!(connect(&sb, "10.0.2.2", down, 10), "refused");
+    let log = sb.stop();
+    let cut: Vec<&LogEvent> = log
+        .iter()
+        .filter(|e| e.dst == format!("10.0.2.2:{down}") && e.verdict == "denied")
+        .collect();
+    assert!(
+        cut.iter()
+            .any(|e| e.rule.starts_with("policy changed: preset none") && e.bytes_in >= 4 << 20),
+        "{log:#?}"
+    );
+}

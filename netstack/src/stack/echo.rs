@@ -130,14 +130,19 @@ impl State {
             }
         }
         for key in dead {
-            if let Some(mut f) = self.echo.remove(&key) {
-                let ev = f.audit.event("allowed");
-                self.log(ev);
-                let _ = self.poll.registry().deregister(&mut f.sock);
+            if let Some(a) = self.end_echo(&key) {
+                self.log(a.event("allowed"));
             }
         }
         self.scratch = tmp;
         busy
+    }
+
+    /// Ends an echo flow; its audit record, for the log line.
+    pub(super) fn end_echo(&mut self, key: &EchoKey) -> Option<Audit> {
+        let mut f = self.echo.remove(key)?;
+        let _ = self.poll.registry().deregister(&mut f.sock);
+        Some(f.audit)
     }
 }
 
