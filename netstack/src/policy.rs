@@ -318,6 +318,46 @@ fn is_below(name: &str, suffix: &str) -> bool {
         && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
 }
 
+impl Rule {
+    /// The rule as a flag or policy file writes it (`tcp:*.github.com:443`, `[::1]:80`);
+    /// parsing it gives the same rule.
+    pub fn spec(&self) -> String {
+        let dest = match &self.dest {
+            Dest::Any => "any".to_string(),
+            Dest::Cidr(c) => {
+                let full = if c.is_v4() { 32 } else { 128 };
+                let text = if c.len() == full {
+                    c.addr().to_string()
+                } else {
+                    c.to_string()
+                };
+                if c.is_v4() || self.ports.is_none() {
+                    text
+                } else {
+                    format!("[{text}]")
+                }
+            }
+            Dest::Domain(d) => d.clone(),
+            Dest::Suffix(d) => format!("*.{d}"),
+            Dest::Group(g) => g.name().to_string(),
+        };
+        let mut out = match self.proto {
+            // `any:` only where the destination alone would read as a protocol name.
+            Proto::Any if matches!(dest.as_str(), "tcp" | "udp" | "icmp") => format!("any:{dest}"),
+            Proto::Any => dest,
+            p => format!("{}:{dest}", p.name()),
+        };
+        if let Some(p) = self.ports {
+            if p.lo == p.hi {
+                out.push_str(&format!(":{}", p.lo));
+            } else {
+                out.push_str(&format!(":{}-{}", p.lo, p.hi));
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.origin)
@@ -495,6 +535,54 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// The policy as a policy file (`preset`, `deny`, `allow`, each rule with where it came
+    /// from), for `msb-vmm policy NAME`. Secrets are named, never their values (the policy
+    /// holds none).
+    pub fn to_toml(&self) -> String {
+        let quote = |s: &str| -> String {
+            let mut q = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => q.push_str("\\\""),
+                    '\\' => q.push_str("\\\\"),
+                    c if c.is_control() => q.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => q.push(c),
+                }
+            }
+            q.push('"');
+            q
+        };
+        let mut out = format!("preset = {}\n", quote(self.preset.name()));
+        if let Some(v) = &self.on_violation {
+            out.push_str(&format!("on_violation = {}\n", quote(v)));
+        }
+        for (key, action) in [("deny", Action::Deny), ("allow", Action::Allow)] {
+            let rules: Vec<&Rule> = self.rules.iter().filter(|r| r.action == action).collect();
+            if rules.is_empty() {
+                out.push_str(&format!("{key} = []\n"));
+                continue;
+            }
+            out.push_str(&format!("{key} = [\n"));
+            for r in rules {
+                out.push_str(&format!("  {},  # {}\n", quote(&r.spec()), r.origin));
+            }
+            out.push_str("]\n");
+        }
+        for sec in &self.secrets {
+            let hosts: Vec<String> = sec.hosts.iter().map(|h| quote(h)).collect();
+            out.push_str(&format!(
+                "\n[[secret]]  # {}\nname = {}\nhosts = [{}]\n",
+                sec.origin,
+                quote(&sec.name),
+                hosts.join(", ")
+            ));
+            if let Some(f) = &sec.file {
+                out.push_str(&format!("file = {}\n", quote(f)));
+            }
+        }
+        out
     }
 
     /// The decision for `flow`: deny rules, then allow rules, then the preset.

@@ -425,3 +425,54 @@ fn policy_files_name_secrets_and_the_violation_mode() {
         .unwrap_err();
     assert!(e.to_string().contains("unknown field `host`"), "{e}");
 }
+
+#[test]
+fn a_rule_spec_parses_back_to_the_same_rule() {
+    for text in [
+        "tcp:*.github.com:443",
+        "udp:1.1.1.1:53",
+        "icmp:example.com",
+        "10.0.0.0/8",
+        "tcp:[2001:db8::/32]:443-450",
+        "tcp:[2001:db8::1]:80",
+        "2001:db8::1",
+        "host:8080",
+        "any",
+        "any:tcp",
+        "metadata",
+        "example.org:1-1024",
+    ] {
+        let r = Rule::parse(Action::Allow, text, "t").unwrap();
+        let again = Rule::parse(Action::Allow, &r.spec(), "t").unwrap();
+        assert_eq!(r, again, "{text} -> {}", r.spec());
+    }
+}
+
+#[test]
+fn the_policy_in_force_reads_back_as_a_policy_file() {
+    let mut p = Policy::preset(Preset::None);
+    p.add_flag(Action::Allow, "tcp:*.github.com:443").unwrap();
+    p.add_flag(Action::Deny, "10.0.0.0/8").unwrap();
+    p.merge_file(
+        "p.toml",
+        "allow = [\"udp:1.1.1.1:53\"]\n[[secret]]\nname = \"TOKEN\"\nhosts = [\"api.example.com\"]\n",
+    )
+    .unwrap();
+    let text = p.to_toml();
+    assert!(
+        text.contains("\"tcp:*.github.com:443\",  # --allow tcp:*.github.com:443"),
+        "{text}"
+    );
+    assert!(text.contains("# p.toml:1"), "{text}");
+    let mut back = Policy::default();
+    back.merge_file("shown.toml", &text).unwrap();
+    assert_eq!(back.preset, p.preset);
+    let specs = |q: &Policy| -> Vec<(Action, String)> {
+        let mut v: Vec<_> = q.rules.iter().map(|r| (r.action, r.spec())).collect();
+        v.sort_by(|a, b| a.1.cmp(&b.1));
+        v
+    };
+    assert_eq!(specs(&back), specs(&p));
+    assert_eq!(back.secrets.len(), 1);
+    assert_eq!(back.secrets[0].hosts, p.secrets[0].hosts);
+}
