@@ -253,6 +253,18 @@ pub struct PassthroughFs {
     no_xattrs: AtomicBool,
     /// Requests served, by opcode (`request_counts`).
     op_counts: [AtomicU64; 64],
+    /// File bytes read and written for the client (`totals`).
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// What a share served, for `msb-vmm stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsTotals {
+    /// Requests of every kind.
+    pub ops: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 impl std::fmt::Debug for PassthroughFs {
@@ -435,6 +447,8 @@ impl PassthroughFs {
             io_uring: AtomicBool::new(false),
             no_xattrs: AtomicBool::new(false),
             op_counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
         })
     }
 
@@ -458,6 +472,19 @@ impl PassthroughFs {
                 (n > 0).then(|| (abi::op::name(op as u32), n))
             })
             .collect()
+    }
+
+    /// Requests and file bytes served so far.
+    pub fn totals(&self) -> FsTotals {
+        FsTotals {
+            ops: self
+                .op_counts
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .sum(),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
     }
 
     /// Tells INIT to accept FUSE over io_uring when the client offers it (the `/dev/fuse`
@@ -1679,6 +1706,7 @@ impl PassthroughFs {
             }
             got += n as usize;
         }
+        self.bytes_read.fetch_add(got as u64, Ordering::Relaxed);
         Ok(got)
     }
 
@@ -1696,6 +1724,7 @@ impl PassthroughFs {
         if n < 0 {
             return Err(errno());
         }
+        self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
         let mut w = Writer::default();
         w.u32(n as u32).u32(0);
         Ok(w.buf)
