@@ -551,6 +551,13 @@ fn allowlist(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_getsockopt,
                     libc::SYS_rt_sigtimedwait,
                     libc::SYS_timerfd_settime,
+                    // A named sandbox's control socket (`msb-vmm stats`, `policy`), and the
+                    // stats it answers with: guest memory resident (mincore), the threads'
+                    // CPU clocks, /proc.
+                    libc::SYS_bind,
+                    libc::SYS_listen,
+                    libc::SYS_accept4,
+                    libc::SYS_mincore,
                 ],
             );
             sockets(&mut r, &[libc::AF_UNIX])?;

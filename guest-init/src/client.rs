@@ -238,6 +238,16 @@ impl AgentClient {
         }
     }
 
+    /// [`Self::stats`], failing with [`ClientError::Timeout`] after `timeout`.
+    pub fn stats_within(&self, timeout: Duration) -> Result<crate::agent::GuestStats> {
+        let mut h = self.handle(Request::Stats)?;
+        h.deadline = Some(Instant::now() + timeout);
+        match h.next_response()? {
+            Some(Response::Stats(s)) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Starts a process; its output, exit status and stdin go through the handle.
     pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle> {
         Ok(ExecHandle {

@@ -27,6 +27,7 @@ pub mod jail;
 pub mod loader;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod sandbox;
+pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod tls;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -53,6 +53,21 @@ enum Command {
     },
     /// List running sandboxes (leftovers of ones whose VMM died are removed).
     Ls,
+    /// What a running sandbox uses: vCPU time, memory (host and guest), network, files,
+    /// processes.
+    Stats {
+        /// The sandbox.
+        name: String,
+        /// One JSON object (per reading with --watch) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Read again every SECS seconds (default 1) until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = parse_secs)]
+        watch: Option<Duration>,
+    },
+    /// Show a running sandbox's egress policy, or replace it (with the flags `start` takes):
+    /// open flows the new policy denies are cut at once.
+    Policy(PolicyArgs),
     /// Power off a running sandbox.
     Stop {
         /// The sandbox.
@@ -270,6 +285,28 @@ struct StartArgs {
     net: NetArgs,
     #[command(flatten)]
     vm: VmArgs,
+    /// Serve Prometheus metrics (text format, over HTTP) on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    metrics_socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// The sandbox.
+    name: String,
+    /// The new policy's preset (default public, as for `start`).
+    #[arg(long, value_name = "PRESET")]
+    net: Option<String>,
+    /// Allow [proto:]destination[:ports] (repeatable).
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<String>,
+    /// Deny [proto:]destination[:ports] (repeatable).
+    #[arg(long = "deny", value_name = "RULE")]
+    deny: Vec<String>,
+    /// TOML policy file (as `start --policy`); its secrets must be the ones the sandbox
+    /// started with.
+    #[arg(long, alias = "file", value_name = "FILE")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -330,6 +367,8 @@ fn run_command(command: Command) -> u8 {
         Command::Cp { src, dst } => cli::daemon::cp(&src, &dst),
         Command::Ls => cli::daemon::ls(),
         Command::Stop { name } => cli::daemon::stop(&name),
+        Command::Stats { name, json, watch } => cli::daemon::stats(&name, json, watch),
+        Command::Policy(a) => cli::daemon::policy(a),
         Command::Ca { regenerate } => cli::ca::ca(regenerate),
     };
     result.unwrap_or_else(|e| {

@@ -80,6 +80,8 @@ pub enum SandboxError {
     Timeout { after: Duration },
     #[error(transparent)]
     Agent(#[from] ClientError),
+    #[error("policy: {0}")]
+    Policy(String),
 }
 
 impl SandboxError {
@@ -478,14 +480,18 @@ impl SandboxBuilder {
             b = b.vsock_uds(p);
         }
         let mut mounts = String::new();
+        let mut shares = Vec::new();
         if let Some((dir, access)) = &self.rootfs {
             let config = FsConfig {
                 read_only: *access != Access::ReadWrite,
                 ..Default::default()
             };
-            let fs = PassthroughFs::new(dir, config)
-                .map_err(|e| SandboxError::Share(format!("root file system: {e}")))?;
-            b = b.share("root", Arc::new(fs));
+            let fs = Arc::new(
+                PassthroughFs::new(dir, config)
+                    .map_err(|e| SandboxError::Share(format!("root file system: {e}")))?,
+            );
+            shares.push(("root".into(), "/".into(), fs.clone()));
+            b = b.share("root", fs);
             mounts.push(' ');
             mounts.push_str(
                 &MountSpec::Virtiofs {
@@ -507,7 +513,9 @@ impl SandboxBuilder {
             )
             .map_err(|e| SandboxError::Share(e.to_string()))?;
             let tag = format!("vol{i}");
-            b = b.share(tag.clone(), Arc::new(fs));
+            let fs = Arc::new(fs);
+            shares.push((tag.clone(), v.guest.display().to_string(), fs.clone()));
+            b = b.share(tag.clone(), fs);
             mounts.push(' ');
             mounts.push_str(
                 &MountSpec::Virtiofs {
@@ -626,8 +634,17 @@ impl SandboxBuilder {
                     vm: Some(vm),
                     agent: Some(agent),
                     ready_time: ready,
+                    ready_at: Instant::now(),
+                    cpus: self.cpus,
+                    memory_mib: self.memory_mib,
+                    shares,
                     #[cfg(target_os = "linux")]
-                    _netstack: netstack,
+                    netstack,
+                    #[cfg(target_os = "linux")]
+                    fixed_secrets: self
+                        .network
+                        .as_ref()
+                        .map(|n| (n.policy.secrets.clone(), n.policy.on_violation.clone())),
                 })
             }
             Err(e) => {
@@ -710,9 +727,18 @@ pub struct Sandbox {
     agent: Option<AgentClient>,
     boot_time: Option<Duration>,
     ready_time: Duration,
+    ready_at: Instant,
+    cpus: u32,
+    memory_mib: u64,
+    /// The virtio-fs shares: tag, guest path, server (for their counters).
+    shares: Vec<(String, String, Arc<PassthroughFs>)>,
     /// The sandbox's network stack, stopped with the sandbox.
     #[cfg(target_os = "linux")]
-    _netstack: Option<msb_netstack::stack::NetStack>,
+    netstack: Option<msb_netstack::stack::NetStack>,
+    /// The secrets and `on_violation` the sandbox started with: TLS interception was set up
+    /// for them, so a policy change cannot alter them.
+    #[cfg(target_os = "linux")]
+    fixed_secrets: Option<(Vec<msb_netstack::policy::SecretSpec>, Option<String>)>,
 }
 
 impl Sandbox {
@@ -833,6 +859,94 @@ impl Sandbox {
         let mut out = Vec::new();
         self.agent().read_file(path.as_ref().as_bytes(), &mut out)?;
         Ok(out)
+    }
+
+    /// What the sandbox uses now: vCPU time, memory (host and guest), network, file
+    /// system, processes. Asks the agent (a round trip); if it does not answer within 2 s the
+    /// guest's part is left out.
+    pub fn stats(&self) -> crate::stats::SandboxStats {
+        use crate::stats::{FsStats, MemoryStats, NetStats, SandboxStats};
+        let vm = self.vm.as_ref();
+        let guest = self
+            .agent
+            .as_ref()
+            .and_then(|a| a.stats_within(Duration::from_secs(2)).ok())
+            .map(Into::into);
+        #[cfg(target_os = "linux")]
+        let net = self.netstack.as_ref().map(|n| {
+            let st = n.stats();
+            let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            NetStats {
+                bytes_out: l(&st.bytes_from_guest),
+                bytes_in: l(&st.bytes_to_guest),
+                packets_out: l(&st.frames_in),
+                packets_in: l(&st.frames_to_guest),
+                flows_out: st.flows_allowed(),
+                denials_out: st.denials(),
+                flows_in: l(&st.published_accepted),
+                flows_open: l(&st.flows_open),
+                flows_cut: l(&st.flows_cut),
+                dns_answered: l(&st.dns_answered),
+            }
+        });
+        #[cfg(not(target_os = "linux"))]
+        let net = None;
+        SandboxStats {
+            uptime_s: self.ready_at.elapsed().as_secs_f64(),
+            cpus: self.cpus,
+            vcpu_time_s: vm.map_or(0.0, |v| v.vcpu_time().as_secs_f64()),
+            memory: MemoryStats {
+                guest_bytes: self.memory_mib << 20,
+                host_resident_bytes: vm.map_or(0, |v| v.resident_memory()),
+            },
+            net,
+            fs: self
+                .shares
+                .iter()
+                .map(|(tag, path, fs)| {
+                    let t = fs.totals();
+                    FsStats {
+                        tag: tag.clone(),
+                        guest_path: path.clone(),
+                        ops: t.ops,
+                        bytes_read: t.bytes_read,
+                        bytes_written: t.bytes_written,
+                    }
+                })
+                .collect(),
+            guest,
+        }
+    }
+
+    /// The egress policy in force (`None` without a network).
+    #[cfg(target_os = "linux")]
+    pub fn policy(&self) -> Option<msb_netstack::policy::Policy> {
+        self.netstack.as_ref().map(|n| n.policy())
+    }
+
+    /// Replaces the egress policy while the sandbox runs: open flows the new policy denies
+    /// are ended at once (the guest sees a reset, the audit log says why), the rest kept;
+    /// DNS answers and new flows are decided by it from then on. Secrets and
+    /// `on_violation` cannot change (TLS interception was set up for them): a policy that
+    /// changes them is refused and the old one stays in force.
+    #[cfg(target_os = "linux")]
+    pub fn set_policy(
+        &self,
+        policy: msb_netstack::policy::Policy,
+    ) -> Result<msb_netstack::stack::PolicyChanged, SandboxError> {
+        let Some(n) = self.netstack.as_ref() else {
+            return Err(SandboxError::Policy(
+                "the sandbox has no network (start it with --net)".into(),
+            ));
+        };
+        let fixed = self.fixed_secrets.clone().unwrap_or_default();
+        if (policy.secrets.as_slice(), &policy.on_violation) != (fixed.0.as_slice(), &fixed.1) {
+            return Err(SandboxError::Policy(
+                "secrets and on_violation are fixed when the sandbox starts; the policy in force is unchanged".into(),
+            ));
+        }
+        n.set_policy(policy)
+            .map_err(|e| SandboxError::Policy(e.to_string()))
     }
 
     /// Asks the guest to power off cleanly (stopping it if it does not) and waits for it.

@@ -388,3 +388,30 @@ fn a_state_directory_without_sockets_is_named() {
     assert!(!dir.join("box").exists(), "nothing left behind");
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }
+
+#[test]
+fn stats_and_policy_of_an_unknown_sandbox_or_with_bad_flags() {
+    let dir = std::env::temp_dir().join(format!("msb-cli-stats-{}", std::process::id()));
+    let env = [("MSB_STATE_DIR", dir.to_str().unwrap())];
+    one_line_error(
+        &msb_vmm(&["stats", "nosuch"], &env),
+        125,
+        "no sandbox named nosuch",
+    );
+    one_line_error(
+        &msb_vmm(&["policy", "nosuch", "--allow", "tcp:x:1"], &env),
+        125,
+        "no sandbox named nosuch",
+    );
+    one_line_error(
+        &msb_vmm(&["stats", "Bad Name"], &env),
+        125,
+        "invalid sandbox name",
+    );
+    one_line_error(
+        &msb_vmm(&["stats", "box", "--watch", "0"], &env),
+        2,
+        "positive number of seconds",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

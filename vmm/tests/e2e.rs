@@ -498,7 +498,14 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let dir = state_dir().join("box1");
     assert_eq!(mode(&dir), 0o700, "{}", dir.display());
-    for f in ["vsock.sock", "log", "pid", "info.json", "ready"] {
+    for f in [
+        "vsock.sock",
+        "control.sock",
+        "log",
+        "pid",
+        "info.json",
+        "ready",
+    ] {
         assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
     }
     let again = msb_vmm_state(&["start", "--name", "box1"]);
@@ -1542,4 +1549,217 @@ fn a_jailed_sandbox_runs_shares_files_and_is_held_to_its_limits() {
     assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&base);
     let _ = std::fs::remove_dir_all(&jails);
+}
+
+/// `msb-vmm stats` of a running sandbox (table, JSON, Prometheus), then a live policy change
+/// while a download runs: the download is cut, the other allowed port still works, a bad
+/// update changes nothing, and the audit log says why the flow ended.
+#[test]
+fn stats_of_a_running_sandbox_and_a_live_policy_change() {
+    let _w = watchdog("stats_of_a_running_sandbox_and_a_live_policy_change");
+    check_host();
+    use std::io::{Read, Write};
+    // An endless download, and an echo server.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_port = down.local_addr().unwrap().port();
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in down.incoming() {
+            let Ok(mut c) = c else { return };
+            let tx = ended_tx.clone();
+            std::thread::spawn(move || {
+                let block = vec![b'x'; 1 << 16];
+                while c.write_all(&block).is_ok() {}
+                let _ = tx.send(());
+            });
+        }
+    });
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in echo.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let vol = dir.join("statsvol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let metrics = dir.join("metrics.sock");
+    let log = dir.join("netlog.jsonl");
+    let (allow_down, allow_echo) = (
+        format!("tcp:host:{down_port}"),
+        format!("tcp:host:{echo_port}"),
+    );
+    let out = msb_vmm_state(&[
+        "start",
+        "--name",
+        "netbox",
+        "--net",
+        "none",
+        "--allow",
+        &allow_down,
+        "--allow",
+        &allow_echo,
+        "-V",
+        &format!("{}:/data", vol.display()),
+        "--metrics-socket",
+        metrics.to_str().unwrap(),
+        "--net-log",
+        log.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let e = msb_vmm_state(&[
+        "exec",
+        "netbox",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/data/f bs=1024 count=2048 2>/dev/null && echo wrote",
+    ]);
+    assert_eq!(text(&e.stdout), "wrote\n", "{}", text(&e.stderr));
+    // The download runs in the background of this test.
+    let state = dir.clone();
+    let download = std::thread::spawn(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_msb-vmm"));
+        cmd.args([
+            "exec",
+            "netbox",
+            "--",
+            "sh",
+            "-c",
+            &format!("nc 10.0.2.2 {down_port} </dev/null | wc -c"),
+        ])
+        .env("MSB_STATE_DIR", state);
+        cmd.output().unwrap()
+    });
+    // Stats until the download shows (bytes into the guest), as JSON.
+    let stats = loop {
+        let o = msb_vmm_state(&["stats", "netbox", "--json"]);
+        assert!(o.status.success(), "stats: {}", text(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v["net"]["bytes_in"].as_u64().unwrap_or(0) > 2 << 20 {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(stats["cpus"], 1);
+    assert!(stats["vcpu_time_s"].as_f64().unwrap() > 0.0, "{stats}");
+    let resident = stats["memory"]["host_resident_bytes"].as_u64().unwrap();
+    assert!(
+        resident > 1 << 20 && resident <= stats["memory"]["guest_bytes"].as_u64().unwrap(),
+        "{stats}"
+    );
+    assert!(
+        stats["guest"]["memory_used_bytes"].as_u64().unwrap() > 1 << 20,
+        "{stats}"
+    );
+    assert!(
+        stats["guest"]["execs_started"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    assert!(
+        stats["guest"]["execs_running"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(stats["net"]["flows_out"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(stats["net"]["flows_open"].as_u64().unwrap() >= 1, "{stats}");
+    let vol0 = &stats["fs"][0];
+    assert_eq!(
+        (vol0["tag"].as_str(), vol0["guest_path"].as_str()),
+        (Some("vol0"), Some("/data"))
+    );
+    assert!(
+        vol0["bytes_written"].as_u64().unwrap() >= 2 << 20,
+        "{stats}"
+    );
+    let table = msb_vmm_state(&["stats", "netbox"]);
+    let t = text(&table.stdout);
+    assert!(
+        t.contains("sandbox netbox: up") && t.contains("fs vol0  /data"),
+        "{t}"
+    );
+    // Prometheus text over HTTP on the metrics socket.
+    let mut m = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    m.read_to_string(&mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(
+        page.contains("msb_execs_total{sandbox=\"netbox\"}"),
+        "{page}"
+    );
+    assert!(
+        page.contains("msb_net_bytes_total{sandbox=\"netbox\",direction=\"in\"}"),
+        "{page}"
+    );
+
+    // The policy in force, then a bad update that changes nothing.
+    let shown = text(&msb_vmm_state(&["policy", "netbox"]).stdout);
+    assert!(
+        shown.contains("preset = \"none\"") && shown.contains(&allow_down),
+        "{shown}"
+    );
+    let bad = msb_vmm_state(&["policy", "netbox", "--allow", "tcp:host:99999"]);
+    assert_eq!(bad.status.code(), Some(125));
+    assert_eq!(
+        text(&bad.stderr).lines().count(),
+        1,
+        "{}",
+        text(&bad.stderr)
+    );
+    assert_eq!(text(&msb_vmm_state(&["policy", "netbox"]).stdout), shown);
+    // The live change: only the echo port stays allowed. The download is cut.
+    let change = msb_vmm_state(&["policy", "netbox", "--net", "none", "--allow", &allow_echo]);
+    assert!(change.status.success(), "{}", text(&change.stderr));
+    assert!(
+        text(&change.stderr).contains("1 open flows it denies were cut"),
+        "{}",
+        text(&change.stderr)
+    );
+    ended
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the host side of the cut download closed");
+    let d = download.join().unwrap();
+    let got: u64 = text(&d.stdout).trim().parse().unwrap_or(0);
+    assert!(got > 2 << 20, "{} / {}", text(&d.stdout), text(&d.stderr));
+    let e = msb_vmm_state(&[
+        "exec",
+        "netbox",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo hi | nc 10.0.2.2 {echo_port} & sleep 2; kill %1 2>/dev/null; \
+             nc 10.0.2.2 {down_port} </dev/null >/dev/null 2>&1; echo down=$?"
+        ),
+    ]);
+    assert_eq!(text(&e.stdout), "hi\ndown=1\n", "{}", text(&e.stderr));
+    let after = text(&msb_vmm_state(&["policy", "netbox"]).stdout);
+    assert!(
+        !after.contains(&allow_down) && after.contains(&allow_echo),
+        "{after}"
+    );
+    let stop = msb_vmm_state(&["stop", "netbox"]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert!(!metrics.exists(), "the metrics socket is removed at stop");
+    let lines = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.contains(&format!("10.0.2.2:{down_port}"))
+                && l.contains("\"denied\"")
+                && l.contains("policy changed")),
+        "{lines}"
+    );
+    let _ = std::fs::remove_dir_all(&vol);
+    let _ = std::fs::remove_file(&log);
 }

@@ -248,6 +248,10 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     for p in &a.net.publish {
         cmd.arg("--publish").arg(p);
     }
+    if let Some(m) = &a.metrics_socket {
+        cmd.arg("--metrics-socket")
+            .arg(std::env::current_dir()?.join(m));
+    }
     if let Some(f) = &a.net.net_log {
         // Absolute: the sandbox process may not share our working directory.
         cmd.arg("--net-log").arg(std::env::current_dir()?.join(f));
@@ -332,7 +336,18 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
     }
     b = super::with_mounts(b, &a.mounts)?;
     b = super::with_network(b, &a.net)?;
+    // Bound before the jail (its listeners outlive the pivot into it).
+    let control = super::control::bind(&dir.join("control.sock"))?;
+    let metrics = match &a.metrics_socket {
+        Some(p) => Some(
+            super::control::bind(p).with_context(|| format!("--metrics-socket {}", p.display()))?,
+        ),
+        None => None,
+    };
     if let Some(code) = super::jail(&a.vm, |spec| Ok(b.jail_binds(spec)?))? {
+        if let Some(p) = &a.metrics_socket {
+            let _ = std::fs::remove_file(p);
+        }
         // The jailed sandbox process is gone; what it could not remove (its mount point).
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(code);
@@ -369,9 +384,83 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         let _ = set.wait();
         stop.stop();
     });
-    sb.wait_stopped(None);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| super::control::serve(&control, &sb, &done));
+        if let Some(m) = &metrics {
+            scope.spawn(|| super::control::serve_metrics(m, &sb, &a.name, &done));
+        }
+        sb.wait_stopped(None);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     drop(sb);
+    if let Some(p) = &a.metrics_socket {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}
+
+/// `msb-vmm stats`.
+pub fn stats(name: &str, json: bool, watch: Option<Duration>) -> anyhow::Result<u8> {
+    let dir = running(name)?;
+    loop {
+        let v = super::control::request(&dir, &super::control::Request::Stats)?;
+        if json {
+            println!("{}", v["stats"]);
+        } else {
+            let st: msb_vmm::stats::SandboxStats = serde_json::from_value(v["stats"].clone())
+                .context("the sandbox's stats are not in this msb-vmm's format")?;
+            if watch.is_some() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                // Clear the screen and home the cursor: a top-like view.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", st.table(name));
+        }
+        std::io::stdout().flush()?;
+        let Some(every) = watch else {
+            return Ok(0);
+        };
+        std::thread::sleep(every);
+        if !dir.join("ready").exists() {
+            bail!("sandbox {name} stopped");
+        }
+    }
+}
+
+/// `msb-vmm policy`: shows the policy in force, or replaces it with the one the flags give.
+pub fn policy(a: crate::PolicyArgs) -> anyhow::Result<u8> {
+    let dir = running(&a.name)?;
+    let file = match &a.policy {
+        Some(path) => Some((
+            path.display().to_string(),
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("--policy {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+    let flags = super::PolicyFlags {
+        net: a.net.clone(),
+        allow: a.allow.clone(),
+        deny: a.deny.clone(),
+        file,
+    };
+    if flags.net.is_none()
+        && flags.allow.is_empty()
+        && flags.deny.is_empty()
+        && flags.file.is_none()
+    {
+        let v = super::control::request(&dir, &super::control::Request::Policy)?;
+        print!("{}", v["policy"].as_str().unwrap_or_default());
+        return Ok(0);
+    }
+    // Checked here first: a typo is one line from this command, and nothing changes.
+    super::policy_from(&flags)?;
+    let v = super::control::request(&dir, &super::control::Request::SetPolicy { flags })?;
+    eprintln!(
+        "msb-vmm: policy of {} replaced; {} open flows it denies were cut, {} kept",
+        a.name, v["flows_cut"], v["flows_kept"]
+    );
     Ok(0)
 }
 

@@ -16,6 +16,7 @@ use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
 use super::{BootArgs, ExecOpts, RunArgs, EXIT_FAILURE, EXIT_TIMEOUT};
 
 pub mod ca;
+pub mod control;
 pub mod daemon;
 
 /// Exit code when the command could not be executed.
@@ -446,24 +447,21 @@ pub fn with_network(
     b: msb_vmm::sandbox::SandboxBuilder,
     n: &crate::NetArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
-    use msb_netstack::policy::{Action, Policy, Preset};
-    let mut policy = Policy::preset(Preset::Public);
-    if let Some(path) = &n.policy {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("--policy {}: {e}", path.display()))?;
-        policy
-            .merge_file(&path.display().to_string(), &text)
-            .map_err(|e| anyhow::anyhow!("--policy {e}"))?;
-    }
-    if let Some(p) = &n.net {
-        policy.preset = Preset::parse(p).map_err(|e| anyhow::anyhow!("--net: {e}"))?;
-    }
-    for r in &n.deny {
-        policy.add_flag(Action::Deny, r)?;
-    }
-    for r in &n.allow {
-        policy.add_flag(Action::Allow, r)?;
-    }
+    use msb_netstack::policy::{Action, Preset};
+    let file = match &n.policy {
+        Some(path) => Some((
+            path.display().to_string(),
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--policy {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+    let policy = policy_from(&PolicyFlags {
+        net: n.net.clone(),
+        allow: n.allow.clone(),
+        deny: n.deny.clone(),
+        file,
+    })?;
     if !(68..=65520).contains(&n.mtu) {
         anyhow::bail!("--mtu {}: use 68 to 65520", n.mtu);
     }
@@ -498,6 +496,39 @@ pub fn with_network(
         net.log = Some(json_lines(file));
     }
     Ok(b.network(net))
+}
+
+/// The policy flags of `run`, `start` and `policy`, with a policy file's text already read
+/// (the sandbox process that applies a live change may not see the caller's files).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PolicyFlags {
+    pub net: Option<String>,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// The file's name (for messages) and text.
+    pub file: Option<(String, String)>,
+}
+
+/// The policy the flags describe: preset `public` unless the file or `--net` says otherwise,
+/// then the file's rules, `--deny` and `--allow`.
+pub fn policy_from(f: &PolicyFlags) -> anyhow::Result<msb_netstack::policy::Policy> {
+    use msb_netstack::policy::{Action, Policy, Preset};
+    let mut policy = Policy::preset(Preset::Public);
+    if let Some((name, text)) = &f.file {
+        policy
+            .merge_file(name, text)
+            .map_err(|e| anyhow::anyhow!("--policy {e}"))?;
+    }
+    if let Some(p) = &f.net {
+        policy.preset = Preset::parse(p).map_err(|e| anyhow::anyhow!("--net: {e}"))?;
+    }
+    for r in &f.deny {
+        policy.add_flag(Action::Deny, r)?;
+    }
+    for r in &f.allow {
+        policy.add_flag(Action::Allow, r)?;
+    }
+    Ok(policy)
 }
 
 /// Secrets and TLS interception from the flags; none when neither is asked for. A secret
