@@ -18,6 +18,7 @@ pub mod dns;
 pub mod http1;
 pub mod http2;
 pub mod intercept;
+pub mod learn;
 pub mod local;
 pub mod offload;
 pub mod policy;
