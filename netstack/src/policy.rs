@@ -38,7 +38,7 @@ use crate::addr::{self, Cidr, Group};
 pub enum PolicyError {
     #[error("bad rule {rule:?}: {why} (rules are [proto:]destination[:ports], e.g. tcp:*.github.com:443)")]
     BadRule { rule: String, why: String },
-    #[error("unknown network preset {0:?} (none, public, all, non-local)")]
+    #[error("unknown network preset {0:?} (none, public, all, non-local, learn)")]
     BadPreset(String),
     #[error("{file}:{line}: {why}")]
     File {
@@ -114,6 +114,9 @@ pub enum Preset {
     Public,
     All,
     NonLocal,
+    /// Learn mode: what `non-local` allows (no host, loopback, link-local or metadata), with
+    /// every flow and name recorded for a suggested allowlist (see [`crate::learn`]).
+    Learn,
 }
 
 impl Preset {
@@ -123,6 +126,7 @@ impl Preset {
             "public" => Preset::Public,
             "all" => Preset::All,
             "non-local" => Preset::NonLocal,
+            "learn" => Preset::Learn,
             _ => return Err(PolicyError::BadPreset(s.into())),
         })
     }
@@ -133,6 +137,7 @@ impl Preset {
             Preset::Public => "public",
             Preset::All => "all",
             Preset::NonLocal => "non-local",
+            Preset::Learn => "learn",
         }
     }
 
@@ -144,7 +149,7 @@ impl Preset {
             // The guest's loopback never leaves the guest: a packet for it that reaches us is
             // forged, and relaying it would reach the host's own loopback.
             Preset::All => !matches!(g, Group::Host | Group::Reserved | Group::Loopback),
-            Preset::NonLocal => matches!(g, Group::Public | Group::Private),
+            Preset::NonLocal | Preset::Learn => matches!(g, Group::Public | Group::Private),
         }
     }
 }
@@ -326,7 +331,7 @@ impl Rule {
             Dest::Any => "any".to_string(),
             Dest::Cidr(c) => {
                 let full = if c.is_v4() { 32 } else { 128 };
-                let text = if c.len() == full {
+                let text = if c.prefix_len() == full {
                     c.addr().to_string()
                 } else {
                     c.to_string()

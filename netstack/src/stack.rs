@@ -92,6 +92,8 @@ pub struct Config {
     pub intercept: Option<Arc<crate::intercept::Intercept>>,
     /// Whether the stack's threads install their seccomp filters (`msb_confine`).
     pub seccomp: msb_confine::Seccomp,
+    /// Learn mode: every flow the policy allows and every name resolved is recorded here.
+    pub learn: Option<Arc<Mutex<crate::learn::Learner>>>,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -126,6 +128,7 @@ impl Default for Config {
             dns_timeout: Duration::from_secs(5),
             intercept: None,
             seccomp: msb_confine::Seccomp::Enforce,
+            learn: None,
         }
     }
 }
@@ -1133,6 +1136,18 @@ impl State {
                 reason: format!("connection limit ({})", self.cfg.max_flows),
             };
         }
+        if new && d.allowed {
+            if let Some(l) = &self.cfg.learn {
+                l.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .flow(crate::learn::Observed {
+                        proto,
+                        ip: canon,
+                        port: (proto != Proto::Icmp).then_some(dst.port),
+                        names: names.clone(),
+                    });
+            }
+        }
         let audit = Audit {
             proto,
             dst: SocketAddr::new(ip, dst.port),
@@ -1992,6 +2007,9 @@ impl State {
             let d = self.cfg.policy.decide_name(&name);
             self.log_dns(&name, &d, &answers);
             self.stats.dns_answered.fetch_add(1, Ordering::Relaxed);
+            if let (Some(l), false) = (&self.cfg.learn, answers.is_empty()) {
+                l.lock().unwrap_or_else(|e| e.into_inner()).dns(&name);
+            }
             let r = dns::response(&q, rcode, &answers);
             let s = self.sockets.get_mut::<udp::Socket>(handle);
             let _ = s.send_slice(&r, to);

@@ -200,6 +200,11 @@ struct NetArgs {
     /// Append one JSON line per flow and per DNS decision to FILE (the audit log).
     #[arg(long, value_name = "FILE")]
     net_log: Option<PathBuf>,
+    /// With --net learn (`run` only): write the smallest policy file that admits exactly
+    /// what the guest reached to FILE when the command ends (`msb-vmm policy NAME --suggest`
+    /// for named sandboxes).
+    #[arg(long, value_name = "FILE")]
+    suggest_to: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -307,6 +312,10 @@ struct PolicyArgs {
     /// started with.
     #[arg(long, alias = "file", value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Print the policy learn mode suggests (a sandbox started with --net learn): the
+    /// smallest allowlist that admits exactly what the guest has reached so far.
+    #[arg(long, conflicts_with_all = ["net", "allow", "deny", "policy"])]
+    suggest: bool,
 }
 
 #[derive(Args, Debug)]

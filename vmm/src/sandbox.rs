@@ -546,6 +546,13 @@ impl SandboxBuilder {
         if !mounts.is_empty() {
             b = b.append_cmdline(&mounts);
         }
+        // Learn mode records what the guest reaches, for `Sandbox::suggested_policy`.
+        #[cfg(target_os = "linux")]
+        let learner = self
+            .network
+            .as_ref()
+            .filter(|n| n.policy.preset == msb_netstack::policy::Preset::Learn)
+            .map(|_| Arc::new(std::sync::Mutex::new(msb_netstack::learn::Learner::new())));
         #[cfg(target_os = "linux")]
         let netstack = match &self.network {
             Some(net) => {
@@ -569,6 +576,7 @@ impl SandboxBuilder {
                             .collect::<Result<_, _>>()?,
                         intercept: net.intercept.clone(),
                         seccomp: self.seccomp,
+                        learn: learner.clone(),
                         ..Default::default()
                     },
                 )
@@ -640,6 +648,8 @@ impl SandboxBuilder {
                     shares,
                     #[cfg(target_os = "linux")]
                     netstack,
+                    #[cfg(target_os = "linux")]
+                    learner,
                     #[cfg(target_os = "linux")]
                     fixed_secrets: self
                         .network
@@ -735,6 +745,9 @@ pub struct Sandbox {
     /// The sandbox's network stack, stopped with the sandbox.
     #[cfg(target_os = "linux")]
     netstack: Option<msb_netstack::stack::NetStack>,
+    /// Learn mode's record (`--net learn`).
+    #[cfg(target_os = "linux")]
+    learner: Option<Arc<std::sync::Mutex<msb_netstack::learn::Learner>>>,
     /// The secrets and `on_violation` the sandbox started with: TLS interception was set up
     /// for them, so a policy change cannot alter them.
     #[cfg(target_os = "linux")]
@@ -916,6 +929,15 @@ impl Sandbox {
                 .collect(),
             guest,
         }
+    }
+
+    /// Learn mode (`--net learn`): the smallest policy file that admits exactly what the
+    /// guest has reached so far (see `msb_netstack::learn`); `None` in other modes.
+    #[cfg(target_os = "linux")]
+    pub fn suggested_policy(&self) -> Option<String> {
+        self.learner
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).suggest())
     }
 
     /// The egress policy in force (`None` without a network).

@@ -415,3 +415,34 @@ fn stats_and_policy_of_an_unknown_sandbox_or_with_bad_flags() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn learn_mode_mistakes() {
+    let env = stub_env();
+    one_line_error(
+        &msb_vmm(&["run", "--suggest-to", "/tmp/x.toml", "--", "true"], &env),
+        125,
+        "add --net learn",
+    );
+    one_line_error(
+        &msb_vmm(
+            &[
+                "start",
+                "--name",
+                "box",
+                "--net",
+                "learn",
+                "--suggest-to",
+                "/tmp/x.toml",
+            ],
+            &env,
+        ),
+        125,
+        "msb-vmm policy NAME --suggest",
+    );
+    one_line_error(
+        &msb_vmm(&["policy", "box", "--suggest", "--allow", "x"], &env),
+        2,
+        "cannot be used with",
+    );
+}

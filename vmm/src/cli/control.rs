@@ -7,6 +7,7 @@
 //! {"op":"stats"}                        → {"ok":true,"stats":{...}}        (SandboxStats)
 //! {"op":"policy"}                       → {"ok":true,"policy":"preset = ..."}
 //! {"op":"set_policy","flags":{...}}     → {"ok":true,"flows_cut":1,"flows_kept":3}
+//! {"op":"suggest"}                      → {"ok":true,"policy":"..."}       (learn mode)
 //! anything that fails                   → {"ok":false,"error":"one line"}
 //! ```
 //!
@@ -33,6 +34,7 @@ pub enum Request {
     Stats,
     Policy,
     SetPolicy { flags: PolicyFlags },
+    Suggest,
 }
 
 /// The largest request line (a policy file's text rides in it).
@@ -110,6 +112,10 @@ fn answer(sb: &Sandbox, req: Request) -> anyhow::Result<serde_json::Value> {
             });
             serde_json::json!({"ok": true, "policy": text})
         }
+        Request::Suggest => match sb.suggested_policy() {
+            Some(text) => serde_json::json!({"ok": true, "policy": text}),
+            None => bail!("the sandbox is not in learn mode (start it with --net learn)"),
+        },
         Request::SetPolicy { flags } => {
             let policy = super::policy_from(&flags)?;
             let changed = sb.set_policy(policy)?;

@@ -141,6 +141,9 @@ fn running(name: &str) -> anyhow::Result<PathBuf> {
 /// `msb-vmm start`.
 pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     check_name(&a.name)?;
+    if a.net.suggest_to.is_some() {
+        bail!("--suggest-to is for `run`; a named sandbox's suggestion comes from `msb-vmm policy NAME --suggest`");
+    }
     // Validate here, so mistakes are one line from `start` rather than a log entry.
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
     super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net)?;
@@ -431,6 +434,11 @@ pub fn stats(name: &str, json: bool, watch: Option<Duration>) -> anyhow::Result<
 /// `msb-vmm policy`: shows the policy in force, or replaces it with the one the flags give.
 pub fn policy(a: crate::PolicyArgs) -> anyhow::Result<u8> {
     let dir = running(&a.name)?;
+    if a.suggest {
+        let v = super::control::request(&dir, &super::control::Request::Suggest)?;
+        print!("{}", v["policy"].as_str().unwrap_or_default());
+        return Ok(0);
+    }
     let file = match &a.policy {
         Some(path) => Some((
             path.display().to_string(),

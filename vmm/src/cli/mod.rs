@@ -114,6 +114,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     }
     b = with_mounts(b, &a.mounts)?;
     b = with_network(b, &a.net)?;
+    if let Some(f) = &a.net.suggest_to {
+        if a.net.net.as_deref() != Some("learn") {
+            bail!(
+                "--suggest-to {}: learn mode records what to suggest: add --net learn",
+                f.display()
+            );
+        }
+    }
     if let Some(code) = jail(&a.vm, |spec| Ok(b.jail_binds(spec)?))? {
         return Ok(code);
     }
@@ -127,7 +135,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let ready = sb.ready_time();
     let boot = sb.boot_time();
     let result = interact(sb.agent(), req, &a.exec, signals);
+    let suggested = sb.suggested_policy();
     let _ = sb.shutdown();
+    if let (Some(f), Some(text)) = (&a.net.suggest_to, suggested) {
+        std::fs::write(f, text).with_context(|| format!("--suggest-to {}", f.display()))?;
+        eprintln!(
+            "msb-vmm: learn mode's suggested policy is in {} (use it with --policy)",
+            f.display()
+        );
+    }
     let code = exec_result_code(result, a.exec.timeout);
     write_report(
         &a.vm.report,
