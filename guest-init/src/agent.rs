@@ -133,6 +133,25 @@ pub struct Configure {
     /// `CURL_CA_BUNDLE` and `NODE_EXTRA_CA_CERTS` then name them in every exec's environment.
     pub ca_pem: Option<Vec<u8>>,
     pub append_to_bundle: bool,
+    /// Limits every later exec's processes share, as a whole (a cgroup v2 group of their
+    /// own): a fork bomb or a leak stops at them, and the agent keeps answering.
+    pub limits: GuestLimits,
+}
+
+/// See [`Configure::limits`]; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestLimits {
+    /// `pids.max`: processes and threads at once.
+    pub pids_max: Option<u64>,
+    /// `memory.max` in bytes (swap is off in the guest): past it the guest's OOM killer
+    /// picks a process of the group.
+    pub memory_max: Option<u64>,
+}
+
+impl GuestLimits {
+    pub fn is_set(&self) -> bool {
+        self.pids_max.is_some() || self.memory_max.is_some()
+    }
 }
 
 /// The sandbox CA's own file in the guest.

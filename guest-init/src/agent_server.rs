@@ -61,6 +61,8 @@ pub struct Agent {
     /// Where `Configure` writes certificates: `/` in a guest; for a host-process agent,
     /// `$MSB_AGENT_ROOT` (never the host's own /etc), none without it.
     root: Option<std::path::PathBuf>,
+    /// The cgroup every exec joins (`Configure::limits`).
+    cgroup: Mutex<Option<std::path::PathBuf>>,
     /// Execs started since boot, and those still running (for `Stats`).
     execs_started: AtomicU64,
     execs_running: Arc<AtomicU64>,
@@ -90,6 +92,7 @@ impl Agent {
             root,
             execs_started: AtomicU64::new(0),
             execs_running: Arc::new(AtomicU64::new(0)),
+            cgroup: Mutex::new(None),
         })
     }
 
@@ -292,6 +295,15 @@ impl Agent {
     fn configure(&self, c: Configure) -> Result<Response, AgentError> {
         let mut env = c.env;
         check_env(&env)?;
+        if c.limits.is_set() {
+            let root = match self.on_shutdown {
+                OnShutdown::PowerOff => Some(std::path::PathBuf::from("/sys/fs/cgroup")),
+                // A host-process agent never touches its host's cgroups unless told where.
+                OnShutdown::Exit => std::env::var_os("MSB_AGENT_CGROUP").map(Into::into),
+            }
+            .ok_or_else(|| invalid("no cgroup to hold limits in (MSB_AGENT_CGROUP)"))?;
+            *lock(&self.cgroup) = Some(limit_group(&root, &c.limits)?);
+        }
         if let Some(pem) = &c.ca_pem {
             let root = self
                 .root
@@ -325,7 +337,8 @@ impl Agent {
             }
         }
         let slot = ExitSlot::new().map_err(io_error)?;
-        let spawned = spawn(&req)?;
+        let cgroup = lock(&self.cgroup).clone();
+        let spawned = spawn(&req, cgroup.as_deref())?;
         self.execs_started.fetch_add(1, Ordering::Relaxed);
         self.execs_running.fetch_add(1, Ordering::Relaxed);
         let _running = Running(self.execs_running.clone());
@@ -648,7 +661,44 @@ fn install_ca(
     }
 }
 
-fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
+/// Makes (or updates) the group `sandbox` under the cgroup v2 root `root` with `limits`;
+/// its path. The agent itself stays outside it, so it keeps answering when the group is
+/// at its limits.
+fn limit_group(
+    root: &std::path::Path,
+    limits: &msb_init::agent::GuestLimits,
+) -> Result<std::path::PathBuf, AgentError> {
+    let fail = |what: &str, e: io::Error| AgentError {
+        kind: ErrorKind::Io,
+        message: format!("setting up the limits' cgroup ({what}): {e}"),
+    };
+    let mut controllers = Vec::new();
+    if limits.pids_max.is_some() {
+        controllers.push("+pids");
+    }
+    if limits.memory_max.is_some() {
+        controllers.push("+memory");
+    }
+    std::fs::write(root.join("cgroup.subtree_control"), controllers.join(" "))
+        .map_err(|e| fail("enabling controllers", e))?;
+    let group = root.join("sandbox");
+    match std::fs::create_dir(&group) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(fail("mkdir", e)),
+        _ => {}
+    }
+    if let Some(n) = limits.pids_max {
+        std::fs::write(group.join("pids.max"), n.to_string()).map_err(|e| fail("pids.max", e))?;
+    }
+    if let Some(b) = limits.memory_max {
+        std::fs::write(group.join("memory.max"), b.to_string())
+            .map_err(|e| fail("memory.max", e))?;
+        // No swap to escape to (absent without CONFIG_SWAP: nothing to set then).
+        let _ = std::fs::write(group.join("memory.swap.max"), "0");
+    }
+    Ok(group)
+}
+
+fn spawn(req: &ExecRequest, cgroup: Option<&std::path::Path>) -> Result<Spawned, AgentError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(invalid("no command given"));
     }
@@ -748,10 +798,24 @@ fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
     }
     let pty = req.pty.is_some();
     let ids = user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
+    // Opened here: the child only writes to it between fork and exec.
+    let procs = match cgroup {
+        Some(g) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(g.join("cgroup.procs"))
+                .map_err(io_error)?,
+        ),
+        None => None,
+    };
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-
-    // safe system calls (setsid/ioctl/setpgid/setrlimit/setgroups/setgid/setuid).
+    // safe system calls (write/setsid/ioctl/setpgid/setrlimit/setgroups/setgid/setuid).
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = procs_fd {
+                sys::join_cgroup(fd)?;
+            }
             if pty {
                 sys::become_session_leader_with_tty()?;
             } else {
@@ -788,6 +852,7 @@ fn spawn(req: &ExecRequest) -> Result<Spawned, AgentError> {
     })?;
     // The command (and its copies of the terminal's slave side) is dropped with `cmd` below.
     drop(cmd);
+    drop(procs);
     if let Some(s) = child.stdin.take() {
         stdin_pipe = Some(OwnedFd::from(s));
     }

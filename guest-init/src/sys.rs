@@ -164,6 +164,12 @@ pub fn become_session_leader_with_tty() -> io::Result<()> {
     Ok(())
 }
 
+/// In a forked child: joins the cgroup whose `cgroup.procs` is open as `procs`.
+pub fn join_cgroup(procs: RawFd) -> io::Result<()> {
+    // SAFETY: write(2) of a 1-byte static buffer is async-signal-safe.
+    check(unsafe { libc::write(procs, b"0".as_ptr().cast(), 1) as libc::c_int }).map(|_| ())
+}
+
 /// In a forked child: own process group, so signals can target the whole job.
 pub fn setpgid_self() -> io::Result<()> {
     // SAFETY: async-signal-safe system call.

@@ -207,6 +207,22 @@ struct NetArgs {
     suggest_to: Option<PathBuf>,
 }
 
+/// What a sandbox's commands and network may use.
+#[derive(Args, Debug, Clone, Default)]
+struct LimitArgs {
+    /// Processes and threads the sandbox's commands may have at once, together (a cgroup in
+    /// the guest: a fork bomb stops there).
+    #[arg(long, value_name = "N")]
+    pids_limit: Option<u64>,
+    /// Memory the sandbox's commands may use together (bytes, or with k/m/g); past it the
+    /// guest's OOM killer ends one of them.
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// Network flows (connections, UDP peers, pings) open at once; more are refused.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_flows: usize,
+}
+
 #[derive(Args, Debug)]
 struct BootArgs {
     /// Uncompressed ELF kernel (vmlinux), PVH entry preferred.
@@ -267,6 +283,8 @@ struct RunArgs {
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     vm: VmArgs,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
@@ -289,10 +307,19 @@ struct StartArgs {
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     vm: VmArgs,
     /// Serve Prometheus metrics (text format, over HTTP) on a Unix socket at PATH.
     #[arg(long, value_name = "PATH")]
     metrics_socket: Option<PathBuf>,
+    /// Stop the sandbox cleanly after SECS seconds with no exec running or started and no
+    /// network traffic.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    idle_timeout: Option<Duration>,
+    /// Stop the sandbox cleanly SECS seconds after it started, whatever it is doing.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    max_lifetime: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

@@ -111,6 +111,7 @@ pub struct SandboxBuilder {
     confine_caller: bool,
     vsock_uds: Option<PathBuf>,
     vm_timeout: Option<Duration>,
+    limits: msb_init::agent::GuestLimits,
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
     rootfs: Option<(PathBuf, Access)>,
@@ -133,6 +134,8 @@ pub struct Network {
     /// TLS interception and secrets: the guest gets the placeholders in its environment and
     /// trusts the sandbox CA.
     pub intercept: Option<std::sync::Arc<msb_netstack::intercept::Intercept>>,
+    /// Flows (connections, UDP peers, pings) open at once; more are refused.
+    pub max_flows: usize,
 }
 
 /// A host port forwarded to a guest port (`--publish`).
@@ -230,6 +233,7 @@ impl Network {
             log: None,
             publish: Vec::new(),
             intercept: None,
+            max_flows: 1024,
         }
     }
 }
@@ -382,6 +386,20 @@ impl SandboxBuilder {
     }
 
     /// Whether the sandbox's threads install their seccomp filters (see [`VmBuilder::seccomp`]
+    /// Processes and threads the guest's commands may have at once, all together (a fork
+    /// bomb stops there; the agent keeps answering).
+    pub fn pids_limit(mut self, n: u64) -> Self {
+        self.limits.pids_max = Some(n);
+        self
+    }
+
+    /// Memory the guest's commands may use together, in bytes (the guest's OOM killer acts
+    /// inside that group only).
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.limits.memory_max = Some(bytes);
+        self
+    }
+
     /// and the netstack's); `Off` is for debugging a filter.
     pub fn seccomp(mut self, mode: msb_confine::Seccomp) -> Self {
         self.seccomp = mode;
@@ -577,6 +595,7 @@ impl SandboxBuilder {
                         intercept: net.intercept.clone(),
                         seccomp: self.seccomp,
                         learn: learner.clone(),
+                        max_flows: net.max_flows,
                         ..Default::default()
                     },
                 )
@@ -599,7 +618,7 @@ impl SandboxBuilder {
         // trust (appended to the root's bundle unless the root is a host directory that keeps
         // changes).
         #[cfg(target_os = "linux")]
-        let configure = self
+        let mut configure = self
             .network
             .as_ref()
             .and_then(|n| n.intercept.as_ref())
@@ -612,9 +631,13 @@ impl SandboxBuilder {
                     .collect(),
                 ca_pem: Some(i.leaves.ca().cert_pem().as_bytes().to_vec()),
                 append_to_bundle: !matches!(self.rootfs, Some((_, Access::ReadWrite))),
+                ..Default::default()
             });
         #[cfg(not(target_os = "linux"))]
-        let configure: Option<msb_init::agent::Configure> = None;
+        let mut configure: Option<msb_init::agent::Configure> = None;
+        if self.limits.is_set() {
+            configure.get_or_insert_with(Default::default).limits = self.limits;
+        }
         let vm = b.start()?;
         if self.confine_caller {
             if let Err(e) = msb_confine::enter(msb_confine::ThreadKind::Control, self.seccomp) {
@@ -770,6 +793,7 @@ impl Sandbox {
             confine_caller: false,
             vsock_uds: None,
             vm_timeout: None,
+            limits: Default::default(),
             volumes: Vec::new(),
             tmpfs: Vec::new(),
             rootfs: None,

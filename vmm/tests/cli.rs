@@ -446,3 +446,28 @@ fn learn_mode_mistakes() {
         "cannot be used with",
     );
 }
+
+#[test]
+fn limit_mistakes() {
+    let env = stub_env();
+    one_line_error(
+        &msb_vmm(&["run", "--pids-limit", "3", "--", "true"], &env),
+        125,
+        "--pids-limit 3: use at least 8",
+    );
+    one_line_error(
+        &msb_vmm(&["run", "--memory-limit", "lots", "--", "true"], &env),
+        125,
+        "--memory-limit lots",
+    );
+    one_line_error(
+        &msb_vmm(&["start", "--name", "b", "--memory-limit", "1k"], &env),
+        125,
+        "at least 4m",
+    );
+    one_line_error(
+        &msb_vmm(&["start", "--name", "b", "--idle-timeout", "soon"], &env),
+        2,
+        "is not a number of seconds",
+    );
+}

@@ -1763,3 +1763,98 @@ fn stats_of_a_running_sandbox_and_a_live_policy_change() {
     let _ = std::fs::remove_dir_all(&vol);
     let _ = std::fs::remove_file(&log);
 }
+
+/// Waits (at most `limit`) until `msb-vmm ls` shows `name` with `state` in its row.
+fn wait_for_ls(name: &str, state: &str, limit: Duration) -> String {
+    let t = std::time::Instant::now();
+    loop {
+        let ls = text(&msb_vmm_state(&["ls"]).stdout);
+        if ls
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} ")) && l.contains(state))
+        {
+            return ls;
+        }
+        assert!(t.elapsed() < limit, "{name} never showed {state:?}: {ls}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The guest-side limits hold against a fork bomb and a memory hog (the agent keeps
+/// answering), and named sandboxes stop cleanly when idle or at their maximum lifetime,
+/// with the reason shown by `ls`.
+#[test]
+fn limits_hold_and_idle_or_old_sandboxes_stop() {
+    let _w = watchdog("limits_hold_and_idle_or_old_sandboxes_stop");
+    let out = msb_vmm_state(&["start", "--name", "lifebox", "--max-lifetime", "30"]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let out = msb_vmm_state(&[
+        "start",
+        "--name",
+        "limbox",
+        "--pids-limit",
+        "32",
+        "--memory-limit",
+        "64m",
+        "--idle-timeout",
+        "25",
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    let bomb = msb_vmm_state(&[
+        "exec",
+        "limbox",
+        "--timeout",
+        "5",
+        "--",
+        "sh",
+        "-c",
+        "f() { f | f & }; f 2>/dev/null; sleep 100",
+    ]);
+    assert_eq!(bomb.status.code(), Some(124), "{}", text(&bomb.stderr));
+    let hog = msb_vmm_state(&[
+        "exec",
+        "limbox",
+        "--",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=100M",
+        "count=1",
+    ]);
+    assert_eq!(
+        hog.status.code(),
+        Some(137),
+        "OOM-killed: {}",
+        text(&hog.stderr)
+    );
+    let e = msb_vmm_state(&[
+        "exec",
+        "limbox",
+        "--",
+        "sh",
+        "-c",
+        "cd /sys/fs/cgroup/sandbox; cat pids.max memory.max; grep -c '^max [1-9]' pids.events; \
+         grep -c '^oom_kill [1-9]' memory.events; echo alive",
+    ]);
+    assert_eq!(
+        text(&e.stdout),
+        "32\n67108864\n1\n1\nalive\n",
+        "{}",
+        text(&e.stderr)
+    );
+    // Left alone, it stops itself; so does the old one.
+    let ls = wait_for_ls("limbox", "stopped: idle for 25 s", Duration::from_secs(240));
+    assert!(ls.contains("stopped: max lifetime (30 s) reached"), "{ls}");
+    let gone = msb_vmm_state(&["exec", "limbox", "--", "true"]);
+    assert_eq!(gone.status.code(), Some(125));
+    assert!(
+        text(&gone.stderr).contains("was stopped: idle"),
+        "{}",
+        text(&gone.stderr)
+    );
+    for name in ["limbox", "lifebox"] {
+        let s = msb_vmm_state(&["stop", name]);
+        assert!(s.status.success(), "{}", text(&s.stderr));
+        assert!(!text(&msb_vmm_state(&["ls"]).stdout).contains(name));
+    }
+}

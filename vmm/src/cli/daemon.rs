@@ -98,12 +98,17 @@ fn vmm_alive(pid: i32) -> bool {
 /// The state of one sandbox directory.
 enum Status {
     Running(i32),
+    /// Stopped by a limit (`--idle-timeout`, `--max-lifetime`): why.
+    Stopped(String),
     /// Being started: no pid yet, or not ready yet (and the starter still runs).
     Starting,
     Dead,
 }
 
 fn status(dir: &Path) -> Status {
+    if let Ok(why) = std::fs::read_to_string(dir.join("stopped")) {
+        return Status::Stopped(why.trim().to_string());
+    }
     match read_pid(dir) {
         Some(pid) if vmm_alive(pid) => {
             if dir.join("ready").exists() {
@@ -131,6 +136,9 @@ fn running(name: &str) -> anyhow::Result<PathBuf> {
     match status(&dir) {
         Status::Running(_) => Ok(dir),
         Status::Starting => bail!("sandbox {name} is still starting"),
+        Status::Stopped(why) => {
+            bail!("sandbox {name} was stopped: {why} (`msb-vmm stop {name}` clears it)")
+        }
         Status::Dead => {
             let _ = std::fs::remove_dir_all(&dir);
             bail!("sandbox {name} is not running (its VMM exited); removed its leftovers")
@@ -146,7 +154,12 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     }
     // Validate here, so mistakes are one line from `start` rather than a log entry.
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
-    super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net)?;
+    super::with_network(
+        msb_vmm::sandbox::Sandbox::builder(),
+        &a.net,
+        a.limits.max_flows,
+    )?;
+    super::with_limits(msb_vmm::sandbox::Sandbox::builder(), &a.limits)?;
     let root = state_root();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -156,7 +169,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     let dir = root.join(&a.name);
     if dir.exists() {
         match status(&dir) {
-            Status::Dead => {
+            Status::Dead | Status::Stopped(_) => {
                 let _ = std::fs::remove_dir_all(&dir);
             }
             _ => bail!(
@@ -255,6 +268,19 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         cmd.arg("--metrics-socket")
             .arg(std::env::current_dir()?.join(m));
     }
+    if let Some(n) = a.limits.pids_limit {
+        cmd.arg("--pids-limit").arg(n.to_string());
+    }
+    if let Some(m) = &a.limits.memory_limit {
+        cmd.arg("--memory-limit").arg(m);
+    }
+    cmd.arg("--max-flows").arg(a.limits.max_flows.to_string());
+    if let Some(t) = a.idle_timeout {
+        cmd.arg("--idle-timeout").arg(t.as_secs_f64().to_string());
+    }
+    if let Some(t) = a.max_lifetime {
+        cmd.arg("--max-lifetime").arg(t.as_secs_f64().to_string());
+    }
     if let Some(f) = &a.net.net_log {
         // Absolute: the sandbox process may not share our working directory.
         cmd.arg("--net-log").arg(std::env::current_dir()?.join(f));
@@ -338,7 +364,8 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = super::with_mounts(b, &a.mounts)?;
-    b = super::with_network(b, &a.net)?;
+    b = super::with_network(b, &a.net, a.limits.max_flows)?;
+    b = super::with_limits(b, &a.limits)?;
     // Bound before the jail (its listeners outlive the pivot into it).
     let control = super::control::bind(&dir.join("control.sock"))?;
     let metrics = match &a.metrics_socket {
@@ -388,20 +415,81 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         stop.stop();
     });
     let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
+    let limit = std::thread::scope(|scope| {
         scope.spawn(|| super::control::serve(&control, &sb, &done));
         if let Some(m) = &metrics {
             scope.spawn(|| super::control::serve_metrics(m, &sb, &a.name, &done));
         }
-        sb.wait_stopped(None);
+        let limit = watch_limits(&sb, a.idle_timeout, a.max_lifetime);
         done.store(true, std::sync::atomic::Ordering::Relaxed);
+        limit
     });
-    drop(sb);
     if let Some(p) = &a.metrics_socket {
         let _ = std::fs::remove_file(p);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let Some(reason) = limit else {
+        drop(sb);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(0);
+    };
+    // Stopped by a limit: a clean power-off, and a record `ls` shows until `stop` or a new
+    // `start` of the name removes it.
+    eprintln!("msb-vmm: stopping sandbox {}: {reason}", a.name);
+    let _ = sb.shutdown();
+    for f in ["ready", "pid", "vsock.sock", "control.sock"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    write_private(&dir.join("stopped"), format!("{reason}\n").as_bytes())?;
     Ok(0)
+}
+
+/// Waits until the VM stops, or until `idle` passes with no exec running or started and no
+/// network traffic, or `lifetime` since it started; which limit ended it, if one did.
+fn watch_limits(
+    sb: &Sandbox,
+    idle: Option<Duration>,
+    lifetime: Option<Duration>,
+) -> Option<String> {
+    if idle.is_none() && lifetime.is_none() {
+        sb.wait_stopped(None);
+        return None;
+    }
+    let started = Instant::now();
+    let mut active = Instant::now();
+    let mut seen = None;
+    loop {
+        if sb.wait_stopped(Some(Duration::from_secs(1))) {
+            return None;
+        }
+        if let Some(max) = lifetime {
+            if started.elapsed() >= max {
+                return Some(format!("max lifetime ({} s) reached", max.as_secs_f64()));
+            }
+        }
+        if let Some(idle) = idle {
+            let st = sb.stats();
+            let net = st.net.as_ref().map_or(0, |n| n.bytes_in + n.bytes_out);
+            let execs = st
+                .guest
+                .as_ref()
+                .map(|g| (g.execs_started, g.execs_running));
+            // A running exec or a change is activity; an agent that did not answer is no
+            // evidence either way and leaves the clock alone.
+            if let Some((_, running)) = execs {
+                let now = (execs, net);
+                if running > 0 || seen != Some(now) {
+                    active = Instant::now();
+                }
+                seen = Some(now);
+            }
+            if active.elapsed() >= idle {
+                return Some(format!(
+                    "idle for {} s (no exec and no network traffic)",
+                    idle.as_secs_f64()
+                ));
+            }
+        }
+    }
 }
 
 /// `msb-vmm stats`.
@@ -595,6 +683,13 @@ pub fn ls() -> anyhow::Result<u8> {
                 Status::Dead => {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
+                Status::Stopped(why) => rows.push((
+                    name,
+                    format!("stopped: {why}"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                )),
                 Status::Starting => rows.push((
                     name,
                     "starting".to_string(),
@@ -644,6 +739,11 @@ pub fn stop(name: &str) -> anyhow::Result<u8> {
         bail!("no sandbox named {name} (see `msb-vmm ls`)");
     }
     let pid = match status(&dir) {
+        Status::Stopped(why) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!("msb-vmm: sandbox {name} had stopped ({why}); removed its record");
+            return Ok(0);
+        }
         Status::Dead => {
             let _ = std::fs::remove_dir_all(&dir);
             bail!("sandbox {name} was not running (its VMM had exited); removed its leftovers");

@@ -113,7 +113,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = with_mounts(b, &a.mounts)?;
-    b = with_network(b, &a.net)?;
+    b = with_network(b, &a.net, a.limits.max_flows)?;
+    b = with_limits(b, &a.limits)?;
     if let Some(f) = &a.net.suggest_to {
         if a.net.net.as_deref() != Some("learn") {
             bail!(
@@ -462,6 +463,7 @@ pub fn with_mounts(
 pub fn with_network(
     b: msb_vmm::sandbox::SandboxBuilder,
     n: &crate::NetArgs,
+    max_flows: usize,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
     use msb_netstack::policy::{Action, Preset};
     let file = match &n.policy {
@@ -494,6 +496,7 @@ pub fn with_network(
         return Ok(b);
     }
     let mut net = msb_vmm::sandbox::Network::new(policy);
+    net.max_flows = max_flows;
     net.mtu = n.mtu;
     net.publish = publish;
     net.intercept = tls_options(n, &net.policy)?
@@ -512,6 +515,29 @@ pub fn with_network(
         net.log = Some(json_lines(file));
     }
     Ok(b.network(net))
+}
+
+/// The guest-side limits of `--pids-limit` and `--memory-limit`, checked.
+pub fn with_limits(
+    mut b: msb_vmm::sandbox::SandboxBuilder,
+    l: &crate::LimitArgs,
+) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
+    if let Some(n) = l.pids_limit {
+        if n < 8 {
+            bail!("--pids-limit {n}: use at least 8 (the shell running a command needs a few)");
+        }
+        b = b.pids_limit(n);
+    }
+    if let Some(m) = &l.memory_limit {
+        let bytes = parse_size(m).filter(|&b| b >= 4 << 20).ok_or_else(|| {
+            anyhow::anyhow!("--memory-limit {m}: use a size of at least 4m (bytes, or with k/m/g)")
+        })?;
+        b = b.memory_limit(bytes);
+    }
+    if l.max_flows == 0 {
+        bail!("--max-flows 0: use at least 1 (--net none for no network)");
+    }
+    Ok(b)
 }
 
 /// The policy flags of `run`, `start` and `policy`, with a policy file's text already read
