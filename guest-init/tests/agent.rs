@@ -613,6 +613,7 @@ fn configure_sets_default_environment_and_trusts_a_ca() {
         env: vec![(b"KEY".to_vec(), b"MSB_SECRET_placeholder".to_vec())],
         ca_pem: Some(pem.clone()),
         append_to_bundle: true,
+        limits: Default::default(),
     };
     c.configure(cfg.clone()).unwrap();
     c.configure(cfg).unwrap();
@@ -647,6 +648,7 @@ fn configure_sets_default_environment_and_trusts_a_ca() {
         env: Vec::new(),
         ca_pem: Some(pem.clone()),
         append_to_bundle: false,
+        limits: Default::default(),
     })
     .unwrap();
     let run = std::fs::read(root.join("run/msb-vmm/ca-certificates.crt")).unwrap();
@@ -662,6 +664,7 @@ fn configure_sets_default_environment_and_trusts_a_ca() {
             env: Vec::new(),
             ca_pem: Some(b"not a certificate".to_vec()),
             append_to_bundle: true,
+            limits: Default::default(),
         })
         .unwrap_err();
     assert!(e.to_string().contains("PEM"), "{e}");
@@ -687,4 +690,25 @@ fn stats_count_execs_and_read_the_memory_in_use() {
     assert_eq!(sleeper.wait().unwrap(), ExitStatus::Signal(9));
     let after = c.stats().unwrap();
     assert_eq!((after.execs_started, after.execs_running), (2, 0));
+}
+
+#[test]
+fn limits_need_a_cgroup_and_a_host_agent_never_takes_its_hosts() {
+    let a = Agent::start();
+    let c = a.client();
+    let err = c
+        .configure(msb_init::agent::Configure {
+            limits: msb_init::agent::GuestLimits {
+                pids_max: Some(64),
+                memory_max: None,
+            },
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("MSB_AGENT_CGROUP"), "{err}");
+    // Still serving, without limits.
+    assert_eq!(
+        c.exec(sh("exit 3")).unwrap().wait().unwrap(),
+        ExitStatus::Code(3)
+    );
 }
