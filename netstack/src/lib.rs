@@ -19,6 +19,7 @@ pub mod http1;
 pub mod http2;
 pub mod intercept;
 pub mod learn;
+pub mod limit;
 pub mod local;
 pub mod offload;
 pub mod policy;

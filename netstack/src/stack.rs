@@ -30,6 +30,7 @@ use smoltcp::wire::{
 
 use crate::addr::{self, Group};
 use crate::dns::{self, Answer, Bindings};
+use crate::limit::TokenBucket;
 use crate::local::{Delivery, Routes};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
@@ -94,6 +95,14 @@ pub struct Config {
     pub seccomp: msb_confine::Seccomp,
     /// Learn mode: every flow the policy allows and every name resolved is recorded here.
     pub learn: Option<Arc<Mutex<crate::learn::Learner>>>,
+    /// `--net-rate`: bytes per second into the guest (data read from host sockets) and out
+    /// of it (frames taken from the link), each a token bucket (see [`crate::limit`]).
+    pub rate_in: Option<u64>,
+    pub rate_out: Option<u64>,
+    /// `--egress-budget`: bytes the guest may send on its link (as `frames from the guest`
+    /// counts them) over the sandbox's life; once spent, its open flows are cut and new
+    /// ones refused.
+    pub egress_budget: Option<u64>,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -129,6 +138,9 @@ impl Default for Config {
             intercept: None,
             seccomp: msb_confine::Seccomp::Enforce,
             learn: None,
+            rate_in: None,
+            rate_out: None,
+            egress_budget: None,
         }
     }
 }
@@ -680,6 +692,12 @@ struct State {
     routes: Routes,
     /// Orders from [`NetStack`], and where the policy in force is shown (none when driven).
     orders: Option<(mpsc::Receiver<Command>, Arc<Mutex<Policy>>)>,
+    rate_in: Option<TokenBucket>,
+    rate_out: Option<TokenBucket>,
+    /// A bucket ran dry this round: wake when it has refilled rather than spin.
+    throttled: bool,
+    /// The egress budget is spent: outbound flows were cut and new ones are refused.
+    budget_spent: bool,
 }
 
 fn now() -> Instant {
@@ -801,7 +819,6 @@ impl State {
         }
         Ok(State {
             link,
-            cfg,
             poll,
             stats,
             iface,
@@ -832,6 +849,11 @@ impl State {
             next_dns: 0,
             routes,
             orders: None,
+            rate_in: cfg.rate_in.map(|r| TokenBucket::new(r, StdInstant::now())),
+            rate_out: cfg.rate_out.map(|r| TokenBucket::new(r, StdInstant::now())),
+            throttled: false,
+            budget_spent: false,
+            cfg,
         })
     }
 
@@ -850,7 +872,18 @@ impl State {
                     .map_or(Duration::from_millis(100), |d| {
                         Duration::from_micros(d.total_micros())
                     });
-                Some(d.min(Duration::from_millis(100)))
+                let d = d.min(Duration::from_millis(100));
+                // A throttled direction resumes when its bucket has refilled.
+                let refill = [&self.rate_in, &self.rate_out]
+                    .into_iter()
+                    .flatten()
+                    .map(TokenBucket::wait)
+                    .filter(|w| !w.is_zero())
+                    .min();
+                Some(match refill {
+                    Some(w) if self.throttled => d.min(w),
+                    _ => d,
+                })
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -890,11 +923,32 @@ impl State {
     /// the flow's log line says `denied` with the rule. Flows still waiting for their name
     /// (sniffing) are decided when it comes, by the new policy.
     fn revoke(&mut self) -> PolicyChanged {
-        let again = |st: &State, a: &Audit| -> Option<String> {
+        self.cut_where(|st, a| {
             let dst = IpEndpoint::new(IpAddress::from(a.dst.ip()), a.dst.port());
             let (d, _) = st.judge_named(a.proto, dst, a.names.clone(), false);
             (!d.allowed).then(|| format!("policy changed: {}", d.reason))
+        })
+    }
+
+    /// Once the guest has sent its egress budget: every flow it opened is cut, and
+    /// [`Self::judge_named`] refuses new ones.
+    fn check_budget(&mut self) {
+        let Some(budget) = self.cfg.egress_budget else {
+            return;
         };
+        if self.budget_spent || self.stats.bytes_from_guest.load(Ordering::Relaxed) < budget {
+            return;
+        }
+        self.budget_spent = true;
+        let why = format!("egress budget ({budget} bytes) spent");
+        tracing::warn!("netstack: {why}: cutting the sandbox's flows and refusing new ones");
+        self.cut_where(|_, _| Some(why.clone()));
+    }
+
+    /// Ends every flow the guest opened for which `why` gives a reason (inbound flows through
+    /// published ports are never cut here).
+    fn cut_where(&mut self, why: impl Fn(&State, &Audit) -> Option<String>) -> PolicyChanged {
+        let again = |st: &State, a: &Audit| why(st, a);
         let mut kept = 0;
         let mut tcp = Vec::new();
         for (k, f) in &self.tcp {
@@ -970,10 +1024,22 @@ impl State {
             }
         }
         self.attempt = 0;
+        self.throttled = false;
+        let now_std = StdInstant::now();
         for _ in 0..32 {
+            if let Some(b) = self.rate_out.as_mut() {
+                if b.available(now_std) == 0 {
+                    // The frames wait in the card's queue; the guest's TCP slows down.
+                    self.throttled = true;
+                    break;
+                }
+            }
             match self.link.recv(buf)? {
                 Some(0) => continue,
                 Some(n) => {
+                    if let Some(b) = self.rate_out.as_mut() {
+                        b.spend(n);
+                    }
                     let frame = buf[..n.min(buf.len())].to_vec();
                     if let Some(frame) = self.inspect(frame) {
                         self.rx.push_back(frame);
@@ -982,8 +1048,9 @@ impl State {
                 None => break,
             }
         }
+        self.check_budget();
         let busy = self.step();
-        Ok(busy || !self.rx.is_empty() || !self.deferred.is_empty())
+        Ok((busy && !self.throttled) || !self.rx.is_empty() || !self.deferred.is_empty())
     }
 
     /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
@@ -1127,6 +1194,16 @@ impl State {
                 allowed: false,
                 by_rule: false,
                 reason: "loopback is the guest's own".into(),
+            };
+        }
+        if new && d.allowed && self.budget_spent {
+            d = Decision {
+                allowed: false,
+                by_rule: false,
+                reason: format!(
+                    "egress budget ({} bytes) spent",
+                    self.cfg.egress_budget.unwrap_or(0)
+                ),
             };
         }
         if new && d.allowed && self.flows() >= self.cfg.max_flows {
@@ -1509,6 +1586,12 @@ impl State {
                 }
                 let p = &mut self.udp_publish[i];
                 let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), p.guest_port);
+                if let Some(b) = self.rate_in.as_mut() {
+                    if b.available(StdInstant::now()) == 0 {
+                        continue;
+                    }
+                    b.spend(n);
+                }
                 if let Some((handle, last, audit)) = p.peers.get_mut(&peer) {
                     let s = self.sockets.get_mut::<udp::Socket>(*handle);
                     if s.send_slice(&tmp[..n], guest).is_ok() {
@@ -1673,6 +1756,7 @@ impl State {
                     f.established,
                     &mut admit,
                     &mut f.audit,
+                    (&mut self.rate_in, &mut self.throttled),
                 );
                 // An upstream (or guest) that never finishes its TLS handshake: the guest gets
                 // a reset in bounded time.
@@ -1776,9 +1860,22 @@ impl State {
                 let _ = f.stream.shutdown(std::net::Shutdown::Write);
                 f.shut_wr = true;
             }
-            // Host to guest, straight into smoltcp's buffer, while it has room.
+            // Host to guest, straight into smoltcp's buffer, while it has room (and the rate
+            // allows: what it does not stays in the host socket, and TCP slows the sender).
             while !f.host_eof && s.can_send() {
+                let cap = match self.rate_in.as_mut() {
+                    Some(b) => match b.available(StdInstant::now()) {
+                        0 => {
+                            self.throttled = true;
+                            break;
+                        }
+                        n => n,
+                    },
+                    None => usize::MAX,
+                };
                 let r = s.send(|buf| {
+                    let len = buf.len().min(cap);
+                    let buf = &mut buf[..len];
                     if buf.is_empty() {
                         return (0, None);
                     }
@@ -1796,6 +1893,9 @@ impl State {
                     }
                     Ok(Some(Ok(n))) => {
                         f.audit.bytes_in += n as u64;
+                        if let Some(b) = self.rate_in.as_mut() {
+                            b.spend(n);
+                        }
                         busy = true;
                     }
                     Ok(Some(Err(e))) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -1873,6 +1973,13 @@ impl State {
             while let Ok(n) = f.sock.recv(&mut tmp) {
                 busy = true;
                 f.last = now_std;
+                // Over the rate, a datagram is dropped (as a policer would).
+                if let Some(b) = self.rate_in.as_mut() {
+                    if b.available(now_std) == 0 {
+                        continue;
+                    }
+                    b.spend(n);
+                }
                 if s.can_send() && s.send_slice(&tmp[..n], f.guest).is_ok() {
                     f.audit.bytes_in += n as u64;
                 }

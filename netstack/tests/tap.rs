@@ -1587,3 +1587,132 @@ fn learn_mode_suggests_a_policy_that_admits_the_same_workload() {
     assert_eq!(connect(&sb, PRIVATE, port + 1, 10), "refused");
     sb.stop();
 }
+
+/// A server on this host's loopback that counts what each client sends, with the time of
+/// each read: `(when, total so far)` per read, for rates over a window.
+/// Each read of a [`counting_sink`]: when, and the bytes so far.
+type Reads = Arc<std::sync::Mutex<Vec<(std::time::Instant, u64)>>>;
+
+fn counting_sink() -> (u16, Reads) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let reads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r2 = reads.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let reads = r2.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                    reads
+                        .lock()
+                        .unwrap()
+                        .push((std::time::Instant::now(), total));
+                }
+            });
+        }
+    });
+    (port, reads)
+}
+
+/// Bytes per second over [first read + 1 s, first read + 1 s + window].
+fn rate_over(reads: &[(std::time::Instant, u64)], window: std::time::Duration) -> f64 {
+    let t0 = reads[0].0 + std::time::Duration::from_secs(1);
+    let at = |t: std::time::Instant| {
+        reads
+            .iter()
+            .take_while(|(w, _)| *w <= t)
+            .last()
+            .map_or(0, |r| r.1)
+    };
+    (at(t0 + window) - at(t0)) as f64 / window.as_secs_f64()
+}
+
+/// `--net-rate`: each direction held to its rate within ±5 % over 10 s, measured where the
+/// bytes arrive.
+#[test]
+fn net_rate_holds_each_direction_to_its_rate() {
+    let window = std::time::Duration::from_secs(10);
+    // Out: the guest sends as fast as it can for 12 s; the host's sink measures.
+    let (sink, reads) = counting_sink();
+    let out_rate = 3u64 << 20;
+    let sb = sandbox_cfg(host_port(Preset::None, sink), &[], Vec::new(), |c| {
+        c.rate_out = Some(out_rate)
+    });
+    let o = sb.py(&format!(
+        "import socket, time\n\
+         s = socket.create_connection(('10.0.2.2', {sink}))\n\
+         b = bytes(1 << 16); end = time.time() + 12.5\n\
+         while time.time() < end: s.sendall(b)\n\
+         print('sent')"
+    ));
+    assert_eq!(stdout(&o).trim(), "sent");
+    let got = rate_over(&reads.lock().unwrap(), window);
+    let err = (got - out_rate as f64).abs() / out_rate as f64;
+    eprintln!(
+        "net-rate out: {got:.0} B/s for {out_rate} ({:+.2} %)",
+        (got / out_rate as f64 - 1.0) * 100.0
+    );
+    assert!(err < 0.05, "out: {got:.0} B/s for {out_rate} B/s");
+    drop(sb);
+    // In: the host sends as fast as it can; the guest measures what it receives over 10 s
+    // after its first second.
+    let (down, _ended) = endless_download();
+    let in_rate = 5u64 << 20;
+    let sb = sandbox_cfg(host_port(Preset::None, down), &[], Vec::new(), |c| {
+        c.rate_in = Some(in_rate)
+    });
+    let o = sb.py(&format!(
+        "import socket, time\n\
+         s = socket.create_connection(('10.0.2.2', {down}))\n\
+         s.recv(1); t0 = time.time() + 1; n = 0\n\
+         while time.time() < t0: s.recv(1 << 16)\n\
+         while time.time() < t0 + 10: n += len(s.recv(1 << 16))\n\
+         print(n / 10)"
+    ));
+    let got: f64 = stdout(&o)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", stdout(&o)));
+    let err = (got - in_rate as f64).abs() / in_rate as f64;
+    eprintln!(
+        "net-rate in: {got:.0} B/s for {in_rate} ({:+.2} %)",
+        (got / in_rate as f64 - 1.0) * 100.0
+    );
+    assert!(err < 0.05, "in: {got:.0} B/s for {in_rate} B/s");
+}
+
+/// `--egress-budget`: once the guest has sent its budget, its flow is cut and new ones are
+/// refused, with the reason in the log.
+#[test]
+fn the_egress_budget_cuts_flows_once_spent() {
+    let (sink, reads) = counting_sink();
+    let budget = 1u64 << 20;
+    let mut sb = sandbox_cfg(host_port(Preset::None, sink), &[], Vec::new(), |c| {
+        c.egress_budget = Some(budget)
+    });
+    let o = sb.py(&format!(
+        "import socket\n\
+         s = socket.create_connection(('10.0.2.2', {sink}))\n\
+         try:\n    s.sendall(bytes(8 << 20)); s.shutdown(socket.SHUT_WR); s.recv(1); print('sent all')\n\
+         except OSError as e: print('cut')\n\
+         try: socket.create_connection(('10.0.2.2', {sink}), timeout=10); print('connected')\n\
+         except OSError as e: print('refused')"
+    ));
+    assert_eq!(stdout(&o).trim(), "cut\nrefused");
+    let sent = reads.lock().unwrap().last().map_or(0, |r| r.1);
+    assert!(sent <= budget + (4 << 20) && sent >= budget / 2, "{sent}");
+    let log = sb.stop();
+    assert!(
+        log.iter().any(
+            |e| e.verdict == "denied" && e.rule.contains("egress budget (1048576 bytes) spent")
+        ),
+        "{log:#?}"
+    );
+}

@@ -221,6 +221,14 @@ struct LimitArgs {
     /// Network flows (connections, UDP peers, pings) open at once; more are refused.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_flows: usize,
+    /// Bandwidth into and out of the sandbox in bytes per second (k/m/g suffixes): IN/OUT,
+    /// IN/, /OUT, or one value for both, e.g. 10m/1m.
+    #[arg(long, value_name = "[IN]/[OUT]")]
+    net_rate: Option<String>,
+    /// Bytes the sandbox may send over its life (k/m/g); once spent, its connections are
+    /// cut and new ones refused (logged).
+    #[arg(long, value_name = "SIZE")]
+    egress_budget: Option<String>,
 }
 
 #[derive(Args, Debug)]

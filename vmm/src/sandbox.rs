@@ -136,6 +136,11 @@ pub struct Network {
     pub intercept: Option<std::sync::Arc<msb_netstack::intercept::Intercept>>,
     /// Flows (connections, UDP peers, pings) open at once; more are refused.
     pub max_flows: usize,
+    /// Bytes per second into and out of the guest (`--net-rate`).
+    pub rate_in: Option<u64>,
+    pub rate_out: Option<u64>,
+    /// Bytes the guest may send over its life (`--egress-budget`).
+    pub egress_budget: Option<u64>,
 }
 
 /// A host port forwarded to a guest port (`--publish`).
@@ -234,6 +239,9 @@ impl Network {
             publish: Vec::new(),
             intercept: None,
             max_flows: 1024,
+            rate_in: None,
+            rate_out: None,
+            egress_budget: None,
         }
     }
 }
@@ -596,6 +604,9 @@ impl SandboxBuilder {
                         seccomp: self.seccomp,
                         learn: learner.clone(),
                         max_flows: net.max_flows,
+                        rate_in: net.rate_in,
+                        rate_out: net.rate_out,
+                        egress_budget: net.egress_budget,
                         ..Default::default()
                     },
                 )

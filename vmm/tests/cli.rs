@@ -461,6 +461,16 @@ fn limit_mistakes() {
         "--memory-limit lots",
     );
     one_line_error(
+        &msb_vmm(&["run", "--net-rate", "fast", "--", "true"], &env),
+        125,
+        "--net-rate \"fast\": use [IN]/[OUT]",
+    );
+    one_line_error(
+        &msb_vmm(&["start", "--name", "b", "--egress-budget", "0"], &env),
+        125,
+        "--egress-budget 0",
+    );
+    one_line_error(
         &msb_vmm(&["start", "--name", "b", "--memory-limit", "1k"], &env),
         125,
         "at least 4m",

@@ -90,6 +90,7 @@ pub(super) fn relay(
     established: bool,
     admit: &mut dyn FnMut(&Request) -> bool,
     audit: &mut Audit,
+    (rate_in, throttled): (&mut Option<TokenBucket>, &mut bool),
 ) -> Relayed {
     let mut busy = false;
     // Guest to the mitm, as fast as the upstream side drains.
@@ -169,9 +170,23 @@ pub(super) fn relay(
         return Relayed::Fail(e.to_string());
     }
     while m.guest_off < m.to_guest.len() && s.can_send() {
-        match s.send_slice(&m.to_guest[m.guest_off..]) {
+        let cap = match rate_in.as_mut() {
+            Some(b) => match b.available(std::time::Instant::now()) {
+                0 => {
+                    *throttled = true;
+                    break;
+                }
+                n => n,
+            },
+            None => usize::MAX,
+        };
+        let end = m.to_guest.len().min(m.guest_off.saturating_add(cap));
+        match s.send_slice(&m.to_guest[m.guest_off..end]) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some(b) = rate_in.as_mut() {
+                    b.spend(n);
+                }
                 m.guest_off += n;
                 audit.bytes_in += n as u64;
                 busy = true;

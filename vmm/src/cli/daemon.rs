@@ -154,11 +154,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     }
     // Validate here, so mistakes are one line from `start` rather than a log entry.
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
-    super::with_network(
-        msb_vmm::sandbox::Sandbox::builder(),
-        &a.net,
-        a.limits.max_flows,
-    )?;
+    super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net, &a.limits)?;
     super::with_limits(msb_vmm::sandbox::Sandbox::builder(), &a.limits)?;
     let root = state_root();
     std::fs::DirBuilder::new()
@@ -275,6 +271,12 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         cmd.arg("--memory-limit").arg(m);
     }
     cmd.arg("--max-flows").arg(a.limits.max_flows.to_string());
+    if let Some(r) = &a.limits.net_rate {
+        cmd.arg("--net-rate").arg(r);
+    }
+    if let Some(b) = &a.limits.egress_budget {
+        cmd.arg("--egress-budget").arg(b);
+    }
     if let Some(t) = a.idle_timeout {
         cmd.arg("--idle-timeout").arg(t.as_secs_f64().to_string());
     }
@@ -364,7 +366,7 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = super::with_mounts(b, &a.mounts)?;
-    b = super::with_network(b, &a.net, a.limits.max_flows)?;
+    b = super::with_network(b, &a.net, &a.limits)?;
     b = super::with_limits(b, &a.limits)?;
     // Bound before the jail (its listeners outlive the pivot into it).
     let control = super::control::bind(&dir.join("control.sock"))?;

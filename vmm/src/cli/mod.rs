@@ -113,7 +113,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         b = b.kernel(k);
     }
     b = with_mounts(b, &a.mounts)?;
-    b = with_network(b, &a.net, a.limits.max_flows)?;
+    b = with_network(b, &a.net, &a.limits)?;
     b = with_limits(b, &a.limits)?;
     if let Some(f) = &a.net.suggest_to {
         if a.net.net.as_deref() != Some("learn") {
@@ -463,8 +463,18 @@ pub fn with_mounts(
 pub fn with_network(
     b: msb_vmm::sandbox::SandboxBuilder,
     n: &crate::NetArgs,
-    max_flows: usize,
+    limits: &crate::LimitArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
+    let (rate_in, rate_out) = match &limits.net_rate {
+        Some(r) => msb_netstack::limit::parse_rates(r).map_err(|e| anyhow::anyhow!(e))?,
+        None => (None, None),
+    };
+    let egress_budget = match &limits.egress_budget {
+        Some(v) => Some(parse_size(v).filter(|&b| b > 0).ok_or_else(|| {
+            anyhow::anyhow!("--egress-budget {v}: use a size in bytes, or with k/m/g")
+        })?),
+        None => None,
+    };
     use msb_netstack::policy::{Action, Preset};
     let file = match &n.policy {
         Some(path) => Some((
@@ -496,7 +506,10 @@ pub fn with_network(
         return Ok(b);
     }
     let mut net = msb_vmm::sandbox::Network::new(policy);
-    net.max_flows = max_flows;
+    net.max_flows = limits.max_flows;
+    net.rate_in = rate_in;
+    net.rate_out = rate_out;
+    net.egress_budget = egress_budget;
     net.mtu = n.mtu;
     net.publish = publish;
     net.intercept = tls_options(n, &net.policy)?
