@@ -562,3 +562,57 @@ fn a_directory_swapped_for_a_symlink_mid_lookup_never_leads_outside() {
     assert_eq!(leaked, 0, "read the host secret through the mount");
     assert!(left.is_empty(), "created outside the share: {left:?}");
 }
+
+/// `--fs-rate`: a guest creating many small files gets the request rate, and one writing a
+/// large file gets the byte rate, each within 5 % over 10 s (the client here is the host
+/// kernel's FUSE client with two workers, as fast as it can go).
+#[test]
+fn the_fs_rate_holds_against_many_small_files_and_large_writes() {
+    use msb_devices::fs::rate::FsRate;
+    use std::time::{Duration, Instant};
+
+    let ops_rate = 400;
+    let f = fixture(Config {
+        rate: Some(Arc::new(FsRate::new(Some(ops_rate), None))),
+        ..Default::default()
+    });
+    let before = f.fs.totals().ops;
+    let t0 = Instant::now();
+    let mut files = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        std::fs::write(f.mnt.join(format!("f{files}")), b"small").unwrap();
+        files += 1;
+    }
+    let rate = (f.fs.totals().ops - before) as f64 / t0.elapsed().as_secs_f64();
+    let err = rate / ops_rate as f64 - 1.0;
+    eprintln!(
+        "fs-rate {ops_rate}/: {rate:.1} requests/s ({:+.2} %), {files} files",
+        err * 100.0
+    );
+    assert!(err.abs() <= 0.05, "{rate:.1} requests/s for {ops_rate}");
+    drop(f);
+
+    let byte_rate = 8u64 << 20;
+    let f = fixture(Config {
+        rate: Some(Arc::new(FsRate::new(None, Some(byte_rate)))),
+        ..Default::default()
+    });
+    let total = 10 * byte_rate;
+    let t0 = Instant::now();
+    let mut file = std::fs::File::create(f.mnt.join("big")).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..total / chunk.len() as u64 {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    let rate = f.fs.totals().bytes_written as f64 / t0.elapsed().as_secs_f64();
+    let err = rate / byte_rate as f64 - 1.0;
+    eprintln!(
+        "fs-rate /8m: {:.2} MiB/s ({:+.2} %)",
+        rate / (1 << 20) as f64,
+        err * 100.0
+    );
+    assert!(err.abs() <= 0.05, "{rate:.0} bytes/s for {byte_rate}");
+    assert_eq!(std::fs::metadata(f.share.join("big")).unwrap().len(), total);
+}

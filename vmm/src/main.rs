@@ -229,6 +229,10 @@ struct LimitArgs {
     /// cut and new ones refused (logged).
     #[arg(long, value_name = "SIZE")]
     egress_budget: Option<String>,
+    /// Requests and file bytes per second the sandbox's shares serve, together: OPS/BYTES
+    /// (k/m/g), either may be empty, e.g. 1000/50m; the guest's file system calls wait.
+    #[arg(long, value_name = "[OPS]/[BYTES]")]
+    fs_rate: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -112,6 +112,7 @@ pub struct SandboxBuilder {
     vsock_uds: Option<PathBuf>,
     vm_timeout: Option<Duration>,
     limits: msb_init::agent::GuestLimits,
+    fs_rate: Option<Arc<msb_devices::fs::rate::FsRate>>,
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
     rootfs: Option<(PathBuf, Access)>,
@@ -393,7 +394,6 @@ impl SandboxBuilder {
         self
     }
 
-    /// Whether the sandbox's threads install their seccomp filters (see [`VmBuilder::seccomp`]
     /// Processes and threads the guest's commands may have at once, all together (a fork
     /// bomb stops there; the agent keeps answering).
     pub fn pids_limit(mut self, n: u64) -> Self {
@@ -408,6 +408,15 @@ impl SandboxBuilder {
         self
     }
 
+    /// Requests and file bytes per second (read plus written) all the sandbox's shares may
+    /// serve together (`None`: unlimited); see [`msb_devices::fs::rate`].
+    pub fn fs_rate(mut self, ops: Option<u64>, bytes: Option<u64>) -> Self {
+        self.fs_rate = (ops.is_some() || bytes.is_some())
+            .then(|| Arc::new(msb_devices::fs::rate::FsRate::new(ops, bytes)));
+        self
+    }
+
+    /// Whether the sandbox's threads install their seccomp filters (see [`VmBuilder::seccomp`]
     /// and the netstack's); `Off` is for debugging a filter.
     pub fn seccomp(mut self, mode: msb_confine::Seccomp) -> Self {
         self.seccomp = mode;
@@ -510,6 +519,7 @@ impl SandboxBuilder {
         if let Some((dir, access)) = &self.rootfs {
             let config = FsConfig {
                 read_only: *access != Access::ReadWrite,
+                rate: self.fs_rate.clone(),
                 ..Default::default()
             };
             let fs = Arc::new(
@@ -534,6 +544,7 @@ impl SandboxBuilder {
                 FsConfig {
                     read_only: v.read_only,
                     cache: v.cache,
+                    rate: self.fs_rate.clone(),
                     ..Default::default()
                 },
             )
@@ -805,6 +816,7 @@ impl Sandbox {
             vsock_uds: None,
             vm_timeout: None,
             limits: Default::default(),
+            fs_rate: None,
             volumes: Vec::new(),
             tmpfs: Vec::new(),
             rootfs: None,

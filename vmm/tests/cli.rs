@@ -476,6 +476,16 @@ fn limit_mistakes() {
         "at least 4m",
     );
     one_line_error(
+        &msb_vmm(&["run", "--fs-rate", "5/", "--", "true"], &env),
+        125,
+        "--fs-rate \"5/\": use OPS/BYTES",
+    );
+    one_line_error(
+        &msb_vmm(&["start", "--name", "b", "--fs-rate", "100"], &env),
+        125,
+        "at least 10 requests and 1m",
+    );
+    one_line_error(
         &msb_vmm(&["start", "--name", "b", "--idle-timeout", "soon"], &env),
         2,
         "is not a number of seconds",

@@ -17,3 +17,4 @@ pub mod devfuse;
 pub mod devfuse_uring;
 #[cfg(target_os = "linux")]
 pub mod passthrough;
+pub mod rate;

@@ -106,6 +106,8 @@ pub struct Config {
     pub max_inodes: usize,
     /// Most open files and directories at once; opens beyond get ENFILE.
     pub max_handles: usize,
+    /// The sandbox's `--fs-rate`, shared with its other shares.
+    pub rate: Option<Arc<super::rate::FsRate>>,
 }
 
 impl Default for Config {
@@ -115,6 +117,7 @@ impl Default for Config {
             cache: CachePolicy::default(),
             max_inodes: 65_536,
             max_handles: 4_096,
+            rate: None,
         }
     }
 }
@@ -558,10 +561,18 @@ impl PassthroughFs {
         })
     }
 
-    /// Counts a request by opcode (see [`Self::request_counts`]).
+    /// Counts a request by opcode (see [`Self::request_counts`]) and waits for its turn
+    /// under `--fs-rate`.
     fn count(&self, opcode: u32) {
         if let Some(n) = self.op_counts.get(opcode as usize) {
             n.fetch_add(1, Ordering::Relaxed);
+        }
+        self.pace(1, 0);
+    }
+
+    fn pace(&self, ops: u64, bytes: u64) {
+        if let Some(rate) = &self.cfg.rate {
+            rate.pace(ops, bytes);
         }
     }
 
@@ -1707,6 +1718,7 @@ impl PassthroughFs {
             got += n as usize;
         }
         self.bytes_read.fetch_add(got as u64, Ordering::Relaxed);
+        self.pace(0, got as u64);
         Ok(got)
     }
 
@@ -1725,6 +1737,7 @@ impl PassthroughFs {
             return Err(errno());
         }
         self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+        self.pace(0, n as u64);
         let mut w = Writer::default();
         w.u32(n as u32).u32(0);
         Ok(w.buf)

@@ -277,6 +277,9 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     if let Some(b) = &a.limits.egress_budget {
         cmd.arg("--egress-budget").arg(b);
     }
+    if let Some(r) = &a.limits.fs_rate {
+        cmd.arg("--fs-rate").arg(r);
+    }
     if let Some(t) = a.idle_timeout {
         cmd.arg("--idle-timeout").arg(t.as_secs_f64().to_string());
     }

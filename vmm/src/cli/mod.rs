@@ -530,7 +530,7 @@ pub fn with_network(
     Ok(b.network(net))
 }
 
-/// The guest-side limits of `--pids-limit` and `--memory-limit`, checked.
+/// The limits of `--pids-limit`, `--memory-limit` and `--fs-rate`, checked.
 pub fn with_limits(
     mut b: msb_vmm::sandbox::SandboxBuilder,
     l: &crate::LimitArgs,
@@ -549,6 +549,10 @@ pub fn with_limits(
     }
     if l.max_flows == 0 {
         bail!("--max-flows 0: use at least 1 (--net none for no network)");
+    }
+    if let Some(r) = &l.fs_rate {
+        let (ops, bytes) = msb_devices::fs::rate::parse(r).map_err(|e| anyhow::anyhow!(e))?;
+        b = b.fs_rate(ops, bytes);
     }
     Ok(b)
 }
