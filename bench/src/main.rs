@@ -4,6 +4,7 @@
 
 mod exec;
 mod fs;
+mod limits;
 mod net;
 mod stats;
 mod svg;

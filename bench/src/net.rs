@@ -64,13 +64,17 @@ pub struct NetArgs {
     /// what confinement costs.
     #[arg(long)]
     seccomp_cost: bool,
+    /// Limits instead: the time to cut a download whose policy is revoked (`--round-trips`
+    /// samples, at most 1000) and `--net-rate`'s accuracy each way (`--runs` samples).
+    #[arg(long)]
+    limits: bool,
 }
 
 /// The client's side of one measurement, run where the guest is.
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
     /// up (guest sends), down (guest receives), connect, rtt; tls-down, tls-up,
-    /// tls-connect, tls-first (HTTPS, see `--tls`).
+    /// tls-connect, tls-first (HTTPS, see `--tls`); revoke (see `--limits`).
     #[arg(long)]
     pub(crate) mode: String,
     /// The server, as the guest sees it.
@@ -100,13 +104,13 @@ pub(crate) struct ClientResult {
 }
 
 const UP: u8 = b'U';
-const DOWN: u8 = b'D';
+pub(crate) const DOWN: u8 = b'D';
 const ECHO: u8 = b'E';
 const CLOSE: u8 = b'C';
 
 /// The server on host loopback: per connection, a mode byte, then sink (answering the byte
 /// count at EOF), source (until the peer goes), echo, or close at once (connect rate).
-fn serve(l: TcpListener) {
+pub(crate) fn serve(l: TcpListener) {
     for c in l.incoming() {
         let Ok(mut c) = c else { continue };
         std::thread::spawn(move || {
@@ -150,6 +154,9 @@ fn serve(l: TcpListener) {
 
 /// `net-client`: one measurement; prints a [`ClientResult`] line.
 pub fn client(a: ClientArgs) -> Result<()> {
+    if a.mode == "revoke" {
+        return crate::limits::client(&a);
+    }
     if a.mode.starts_with("tls-") {
         let out = crate::tls::client(&a)?;
         println!("{}", serde_json::to_string(&out)?);
@@ -383,6 +390,9 @@ pub fn run(a: NetArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("finding msb-bench's own path")?;
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the server on loopback")?;
+    if a.limits {
+        return crate::limits::run(&a, &exe, listener);
+    }
     let port = listener.local_addr()?.port();
     std::thread::spawn(move || serve(listener));
 
