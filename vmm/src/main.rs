@@ -140,13 +140,13 @@ struct MountArgs {
     tmpfs: Vec<String>,
 }
 
-/// The sandbox's network (every packet ends in our netstack, which enforces the policy).
+/// An egress policy as flags (`run`, `start`, and `policy` for a running sandbox).
 #[derive(Args, Debug, Clone, Default)]
-struct NetArgs {
+struct RuleArgs {
     /// Egress preset: none (no network card), public (public internet only; the default),
-    /// all (everything but the host), non-local (no loopback, link-local, metadata or host).
-    /// The host is every address it holds, not just the gateway; only a host rule reaches it.
-    /// Wins over a policy file's preset.
+    /// all (everything but the host), non-local (no loopback, link-local, metadata or host),
+    /// learn (as non-local, recording what is reached). The host is every address it holds,
+    /// not just the gateway; only a host rule reaches it. Wins over a policy file's preset.
     #[arg(long, value_name = "PRESET")]
     net: Option<String>,
     /// Allow [proto:]destination[:ports] (repeatable), e.g. tcp:*.github.com:443, host:8080.
@@ -155,9 +155,38 @@ struct NetArgs {
     /// Deny [proto:]destination[:ports] (repeatable); deny rules win over allow rules.
     #[arg(long = "deny", value_name = "RULE")]
     deny: Vec<String>,
-    /// TOML policy file: preset = "...", allow = [...], deny = [...].
-    #[arg(long, value_name = "FILE")]
+    /// TOML policy file: preset = "...", allow = [...], deny = [...] (for `policy`, its
+    /// secrets must be the ones the sandbox started with).
+    #[arg(long, alias = "file", value_name = "FILE")]
     policy: Option<PathBuf>,
+}
+
+impl RuleArgs {
+    /// The flags with the policy file read (the sandbox process that applies a live change
+    /// may not see the caller's files).
+    fn flags(&self) -> anyhow::Result<cli::PolicyFlags> {
+        let file = match &self.policy {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--policy {}: {e}", path.display()))?,
+            )),
+            None => None,
+        };
+        Ok(cli::PolicyFlags {
+            net: self.net.clone(),
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+            file,
+        })
+    }
+}
+
+/// The sandbox's network (every packet ends in our netstack, which enforces the policy).
+#[derive(Args, Debug, Clone, Default)]
+struct NetArgs {
+    #[command(flatten)]
+    rules: RuleArgs,
     /// A secret the guest holds only as a placeholder: the real value is taken from this
     /// process's environment variable NAME and sent only to HOSTS (comma-separated domains
     /// or *.suffix) over intercepted TLS. Repeatable.
@@ -338,19 +367,8 @@ struct StartArgs {
 struct PolicyArgs {
     /// The sandbox.
     name: String,
-    /// The new policy's preset (default public, as for `start`).
-    #[arg(long, value_name = "PRESET")]
-    net: Option<String>,
-    /// Allow [proto:]destination[:ports] (repeatable).
-    #[arg(long = "allow", value_name = "RULE")]
-    allow: Vec<String>,
-    /// Deny [proto:]destination[:ports] (repeatable).
-    #[arg(long = "deny", value_name = "RULE")]
-    deny: Vec<String>,
-    /// TOML policy file (as `start --policy`); its secrets must be the ones the sandbox
-    /// started with.
-    #[arg(long, alias = "file", value_name = "FILE")]
-    policy: Option<PathBuf>,
+    #[command(flatten)]
+    rules: RuleArgs,
     /// Print the policy learn mode suggests (a sandbox started with --net learn): the
     /// smallest allowlist that admits exactly what the guest has reached so far.
     #[arg(long, conflicts_with_all = ["net", "allow", "deny", "policy"])]

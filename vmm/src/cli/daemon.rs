@@ -244,16 +244,16 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     if let Some(h) = &a.hostname {
         cmd.arg("--hostname").arg(h);
     }
-    if let Some(p) = &a.net.net {
+    if let Some(p) = &a.net.rules.net {
         cmd.arg("--net").arg(p);
     }
-    for r in &a.net.allow {
+    for r in &a.net.rules.allow {
         cmd.arg("--allow").arg(r);
     }
-    for r in &a.net.deny {
+    for r in &a.net.rules.deny {
         cmd.arg("--deny").arg(r);
     }
-    if let Some(f) = &a.net.policy {
+    if let Some(f) = &a.net.rules.policy {
         cmd.arg("--policy").arg(std::fs::canonicalize(f)?);
     }
     cmd.arg("--mtu").arg(a.net.mtu.to_string());
@@ -532,20 +532,7 @@ pub fn policy(a: crate::PolicyArgs) -> anyhow::Result<u8> {
         print!("{}", v["policy"].as_str().unwrap_or_default());
         return Ok(0);
     }
-    let file = match &a.policy {
-        Some(path) => Some((
-            path.display().to_string(),
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow!("--policy {}: {e}", path.display()))?,
-        )),
-        None => None,
-    };
-    let flags = super::PolicyFlags {
-        net: a.net.clone(),
-        allow: a.allow.clone(),
-        deny: a.deny.clone(),
-        file,
-    };
+    let flags = a.rules.flags()?;
     if flags.net.is_none()
         && flags.allow.is_empty()
         && flags.deny.is_empty()

@@ -116,7 +116,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     b = with_network(b, &a.net, &a.limits)?;
     b = with_limits(b, &a.limits)?;
     if let Some(f) = &a.net.suggest_to {
-        if a.net.net.as_deref() != Some("learn") {
+        if a.net.rules.net.as_deref() != Some("learn") {
             bail!(
                 "--suggest-to {}: learn mode records what to suggest: add --net learn",
                 f.display()
@@ -476,20 +476,7 @@ pub fn with_network(
         None => None,
     };
     use msb_netstack::policy::{Action, Preset};
-    let file = match &n.policy {
-        Some(path) => Some((
-            path.display().to_string(),
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--policy {}: {e}", path.display()))?,
-        )),
-        None => None,
-    };
-    let policy = policy_from(&PolicyFlags {
-        net: n.net.clone(),
-        allow: n.allow.clone(),
-        deny: n.deny.clone(),
-        file,
-    })?;
+    let policy = policy_from(&n.rules.flags()?)?;
     if !(68..=65520).contains(&n.mtu) {
         anyhow::bail!("--mtu {}: use 68 to 65520", n.mtu);
     }
