@@ -1290,6 +1290,143 @@ fn the_hosts_own_addresses_are_reached_only_by_a_host_rule() {
     );
 }
 
+/// Learn mode through the CLI: `run --net learn --suggest-to FILE` records what a workload
+/// reached (two names under one domain and an address, private ones in a second network
+/// namespace joined by a veth pair, so none of it is the host's), and `run --policy FILE` admits the same
+/// workload and nothing else. The names come from an /etc/hosts bind-mounted in a mount
+/// namespace of the VMM's own (the netstack resolves with the host's resolver).
+#[test]
+fn learn_mode_suggestion_admits_the_same_workload() {
+    let _w = watchdog("learn_mode_suggestion_admits_the_same_workload");
+    check_host();
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    fn ip(args: &[&str]) {
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip (iproute2)");
+        assert!(ok.success(), "ip {args:?}");
+    }
+    fn unshare_net() {
+        // SAFETY: unshare affects only the calling thread (CLONE_NEWNET alone).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!(
+                "unshare(CLONE_NEWNET): {} (this test needs root)",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    // The far side: its own namespace, four addresses, one server answering on all.
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (port_tx, port_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        unshare_net();
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        go_rx.recv().unwrap();
+        ip(&["link", "set", "lo", "up"]);
+        for a in [
+            "10.199.77.2/24",
+            "10.199.77.3/24",
+            "10.199.77.4/24",
+            "10.199.77.5/24",
+        ] {
+            ip(&["addr", "add", a, "dev", "msbl1"]);
+        }
+        ip(&["link", "set", "msbl1", "up"]);
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        port_tx.send(l.local_addr().unwrap().port()).unwrap();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut b = [0u8; 1024];
+            let _ = c.read(&mut b);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nfar");
+        }
+    });
+    let far = tid_rx.recv().unwrap();
+    let dir = std::env::temp_dir().join(format!("msb-e2e-learn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n10.199.77.2 api.far.test\n10.199.77.3 cdn.far.test\n",
+    )
+    .unwrap();
+    let suggestion = dir.join("allow.toml");
+    let (learned, replayed, text_of_policy) = std::thread::spawn(move || {
+        unshare_net();
+        ip(&["link", "set", "lo", "up"]);
+        ip(&[
+            "link", "add", "msbl0", "type", "veth", "peer", "name", "msbl1",
+        ]);
+        ip(&["link", "set", "msbl1", "netns", &far.to_string()]);
+        ip(&["addr", "add", "10.199.77.1/24", "dev", "msbl0"]);
+        ip(&["link", "set", "msbl0", "up"]);
+        go_tx.send(()).unwrap();
+        let port = port_rx.recv().unwrap();
+        let fetch = |target: &str| {
+            format!("wget -q -O - http://{target}:{port}/ 2>/dev/null || echo no-answer; echo; ")
+        };
+        let workload: String = ["api.far.test", "cdn.far.test", "10.199.77.4"]
+            .iter()
+            .map(|t| fetch(t))
+            .collect();
+        // The VMM in a mount namespace of its own (private propagation: the bind mount
+        // never reaches the host), in this thread's network namespace.
+        let run = |args: &[&str], script: &str| {
+            let mut cmd = format!(
+                "mount --bind {} /etc/hosts && exec {}",
+                hosts.display(),
+                env!("CARGO_BIN_EXE_msb-vmm")
+            );
+            for a in args {
+                cmd.push(' ');
+                cmd.push_str(a);
+            }
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!("{cmd} -- sh -c \"$0\""))
+                .arg(script)
+                .env("MSB_ROOTFS", "initramfs")
+                .output()
+                .expect("unshare (util-linux) runs")
+        };
+        let s = suggestion.display().to_string();
+        let learned = run(&["run", "--net", "learn", "--suggest-to", &s], &workload);
+        let policy = std::fs::read_to_string(&suggestion).unwrap_or_default();
+        // The same workload under the suggestion, then a served address it never reached.
+        let replay = format!("{workload}{}", fetch("10.199.77.5"));
+        let replayed = run(&["run", "--policy", &s], &replay);
+        (learned, replayed, policy)
+    })
+    .join()
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        text(&learned.stdout),
+        "far\n".repeat(3),
+        "under --net learn; stderr: {}",
+        text(&learned.stderr)
+    );
+    assert!(
+        text_of_policy.contains("far.test") && text_of_policy.contains("10.199.77.4"),
+        "the suggestion names what was reached:\n{text_of_policy}\nstderr: {}",
+        text(&learned.stderr)
+    );
+    assert!(
+        !text_of_policy.contains("10.199.77.2") && !text_of_policy.contains("10.199.77.3"),
+        "names, not their addresses:\n{text_of_policy}"
+    );
+    assert_eq!(
+        text(&replayed.stdout),
+        format!("{}no-answer\n\n", "far\n".repeat(3)),
+        "under the suggestion:\n{text_of_policy}\nstderr: {}",
+        text(&replayed.stderr)
+    );
+}
+
 /// Secrets through TLS interception, end to end: the default Debian root's curl and python3
 /// call an HTTPS upstream (the test's, with its own CA given as an upstream CA) with a
 /// placeholder from their environment; the upstream receives the real value, and afterwards
