@@ -70,6 +70,49 @@ impl TokenBucket {
     }
 }
 
+/// A direction's limit as the stack's loops use it: `None` is no limit.
+pub trait Limit {
+    /// Shaping (TCP, frames): bytes that may move now (`usize::MAX` without a limit), or
+    /// `None` when the bucket is empty, which marks the stack `throttled` so it sleeps until
+    /// the bucket refills.
+    fn allowance(&mut self, throttled: &mut bool) -> Option<usize>;
+    /// Policing (UDP): whether `n` bytes may pass now, spending them if so (over the rate,
+    /// a datagram is dropped).
+    fn police(&mut self, n: usize) -> bool;
+    /// Records `n` bytes moved.
+    fn spend(&mut self, n: usize);
+}
+
+impl Limit for Option<TokenBucket> {
+    fn allowance(&mut self, throttled: &mut bool) -> Option<usize> {
+        match self {
+            None => Some(usize::MAX),
+            Some(b) => match b.available(Instant::now()) {
+                0 => {
+                    *throttled = true;
+                    None
+                }
+                n => Some(n),
+            },
+        }
+    }
+
+    fn police(&mut self, n: usize) -> bool {
+        let Some(b) = self else { return true };
+        if b.available(Instant::now()) == 0 {
+            return false;
+        }
+        b.spend(n);
+        true
+    }
+
+    fn spend(&mut self, n: usize) {
+        if let Some(b) = self {
+            b.spend(n);
+        }
+    }
+}
+
 /// Parses `--net-rate [IN]/[OUT]` (or one value for both): sizes in bytes per second, with
 /// k/m/g suffixes (binary) and an optional `/s`-free form: `10m/1m`, `/512k`, `2m`.
 pub fn parse_rates(s: &str) -> Result<(Option<u64>, Option<u64>), String> {

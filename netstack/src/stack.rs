@@ -30,7 +30,7 @@ use smoltcp::wire::{
 
 use crate::addr::{self, Group};
 use crate::dns::{self, Answer, Bindings};
-use crate::limit::TokenBucket;
+use crate::limit::{Limit, TokenBucket};
 use crate::local::{Delivery, Routes};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
@@ -988,14 +988,9 @@ impl State {
             }
         }
         for (key, why) in udp {
-            if let Some(mut f) = self.udp.remove(&key) {
-                f.audit.rule = why;
-                self.log(f.audit.event("denied"));
-                let _ = self.poll.registry().deregister(&mut f.sock);
-                if !self.udp.values().any(|g| g.handle == f.handle) {
-                    self.udp_socks.remove(&key.1);
-                    self.sockets.remove(f.handle);
-                }
+            if let Some(mut a) = self.end_udp(&key) {
+                a.rule = why;
+                self.log(a.event("denied"));
             }
         }
         for (key, why) in echo {
@@ -1025,21 +1020,15 @@ impl State {
         }
         self.attempt = 0;
         self.throttled = false;
-        let now_std = StdInstant::now();
         for _ in 0..32 {
-            if let Some(b) = self.rate_out.as_mut() {
-                if b.available(now_std) == 0 {
-                    // The frames wait in the card's queue; the guest's TCP slows down.
-                    self.throttled = true;
-                    break;
-                }
+            // Over the rate, the frames wait in the card's queue; the guest's TCP slows down.
+            if self.rate_out.allowance(&mut self.throttled).is_none() {
+                break;
             }
             match self.link.recv(buf)? {
                 Some(0) => continue,
                 Some(n) => {
-                    if let Some(b) = self.rate_out.as_mut() {
-                        b.spend(n);
-                    }
+                    self.rate_out.spend(n);
                     let frame = buf[..n.min(buf.len())].to_vec();
                     if let Some(frame) = self.inspect(frame) {
                         self.rx.push_back(frame);
@@ -1586,11 +1575,8 @@ impl State {
                 }
                 let p = &mut self.udp_publish[i];
                 let guest = IpEndpoint::new(IpAddress::Ipv4(addr::GUEST_V4), p.guest_port);
-                if let Some(b) = self.rate_in.as_mut() {
-                    if b.available(StdInstant::now()) == 0 {
-                        continue;
-                    }
-                    b.spend(n);
+                if !self.rate_in.police(n) {
+                    continue;
                 }
                 if let Some((handle, last, audit)) = p.peers.get_mut(&peer) {
                     let s = self.sockets.get_mut::<udp::Socket>(*handle);
@@ -1863,15 +1849,8 @@ impl State {
             // Host to guest, straight into smoltcp's buffer, while it has room (and the rate
             // allows: what it does not stays in the host socket, and TCP slows the sender).
             while !f.host_eof && s.can_send() {
-                let cap = match self.rate_in.as_mut() {
-                    Some(b) => match b.available(StdInstant::now()) {
-                        0 => {
-                            self.throttled = true;
-                            break;
-                        }
-                        n => n,
-                    },
-                    None => usize::MAX,
+                let Some(cap) = self.rate_in.allowance(&mut self.throttled) else {
+                    break;
                 };
                 let r = s.send(|buf| {
                     let len = buf.len().min(cap);
@@ -1893,9 +1872,7 @@ impl State {
                     }
                     Ok(Some(Ok(n))) => {
                         f.audit.bytes_in += n as u64;
-                        if let Some(b) = self.rate_in.as_mut() {
-                            b.spend(n);
-                        }
+                        self.rate_in.spend(n);
                         busy = true;
                     }
                     Ok(Some(Err(e))) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -1974,11 +1951,8 @@ impl State {
                 busy = true;
                 f.last = now_std;
                 // Over the rate, a datagram is dropped (as a policer would).
-                if let Some(b) = self.rate_in.as_mut() {
-                    if b.available(now_std) == 0 {
-                        continue;
-                    }
-                    b.spend(n);
+                if !self.rate_in.police(n) {
+                    continue;
                 }
                 if s.can_send() && s.send_slice(&tmp[..n], f.guest).is_ok() {
                     f.audit.bytes_in += n as u64;
@@ -1989,18 +1963,24 @@ impl State {
             }
         }
         for key in dead {
-            if let Some(mut f) = self.udp.remove(&key) {
-                let ev = f.audit.event("allowed");
-                self.log(ev);
-                let _ = self.poll.registry().deregister(&mut f.sock);
-                if !self.udp.values().any(|g| g.handle == f.handle) {
-                    self.udp_socks.remove(&key.1);
-                    self.sockets.remove(f.handle);
-                }
+            if let Some(a) = self.end_udp(&key) {
+                self.log(a.event("allowed"));
             }
         }
         self.scratch = tmp;
         busy
+    }
+
+    /// Ends a UDP flow: its host socket goes, and the guest-side socket too once no other
+    /// flow shares it. Returns the flow's audit record for the caller to log.
+    fn end_udp(&mut self, key: &FlowKey) -> Option<Audit> {
+        let mut f = self.udp.remove(key)?;
+        let _ = self.poll.registry().deregister(&mut f.sock);
+        if !self.udp.values().any(|g| g.handle == f.handle) {
+            self.udp_socks.remove(&key.1);
+            self.sockets.remove(f.handle);
+        }
+        Some(f.audit)
     }
 
     fn serve_dns(&mut self) -> bool {

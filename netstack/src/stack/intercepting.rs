@@ -170,23 +170,14 @@ pub(super) fn relay(
         return Relayed::Fail(e.to_string());
     }
     while m.guest_off < m.to_guest.len() && s.can_send() {
-        let cap = match rate_in.as_mut() {
-            Some(b) => match b.available(std::time::Instant::now()) {
-                0 => {
-                    *throttled = true;
-                    break;
-                }
-                n => n,
-            },
-            None => usize::MAX,
+        let Some(cap) = rate_in.allowance(throttled) else {
+            break;
         };
         let end = m.to_guest.len().min(m.guest_off.saturating_add(cap));
         match s.send_slice(&m.to_guest[m.guest_off..end]) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if let Some(b) = rate_in.as_mut() {
-                    b.spend(n);
-                }
+                rate_in.spend(n);
                 m.guest_off += n;
                 audit.bytes_in += n as u64;
                 busy = true;
