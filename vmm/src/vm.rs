@@ -23,12 +23,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use linux_loader::loader::{elf::Elf, KernelLoader};
 use msb_devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use msb_devices::bus::{lock, Bus};
 use msb_devices::fs::passthrough::PassthroughFs;
-use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
-use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, COM1, UART_PORTS};
+use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice};
 use msb_devices::virtio::fs::FsDevice;
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use msb_devices::virtio::vsock::hybrid::HybridListener;
@@ -40,17 +38,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::arch::x86_64::boot::{write_boot_info, BootError, BootLayout, BootProtocol};
-use crate::arch::x86_64::layout::{
-    low_ram_end, ram_ranges, BOOT_TIMER_START, HIMEM_START, VIRTIO_MMIO_START,
-};
-use crate::arch::x86_64::mptable::MAX_CPUS;
+use crate::arch::{self, BootError, BootInfo, BOOT_TIMER_START, MAX_CPUS, VIRTIO_MMIO_START};
 use crate::hypervisor::{self, Hypervisor, HypervisorError, Kicker, VcpuBoot, VmExit};
 use crate::loader::{self, KernelInfo, LoaderError};
 
-/// Command line used when none is given: serial console, i8042 reset as power-off, reboot at
-/// once on panic, and no IOAPIC timer check (a slow, pointless probe under KVM).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 no_timer_check";
+/// Command line used when none is given (the architecture's: serial console, power-off on
+/// reboot, reboot at once on panic).
+pub use crate::arch::DEFAULT_CMDLINE;
 
 /// Smallest guest memory accepted at all; Linux guests need more (checked against the image).
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -58,21 +52,22 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 pub const MIN_LINUX_MEMORY_MIB: u64 = 32;
 /// Largest guest memory accepted (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Interrupt line (GSI) of the vsock device.
-pub const VSOCK_IRQ: u32 = 5;
-/// Interrupt lines of virtio-fs devices, in order (legacy ISA lines of devices we lack).
-pub const FS_IRQS: [u32; 8] = [6, 7, 9, 10, 11, 12, 14, 15];
-const _: () = assert!(FS_IRQS.len() == 8, "keep VmError::TooManyShares in step");
-/// Where the `i`-th virtio-fs device's registers live (slot 0 is the vsock device's).
-fn fs_slot(i: usize) -> u64 {
-    VIRTIO_MMIO_START + MMIO_LEN * (1 + i as u64)
-}
+/// Most shared directories (virtio-fs devices) a VM can have.
+pub const MAX_SHARES: usize = 8;
+/// virtio-mmio slots: the vsock device first, then the shares, then the network card.
+const VSOCK_SLOT: usize = 0;
+const NET_SLOT: usize = 1 + MAX_SHARES;
+const _: () = assert!(
+    NET_SLOT < arch::VIRTIO_SLOTS,
+    "every slot needs an interrupt line"
+);
 
-/// Interrupt line of the virtio-net device (COM2's legacy line; we have no COM2).
-pub const NET_IRQ: u32 = 3;
-/// Where the virtio-net device's registers live: after the vsock and eight virtio-fs slots.
-fn net_slot() -> u64 {
-    VIRTIO_MMIO_START + MMIO_LEN * (1 + FS_IRQS.len() as u64)
+/// Where virtio-mmio slot `slot` has its registers, and its interrupt line.
+fn virtio_slot(slot: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_START + MMIO_LEN * slot as u64,
+        arch::virtio_irq(slot),
+    )
 }
 
 /// Console lines kept for error reports.
@@ -85,7 +80,7 @@ const CONSOLE_RING_BYTES: usize = 64 * 1024;
 pub enum VmError {
     #[error("--cpus {0} is out of range: use 1 to {MAX_CPUS}")]
     BadCpus(u32),
-    #[error("{0} shared directories: at most 8 are supported")]
+    #[error("{0} shared directories: at most {MAX_SHARES} are supported")]
     TooManyShares(usize),
     #[error("{0}")]
     BadShare(String),
@@ -505,7 +500,7 @@ impl VmBuilder {
             None => hypervisor::default_hypervisor()?,
         };
         let vm = hv.create_vm(self.cpus)?;
-        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
+        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(mem_bytes)
             .into_iter()
             .map(|(a, l)| (GuestAddress(a), l as usize))
             .collect();
@@ -530,15 +525,9 @@ impl VmBuilder {
             path: self.kernel.clone(),
             source,
         })?;
-        let loaded = Elf::load(&mem, None, &mut kfile, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| VmError::KernelLoad(e.to_string()))?;
+        let protocol =
+            arch::load_kernel(&mem, &mut kfile, info.pvh_entry).map_err(VmError::KernelLoad)?;
         drop(kfile);
-        let protocol = match info.pvh_entry {
-            Some(entry) => BootProtocol::Pvh { entry },
-            None => BootProtocol::Linux64 {
-                entry: loaded.kernel_load.0,
-            },
-        };
         let initrd_loc = match (&initrd, initrd_addr) {
             (Some(data), Some(addr)) => {
                 mem.write_slice(data, GuestAddress(addr))
@@ -547,42 +536,35 @@ impl VmBuilder {
             }
             _ => None,
         };
-        let mut cmdline = match &self.cmdline {
+        let cmdline = match &self.cmdline {
             Some(c) => c.clone(),
             None if matches!(self.console, Console::Off) => format!("{DEFAULT_CMDLINE} quiet"),
             None => DEFAULT_CMDLINE.to_string(),
         };
-        if self.vsock {
-            // virtio-mmio devices are announced on the command line (no ACPI, no device tree).
-            cmdline.push_str(&format!(
-                " virtio_mmio.device=4K@{VIRTIO_MMIO_START:#x}:{VSOCK_IRQ}"
-            ));
-        }
-        if self.shares.len() > FS_IRQS.len() {
+        if self.shares.len() > MAX_SHARES {
             return Err(VmError::TooManyShares(self.shares.len()));
         }
-        for (i, _) in self.shares.iter().enumerate() {
-            cmdline.push_str(&format!(
-                " virtio_mmio.device=4K@{:#x}:{}",
-                fs_slot(i),
-                FS_IRQS[i]
-            ));
+        // The virtio-mmio devices in their slots, as the boot information announces them.
+        let mut virtio = Vec::new();
+        if self.vsock {
+            virtio.push(virtio_slot(VSOCK_SLOT));
+        }
+        for i in 0..self.shares.len() {
+            virtio.push(virtio_slot(1 + i));
         }
         #[cfg(target_os = "linux")]
         if self.net.is_some() {
-            cmdline.push_str(&format!(
-                " virtio_mmio.device=4K@{:#x}:{NET_IRQ}",
-                net_slot()
-            ));
+            virtio.push(virtio_slot(NET_SLOT));
         }
-        write_boot_info(
+        arch::write_boot_info(
             &mem,
-            &BootLayout {
-                protocol,
-                cmdline: cmdline.into_bytes(),
+            &BootInfo {
+                entry: protocol,
+                cmdline: &cmdline,
                 initrd: initrd_loc,
                 mem_bytes,
                 cpus: self.cpus,
+                virtio: &virtio,
             },
         )?;
         tracing::debug!(kernel = %self.kernel.display(), ?protocol, cpus = self.cpus, memory_mib = self.memory_mib, "guest loaded");
@@ -595,15 +577,10 @@ impl VmBuilder {
             Console::Stderr => Some(Box::new(io::stderr())),
             Console::Writer(w) => Some(w),
         };
-        let com1 = Arc::new(Mutex::new(SerialDevice::new(
-            vm.create_irq(COM1.1)?,
-            ConsoleSink::new(ring.clone(), echo),
-        )));
         let reset = Arc::new(StopLine {
             state: self.stop.clone(),
             reason: GuestExit::PowerOff,
         });
-        let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
         let boot_time = Arc::new(OnceLock::new());
         let boot_signal = Arc::new(BootSignal {
             state: self.stop.clone(),
@@ -618,10 +595,17 @@ impl VmBuilder {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let bus_err = |e: msb_devices::bus::BusError| VmError::Memory(e.to_string());
-        pio.insert(u64::from(COM1.0), UART_PORTS, com1.clone())
-            .map_err(bus_err)?;
-        pio.insert(u64::from(I8042_BASE), I8042_PORTS, i8042)
-            .map_err(bus_err)?;
+        let console = arch::add_platform_devices(
+            &*vm,
+            &mut pio,
+            &mut mmio,
+            ConsoleSink::new(ring.clone(), echo),
+            reset,
+        )
+        .map_err(|e| match e {
+            arch::PlatformError::Hypervisor(e) => VmError::from(e),
+            e => VmError::Memory(e.to_string()),
+        })?;
         mmio.insert(BOOT_TIMER_START, BOOT_TIMER_LEN, timer)
             .map_err(bus_err)?;
         // A virtio device on its MMIO slot: transport, interrupt line, queue notifications.
@@ -652,7 +636,8 @@ impl VmBuilder {
             let dev_err = |what| move |source| VmError::Io { what, source };
             let (device, host) =
                 VsockDevice::new().map_err(dev_err("creating the vsock device"))?;
-            attach(Box::new(device), VIRTIO_MMIO_START, VSOCK_IRQ)?;
+            let (base, irq) = virtio_slot(VSOCK_SLOT);
+            attach(Box::new(device), base, irq)?;
             if let Some(path) = &self.vsock_uds {
                 hybrid = Some(HybridListener::bind(path, host.clone(), seccomp).map_err(
                     |source| VmError::Io {
@@ -665,11 +650,13 @@ impl VmBuilder {
         }
         for (i, (tag, fs)) in self.shares.iter().enumerate() {
             let device = FsDevice::new(tag, fs.clone()).map_err(VmError::BadShare)?;
-            attach(Box::new(device), fs_slot(i), FS_IRQS[i])?;
+            let (base, irq) = virtio_slot(1 + i);
+            attach(Box::new(device), base, irq)?;
         }
         #[cfg(target_os = "linux")]
         if let Some(device) = self.net.take() {
-            attach(Box::new(device), net_slot(), NET_IRQ)?;
+            let (base, irq) = virtio_slot(NET_SLOT);
+            attach(Box::new(device), base, irq)?;
         }
         let buses = Arc::new(Buses { pio, mmio });
 
@@ -768,7 +755,7 @@ impl VmBuilder {
         }
         go.wait();
 
-        let stdin_to_console = self.console_input.then_some(com1);
+        let stdin_to_console = self.console_input.then_some(console);
         let shared = LoopShared {
             stop: self.stop.clone(),
             running,
@@ -849,10 +836,11 @@ fn check_fit(
     initrd_len: Option<u64>,
     memory_mib: u64,
 ) -> Result<Option<u64>, VmError> {
-    if info.load_start < HIMEM_START {
+    if info.load_start < arch::KERNEL_MIN_ADDR {
         return Err(VmError::KernelLoad(format!(
-            "kernel wants to load at {:#x}, below 1 MiB",
-            info.load_start
+            "kernel wants to load at {:#x}, below {:#x}",
+            info.load_start,
+            arch::KERNEL_MIN_ADDR
         )));
     }
     let mib = |b: u64| b.div_ceil(1 << 20);
@@ -875,7 +863,7 @@ fn check_fit(
     if !(min..=MAX_MEMORY_MIB).contains(&memory_mib) {
         return Err(bad);
     }
-    let low_end = low_ram_end(memory_mib << 20);
+    let low_end = arch::boot_ram_end(memory_mib << 20);
     if info.load_end > low_end {
         return Err(bad);
     }

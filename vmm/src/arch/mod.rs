@@ -1,5 +1,20 @@
-//! Architecture-specific guest setup: memory layout, boot parameters, CPU tables.
-//! Pure functions over guest memory and plain data, so they are unit-tested without a hypervisor.
+//! Architecture-specific guest setup: memory layout, boot parameters, CPU tables, the
+//! platform's own devices. Pure functions over guest memory and plain data where possible, so
+//! they are unit-tested without a hypervisor.
+//!
+//! Every architecture module offers the same entry points (its `platform` module), re-exported
+//! here; the VM, sandbox and device code name only these, never an architecture:
+//!
+//! - layout: [`ram_ranges`], [`KERNEL_MIN_ADDR`], [`boot_ram_end`], [`BOOT_TIMER_START`],
+//!   [`VIRTIO_MMIO_START`], [`MAX_CPUS`], [`DEFAULT_CMDLINE`];
+//! - kernel loading: [`load_kernel`] into a [`BootEntry`] for the boot vCPU;
+//! - boot information: [`write_boot_info`] from a [`BootInfo`] (memory, command line,
+//!   initramfs, vCPUs, and the virtio-mmio devices with their [`virtio_irq`] lines, out of
+//!   [`VIRTIO_SLOTS`]);
+//! - platform devices: [`add_platform_devices`] (console, power-off).
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
+
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::platform::*;

@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 pub mod kvm;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-use crate::arch::x86_64::boot::BootProtocol;
+use crate::arch::BootEntry;
 
 /// Errors from a hypervisor backend. The first variants are user-facing set-up problems with
 /// their fix in the message.
@@ -74,9 +74,10 @@ pub struct VcpuBoot {
     pub index: u32,
     /// Number of vCPUs in the VM.
     pub count: u32,
-    /// Entry state for the boot CPU; `None` for application processors, which wait for SIPI.
+    /// Entry state for the boot CPU; `None` for the others, which wait to be started (SIPI on
+    /// x86, PSCI CPU_ON on arm64).
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    pub entry: Option<BootProtocol>,
+    pub entry: Option<BootEntry>,
 }
 
 /// A virtual CPU, owned by the thread that created it.

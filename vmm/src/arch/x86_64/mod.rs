@@ -6,3 +6,4 @@ pub mod gdt;
 pub mod layout;
 pub mod mptable;
 pub mod msr;
+pub mod platform;
