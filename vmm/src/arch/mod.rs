@@ -16,5 +16,9 @@
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+/// Built everywhere (and unit-tested on every host); the entry points follow with KVM on
+/// arm64 and Hypervisor.framework.
+pub mod aarch64;
+
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::platform::*;
