@@ -26,6 +26,9 @@ pub enum LoaderError {
     WrongArch(PathBuf),
     #[error("kernel {path}: malformed ELF: {what}")]
     Malformed { path: PathBuf, what: &'static str },
+    /// An arm64 `Image` the header of which we refuse (the message names why and the fix).
+    #[error("kernel {path}: {msg}")]
+    BadImage { path: PathBuf, msg: String },
     #[error("initramfs {path}: {source}")]
     Initrd {
         path: PathBuf,

@@ -479,7 +479,7 @@ impl VmBuilder {
                 source: io::Error::other("the process is out of file descriptors"),
             });
         }
-        let info = loader::inspect_kernel(&self.kernel)?;
+        let info = arch::inspect_kernel(&self.kernel)?;
         if info.is_linux && crate::host::is_pvm() && !self.allow_pvm_linux {
             return Err(HypervisorError::Pvm.into());
         }
@@ -1358,7 +1358,7 @@ impl Drop for RunningVm {
 
 /// Reads the kernel's load information (exposed for the CLI's checks and tests).
 pub fn kernel_info(path: &Path) -> Result<KernelInfo, LoaderError> {
-    loader::inspect_kernel(path)
+    arch::inspect_kernel(path)
 }
 
 #[cfg(test)]

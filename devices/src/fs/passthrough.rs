@@ -1151,6 +1151,9 @@ impl PassthroughFs {
     }
 
     /// The host's attributes with our own uid/gid shown as root's, before any override.
+    // stat64's field types differ between architectures (st_nlink is u64 on x86_64, u32 on
+    // arm64; st_blksize i64 and i32): the casts are needed on one of them.
+    #[allow(clippy::unnecessary_cast)]
     fn host_view(&self, st: &libc::stat64) -> Attr {
         let map_uid = |u: u32| if u == self.euid { 0 } else { u };
         let map_gid = |g: u32| if g == self.egid { 0 } else { g };

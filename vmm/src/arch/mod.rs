@@ -20,5 +20,7 @@ pub mod x86_64;
 /// arm64 and Hypervisor.framework.
 pub mod aarch64;
 
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub use self::aarch64::platform::*;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::platform::*;

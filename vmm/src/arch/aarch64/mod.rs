@@ -7,3 +7,5 @@
 pub mod fdt;
 pub mod image;
 pub mod layout;
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub mod platform;

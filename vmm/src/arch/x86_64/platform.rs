@@ -45,6 +45,13 @@ pub fn virtio_irq(slot: usize) -> u32 {
     VIRTIO_IRQS[slot]
 }
 
+/// What the ELF `vmlinux` says about where it loads and how it is entered.
+pub fn inspect_kernel(
+    path: &std::path::Path,
+) -> Result<crate::loader::KernelInfo, crate::loader::LoaderError> {
+    crate::loader::inspect_kernel(path)
+}
+
 /// Loads an ELF `vmlinux` at its own addresses (at least [`KERNEL_MIN_ADDR`]); enters it
 /// through PVH when it has the note (`pvh_entry`), else through the 64-bit boot protocol.
 pub fn load_kernel(
