@@ -69,6 +69,20 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default())
 }
 
+/// Opens a kernel image; a missing file is the error that names `./x setup` and `--kernel`.
+pub fn open_kernel(path: &Path) -> Result<File, LoaderError> {
+    File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            LoaderError::KernelMissing(path.to_path_buf())
+        } else {
+            LoaderError::KernelIo {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })
+}
+
 /// Reads the ELF header, program headers and notes of `path`.
 pub fn inspect_kernel(path: &Path) -> Result<KernelInfo, LoaderError> {
     let io = |source| LoaderError::KernelIo {
@@ -79,13 +93,7 @@ pub fn inspect_kernel(path: &Path) -> Result<KernelInfo, LoaderError> {
         path: path.to_path_buf(),
         what,
     };
-    let mut f = File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            LoaderError::KernelMissing(path.to_path_buf())
-        } else {
-            io(e)
-        }
-    })?;
+    let mut f = open_kernel(path)?;
     if f.metadata().map_err(io)?.is_dir() {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

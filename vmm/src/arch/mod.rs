@@ -24,3 +24,34 @@ pub mod aarch64;
 pub use self::aarch64::platform::*;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::platform::*;
+
+/// What the boot information describes, whichever form the architecture gives it (x86 boot
+/// structures, an arm64 device tree).
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[derive(Debug, Clone)]
+pub struct BootInfo<'a> {
+    pub entry: BootEntry,
+    pub cmdline: &'a str,
+    /// Guest address and size of the initramfs.
+    pub initrd: Option<(u64, u64)>,
+    pub mem_bytes: u64,
+    pub cpus: u32,
+    /// Base address and interrupt line of each virtio-mmio device.
+    pub virtio: &'a [(u64, u32)],
+}
+
+/// Errors adding the platform's devices.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error(transparent)]
+    Hypervisor(#[from] crate::hypervisor::HypervisorError),
+    #[error("placing a platform device: {0}")]
+    Bus(#[from] msb_devices::bus::BusError),
+}

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use msb_devices::bus::{Bus, BusError};
+use msb_devices::bus::Bus;
 use msb_devices::serial::{ConsoleSink, SerialDevice};
 use msb_devices::Interrupt;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -16,7 +16,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::fdt::{self, FdtConfig};
 use super::image::{ImageHeader, HEADER_LEN};
 use super::layout::{fdt_addr, RAM_START, UART_SIZE, UART_START};
-use crate::hypervisor::{HypervisorError, Vm};
+use crate::arch::{BootInfo, PlatformError};
+use crate::hypervisor::Vm;
 use crate::loader::{KernelInfo, LoaderError};
 
 pub use super::layout::{boot_ram_end, ram_ranges, BOOT_TIMER_START, MAX_CPUS, VIRTIO_MMIO_START};
@@ -52,13 +53,7 @@ pub fn inspect_kernel(path: &Path) -> Result<KernelInfo, LoaderError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            LoaderError::KernelMissing(path.to_path_buf())
-        } else {
-            io(e)
-        }
-    })?;
+    let mut f = crate::loader::open_kernel(path)?;
     let len = f.metadata().map_err(io)?.len();
     let mut head = [0u8; HEADER_LEN];
     let n = f.read(&mut head).map_err(io)?;
@@ -104,19 +99,6 @@ pub fn load_kernel(
     })
 }
 
-/// What the boot information describes.
-#[derive(Debug, Clone)]
-pub struct BootInfo<'a> {
-    pub entry: BootEntry,
-    pub cmdline: &'a str,
-    /// Guest address and size of the initramfs.
-    pub initrd: Option<(u64, u64)>,
-    pub mem_bytes: u64,
-    pub cpus: u32,
-    /// Base address and interrupt of each virtio-mmio device.
-    pub virtio: &'a [(u64, u32)],
-}
-
 /// Errors writing the boot information.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -138,15 +120,6 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo<'_>) -> Result<(),
     })?;
     mem.write_slice(&blob, GuestAddress(info.entry.fdt))?;
     Ok(())
-}
-
-/// Errors adding the platform's devices.
-#[derive(Debug, thiserror::Error)]
-pub enum PlatformError {
-    #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
-    #[error("placing a platform device: {0}")]
-    Bus(#[from] BusError),
 }
 
 /// The console UART (16550 on MMIO). Power-off and reset are PSCI calls, which the

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use msb_devices::bus::{Bus, BusError};
+use msb_devices::bus::Bus;
 use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
 use msb_devices::serial::{ConsoleSink, SerialDevice, COM1, UART_PORTS};
 use msb_devices::Interrupt;
@@ -14,7 +14,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::boot::BootLayout;
 use super::layout::{low_ram_end, HIMEM_START};
-use crate::hypervisor::{HypervisorError, Vm};
+use crate::arch::{BootInfo, PlatformError};
+use crate::hypervisor::Vm;
 
 pub use super::boot::{BootError, BootProtocol as BootEntry};
 pub use super::layout::{ram_ranges, BOOT_TIMER_START, VIRTIO_MMIO_START};
@@ -69,19 +70,6 @@ pub fn load_kernel(
     })
 }
 
-/// What the boot structures describe.
-#[derive(Debug, Clone)]
-pub struct BootInfo<'a> {
-    pub entry: BootEntry,
-    pub cmdline: &'a str,
-    /// Guest address and size of the initramfs.
-    pub initrd: Option<(u64, u64)>,
-    pub mem_bytes: u64,
-    pub cpus: u32,
-    /// Base address and interrupt line of each virtio-mmio device.
-    pub virtio: &'a [(u64, u32)],
-}
-
 /// Writes the boot structures; virtio-mmio devices are announced on the command line (x86
 /// guests get no device tree and we give them no ACPI).
 pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo<'_>) -> Result<(), BootError> {
@@ -99,15 +87,6 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo<'_>) -> Result<(),
             cpus: info.cpus,
         },
     )
-}
-
-/// Errors adding the platform's devices.
-#[derive(Debug, thiserror::Error)]
-pub enum PlatformError {
-    #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
-    #[error("placing a platform device: {0}")]
-    Bus(#[from] BusError),
 }
 
 /// The platform's own devices: the console UART on COM1 (its interrupt from `vm`) and the
