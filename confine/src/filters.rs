@@ -191,7 +191,7 @@ fn kvm_ioctls() -> Result<Vec<Cond>, seccompiler::BackendError> {
 }
 
 /// Terminal and socket ioctls a thread doing I/O on our stdio or sockets may make.
-const TTY_IOCTLS: &[u64] = &[
+const TTY_IOCTLS: &[libc::Ioctl] = &[
     libc::TCGETS,
     libc::TCSETS,
     libc::TCSETSW,
@@ -201,13 +201,19 @@ const TTY_IOCTLS: &[u64] = &[
     libc::FIONREAD,
 ];
 
-fn ioctls(rules: &mut Rules, kvm: bool, list: &[u64]) -> Result<(), seccompiler::BackendError> {
+/// `libc::Ioctl` is `c_ulong` with glibc and `c_int` with musl; the kernel compares the
+/// request's low 32 bits.
+fn ioctls(
+    rules: &mut Rules,
+    kvm: bool,
+    list: &[libc::Ioctl],
+) -> Result<(), seccompiler::BackendError> {
     let mut alts = Vec::new();
     if kvm {
         alts.push(kvm_ioctls()?);
     }
     for &req in list {
-        alts.push(vec![eq(1, req)?]);
+        alts.push(vec![eq(1, u64::from(req as u32))?]);
     }
     allow_when(rules, libc::SYS_ioctl, alts)
 }

@@ -274,7 +274,13 @@ pub fn enter(spec: &JailSpec) -> Result<Side, JailError> {
     Ok(Side::Jailed)
 }
 
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+/// setrlimit's resource type: glibc's own enum type, musl's int.
+#[cfg(target_env = "gnu")]
+type Resource = libc::__rlimit_resource_t;
+#[cfg(not(target_env = "gnu"))]
+type Resource = libc::c_int;
+
+fn set_limit(resource: Resource, value: u64) -> io::Result<()> {
     let rl = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,

@@ -29,7 +29,7 @@ pub struct FuseMount {
 
 /// `FUSE_DEV_IOC_CLONE`: attaches a fresh `/dev/fuse` fd to an existing connection, so it
 /// can have its own file flags (our polling reads are non-blocking, the others block).
-const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+const FUSE_DEV_IOC_CLONE: libc::Ioctl = 0x8004_e500_u32 as libc::Ioctl;
 
 /// How long a server thread keeps asking for the next request after answering one, before
 /// it sleeps (see [`FuseMount::mount_polling`]).

@@ -10,10 +10,16 @@ use msb_devices::Interrupt;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 pub mod kvm;
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 use crate::arch::BootEntry;
 
 /// Errors from a hypervisor backend. The first variants are user-facing set-up problems with
@@ -76,7 +82,10 @@ pub struct VcpuBoot {
     pub count: u32,
     /// Entry state for the boot CPU; `None` for the others, which wait to be started (SIPI on
     /// x86, PSCI CPU_ON on arm64).
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     pub entry: Option<BootEntry>,
 }
 
@@ -115,7 +124,10 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// The platform's default hypervisor.
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 pub fn default_hypervisor() -> Result<Arc<dyn Hypervisor>> {
     Ok(Arc::new(kvm::KvmHypervisor::open()?))
 }

@@ -1,12 +1,12 @@
-//! KVM backend (Linux, x86_64 guests).
+//! KVM backend (Linux): the architecture-neutral part (memory, irqfd, ioeventfd, vCPU
+//! threads, kicks, exits); `x86_64.rs` and `aarch64.rs` set up the VM's interrupt controller
+//! and each vCPU.
 
 use std::os::raw::c_int;
 use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment,
-    kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_userspace_memory_region, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use msb_devices::Interrupt;
@@ -15,13 +15,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::{HypervisorError, Kicker, Result, Vcpu, VcpuBoot, Vm, VmExit};
-use crate::arch::x86_64::boot::BootProtocol;
-use crate::arch::x86_64::cpuid::{self, CpuidEntry};
-use crate::arch::x86_64::gdt::{
-    self, Segment, CODE_INDEX, DATA_INDEX, LONG_MODE_GDT, PVH_GDT, TSS_INDEX,
-};
-use crate::arch::x86_64::layout::*;
-use crate::arch::x86_64::msr;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "aarch64.rs"]
+mod arch;
+#[cfg(target_arch = "x86_64")]
+#[path = "x86_64.rs"]
+mod arch;
+
+/// Work a vCPU does before its first KVM_RUN, once all vCPUs exist (arm64 initializes its
+/// vGIC then); idempotent, as every vCPU calls it.
+type FirstRun = Arc<dyn Fn() -> Result<()> + Send + Sync>;
 
 /// Signal used to kick vCPU threads out of KVM_RUN.
 fn kick_signal() -> c_int {
@@ -38,9 +42,7 @@ fn os(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorEr
 /// An open /dev/kvm and what it supports.
 pub struct KvmHypervisor {
     kvm: Kvm,
-    supported_cpuid: Vec<CpuidEntry>,
-    msr_index_list: Vec<u32>,
-    tsc_deadline: bool,
+    arch: arch::HostCaps,
 }
 
 impl std::fmt::Debug for KvmHypervisor {
@@ -60,46 +62,17 @@ impl KvmHypervisor {
             _ => os("opening /dev/kvm")(e),
         })?;
         for (cap, name) in [
-            (Cap::Irqchip, "in-kernel irqchip"),
             (Cap::Irqfd, "irqfd"),
             (Cap::Ioeventfd, "ioeventfd"),
             (Cap::UserMemory, "user memory"),
-            (Cap::SetTssAddr, "TSS address"),
-            (Cap::Pit2, "PIT2"),
-            (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
             (Cap::ImmediateExit, "immediate exit"),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(HypervisorError::MissingCapability(name));
             }
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(os("KVM_GET_SUPPORTED_CPUID"))?
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect();
-        let msr_index_list = kvm
-            .get_msr_index_list()
-            .map_err(os("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
-        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        Ok(KvmHypervisor {
-            kvm,
-            supported_cpuid,
-            msr_index_list,
-            tsc_deadline,
-        })
+        let arch = arch::probe(&kvm)?;
+        Ok(KvmHypervisor { kvm, arch })
     }
 }
 
@@ -121,21 +94,10 @@ impl super::Hypervisor for KvmHypervisor {
             });
         }
         let fd = self.kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(os("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(os("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(os("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(os("KVM_CREATE_PIT2"))?;
+        let arch = arch::setup_vm(&fd, cpus, &self.arch)?;
         Ok(Arc::new(KvmVm {
             fd,
-            supported_cpuid: self.supported_cpuid.clone(),
-            msr_index_list: self.msr_index_list.clone(),
-            tsc_deadline: self.tsc_deadline,
+            arch,
             irqs: Mutex::new(Vec::new()),
         }))
     }
@@ -145,9 +107,7 @@ impl super::Hypervisor for KvmHypervisor {
 #[derive(Debug)]
 pub struct KvmVm {
     fd: VmFd,
-    supported_cpuid: Vec<CpuidEntry>,
-    msr_index_list: Vec<u32>,
-    tsc_deadline: bool,
+    arch: arch::VmState,
     irqs: Mutex<Vec<Arc<EventFd>>>,
 }
 
@@ -204,64 +164,7 @@ impl Vm for KvmVm {
             .create_vcpu(u64::from(index))
             .map_err(|e| err("KVM_CREATE_VCPU", e))?;
 
-        let entries: Vec<kvm_cpuid_entry2> =
-            cpuid::for_vcpu(&self.supported_cpuid, index, boot.count, self.tsc_deadline)
-                .into_iter()
-                .map(|e| kvm_cpuid_entry2 {
-                    function: e.function,
-                    index: e.index,
-                    flags: e.flags,
-                    eax: e.eax,
-                    ebx: e.ebx,
-                    ecx: e.ecx,
-                    edx: e.edx,
-                    ..Default::default()
-                })
-                .collect();
-        let cpuid = CpuId::from_entries(&entries).map_err(|e| HypervisorError::Vcpu {
-            index,
-            msg: format!("CPUID table: {e:?}"),
-        })?;
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| err("KVM_SET_CPUID2", e))?;
-
-        let msrs: Vec<kvm_msr_entry> = msr::boot_msrs(&self.msr_index_list)
-            .into_iter()
-            .map(|(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let list = Msrs::from_entries(&msrs).map_err(|e| HypervisorError::Vcpu {
-            index,
-            msg: format!("MSR list: {e:?}"),
-        })?;
-        let set = fd.set_msrs(&list).map_err(|e| err("KVM_SET_MSRS", e))?;
-        if set != msrs.len() {
-            let failed = msrs.get(set).map(|m| m.index).unwrap_or_default();
-            return Err(HypervisorError::Vcpu {
-                index,
-                msg: format!("KVM_SET_MSRS refused MSR {failed:#x}"),
-            });
-        }
-
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        fd.set_fpu(&fpu).map_err(|e| err("KVM_SET_FPU", e))?;
-
-        // LINT0 delivers the PIC's ExtINT, LINT1 NMI, as a PC's BIOS would leave them.
-        let mut lapic = fd.get_lapic().map_err(|e| err("KVM_GET_LAPIC", e))?;
-        set_lvt(&mut lapic.regs, 0x350, 0x7);
-        set_lvt(&mut lapic.regs, 0x360, 0x4);
-        fd.set_lapic(&lapic).map_err(|e| err("KVM_SET_LAPIC", e))?;
-
-        if let Some(entry) = boot.entry {
-            set_boot_registers(&fd, entry).map_err(|e| err("setting boot registers", e))?;
-        }
+        arch::setup_vcpu(&self.fd, &self.arch, &fd, boot)?;
 
         let kicker = Arc::new(KvmKicker {
             target: Mutex::new(None),
@@ -270,112 +173,11 @@ impl Vm for KvmVm {
             fd,
             kicker,
             immediate_exit: std::ptr::null_mut(),
+            first_run: arch::first_run_hook(&self.arch),
         };
         vcpu.arm_kicker();
         Ok(Box::new(vcpu))
     }
-}
-
-/// Sets the delivery mode of the local APIC LVT register at `offset`.
-fn set_lvt(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
-    let mut raw = [0u8; 4];
-    for (i, b) in raw.iter_mut().enumerate() {
-        *b = regs[offset + i] as u8;
-    }
-    let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
-    for (i, b) in v.to_le_bytes().iter().enumerate() {
-        regs[offset + i] = *b as std::os::raw::c_char;
-    }
-}
-
-fn kvm_seg(s: Segment) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present.into(),
-        dpl: s.dpl,
-        db: s.db.into(),
-        s: s.s.into(),
-        l: s.l.into(),
-        g: s.g.into(),
-        avl: s.avl.into(),
-        unusable: (!s.present).into(),
-        padding: 0,
-    }
-}
-
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-fn set_boot_registers(
-    fd: &VcpuFd,
-    entry: BootProtocol,
-) -> std::result::Result<(), vmm_sys_util::errno::Error> {
-    let mut sregs = fd.get_sregs()?;
-    let (table, regs) = match entry {
-        BootProtocol::Pvh { entry } => {
-            sregs.cr0 = CR0_PE | CR0_ET;
-            sregs.cr4 = 0;
-            sregs.efer = 0;
-            (
-                PVH_GDT,
-                kvm_regs {
-                    rflags: 2,
-                    rip: entry,
-                    rbx: PVH_INFO_START,
-                    ..Default::default()
-                },
-            )
-        }
-        BootProtocol::Linux64 { entry } => {
-            sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
-            sregs.cr3 = PML4_START;
-            sregs.cr4 = CR4_PAE;
-            sregs.efer = EFER_LME | EFER_LMA;
-            (
-                LONG_MODE_GDT,
-                kvm_regs {
-                    rflags: 2,
-                    rip: entry,
-                    rsp: BOOT_STACK_POINTER,
-                    rbp: BOOT_STACK_POINTER,
-                    rsi: ZERO_PAGE_START,
-                    ..Default::default()
-                },
-            )
-        }
-    };
-    let code = kvm_seg(gdt::segment_from_entry(
-        table[CODE_INDEX as usize],
-        CODE_INDEX,
-    ));
-    let data = kvm_seg(gdt::segment_from_entry(
-        table[DATA_INDEX as usize],
-        DATA_INDEX,
-    ));
-    let tss = kvm_seg(gdt::segment_from_entry(
-        table[TSS_INDEX as usize],
-        TSS_INDEX,
-    ));
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
-    sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
-    sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = 7;
-    fd.set_sregs(&sregs)?;
-    fd.set_regs(&regs)
 }
 
 /// Where a kick lands: the vCPU thread and its `kvm_run.immediate_exit` byte.
@@ -411,12 +213,18 @@ impl Kicker for KvmKicker {
 extern "C" fn noop_signal_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// A KVM vCPU, living on its own thread.
-#[derive(Debug)]
 pub struct KvmVcpu {
     fd: VcpuFd,
     kicker: Arc<KvmKicker>,
     /// `kvm_run.immediate_exit` of `fd`'s mapping, to re-arm KVM_RUN after a kick.
     immediate_exit: *mut u8,
+    first_run: Option<FirstRun>,
+}
+
+impl std::fmt::Debug for KvmVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVcpu").finish_non_exhaustive()
+    }
 }
 
 impl KvmVcpu {
@@ -447,6 +255,9 @@ impl Drop for KvmVcpu {
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VmExit<'_>> {
+        if let Some(first) = self.first_run.take() {
+            first()?;
+        }
         match self.fd.run() {
             Ok(exit) => Ok(match exit {
                 VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
@@ -486,23 +297,5 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn Kicker> {
         self.kicker.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lvt_delivery_mode() {
-        let mut regs = [0 as std::os::raw::c_char; 1024];
-        regs[0x350] = 0x10;
-        regs[0x351] = 0x07; // mode bits set, must be replaced
-        regs[0x352] = 0x01; // mask bit 16 kept
-        set_lvt(&mut regs, 0x350, 0x4);
-        assert_eq!(
-            (regs[0x350] as u8, regs[0x351] as u8, regs[0x352] as u8),
-            (0x10, 0x04, 0x01)
-        );
     }
 }
