@@ -33,6 +33,11 @@ pub mod tls;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod vm;
 
+/// Guest memory when none is asked for. Memory is faulted in as the guest touches it, so a
+/// sandbox using 40 MiB costs 40 MiB whatever this says; 512 MiB gives `/tmp` (a tmpfs of half
+/// of it) room for a 200 MiB file, as the sandboxes users compare us with do (E2B 512 MiB).
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
 /// Logs to stderr as the CLI shows them: `$MSB_LOG` (an `EnvFilter` directive) if set, else

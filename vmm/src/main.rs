@@ -91,7 +91,7 @@ struct VmArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     cpus: u32,
     /// Guest memory in MiB (faulted in as the guest touches it: unused memory costs nothing).
-    #[arg(long, default_value_t = msb_vmm::sandbox::DEFAULT_MEMORY_MIB, value_name = "MIB")]
+    #[arg(long, default_value_t = msb_vmm::DEFAULT_MEMORY_MIB, value_name = "MIB")]
     memory: u64,
     /// Show the guest's serial console (on stderr for sandboxes).
     #[arg(long)]
@@ -161,6 +161,7 @@ struct RuleArgs {
     policy: Option<PathBuf>,
 }
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 impl RuleArgs {
     /// The flags with the policy file read (the sandbox process that applies a live change
     /// may not see the caller's files).
@@ -525,7 +526,7 @@ mod tests {
         let Command::Run(r) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(r.vm.memory, msb_vmm::sandbox::DEFAULT_MEMORY_MIB);
+        assert_eq!(r.vm.memory, msb_vmm::DEFAULT_MEMORY_MIB);
         assert_eq!(
             r.command,
             ["ls", "-la", "--memory", "5"].map(OsString::from).to_vec()
@@ -566,7 +567,7 @@ mod tests {
         };
         assert_eq!(
             (b.vm.cpus, b.vm.memory, b.vm.console),
-            (1, msb_vmm::sandbox::DEFAULT_MEMORY_MIB, false)
+            (1, msb_vmm::DEFAULT_MEMORY_MIB, false)
         );
         assert!(parse(&["boot"]).is_err());
         assert!(parse(&["run"]).is_err(), "run needs a command");

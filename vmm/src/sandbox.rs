@@ -40,10 +40,7 @@ use crate::vm::{
 
 /// How long a sandbox may take from start to a connected agent, by default.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Guest memory when none is asked for. Memory is faulted in as the guest touches it, so a
-/// sandbox using 40 MiB costs 40 MiB whatever this says; 512 MiB gives `/tmp` (a tmpfs of half
-/// of it) room for a 200 MiB file, as the sandboxes users compare us with do (E2B 512 MiB).
-pub const DEFAULT_MEMORY_MIB: u64 = 512;
+pub use crate::DEFAULT_MEMORY_MIB;
 /// How long a guest may take to power off after the agent acknowledged Shutdown.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
 
