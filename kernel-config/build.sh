@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the msb-vmm guest kernel: Debian's linux-source-6.12 + `make allnoconfig` + our fragment,
-# into an uncompressed vmlinux with a PVH entry note.
+# into an uncompressed vmlinux with a PVH entry note (x86_64), or an arm64 `Image` built with
+# Debian's cross compiler (aarch64, on any host).
 #
-#   kernel-config/build.sh [--arch x86_64] [--print-path]
+#   kernel-config/build.sh [--arch x86_64|aarch64] [--print-path]
 #
 # The result is cached outside the work tree, keyed by a hash of (source package version,
 # fragment, recipe number), in $MSB_CACHE_DIR (default ${XDG_CACHE_HOME:-~/.cache}/msb-vmm):
-#   kernel/<key>/vmlinux, kernel/<key>/config, and the link vmlinux-<arch> -> kernel/<key>/vmlinux
-# that `msb-vmm run` uses by default. A second run with nothing changed is instant.
-# Prints the vmlinux path on stdout as its last line; progress goes to stderr.
+#   kernel/<key>/<file>, kernel/<key>/config, and the link <file>-<arch> -> kernel/<key>/<file>
+# (vmlinux-x86_64, Image-aarch64) that `msb-vmm run` uses by default. A second run with nothing
+# changed is instant. Prints the kernel's path on stdout as its last line; progress goes to stderr.
 set -euo pipefail
 
 arch=x86_64
@@ -21,9 +22,13 @@ while [ $# -gt 0 ]; do
     *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
+# karch: the kernel's ARCH; target: what make builds; built: where it lands; file: its name here.
+cross=""
 case "$arch" in
-  x86_64) karch=x86_64; target=vmlinux ;;
-  *) echo "build.sh: only --arch x86_64 is built here (aarch64 guests run on macOS hosts)" >&2; exit 2 ;;
+  x86_64) karch=x86_64; target=vmlinux; built=vmlinux; file=vmlinux ;;
+  aarch64) karch=arm64; target=Image; built=arch/arm64/boot/Image; file=Image
+           [ "$(uname -m)" = aarch64 ] || cross=aarch64-linux-gnu- ;;
+  *) echo "build.sh: --arch is x86_64 or aarch64, not '$arch'" >&2; exit 2 ;;
 esac
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +43,7 @@ for tool in gcc:build-essential make:build-essential flex:flex bison:bison bc:bc
             perl:perl; do
   command -v "${tool%%:*}" >/dev/null || need_pkgs+=("${tool#*:}")
 done
+[ -z "$cross" ] || command -v "${cross}gcc" >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu)
 [ -e /usr/include/libelf.h ] || need_pkgs+=(libelf-dev)
 [ -e /usr/include/openssl/ssl.h ] || need_pkgs+=(libssl-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -56,12 +62,12 @@ tarball=/usr/src/linux-source-6.12.tar.xz
 recipe=1
 key=$( { echo "$src_version recipe=$recipe"; cat "$fragment"; } | sha256sum | cut -c1-16)
 out="$cache/kernel/$key"
-link="$cache/vmlinux-$arch"
+link="$cache/$file-$arch"
 
-if [ -f "$out/vmlinux" ]; then
-  ln -sfn "kernel/$key/vmlinux" "$link"
-  log "cached: $out/vmlinux (linux-source-6.12 $src_version)"
-  echo "$out/vmlinux"
+if [ -f "$out/$file" ]; then
+  ln -sfn "kernel/$key/$file" "$link"
+  log "cached: $out/$file (linux-source-6.12 $src_version)"
+  echo "$out/$file"
   exit 0
 fi
 if [ $print_only = 1 ]; then
@@ -80,7 +86,7 @@ srcdir="$work/linux-source-6.12"
 # Fragment lines in the `=n` form are written as `# CONFIG_X is not set` for Kconfig.
 sed -E 's/^(CONFIG_[A-Za-z0-9_]+)=n$/# \1 is not set/' "$fragment" > "$work/allconfig"
 log "configuring (allnoconfig + fragment)"
-make -s -C "$srcdir" ARCH="$karch" KCONFIG_ALLCONFIG="$work/allconfig" allnoconfig >&2
+make -s -C "$srcdir" ARCH="$karch" CROSS_COMPILE="$cross" KCONFIG_ALLCONFIG="$work/allconfig" allnoconfig >&2
 
 # Every line of the fragment must hold in the final configuration.
 bad=0
@@ -97,25 +103,31 @@ done < "$fragment"
 [ $bad = 0 ] || exit 1
 
 jobs=$(nproc)
-log "compiling vmlinux with $jobs jobs (about 5 minutes on 2 cores)"
+log "compiling $file for $arch with $jobs jobs (about 5 minutes on 2 cores)"
 start=$(date +%s)
 # Progress: one line per 250 compiled objects instead of thousands of CC lines.
-make --no-print-directory -C "$srcdir" ARCH="$karch" -j"$jobs" "$target" 2>&1 | awk -v s="$start" '
+make --no-print-directory -C "$srcdir" ARCH="$karch" CROSS_COMPILE="$cross" -j"$jobs" "$target" 2>&1 | awk -v s="$start" '
   /^  [A-Z0-9_]+ / { n++; if (n % 250 == 0) { printf("[kernel] %d objects, %ds\n", n, systime() - s) > "/dev/stderr" } next }
   { print > "/dev/stderr" }'
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "build.sh: kernel build failed (see the lines above)" >&2; exit 1; }
 
 # Refuse a kernel without the PVH entry note: msb-vmm would fall back to the slower 64-bit boot.
-if ! readelf -n "$srcdir/vmlinux" | grep -q "Xen.*0x00000012\|Unknown note type: (0x00000012)\|PHYS32_ENTRY"; then
+if [ "$arch" = x86_64 ] && ! readelf -n "$srcdir/vmlinux" | grep -q "Xen.*0x00000012\|Unknown note type: (0x00000012)\|PHYS32_ENTRY"; then
   echo "build.sh: vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); is CONFIG_PVH set?" >&2
   exit 1
 fi
 
+# An arm64 Image starts with its boot header: the magic "ARM\x64" at byte 56.
+if [ "$arch" = aarch64 ] && [ "$(dd if="$srcdir/$built" bs=1 skip=56 count=4 2>/dev/null | od -An -tx1 | tr -d ' ')" != 41524d64 ]; then
+  echo "build.sh: $built has no arm64 Image header" >&2
+  exit 1
+fi
+
 mkdir -p "$out.part"
-cp "$srcdir/vmlinux" "$out.part/vmlinux"
+cp "$srcdir/$built" "$out.part/$file"
 cp "$srcdir/.config" "$out.part/config"
 echo "$src_version" > "$out.part/source-version"
 rm -rf "$out"; mv "$out.part" "$out"
-ln -sfn "kernel/$key/vmlinux" "$link"
-log "built $out/vmlinux in $(( $(date +%s) - start ))s ($(du -h "$out/vmlinux" | cut -f1))"
-echo "$out/vmlinux"
+ln -sfn "kernel/$key/$file" "$link"
+log "built $out/$file in $(( $(date +%s) - start ))s ($(du -h "$out/$file" | cut -f1))"
+echo "$out/$file"

@@ -142,18 +142,6 @@ fn measure(
     Ok(r)
 }
 
-fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
-        return d.into();
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
-    base.join("msb-vmm")
-}
-
 #[derive(Serialize, Default)]
 struct Launches {
     spawn_to_exit_ms: Option<Summary>,
@@ -219,10 +207,7 @@ pub fn run(a: ExecArgs) -> Result<()> {
     let mut results = Vec::new();
     let mut launch = None;
     if unix {
-        let bin = a
-            .msb_init
-            .clone()
-            .unwrap_or_else(|| cache_dir().join("msb-init"));
+        let bin = a.msb_init.clone().unwrap_or_else(msb_vmm::assets::msb_init);
         let (_agent, client) = host_agent(&bin)?;
         eprintln!(
             "agent over a Unix socket: {} round trips, {} x {} bytes",

@@ -282,21 +282,9 @@ pub fn machine() -> Machine {
     }
 }
 
-fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
-        return d.into();
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
-    base.join("msb-vmm")
-}
-
 /// The newest cached default initramfs (built by msb-vmm on its first `run`).
 fn default_initramfs() -> Result<PathBuf> {
-    let dir = cache_dir().join("initramfs");
+    let dir = msb_vmm::assets::cache_dir().join("initramfs");
     let newest = std::fs::read_dir(&dir)
         .with_context(|| {
             format!(
@@ -347,7 +335,7 @@ fn boot(a: BootArgs) -> Result<()> {
     let kernel = a
         .kernel
         .clone()
-        .unwrap_or_else(|| cache_dir().join("vmlinux-x86_64"));
+        .unwrap_or_else(msb_vmm::assets::default_kernel);
     // Peers cannot talk to the agent: msb-init powers off right after signalling boot.
     let linux_cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 no_timer_check quiet {}",

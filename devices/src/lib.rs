@@ -11,6 +11,7 @@ pub mod fs;
 pub mod i8042;
 #[cfg(target_os = "linux")]
 pub mod net;
+pub mod pl031;
 pub mod serial;
 pub mod virtio;
 

@@ -16,12 +16,16 @@ pub mod frame;
 /// Version of the agent protocol. The agent announces it first; the host refuses any other.
 pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Guest physical address of the boot-timer device (Firecracker-compatible on x86_64).
+/// Guest physical address of the boot-timer device on x86_64 guests (Firecracker-compatible).
+pub const BOOT_TIMER_ADDR_X86_64: u64 = 0xC000_0000;
+/// Guest physical address of the boot-timer device on aarch64 guests (below RAM, which starts
+/// at 1 GiB). The VMM's tests check both against its `arch` layouts.
+pub const BOOT_TIMER_ADDR_AARCH64: u64 = 0x0a00_0000;
+/// The boot-timer address for the architecture msb-init is built for.
 #[cfg(target_arch = "x86_64")]
-pub const BOOT_TIMER_ADDR: u64 = 0xC000_0000;
-/// Guest physical address of the boot-timer device on aarch64 guests.
+pub const BOOT_TIMER_ADDR: u64 = BOOT_TIMER_ADDR_X86_64;
 #[cfg(not(target_arch = "x86_64"))]
-pub const BOOT_TIMER_ADDR: u64 = 0x4000_0000;
+pub const BOOT_TIMER_ADDR: u64 = BOOT_TIMER_ADDR_AARCH64;
 
 /// The byte written to the boot timer to say "boot complete".
 pub const BOOT_TIMER_MAGIC: u8 = 123;

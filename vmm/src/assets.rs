@@ -17,18 +17,33 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("msb-vmm")
 }
 
+/// The cache entry `name` for this build's guest architecture: the name itself on x86_64 (as
+/// caches made before arm64 guests existed have it), `name-ARCH` elsewhere, so hosts that
+/// prepare guests for both architectures (an arm64 L2 VM sharing this host's cache) keep both.
+pub fn arch_entry(name: &str) -> String {
+    match std::env::consts::ARCH {
+        "x86_64" => name.to_string(),
+        arch => format!("{name}-{arch}"),
+    }
+}
+
 fn env_or(var: &str, default: PathBuf) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
 }
 
-/// The default guest kernel (`$MSB_KERNEL` overrides).
+/// The default guest kernel (`$MSB_KERNEL` overrides): what `kernel-config/build.sh` links,
+/// `vmlinux-x86_64` (ELF) or `Image-aarch64` (arm64 boot image).
 pub fn default_kernel() -> PathBuf {
-    env_or("MSB_KERNEL", cache_dir().join("vmlinux-x86_64"))
+    let file = match std::env::consts::ARCH {
+        "aarch64" => "Image-aarch64".to_string(),
+        arch => format!("vmlinux-{arch}"),
+    };
+    env_or("MSB_KERNEL", cache_dir().join(file))
 }
 
 /// The static msb-init binary (`$MSB_INIT` overrides).
 pub fn msb_init() -> PathBuf {
-    env_or("MSB_INIT", cache_dir().join("msb-init"))
+    env_or("MSB_INIT", cache_dir().join(arch_entry("msb-init")))
 }
 
 /// The static busybox for the initramfs root (`$MSB_BUSYBOX` overrides; Debian's
@@ -37,7 +52,7 @@ pub fn busybox() -> PathBuf {
     if let Some(p) = std::env::var_os("MSB_BUSYBOX") {
         return PathBuf::from(p);
     }
-    let cached = cache_dir().join("busybox");
+    let cached = cache_dir().join(arch_entry("busybox"));
     if cached.exists() {
         cached
     } else {
@@ -58,12 +73,13 @@ pub enum DefaultRoot {
 pub const INITRAMFS_ROOT: &str = "initramfs";
 
 /// The default root: `$MSB_ROOTFS` (a directory, or `initramfs`), else the Debian minbase
-/// tree that `rootfs/build.sh` (run by `./x setup`) caches at `<cache>/rootfs-debian`.
+/// tree that `rootfs/build.sh` (run by `./x setup`) caches at `<cache>/rootfs-debian` (with
+/// `-aarch64` for arm64 guests).
 pub fn default_root() -> DefaultRoot {
     match std::env::var_os("MSB_ROOTFS") {
         Some(v) if v == INITRAMFS_ROOT => DefaultRoot::Initramfs,
         Some(v) => DefaultRoot::Dir(PathBuf::from(v)),
-        None => DefaultRoot::Dir(cache_dir().join("rootfs-debian")),
+        None => DefaultRoot::Dir(cache_dir().join(arch_entry("rootfs-debian"))),
     }
 }
 

@@ -25,12 +25,18 @@ pub mod initramfs;
 #[cfg(target_os = "linux")]
 pub mod jail;
 pub mod loader;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 pub mod sandbox;
 pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod tls;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 pub mod vm;
 
 /// Guest memory when none is asked for. Memory is faulted in as the guest touches it, so a

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod cli;
 
 /// Exit code when the VMM or the guest failed (as docker/podman use it).
@@ -161,7 +164,10 @@ struct RuleArgs {
     policy: Option<PathBuf>,
 }
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 impl RuleArgs {
     /// The flags with the policy file read (the sandbox process that applies a live change
     /// may not see the caller's files).
@@ -417,13 +423,19 @@ fn main() -> ExitCode {
     let code = run_command(cli.command);
     // A VM kept alive (defer_teardown_to_exit) is destroyed by a helper process, off the path
     // between the guest finishing and our caller seeing us exit.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     msb_vmm::host::exit_detaching_teardown(i32::from(code));
     #[allow(unreachable_code)]
     ExitCode::from(code)
 }
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 fn run_command(command: Command) -> u8 {
     let result = match command {
         Command::Boot(a) => cli::boot(a),
@@ -444,9 +456,12 @@ fn run_command(command: Command) -> u8 {
     })
 }
 
-#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
 fn run_command(_: Command) -> u8 {
-    eprintln!("msb-vmm: this build runs guests only on Linux x86_64 hosts (KVM)");
+    eprintln!("msb-vmm: this build runs guests only on Linux hosts (KVM, x86_64 or arm64); macOS on Apple silicon needs the Hypervisor.framework build");
     EXIT_FAILURE
 }
 

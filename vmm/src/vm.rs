@@ -801,8 +801,11 @@ impl VmBuilder {
 fn cpu_clock<T>(t: &JoinHandle<T>) -> Option<libc::clockid_t> {
     use std::os::unix::thread::JoinHandleExt;
     let mut clock: libc::clockid_t = 0;
+    // std gives an integer; musl's pthread_t is a pointer.
+    #[allow(clippy::unnecessary_cast)]
+    let thread = t.as_pthread_t() as libc::pthread_t;
     // SAFETY: the pthread_t is a live thread's (not yet joined); `clock` is a valid out-pointer.
-    (unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut clock) } == 0).then_some(clock)
+    (unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0).then_some(clock)
 }
 
 /// Joins a set-up thread even when `start` returns early with an error.
@@ -845,14 +848,15 @@ fn check_fit(
     }
     let mib = |b: u64| b.div_ceil(1 << 20);
     let initrd = initrd_len.unwrap_or(0).next_multiple_of(4096);
+    // RAM the kernel's image reaches into (RAM starts at 1 GiB on arm64).
+    let used = info.load_end.saturating_sub(arch::RAM_START);
     // A Linux guest also needs room to run: page tables, slab, the unpacked initramfs.
     let needed = if info.is_linux {
-        info.load_end
-            .saturating_add(initrd)
+        used.saturating_add(initrd)
             .saturating_add(16 << 20)
             .max(MIN_LINUX_MEMORY_MIB << 20)
     } else {
-        info.load_end.saturating_add(initrd)
+        used.saturating_add(initrd)
     };
     let min = mib(needed).max(MIN_MEMORY_MIB);
     let bad = VmError::BadMemory {
@@ -874,7 +878,7 @@ fn check_fit(
             if addr < info.load_end {
                 return Err(VmError::BadMemory {
                     given: memory_mib,
-                    min: mib(info.load_end + initrd).max(min),
+                    min: mib(used + initrd).max(min),
                 });
             }
             Ok(Some(addr))

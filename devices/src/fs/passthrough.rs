@@ -1496,16 +1496,19 @@ impl PassthroughFs {
         }
         let (old, new) = (component(old)?, component(new)?);
         let (od, nd) = (self.inode(olddir)?, self.inode(newdir)?);
+        // The system call itself: musl before 1.2.4 (the one Rust's static targets bundle)
+        // has no renameat2 wrapper.
         // SAFETY: NUL-terminated names and valid directory fds.
         check(unsafe {
-            libc::renameat2(
+            libc::syscall(
+                libc::SYS_renameat2,
                 od.fd.as_raw_fd(),
                 old.as_ptr(),
                 nd.fd.as_raw_fd(),
                 new.as_ptr(),
                 flags,
             )
-        })?;
+        } as libc::c_int)?;
         Ok(Vec::new())
     }
 

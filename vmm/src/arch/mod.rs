@@ -5,7 +5,7 @@
 //! Every architecture module offers the same entry points (its `platform` module), re-exported
 //! here; the VM, sandbox and device code name only these, never an architecture:
 //!
-//! - layout: [`ram_ranges`], [`KERNEL_MIN_ADDR`], [`boot_ram_end`], [`BOOT_TIMER_START`],
+//! - layout: [`ram_ranges`], [`RAM_START`], [`KERNEL_MIN_ADDR`], [`boot_ram_end`], [`BOOT_TIMER_START`],
 //!   [`VIRTIO_MMIO_START`], [`MAX_CPUS`], [`DEFAULT_CMDLINE`];
 //! - kernel loading: [`load_kernel`] into a [`BootEntry`] for the boot vCPU;
 //! - boot information: [`write_boot_info`] from a [`BootInfo`] (memory, command line,

@@ -9,6 +9,8 @@ use super::layout::*;
 
 /// The GIC's phandle (everything's interrupt parent).
 const GIC_PHANDLE: u32 = 1;
+/// The fixed APB clock's phandle: AMBA devices (the RTC) will not probe without a clock.
+const CLOCK_PHANDLE: u32 = 2;
 /// Interrupt specifier cells: type (SPI 0, PPI 1), number, flags.
 const SPI: u32 = 0;
 const PPI: u32 = 1;
@@ -25,6 +27,8 @@ pub struct FdtConfig<'a> {
     pub initrd: Option<(u64, u64)>,
     /// The console UART's interrupt (SPI number).
     pub uart_spi: u32,
+    /// The real-time clock's interrupt (SPI number).
+    pub rtc_spi: u32,
     /// Base address and interrupt (SPI number) of each virtio-mmio device.
     pub virtio: &'a [(u64, u32)],
 }
@@ -136,6 +140,25 @@ fn write(cfg: &FdtConfig<'_>) -> FdtWriterResult<Vec<u8>> {
     w.property_u32("clock-frequency", 1_843_200)?;
     w.end_node(uart)?;
 
+    let clock = w.begin_node("apb-pclk")?;
+    w.property_string("compatible", "fixed-clock")?;
+    w.property_u32("#clock-cells", 0)?;
+    w.property_u32("clock-frequency", 24_000_000)?;
+    w.property_string("clock-output-names", "clk24mhz")?;
+    w.property_u32("phandle", CLOCK_PHANDLE)?;
+    w.end_node(clock)?;
+
+    let rtc = w.begin_node(&format!("rtc@{RTC_START:x}"))?;
+    w.property_string_list(
+        "compatible",
+        vec!["arm,pl031".into(), "arm,primecell".into()],
+    )?;
+    w.property_array_u64("reg", &[RTC_START, RTC_SIZE])?;
+    w.property_array_u32("interrupts", &[SPI, cfg.rtc_spi, LEVEL_HIGH])?;
+    w.property_u32("clocks", CLOCK_PHANDLE)?;
+    w.property_string("clock-names", "apb_pclk")?;
+    w.end_node(rtc)?;
+
     for (base, spi) in cfg.virtio {
         let dev = w.begin_node(&format!("virtio_mmio@{base:x}"))?;
         w.property_string("compatible", "virtio,mmio")?;
@@ -160,6 +183,7 @@ mod tests {
             cmdline: "console=ttyS0 panic=-1",
             initrd,
             uart_spi: 1,
+            rtc_spi: 2,
             virtio,
         }
     }
@@ -207,6 +231,10 @@ mod tests {
             "virtio_mmio@a002000 {",
             "interrupts = <0x00 0x11 0x01>;",
             "compatible = \"ns16550a\";",
+            "rtc@9010000 {",
+            "compatible = \"arm,pl031\\0arm,primecell\";",
+            "clock-names = \"apb_pclk\";",
+            "compatible = \"fixed-clock\";",
         ] {
             assert!(dts.contains(want), "missing {want:?} in\n{dts}");
         }

@@ -5,6 +5,7 @@
 //! 0x0800_0000  GICv3 distributor (64 KiB)
 //! 0x080a_0000  GICv3 redistributors (128 KiB per vCPU, up to MAX_CPUS)
 //! 0x0900_0000  console UART (16550, MMIO, 4 KiB)
+//! 0x0901_0000  real-time clock (PL031, 4 KiB)
 //! 0x0a00_0000  boot timer (4 KiB), then virtio-mmio devices (4 KiB each)
 //! 0x4000_0000  RAM: the kernel at its text offset from here, the initramfs below the
 //!              device tree, the device tree in the last 2 MiB
@@ -21,6 +22,9 @@ pub const MAX_CPUS: u32 = 64;
 /// The console UART.
 pub const UART_START: u64 = 0x0900_0000;
 pub const UART_SIZE: u64 = 0x1000;
+/// The PL031 real-time clock.
+pub const RTC_START: u64 = 0x0901_0000;
+pub const RTC_SIZE: u64 = 0x1000;
 /// The boot-timer device (msb-init writes to it once user space runs).
 pub const BOOT_TIMER_START: u64 = 0x0a00_0000;
 /// Where virtio-mmio devices start, one 4 KiB window each.
@@ -50,12 +54,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn msb_init_signals_the_boot_timer_where_it_is() {
+        assert_eq!(BOOT_TIMER_START, msb_init::BOOT_TIMER_ADDR_AARCH64);
+    }
+
+    #[test]
     fn devices_do_not_overlap_and_stay_below_ram() {
         let redist_end = GIC_REDIST_START + GIC_REDIST_SIZE_PER_CPU * u64::from(MAX_CPUS);
         let areas = [
             (GIC_DIST_START, GIC_DIST_SIZE),
             (GIC_REDIST_START, redist_end - GIC_REDIST_START),
             (UART_START, UART_SIZE),
+            (RTC_START, RTC_SIZE),
             (BOOT_TIMER_START, 0x1000),
             // Ten virtio-mmio slots.
             (VIRTIO_MMIO_START, 10 * 0x1000),

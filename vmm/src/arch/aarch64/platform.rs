@@ -15,12 +15,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::fdt::{self, FdtConfig};
 use super::image::{ImageHeader, HEADER_LEN};
-use super::layout::{fdt_addr, RAM_START, UART_SIZE, UART_START};
+use super::layout::{fdt_addr, RTC_SIZE, RTC_START, UART_SIZE, UART_START};
 use crate::arch::{BootInfo, PlatformError};
 use crate::hypervisor::Vm;
 use crate::loader::{KernelInfo, LoaderError};
 
-pub use super::layout::{boot_ram_end, ram_ranges, BOOT_TIMER_START, MAX_CPUS, VIRTIO_MMIO_START};
+pub use super::layout::{
+    boot_ram_end, ram_ranges, BOOT_TIMER_START, MAX_CPUS, RAM_START, VIRTIO_MMIO_START,
+};
 
 /// Command line used when none is given: the 16550 console, reboot (PSCI) at once on panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
@@ -28,8 +30,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
 /// Lowest address a kernel may load at: the start of RAM.
 pub const KERNEL_MIN_ADDR: u64 = RAM_START;
 
-/// The console UART's interrupt (SPI number); virtio slots follow from [`VIRTIO_SPI_BASE`].
+/// The console UART's and the RTC's interrupts (SPI numbers); virtio slots follow from
+/// [`VIRTIO_SPI_BASE`].
 const UART_SPI: u32 = 1;
+const RTC_SPI: u32 = 2;
 const VIRTIO_SPI_BASE: u32 = 16;
 
 /// How many virtio-mmio devices a VM can have.
@@ -116,13 +120,14 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo<'_>) -> Result<(),
         cmdline: info.cmdline,
         initrd: info.initrd,
         uart_spi: UART_SPI,
+        rtc_spi: RTC_SPI,
         virtio: info.virtio,
     })?;
     mem.write_slice(&blob, GuestAddress(info.entry.fdt))?;
     Ok(())
 }
 
-/// The console UART (16550 on MMIO). Power-off and reset are PSCI calls, which the
+/// The console UART (16550 on MMIO) and the real-time clock (PL031). Power-off and reset are PSCI calls, which the
 /// hypervisor back end reports as exits, so `power_off` has no device here.
 pub fn add_platform_devices(
     vm: &dyn Vm,
@@ -136,5 +141,10 @@ pub fn add_platform_devices(
         console,
     )));
     mmio.insert(UART_START, UART_SIZE, uart.clone())?;
+    mmio.insert(
+        RTC_START,
+        RTC_SIZE,
+        Arc::new(Mutex::new(msb_devices::pl031::Pl031::new())),
+    )?;
     Ok(uart)
 }

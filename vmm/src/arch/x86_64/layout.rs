@@ -109,4 +109,9 @@ mod tests {
         }
         const { assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > PVH_MEMMAP_START) };
     }
+
+    #[test]
+    fn msb_init_signals_the_boot_timer_where_it_is() {
+        assert_eq!(BOOT_TIMER_START, msb_init::BOOT_TIMER_ADDR_X86_64);
+    }
 }

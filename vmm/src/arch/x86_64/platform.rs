@@ -25,6 +25,9 @@ pub use super::mptable::MAX_CPUS;
 /// once on panic, and no IOAPIC timer check (a slow, pointless probe under KVM).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 no_timer_check";
 
+/// First byte of guest RAM.
+pub const RAM_START: u64 = 0;
+
 /// Lowest address a kernel may load at (below is the BIOS area and our boot structures).
 pub const KERNEL_MIN_ADDR: u64 = HIMEM_START;
 

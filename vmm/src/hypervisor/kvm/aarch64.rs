@@ -1,8 +1,15 @@
 //! KVM on arm64: the in-kernel GICv3 (created with the VM, initialized once every vCPU
 //! exists), vCPUs with PSCI 0.2 (secondaries start powered off until the guest's CPU_ON), and
 //! the boot vCPU's entry state (PC at the kernel, x0 the device tree, EL1h with DAIF masked).
+//!
+//! KVM refuses irqfds (EAGAIN) until the vGIC is initialized, which needs every vCPU to exist;
+//! devices get their interrupt lines before that, so their eventfds wait in [`Gic`] and are
+//! attached right after the initialization (an event signalled meanwhile is delivered then).
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_vcpu_init,
@@ -35,11 +42,26 @@ pub struct VmState {
     gic: Arc<Gic>,
 }
 
-#[derive(Debug)]
 struct Gic {
     fd: DeviceFd,
+    /// The VM again (a duplicate descriptor), to attach irqfds from the vCPU that
+    /// initializes the GIC.
+    vm: VmFd,
+    state: Mutex<GicState>,
+}
+
+impl std::fmt::Debug for Gic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gic").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct GicState {
     /// `None` until initialized; the error of a failed initialization stays for every vCPU.
-    ready: Mutex<Option<std::result::Result<(), String>>>,
+    ready: Option<std::result::Result<(), String>>,
+    /// Interrupt lines waiting for the initialization: (eventfd, SPI number).
+    pending: Vec<(Arc<EventFd>, u32)>,
 }
 
 pub fn probe(kvm: &Kvm) -> Result<HostCaps> {
@@ -66,7 +88,7 @@ fn set_attr(fd: &DeviceFd, what: &'static str, group: u32, attr: u64, addr: u64)
 }
 
 /// Creates the GICv3 and places its distributor and redistributors (the layout's addresses).
-pub fn setup_vm(fd: &VmFd, cpus: u32, _host: &HostCaps) -> Result<VmState> {
+pub fn setup_vm(kvm: &Kvm, fd: &VmFd, cpus: u32, _host: &HostCaps) -> Result<VmState> {
     if cpus > MAX_CPUS {
         return Err(HypervisorError::Vcpu {
             index: cpus - 1,
@@ -99,12 +121,39 @@ pub fn setup_vm(fd: &VmFd, cpus: u32, _host: &HostCaps) -> Result<VmState> {
         &redist as *const u64 as u64,
     )?;
     debug_assert!(GIC_REDIST_START + GIC_REDIST_SIZE_PER_CPU * u64::from(MAX_CPUS) > redist);
+    // SAFETY: dup of a descriptor we own; the result is checked before use.
+    let dup = unsafe { libc::dup(fd.as_raw_fd()) };
+    if dup < 0 {
+        return Err(HypervisorError::Os {
+            what: "duplicating the VM descriptor",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `dup` is a fresh descriptor of this VM that nothing else owns; the VmFd takes it.
+    let vm = unsafe { kvm.create_vmfd_from_rawfd(dup) }.map_err(os("KVM_GET_VCPU_MMAP_SIZE"))?;
     Ok(VmState {
         gic: Arc::new(Gic {
             fd: gic,
-            ready: Mutex::new(None),
+            vm,
+            state: Mutex::new(GicState::default()),
         }),
     })
+}
+
+/// Wires `evt` to SPI `gsi`: now if the vGIC is initialized, else once it is.
+pub fn register_irqfd(fd: &VmFd, vm: &VmState, evt: &Arc<EventFd>, gsi: u32) -> Result<()> {
+    let mut st = msb_devices::bus::lock(&vm.gic.state);
+    match &st.ready {
+        Some(Ok(())) => fd.register_irqfd(evt, gsi).map_err(os("KVM_IRQFD")),
+        Some(Err(msg)) => Err(HypervisorError::Vcpu {
+            index: 0,
+            msg: msg.clone(),
+        }),
+        None => {
+            st.pending.push((evt.clone(), gsi));
+            Ok(())
+        }
+    }
 }
 
 /// The id of a core register (`struct kvm_regs` field at byte `offset`) for KVM_SET_ONE_REG.
@@ -156,7 +205,8 @@ pub fn setup_vcpu(vm_fd: &VmFd, _vm: &VmState, fd: &VcpuFd, boot: &VcpuBoot) -> 
 pub fn first_run_hook(vm: &VmState) -> Option<FirstRun> {
     let gic = vm.gic.clone();
     Some(Arc::new(move || {
-        let mut ready = msb_devices::bus::lock(&gic.ready);
+        let mut st = msb_devices::bus::lock(&gic.state);
+        let GicState { ready, pending } = &mut *st;
         let r = ready.get_or_insert_with(|| {
             let nr = GIC_NR_IRQS;
             set_attr(
@@ -174,6 +224,13 @@ pub fn first_run_hook(vm: &VmState) -> Option<FirstRun> {
                     u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
                     0,
                 )
+            })
+            .and_then(|()| {
+                pending.drain(..).try_for_each(|(evt, gsi)| {
+                    gic.vm
+                        .register_irqfd(&evt, gsi)
+                        .map_err(os("KVM_IRQFD (after the GIC's initialization)"))
+                })
             })
             .map_err(|e| e.to_string())
         });

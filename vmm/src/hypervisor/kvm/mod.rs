@@ -94,7 +94,7 @@ impl super::Hypervisor for KvmHypervisor {
             });
         }
         let fd = self.kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
-        let arch = arch::setup_vm(&fd, cpus, &self.arch)?;
+        let arch = arch::setup_vm(&self.kvm, &fd, cpus, &self.arch)?;
         Ok(Arc::new(KvmVm {
             fd,
             arch,
@@ -142,7 +142,7 @@ impl Vm for KvmVm {
                 source,
             })?,
         );
-        self.fd.register_irqfd(&evt, gsi).map_err(os("KVM_IRQFD"))?;
+        arch::register_irqfd(&self.fd, &self.arch, &evt, gsi)?;
         msb_devices::bus::lock(&self.irqs).push(evt.clone());
         Ok(evt)
     }

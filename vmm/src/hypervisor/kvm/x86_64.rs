@@ -72,8 +72,18 @@ pub fn probe(kvm: &Kvm) -> Result<HostCaps> {
     })
 }
 
+/// Wires `evt` to interrupt line `gsi` (the in-kernel irqchip exists from the VM's creation).
+pub fn register_irqfd(
+    fd: &VmFd,
+    _vm: &VmState,
+    evt: &std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+    gsi: u32,
+) -> Result<()> {
+    fd.register_irqfd(evt, gsi).map_err(os("KVM_IRQFD"))
+}
+
 /// The TSS and identity-map pages, the in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
-pub fn setup_vm(fd: &VmFd, _cpus: u32, host: &HostCaps) -> Result<VmState> {
+pub fn setup_vm(_kvm: &Kvm, fd: &VmFd, _cpus: u32, host: &HostCaps) -> Result<VmState> {
     fd.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(os("KVM_SET_TSS_ADDR"))?;
     fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
