@@ -40,6 +40,16 @@ use crate::vm::{
 
 /// How long a sandbox may take from start to a connected agent, by default.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `$MSB_BOOT_TIMEOUT` (seconds), the boot timeout asked of this environment: emulated hosts,
+/// such as the arm64 L2 VM, boot in minutes.
+pub fn env_boot_timeout() -> Option<Duration> {
+    std::env::var("MSB_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs)
+}
 pub use crate::DEFAULT_MEMORY_MIB;
 /// How long a guest may take to power off after the agent acknowledged Shutdown.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
@@ -805,7 +815,7 @@ impl Sandbox {
             kernel: None,
             console: false,
             hostname: "msb".into(),
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            boot_timeout: env_boot_timeout().unwrap_or(DEFAULT_BOOT_TIMEOUT),
             start: crate::process_start(),
             defer_teardown: false,
             seccomp: msb_confine::Seccomp::Enforce,

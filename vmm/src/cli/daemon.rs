@@ -29,6 +29,12 @@ use crate::{ExecArgs, StartArgs};
 
 /// How long `start` waits for the sandbox's agent.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// [`START_TIMEOUT`], or `$MSB_BOOT_TIMEOUT` where that is longer.
+fn start_timeout() -> Duration {
+    msb_vmm::sandbox::env_boot_timeout().map_or(START_TIMEOUT, |t| t.max(START_TIMEOUT))
+}
+
 /// How long `stop` waits for a clean power-off before killing the VMM.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -309,7 +315,8 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
             bail!("starting the sandbox process: {e}");
         }
     };
-    let deadline = Instant::now() + START_TIMEOUT;
+    let start_timeout = start_timeout();
+    let deadline = Instant::now() + start_timeout;
     loop {
         if dir.join("ready").exists() {
             return Ok(0);
@@ -334,7 +341,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
             bail!(
                 "sandbox {} did not become ready within {} s",
                 a.name,
-                START_TIMEOUT.as_secs()
+                start_timeout.as_secs()
             );
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -364,7 +371,7 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         .memory_mib(a.vm.memory)
         .hostname(hostname)
         .vsock_uds(dir.join("vsock.sock"))
-        .boot_timeout(START_TIMEOUT);
+        .boot_timeout(start_timeout());
     if let Some(k) = &a.kernel {
         b = b.kernel(k);
     }

@@ -136,7 +136,10 @@ fn write(cfg: &FdtConfig<'_>) -> FdtWriterResult<Vec<u8>> {
     let uart = w.begin_node(&format!("uart@{UART_START:x}"))?;
     w.property_string("compatible", "ns16550a")?;
     w.property_array_u64("reg", &[UART_START, UART_SIZE])?;
-    w.property_array_u32("interrupts", &[SPI, cfg.uart_spi, LEVEL_HIGH])?;
+    // Edge: the UART's interrupt arrives as an irqfd pulse. Declared level, the GIC would drop
+    // it with the line before the guest looked, and the guest's handler, finding nothing,
+    // counts "nobody cared" until it disables the line (seen: "Disabling IRQ #13").
+    w.property_array_u32("interrupts", &[SPI, cfg.uart_spi, EDGE_RISING])?;
     w.property_u32("clock-frequency", 1_843_200)?;
     w.end_node(uart)?;
 
@@ -154,7 +157,7 @@ fn write(cfg: &FdtConfig<'_>) -> FdtWriterResult<Vec<u8>> {
         vec!["arm,pl031".into(), "arm,primecell".into()],
     )?;
     w.property_array_u64("reg", &[RTC_START, RTC_SIZE])?;
-    w.property_array_u32("interrupts", &[SPI, cfg.rtc_spi, LEVEL_HIGH])?;
+    w.property_array_u32("interrupts", &[SPI, cfg.rtc_spi, EDGE_RISING])?;
     w.property_u32("clocks", CLOCK_PHANDLE)?;
     w.property_string("clock-names", "apb_pclk")?;
     w.end_node(rtc)?;

@@ -180,10 +180,12 @@ impl Vm for KvmVm {
     }
 }
 
-/// Where a kick lands: the vCPU thread and its `kvm_run.immediate_exit` byte.
+/// Where a kick lands: the vCPU thread (its kernel thread id: kicks go through `tgkill`, which
+/// the filters pin to this process, where musl's `pthread_kill` would use the unpinnable
+/// `tkill`) and its `kvm_run.immediate_exit` byte.
 #[derive(Debug)]
 struct KickTarget {
-    thread: libc::pthread_t,
+    tid: libc::pid_t,
     immediate_exit: *mut u8,
 }
 
@@ -204,8 +206,15 @@ impl Kicker for KvmKicker {
             // cannot be dropped while we hold the lock. A byte store races benignly with KVM.
             unsafe { std::ptr::write_volatile(t.immediate_exit, 1) };
             // SAFETY: the thread is alive while the target is registered (it unregisters before
-            // exiting); the signal has a no-op handler installed by `arm_kicker`.
-            unsafe { libc::pthread_kill(t.thread, kick_signal()) };
+            // exiting), so its id names it; the signal has a no-op handler (`arm_kicker`).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    std::process::id() as libc::pid_t,
+                    t.tid,
+                    kick_signal(),
+                )
+            };
         }
     }
 }
@@ -237,10 +246,10 @@ impl KvmVcpu {
         });
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         self.immediate_exit = immediate_exit;
-        // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
         *msb_devices::bus::lock(&self.kicker.target) = Some(KickTarget {
-            thread,
+            tid,
             immediate_exit,
         });
     }
