@@ -8,8 +8,10 @@ use thiserror::Error;
 pub enum Exit {
     /// A data abort with a valid instruction syndrome: an MMIO access.
     Mmio(MmioAccess),
-    /// WFI or WFE: the vCPU is idle.
+    /// WFI: the vCPU is idle until an interrupt.
     WaitForInterrupt,
+    /// WFE: the vCPU waits for an event (another vCPU's SEV); a yield is enough.
+    WaitForEvent,
     /// HVC with its immediate (PSCI calls use HVC #0).
     Hvc(u16),
     /// SMC with its immediate.
@@ -61,6 +63,7 @@ pub fn decode(esr: u64) -> Result<Exit, EsrError> {
     let class = ((esr >> 26) & 0x3f) as u8;
     let iss = esr & 0x1ff_ffff;
     match class {
+        EC_WFX if iss & 1 == 1 => Ok(Exit::WaitForEvent),
         EC_WFX => Ok(Exit::WaitForInterrupt),
         EC_HVC64 => Ok(Exit::Hvc(iss as u16)),
         EC_SMC64 => Ok(Exit::Smc(iss as u16)),
@@ -135,6 +138,10 @@ mod tests {
     #[test]
     fn other_classes() {
         assert_eq!(decode(u64::from(EC_WFX) << 26), Ok(Exit::WaitForInterrupt));
+        assert_eq!(
+            decode((u64::from(EC_WFX) << 26) | 1),
+            Ok(Exit::WaitForEvent)
+        );
         assert_eq!(
             decode((u64::from(EC_HVC64) << 26) | 0x1234),
             Ok(Exit::Hvc(0x1234))
