@@ -86,9 +86,12 @@ else
     rm -f "$tmp/usr/bin/qemu-aarch64-static"
   else
     log "second stage inside the arm64 L2 VM (no binfmt_misc handler for aarch64 here; 10-20 minutes, once)"
-    "$here/scripts/l2run" --arch aarch64 --timeout 3600 --idle-timeout 1200 -- \
-      chroot "$tmp" /debootstrap/debootstrap --second-stage >>"$blog" 2>&1 \
+    rm -rf "$tmp.2"
+    "$here/scripts/l2run" --arch aarch64 --mem 4G --timeout 3600 --idle-timeout 1200 -- \
+      "$here/rootfs/second-stage.sh" "$tmp" "$tmp.2" >>"$blog" 2>&1 \
       || failed "debootstrap (second stage, in the arm64 L2 VM)"
+    rm -rf "$tmp"
+    mv "$tmp.2" "$tmp"
   fi
 fi
 # Downloaded packages are dead weight in every sandbox; the package lists are fetched again by
