@@ -1946,11 +1946,15 @@ fn limits_hold_and_idle_or_old_sandboxes_stop() {
         "exec",
         "limbox",
         "--timeout",
-        "5",
+        "60",
         "--",
         "sh",
         "-c",
-        "f() { f | f & }; f 2>/dev/null; sleep 100",
+        // The bomb waits (with shell built-ins only: no fork is possible at the limit)
+        // until the cgroup has refused a fork, so a slow machine cannot end it early.
+        "f() { f | f & }; f 2>/dev/null; \
+         while :; do while read k v; do [ \"$k\" = max ] && [ \"$v\" != 0 ] && exec sleep 100; \
+         done < /sys/fs/cgroup/sandbox/pids.events; done",
     ]);
     assert_eq!(bomb.status.code(), Some(124), "{}", text(&bomb.stderr));
     let hog = msb_vmm_state(&[
