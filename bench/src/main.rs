@@ -283,24 +283,16 @@ pub fn machine() -> Machine {
 }
 
 /// The newest cached default initramfs (built by msb-vmm on its first `run`).
+/// The initramfs `msb-vmm run --rootfs initramfs` boots on this architecture (msb-init and
+/// busybox of this build's architecture), built into the cache if it is not there yet.
 fn default_initramfs() -> Result<PathBuf> {
-    let dir = msb_vmm::assets::cache_dir().join("initramfs");
-    let newest = std::fs::read_dir(&dir)
-        .with_context(|| {
-            format!(
-                "no initramfs in {}: run `./x run -- true` once",
-                dir.display()
-            )
-        })?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cpio"))
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
-    newest.map(|e| e.path()).with_context(|| {
-        format!(
-            "no initramfs in {}: run `./x run -- true` once",
-            dir.display()
-        )
-    })
+    use msb_vmm::assets;
+    msb_vmm::initramfs::cached_default(
+        &assets::cache_dir(),
+        &assets::msb_init(),
+        Some(&assets::busybox()),
+    )
+    .context("the peers' initramfs: run `./x setup` first")
 }
 
 #[derive(Serialize)]
