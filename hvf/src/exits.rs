@@ -49,6 +49,22 @@ pub trait Platform {
     fn cpu_on(&mut self, mpidr: u64, entry: u64, context: u64) -> PsciReturn;
     /// PSCI AFFINITY_INFO for the vCPU with affinity `mpidr` (an error for no such vCPU).
     fn affinity_info(&mut self, mpidr: u64) -> Result<AffinityState, PsciReturn>;
+    /// A trapped MRS the platform emulates (the GIC's CPU interface); None reads as zero.
+    fn sysreg_read(&mut self, _id: SysRegId) -> Option<u64> {
+        None
+    }
+    /// A trapped MSR; ignored unless the platform emulates the register.
+    fn sysreg_write(&mut self, _id: SysRegId, _value: u64) {}
+}
+
+/// A system register as a trapped MSR/MRS names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysRegId {
+    pub op0: u8,
+    pub op1: u8,
+    pub crn: u8,
+    pub crm: u8,
+    pub op2: u8,
 }
 
 /// PSCI return values (DEN0022, 5.2.2).
@@ -156,11 +172,30 @@ pub fn handle_exception(
             advance(v)?;
             Ok(Outcome::Yield)
         }
-        // Registers HVF traps and we do not model (debug, PMU, implementation-defined):
-        // read as zero, writes ignored.
-        Ok(Exit::SysReg { read, rt, .. }) => {
+        // The platform's registers (the GIC's CPU interface); the rest HVF traps we do not
+        // model (debug, PMU, implementation-defined) read as zero and ignore writes.
+        Ok(Exit::SysReg {
+            read,
+            rt,
+            op0,
+            op1,
+            crn,
+            crm,
+            op2,
+        }) => {
+            let id = SysRegId {
+                op0,
+                op1,
+                crn,
+                crm,
+                op2,
+            };
             if read {
-                set_x_or_zr(v, rt, 0)?;
+                let value = p.sysreg_read(id).unwrap_or(0);
+                set_x_or_zr(v, rt, value)?;
+            } else {
+                let value = x_or_zr(v, rt)?;
+                p.sysreg_write(id, value);
             }
             advance(v)?;
             Ok(Outcome::Continue)

@@ -6,46 +6,7 @@ use std::time::Duration;
 
 use super::*;
 
-#[derive(Default)]
-struct MockVcpu {
-    x: [u64; 31],
-    pc: u64,
-    cpsr: u64,
-    sys: HashMap<SysReg, u64>,
-}
-
-impl VcpuRegs for MockVcpu {
-    fn x(&self, n: u8) -> Result<u64, RegError> {
-        assert!(n < 31, "x{n} asked of the register file");
-        Ok(self.x[usize::from(n)])
-    }
-    fn set_x(&mut self, n: u8, v: u64) -> Result<(), RegError> {
-        assert!(n < 31, "x{n} written to the register file");
-        self.x[usize::from(n)] = v;
-        Ok(())
-    }
-    fn pc(&self) -> Result<u64, RegError> {
-        Ok(self.pc)
-    }
-    fn set_pc(&mut self, v: u64) -> Result<(), RegError> {
-        self.pc = v;
-        Ok(())
-    }
-    fn cpsr(&self) -> Result<u64, RegError> {
-        Ok(self.cpsr)
-    }
-    fn set_cpsr(&mut self, v: u64) -> Result<(), RegError> {
-        self.cpsr = v;
-        Ok(())
-    }
-    fn sys(&self, r: SysReg) -> Result<u64, RegError> {
-        Ok(self.sys.get(&r).copied().unwrap_or(0))
-    }
-    fn set_sys(&mut self, r: SysReg, v: u64) -> Result<(), RegError> {
-        self.sys.insert(r, v);
-        Ok(())
-    }
-}
+type MockVcpu = crate::mock::MockRegs;
 
 /// A bus with one register file at 0x0900_0000 (little-endian bytes), and four vCPUs.
 #[derive(Default)]
@@ -108,11 +69,7 @@ const SMC: u64 = 0x17 << 26;
 const WFI: u64 = 0x01 << 26;
 
 fn vcpu() -> MockVcpu {
-    MockVcpu {
-        pc: 0x4008_0000,
-        cpsr: 0x3c5,
-        ..Default::default()
-    }
+    MockVcpu::at(0x4008_0000)
 }
 
 fn run(v: &mut MockVcpu, p: &mut MockPlatform, esr: u64, ipa: u64) -> Outcome {
