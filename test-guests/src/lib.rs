@@ -9,6 +9,10 @@
 //! - `fault`: triple-faults.
 //! - `stub`: writes the boot timer and resets at once (the benchmark's guest).
 //! - `hang`: prints a line and spins forever.
+//!
+//! arm64 (built only for arm64 targets, as flat binaries loaded at the start of RAM):
+//! - `aarch64_timer`: the virtual timer's interrupt through the GICv3 to an EL1 vector, whose
+//!   INTID it reports before powering off through PSCI.
 
 use std::path::Path;
 
@@ -27,3 +31,9 @@ guest!(smp);
 guest!(fault);
 guest!(stub);
 guest!(hang);
+
+/// The arm64 timer guest's code (position-independent; see `guests/aarch64/timer.S`).
+#[cfg(target_arch = "aarch64")]
+pub fn aarch64_timer() -> &'static [u8] {
+    include_bytes!(concat!(env!("OUT_DIR"), "/aarch64_timer.bin"))
+}

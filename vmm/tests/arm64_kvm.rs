@@ -1,6 +1,6 @@
-//! Test tier 2 on arm64: a tiny guest (ten instructions) on KVM through our hypervisor
-//! boundary, with the in-kernel GICv3 and PSCI. It writes and reads MMIO of each kind the
-//! devices see and powers off through PSCI SYSTEM_OFF. On this project's x86_64 machine it
+//! Test tier 2 on arm64: tiny guests on KVM through our hypervisor boundary, with the in-kernel
+//! GICv3 and PSCI. One (ten instructions) writes and reads MMIO of each kind the devices see and
+//! powers off through PSCI SYSTEM_OFF; one takes the virtual timer's interrupt through the GIC. On this project's x86_64 machine it
 //! runs inside the arm64 L2 VM: `scripts/l2run --arch aarch64 -- TEST_BINARY` (see README).
 
 #![cfg(all(target_os = "linux", target_arch = "aarch64"))]
@@ -27,17 +27,15 @@ const GUEST: [u32; 10] = [
     0x1400_0000,
 ];
 
-#[test]
-fn a_tiny_guest_does_mmio_and_powers_off_through_psci() {
+/// Runs `code` at the start of RAM on vCPU 0 of a two-vCPU VM (the second powered off, so the
+/// GIC initializes with two redistributors) and returns what it did, up to its power-off.
+fn run_guest(code: &[u8]) -> Vec<String> {
     let hv =
         KvmHypervisor::open().unwrap_or_else(|e| panic!("{e}: run this inside the arm64 L2 VM"));
     let vm = hv.create_vm(2).expect("a VM with a GICv3");
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), 2 << 20)]).unwrap();
-    let code: Vec<u8> = GUEST.iter().flat_map(|w| w.to_le_bytes()).collect();
-    mem.write_slice(&code, GuestAddress(RAM_START)).unwrap();
+    mem.write_slice(code, GuestAddress(RAM_START)).unwrap();
     vm.map_memory(&mem).unwrap();
-    // The second vCPU exists (powered off, as the guest's CPU_ON would start it) so the GIC
-    // initializes with two redistributors.
     let _secondary = vm
         .create_vcpu(&VcpuBoot {
             index: 1,
@@ -56,21 +54,28 @@ fn a_tiny_guest_does_mmio_and_powers_off_through_psci() {
         })
         .expect("the boot vCPU");
     let mut seen = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..100 {
         match vcpu.run().expect("KVM_RUN") {
             VmExit::MmioWrite { addr, data } => seen.push(format!("write {addr:#x} {data:?}")),
             VmExit::MmioRead { addr, data } => {
                 seen.push(format!("read {addr:#x} {}", data.len()));
-                data.copy_from_slice(&[0x10, 0, 0, 0][..data.len()]);
+                data.copy_from_slice(&[0x10, 0, 0, 0, 0, 0, 0, 0][..data.len()]);
             }
             VmExit::PowerOff => {
                 seen.push("power off".into());
-                break;
+                return seen;
             }
             VmExit::Interrupted => continue,
             other => panic!("unexpected exit {other:?} after {seen:?}"),
         }
     }
+    panic!("the guest did not power off: {seen:?}")
+}
+
+#[test]
+fn a_tiny_guest_does_mmio_and_powers_off_through_psci() {
+    let code: Vec<u8> = GUEST.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let seen = run_guest(&code);
     let t = BOOT_TIMER_START;
     assert_eq!(
         seen,
@@ -80,5 +85,21 @@ fn a_tiny_guest_does_mmio_and_powers_off_through_psci() {
             format!("write {:#x} [17, 0, 0, 0]", t + 8),
             "power off".into(),
         ]
+    );
+}
+
+/// The virtual timer fires, KVM raises PPI 27 on the in-kernel GIC, the guest takes the IRQ at
+/// its EL1 vector, acknowledges INTID 27 through ICC_IAR1_EL1, reports it and powers off.
+#[test]
+fn the_virtual_timer_interrupt_reaches_the_guest_through_the_gic() {
+    let seen = run_guest(msb_test_guests::aarch64_timer());
+    let t = BOOT_TIMER_START;
+    assert_eq!(
+        seen,
+        [
+            format!("write {:#x} [27, 0, 0, 0]", t + 16),
+            "power off".into()
+        ],
+        "a write at +24 is ESR_EL1 of an unexpected exception"
     );
 }
