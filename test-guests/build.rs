@@ -5,7 +5,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["pvh_boot", "linux64_boot", "smp", "fault", "stub", "hang"];
+const GUESTS: &[&str] = &[
+    "pvh_boot",
+    "linux64_boot",
+    "smp",
+    "fault",
+    "stub",
+    "hang",
+    "count",
+];
 const AARCH64_GUESTS: &[&str] = &["timer"];
 
 fn main() {

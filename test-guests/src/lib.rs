@@ -9,6 +9,7 @@
 //! - `fault`: triple-faults.
 //! - `stub`: writes the boot timer and resets at once (the benchmark's guest).
 //! - `hang`: prints a line and spins forever.
+//! - `count`: increments the 32-bit word at [`COUNT_ADDR`] forever (pause and resume).
 //!
 //! arm64 (built only for arm64 targets, as flat binaries loaded at the start of RAM):
 //! - `aarch64_timer`: the virtual timer's interrupt through the GICv3 to an EL1 vector, whose
@@ -31,6 +32,10 @@ guest!(smp);
 guest!(fault);
 guest!(stub);
 guest!(hang);
+guest!(count);
+
+/// Where the `count` guest counts.
+pub const COUNT_ADDR: u64 = 0x5_0000;
 
 /// The arm64 timer guest's code (position-independent; see `guests/aarch64/timer.S`).
 #[cfg(target_arch = "aarch64")]

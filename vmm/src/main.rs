@@ -56,6 +56,17 @@ enum Command {
     },
     /// List running sandboxes (leftovers of ones whose VMM died are removed).
     Ls,
+    /// Stop a running sandbox's vCPUs until `resume` (its memory stays; exec and cp are
+    /// refused meanwhile, and an --idle-timeout keeps counting).
+    Pause {
+        /// The sandbox.
+        name: String,
+    },
+    /// Let a paused sandbox run again.
+    Resume {
+        /// The sandbox.
+        name: String,
+    },
     /// What a running sandbox uses: vCPU time, memory (host and guest), network, files,
     /// processes.
     Stats {
@@ -445,6 +456,8 @@ fn run_command(command: Command) -> u8 {
         Command::Exec(a) => cli::daemon::exec(a),
         Command::Cp { src, dst } => cli::daemon::cp(&src, &dst),
         Command::Ls => cli::daemon::ls(),
+        Command::Pause { name } => cli::daemon::pause(&name, true),
+        Command::Resume { name } => cli::daemon::pause(&name, false),
         Command::Stop { name } => cli::daemon::stop(&name),
         Command::Stats { name, json, watch } => cli::daemon::stats(&name, json, watch),
         Command::Policy(a) => cli::daemon::policy(a),

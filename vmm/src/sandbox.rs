@@ -89,6 +89,10 @@ pub enum SandboxError {
     Agent(#[from] ClientError),
     #[error("policy: {0}")]
     Policy(String),
+    #[error("the sandbox is paused: resume it first")]
+    Paused,
+    #[error("pausing: {0}")]
+    Pause(#[from] crate::vm::PauseError),
 }
 
 impl SandboxError {
@@ -102,6 +106,10 @@ impl SandboxError {
         }
     }
 }
+
+/// How long a pause waits for every vCPU to reach its next exit (they are kicked out of the
+/// guest, so this is only ever reached by a vCPU stuck in a device call).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Configures a sandbox.
 #[derive(Debug, Clone)]
@@ -887,9 +895,37 @@ impl Sandbox {
         }
     }
 
+    /// Stops the guest's vCPUs (its processes and clocks' consumers stand still; the host
+    /// side of its devices keeps serving) until [`Sandbox::resume`]. Execs and file transfers
+    /// are refused meanwhile, with [`SandboxError::Paused`]. Pausing twice does nothing.
+    pub fn pause(&self) -> Result<(), SandboxError> {
+        let vm = self.vm.as_ref().ok_or(crate::vm::PauseError::Stopped)?;
+        Ok(vm.pause(PAUSE_TIMEOUT)?)
+    }
+
+    /// Lets a paused sandbox run again (nothing happens if it is not paused).
+    pub fn resume(&self) {
+        if let Some(vm) = &self.vm {
+            vm.resume();
+        }
+    }
+
+    /// Whether the sandbox is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vm.as_ref().is_some_and(|vm| vm.is_paused())
+    }
+
+    /// The agent, unless the guest is paused (it could not answer).
+    fn live_agent(&self) -> Result<&AgentClient, SandboxError> {
+        if self.is_paused() {
+            return Err(SandboxError::Paused);
+        }
+        Ok(self.agent())
+    }
+
     /// Starts a process.
     pub fn exec(&self, req: ExecRequest) -> Result<ExecHandle, SandboxError> {
-        Ok(self.agent().exec(req)?)
+        Ok(self.live_agent()?.exec(req)?)
     }
 
     /// Runs `argv` and collects its output.
@@ -898,10 +934,9 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Ok(self.agent().exec(request(argv))?.output()?)
+        Ok(self.live_agent()?.exec(request(argv))?.output()?)
     }
 
-    /// Writes a file in the guest (parents created).
     /// How many times each needle occurs in the guest's RAM now, in one pass (for audits
     /// such as "a secret's value never entered the guest").
     pub fn count_in_guest_memory(&self, needles: &[&[u8]]) -> Vec<usize> {
@@ -910,13 +945,14 @@ impl Sandbox {
             .map_or_else(|| vec![0; needles.len()], |vm| vm.count_in_memory(needles))
     }
 
+    /// Writes a file in the guest (parents created).
     pub fn write_file(
         &self,
         path: impl AsRef<OsStr>,
         data: &[u8],
         mode: u32,
     ) -> Result<(), SandboxError> {
-        self.agent()
+        self.live_agent()?
             .write_file(path.as_ref().as_bytes(), mode, true, &mut &data[..])?;
         Ok(())
     }
@@ -924,7 +960,8 @@ impl Sandbox {
     /// Reads a file from the guest.
     pub fn read_file(&self, path: impl AsRef<OsStr>) -> Result<Vec<u8>, SandboxError> {
         let mut out = Vec::new();
-        self.agent().read_file(path.as_ref().as_bytes(), &mut out)?;
+        self.live_agent()?
+            .read_file(path.as_ref().as_bytes(), &mut out)?;
         Ok(out)
     }
 
@@ -934,9 +971,11 @@ impl Sandbox {
     pub fn stats(&self) -> crate::stats::SandboxStats {
         use crate::stats::{FsStats, MemoryStats, NetStats, SandboxStats};
         let vm = self.vm.as_ref();
+        // A paused guest cannot answer: its part is left out at once.
         let guest = self
             .agent
             .as_ref()
+            .filter(|_| !self.is_paused())
             .and_then(|a| a.stats_within(Duration::from_secs(2)).ok())
             .map(Into::into);
         #[cfg(target_os = "linux")]
@@ -1034,6 +1073,8 @@ impl Sandbox {
         let Some(vm) = self.vm.take() else {
             return Err(SandboxError::Agent(ClientError::Closed));
         };
+        // A paused guest could not power itself off.
+        vm.resume();
         let agent = self.agent.take();
         let acked = agent
             .as_ref()

@@ -222,6 +222,78 @@ impl StopState {
     }
 }
 
+/// Where vCPU threads park while the VM is paused: at the top of their loop, between exits,
+/// so no device access is half done and no exit is half handled.
+#[derive(Debug, Default)]
+struct PauseGate {
+    state: Mutex<PauseState>,
+    cond: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    paused: bool,
+    /// vCPU threads inside their loop, and how many of them are parked.
+    live: u32,
+    parked: u32,
+    /// The VM is being torn down: nobody parks any more.
+    closed: bool,
+}
+
+/// Why a pause did not happen.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("the VM has stopped")]
+    Stopped,
+    #[error("the vCPUs did not stop within {0:?} (left running)")]
+    Timeout(Duration),
+}
+
+impl PauseGate {
+    fn wait<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, PauseState>,
+    ) -> std::sync::MutexGuard<'a, PauseState> {
+        self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks the calling vCPU thread for as long as the VM is paused.
+    fn checkpoint(&self) {
+        let mut s = lock(&self.state);
+        if !s.paused || s.closed {
+            return;
+        }
+        s.parked += 1;
+        self.cond.notify_all();
+        while s.paused && !s.closed {
+            s = self.wait(s);
+        }
+        s.parked -= 1;
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.cond.notify_all();
+    }
+}
+
+/// A vCPU thread's membership of the gate, given up when its loop ends (or panics).
+struct LiveVcpu<'a>(&'a PauseGate);
+
+impl<'a> LiveVcpu<'a> {
+    fn join(gate: &'a PauseGate) -> Self {
+        lock(&gate.state).live += 1;
+        LiveVcpu(gate)
+    }
+}
+
+impl Drop for LiveVcpu<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).live -= 1;
+        self.0.cond.notify_all();
+    }
+}
+
 /// The boot timer's notification: records the boot time for waiters.
 #[derive(Debug)]
 struct BootSignal {
@@ -663,6 +735,7 @@ impl VmBuilder {
         // vCPU threads: each creates its vCPU (HVF binds vCPUs to threads), reports, then all
         // start together so the boot CPU cannot send SIPIs to vCPUs that do not exist yet.
         let running = Arc::new(AtomicBool::new(true));
+        let gate = Arc::new(PauseGate::default());
         let go = Arc::new(Barrier::new(self.cpus as usize + 1));
         let abort = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<dyn Kicker>, HypervisorError>>();
@@ -673,6 +746,7 @@ impl VmBuilder {
             let buses = buses.clone();
             let stop = self.stop.clone();
             let running = running.clone();
+            let gate = gate.clone();
             let go = go.clone();
             let abort = abort.clone();
             let ready = ready_tx.clone();
@@ -704,12 +778,14 @@ impl VmBuilder {
                         }
                     };
                     drop(ready);
+                    // Counted before `start` returns, so a pause right after waits for it.
+                    let _live = LiveVcpu::join(&gate);
                     go.wait();
                     if abort.load(Ordering::SeqCst) {
                         return;
                     }
                     let run = std::panic::AssertUnwindSafe(|| {
-                        vcpu_loop(index, vcpu.as_mut(), &buses, &stop, &running)
+                        vcpu_loop(index, vcpu.as_mut(), &buses, &stop, &running, &gate)
                     });
                     if std::panic::catch_unwind(run).is_err() {
                         stop.0.request(GuestExit::Fatal {
@@ -759,7 +835,8 @@ impl VmBuilder {
         let shared = LoopShared {
             stop: self.stop.clone(),
             running,
-            kickers,
+            gate: gate.clone(),
+            kickers: kickers.clone(),
             threads,
             ring,
             boot_time: boot_time.clone(),
@@ -793,6 +870,8 @@ impl VmBuilder {
             event_loop: Some(event_loop),
             mem,
             vcpu_clocks: vcpu_clocks.into_iter().flatten().collect(),
+            gate,
+            kickers,
         })
     }
 }
@@ -898,6 +977,7 @@ fn vcpu_loop(
     buses: &Buses,
     stop: &StopHandle,
     running: &AtomicBool,
+    gate: &PauseGate,
 ) {
     let mut unhandled: u32 = 0;
     let mut note_unhandled = |what: &str, addr: u64| {
@@ -907,6 +987,10 @@ fn vcpu_loop(
         }
     };
     while running.load(Ordering::Acquire) {
+        gate.checkpoint();
+        if !running.load(Ordering::Acquire) {
+            break;
+        }
         match vcpu.run() {
             Ok(VmExit::IoIn { port, data }) => {
                 if !buses.pio.read(u64::from(port), data) {
@@ -963,6 +1047,7 @@ fn vcpu_loop(
 struct LoopShared {
     stop: StopHandle,
     running: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
     kickers: Vec<Arc<dyn Kicker>>,
     threads: Vec<JoinHandle<()>>,
     ring: Arc<Mutex<ConsoleRing>>,
@@ -1100,6 +1185,7 @@ impl LoopShared {
 
     fn shutdown(self) -> VmOutcome {
         self.running.store(false, Ordering::Release);
+        self.gate.close();
         for k in &self.kickers {
             k.kick();
         }
@@ -1165,7 +1251,6 @@ impl Drop for RawTerminal {
 }
 
 /// A started VM.
-#[derive(Debug)]
 pub struct RunningVm {
     stop: StopHandle,
     boot_time: Arc<OnceLock<Duration>>,
@@ -1175,6 +1260,20 @@ pub struct RunningVm {
     mem: GuestMemoryMmap,
     /// The vCPU threads' CPU-time clocks.
     vcpu_clocks: Vec<libc::clockid_t>,
+    /// Pausing: the vCPUs' gate and their kickers.
+    gate: Arc<PauseGate>,
+    kickers: Vec<Arc<dyn Kicker>>,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("stop", &self.stop)
+            .field("boot_time", &self.boot_time.get())
+            .field("vcpus", &self.kickers.len())
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningVm {
@@ -1266,6 +1365,68 @@ impl RunningVm {
     /// A handle that stops the VM.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
+    }
+
+    /// Stops every vCPU at its next exit (kicking them out of the guest) and returns once all
+    /// are parked, or undoes the pause after `timeout`. Devices keep serving the host side.
+    /// Pausing a paused VM does nothing.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        {
+            let mut s = lock(&self.gate.state);
+            if s.closed || self.stop_reason().is_some() {
+                return Err(PauseError::Stopped);
+            }
+            s.paused = true;
+        }
+        for k in &self.kickers {
+            k.kick();
+        }
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.gate.state);
+        loop {
+            // Every vCPU gone (powered off, failed, torn down) is a stopped VM, not a paused one.
+            if s.closed || s.live == 0 {
+                s.paused = false;
+                return Err(PauseError::Stopped);
+            }
+            if s.parked == s.live {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                s.paused = false;
+                self.gate.cond.notify_all();
+                return Err(PauseError::Timeout(timeout));
+            }
+            s = self
+                .gate
+                .cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run again (nothing happens if the VM is not paused).
+    pub fn resume(&self) {
+        lock(&self.gate.state).paused = false;
+        self.gate.cond.notify_all();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        let paused = {
+            let s = lock(&self.gate.state);
+            s.paused && !s.closed && s.live > 0
+        };
+        paused && self.stop_reason().is_none()
+    }
+
+    /// Reads guest memory at `addr` (for tests and diagnostics; the guest may be writing it).
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|e| VmError::Memory(e.to_string()))
     }
 
     /// Boot-timer time since VMM start, once the guest signalled it.

@@ -535,6 +535,33 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
     // State persists between execs in a long-running sandbox.
     let e = msb_vmm_state(&["exec", "box1", "--", "cat", "/tmp/state"]);
     assert_eq!(text(&e.stdout), "x\n");
+    // Paused: `ls` says so, exec and cp are refused naming the fix, stats still answers.
+    // Resumed, the same guest carries on with its agent connection.
+    let p = msb_vmm_state(&["pause", "box1"]);
+    assert!(p.status.success(), "pause: {}", text(&p.stderr));
+    let ls = text(&msb_vmm_state(&["ls"]).stdout);
+    assert!(ls.contains("paused (pid"), "{ls}");
+    let refused = msb_vmm_state(&["exec", "box1", "--", "true"]);
+    assert_eq!(refused.status.code(), Some(125));
+    assert!(
+        text(&refused.stderr).contains("`msb-vmm resume box1`"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let refused = msb_vmm_state(&["cp", "box1:/tmp/state", "/dev/null"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(125),
+        "{}",
+        text(&refused.stderr)
+    );
+    let st = msb_vmm_state(&["stats", "box1", "--json"]);
+    assert!(st.status.success(), "stats: {}", text(&st.stderr));
+    let r = msb_vmm_state(&["resume", "box1"]);
+    assert!(r.status.success(), "resume: {}", text(&r.stderr));
+    assert!(text(&msb_vmm_state(&["ls"]).stdout).contains("running (pid"));
+    let e = msb_vmm_state(&["exec", "box1", "--", "cat", "/tmp/state"]);
+    assert_eq!(text(&e.stdout), "x\n", "after resume: {}", text(&e.stderr));
     assert_eq!(
         msb_vmm_state(&["exec", "box1", "--", "sh", "-c", "exit 9"])
             .status

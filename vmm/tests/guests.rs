@@ -210,6 +210,76 @@ fn a_spinning_guest_is_stopped_by_timeout_and_stop_handle() {
     assert_eq!(vm.wait().exit, GuestExit::Stopped);
 }
 
+fn count(vm: &msb_vmm::vm::RunningVm) -> u32 {
+    let mut b = [0u8; 4];
+    vm.read_memory(guests::COUNT_ADDR, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// Waits (up to 10 s: a stalled guest fails here, not a timing assertion) until the count
+/// passes `above`.
+fn count_passes(vm: &msb_vmm::vm::RunningVm, above: u32, what: &str) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = count(vm);
+        if c > above {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the count stayed at {c}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn pause_stops_every_vcpu_and_resume_continues_where_it_was() {
+    require_kvm();
+    // Two vCPUs: the second never gets a SIPI and waits inside KVM_RUN, which a pause must
+    // still reach.
+    let b = VmBuilder::new(guests::count()).cpus(2);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    let before = count_passes(&vm, 0, "booting");
+    vm.pause(Duration::from_secs(5)).expect("pause");
+    assert!(vm.is_paused());
+    let frozen = count(&vm);
+    assert!(frozen >= before);
+    // Paused vCPUs run no guest code at all: the count cannot move, however long we look.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(count(&vm), frozen, "a paused guest ran");
+    }
+    // Pausing again is harmless.
+    vm.pause(Duration::from_secs(5)).expect("a second pause");
+    vm.resume();
+    assert!(!vm.is_paused());
+    count_passes(&vm, frozen, "after resume");
+    // A paused VM can still be stopped, and a stopped one cannot be paused.
+    vm.pause(Duration::from_secs(5)).expect("pause before stop");
+    stop.stop();
+    let out = vm.wait();
+    assert_eq!(out.exit, GuestExit::Stopped);
+}
+
+#[test]
+fn a_stopped_vm_refuses_to_pause() {
+    require_kvm();
+    let b = VmBuilder::new(guests::count());
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    count_passes(&vm, 0, "booting");
+    stop.stop();
+    assert!(vm.wait_stopped(Duration::from_secs(10)));
+    assert_eq!(
+        vm.pause(Duration::from_secs(1)),
+        Err(msb_vmm::vm::PauseError::Stopped)
+    );
+    assert!(!vm.is_paused());
+    vm.wait();
+}
+
 #[test]
 fn console_ring_keeps_output_when_not_shown() {
     require_kvm();

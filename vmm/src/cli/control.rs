@@ -8,6 +8,7 @@
 //! {"op":"policy"}                       → {"ok":true,"policy":"preset = ..."}
 //! {"op":"set_policy","flags":{...}}     → {"ok":true,"flows_cut":1,"flows_kept":3}
 //! {"op":"suggest"}                      → {"ok":true,"policy":"..."}       (learn mode)
+//! {"op":"pause"} / {"op":"resume"}      → {"ok":true}   (NAME/paused exists while paused)
 //! anything that fails                   → {"ok":false,"error":"one line"}
 //! ```
 //!
@@ -35,6 +36,8 @@ pub enum Request {
     Policy,
     SetPolicy { flags: PolicyFlags },
     Suggest,
+    Pause,
+    Resume,
 }
 
 /// The largest request line (a policy file's text rides in it).
@@ -85,14 +88,19 @@ fn accept_loop(l: &UnixListener, stop: &AtomicBool, mut handle: impl FnMut(UnixS
     }
 }
 
-/// Serves the control socket until `stop`.
-pub fn serve(l: &UnixListener, sb: &Sandbox, stop: &AtomicBool) {
+/// The marker `ls` and `exec` look for: the sandbox in `dir` is paused.
+pub fn paused_marker(dir: &Path) -> std::path::PathBuf {
+    dir.join("paused")
+}
+
+/// Serves the control socket of the sandbox in `dir` until `stop`.
+pub fn serve(l: &UnixListener, sb: &Sandbox, dir: &Path, stop: &AtomicBool) {
     accept_loop(l, stop, |s| {
         let mut line = String::new();
         let read = BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line);
         let reply = match read {
             Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
-                Ok(req) => answer(sb, req),
+                Ok(req) => answer(sb, dir, req),
                 Err(e) => Err(anyhow!("bad request: {e}")),
             },
             Err(e) => Err(anyhow!("reading the request: {e}")),
@@ -103,8 +111,21 @@ pub fn serve(l: &UnixListener, sb: &Sandbox, stop: &AtomicBool) {
     });
 }
 
-fn answer(sb: &Sandbox, req: Request) -> anyhow::Result<serde_json::Value> {
+fn answer(sb: &Sandbox, dir: &Path, req: Request) -> anyhow::Result<serde_json::Value> {
     Ok(match req {
+        Request::Pause => {
+            sb.pause()?;
+            super::daemon::private_file(&paused_marker(dir)).context("recording the pause")?;
+            tracing::info!("paused");
+            serde_json::json!({"ok": true})
+        }
+        Request::Resume => {
+            // The marker goes first: an exec that sees no marker finds a running guest.
+            let _ = std::fs::remove_file(paused_marker(dir));
+            sb.resume();
+            tracing::info!("resumed");
+            serde_json::json!({"ok": true})
+        }
         Request::Stats => serde_json::json!({"ok": true, "stats": sb.stats()}),
         Request::Policy => {
             let text = sb.policy().map(|p| p.to_toml()).unwrap_or_else(|| {

@@ -428,7 +428,7 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
     });
     let done = std::sync::atomic::AtomicBool::new(false);
     let limit = std::thread::scope(|scope| {
-        scope.spawn(|| super::control::serve(&control, &sb, &done));
+        scope.spawn(|| super::control::serve(&control, &sb, &dir, &done));
         if let Some(m) = &metrics {
             scope.spawn(|| super::control::serve_metrics(m, &sb, &a.name, &done));
         }
@@ -585,9 +585,30 @@ fn connect(dir: &Path) -> anyhow::Result<AgentClient> {
     Ok(AgentClient::connect(s, Duration::from_secs(10))?)
 }
 
+/// The directory of a running sandbox that is not paused (its agent can answer).
+fn unpaused(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = running(name)?;
+    if super::control::paused_marker(&dir).exists() {
+        bail!("sandbox {name} is paused: `msb-vmm resume {name}` first");
+    }
+    Ok(dir)
+}
+
+/// `msb-vmm pause` and `msb-vmm resume`.
+pub fn pause(name: &str, pause: bool) -> anyhow::Result<u8> {
+    let dir = running(name)?;
+    let req = if pause {
+        super::control::Request::Pause
+    } else {
+        super::control::Request::Resume
+    };
+    super::control::request(&dir, &req)?;
+    Ok(0)
+}
+
 /// `msb-vmm exec`.
 pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
-    let dir = running(&a.name)?;
+    let dir = unpaused(&a.name)?;
     let req = exec_request(&a.exec, &a.command)?;
     let signals = Signals::block();
     let agent = connect(&dir)?;
@@ -611,7 +632,7 @@ pub fn cp(src: &str, dst: &str) -> anyhow::Result<u8> {
         }
         (None, None) => bail!("one side of cp must be NAME:/PATH in a sandbox"),
         (None, Some((name, path))) => {
-            let agent = connect(&running(name)?)?;
+            let agent = connect(&unpaused(name)?)?;
             let local = Path::new(src);
             let md = std::fs::metadata(local).with_context(|| src.to_string())?;
             if md.is_dir() {
@@ -640,7 +661,7 @@ pub fn cp(src: &str, dst: &str) -> anyhow::Result<u8> {
             Ok(0)
         }
         (Some((name, path)), None) => {
-            let agent = connect(&running(name)?)?;
+            let agent = connect(&unpaused(name)?)?;
             let mut target = PathBuf::from(dst);
             if target.is_dir() {
                 let file = Path::new(path)
@@ -708,9 +729,14 @@ pub fn ls() -> anyhow::Result<u8> {
                             .unwrap_or(s);
                         format!("{}s", now.saturating_sub(s))
                     });
+                    let state = if super::control::paused_marker(&dir).exists() {
+                        "paused"
+                    } else {
+                        "running"
+                    };
                     rows.push((
                         name,
-                        format!("running (pid {pid})"),
+                        format!("{state} (pid {pid})"),
                         info["cpus"].to_string(),
                         format!("{} MiB", info["memory_mib"]),
                         age.unwrap_or_default(),
