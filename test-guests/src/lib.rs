@@ -9,7 +9,8 @@
 //! - `fault`: triple-faults.
 //! - `stub`: writes the boot timer and resets at once (the benchmark's guest).
 //! - `hang`: prints a line and spins forever.
-//! - `count`: increments the 32-bit word at [`COUNT_ADDR`] forever (pause and resume).
+//! - `count`: counts forever in the word at [`COUNT_ADDR`] and in EBX, copied to the next word
+//!   (pause, resume, snapshots).
 //!
 //! arm64 (built only for arm64 targets, as flat binaries loaded at the start of RAM):
 //! - `aarch64_timer`: the virtual timer's interrupt through the GICv3 to an EL1 vector, whose

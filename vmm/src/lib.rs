@@ -30,6 +30,7 @@ pub mod loader;
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 #[cfg(target_os = "linux")]
 pub mod tls;

@@ -41,6 +41,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::arch::{self, BootError, BootInfo, BOOT_TIMER_START, MAX_CPUS, VIRTIO_MMIO_START};
 use crate::hypervisor::{self, Hypervisor, HypervisorError, Kicker, VcpuBoot, VmExit};
 use crate::loader::{self, KernelInfo, LoaderError};
+use crate::snapshot::{self, SnapshotError};
+use serde::{Deserialize, Serialize};
 
 /// Command line used when none is given (the architecture's: serial console, power-off on
 /// reboot, reboot at once on panic).
@@ -103,6 +105,10 @@ pub enum VmError {
         what: &'static str,
         source: io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("snapshot: {0}")]
+    Pause(#[from] PauseError),
 }
 
 /// Where the guest's serial console goes. It is always kept in a ring buffer too, so a failed
@@ -222,6 +228,9 @@ impl StopState {
     }
 }
 
+/// How long a snapshot waits for the vCPUs to park and to save themselves.
+const PAUSE_FOR_SNAPSHOT: Duration = Duration::from_secs(5);
+
 /// Where vCPU threads park while the VM is paused: at the top of their loop, between exits,
 /// so no device access is half done and no exit is half handled.
 #[derive(Debug, Default)]
@@ -238,6 +247,17 @@ struct PauseState {
     parked: u32,
     /// The VM is being torn down: nobody parks any more.
     closed: bool,
+    /// Per vCPU index: a state save asked of the parked vCPU thread, and its answer.
+    saves: Vec<SaveSlot>,
+}
+
+/// A vCPU's part in a snapshot: only its own thread may touch it (HVF's rule, kept on KVM).
+#[derive(Debug, Default)]
+enum SaveSlot {
+    #[default]
+    Idle,
+    Requested,
+    Done(Box<hypervisor::Result<hypervisor::VcpuSnapshot>>),
 }
 
 /// Why a pause did not happen.
@@ -257,8 +277,9 @@ impl PauseGate {
         self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parks the calling vCPU thread for as long as the VM is paused.
-    fn checkpoint(&self) {
+    /// Parks the calling vCPU thread for as long as the VM is paused, saving its state when
+    /// a snapshot asks.
+    fn checkpoint(&self, index: u32, vcpu: &dyn hypervisor::Vcpu) {
         let mut s = lock(&self.state);
         if !s.paused || s.closed {
             return;
@@ -266,6 +287,13 @@ impl PauseGate {
         s.parked += 1;
         self.cond.notify_all();
         while s.paused && !s.closed {
+            if let Some(slot) = s.saves.get_mut(index as usize) {
+                if matches!(slot, SaveSlot::Requested) {
+                    *slot = SaveSlot::Done(Box::new(vcpu.save_state()));
+                    self.cond.notify_all();
+                    continue;
+                }
+            }
             s = self.wait(s);
         }
         s.parked -= 1;
@@ -376,6 +404,23 @@ pub struct VmBuilder {
     defer_teardown: bool,
     seccomp: Seccomp,
     stop: StopHandle,
+    /// Continue a saved VM instead of booting a kernel.
+    restore: Option<Restore>,
+}
+
+/// A saved VM to continue: its state and the memory file mapped privately.
+struct Restore {
+    image: VmImage,
+    memory: PathBuf,
+}
+
+/// The state file of a VM snapshot (see [`crate::snapshot`]).
+#[derive(Serialize, Deserialize)]
+struct VmImage {
+    arch: String,
+    memory: Vec<snapshot::MemoryRegion>,
+    vm: hypervisor::VmSnapshot,
+    vcpus: Vec<hypervisor::VcpuSnapshot>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -407,6 +452,7 @@ impl VmBuilder {
             start: crate::process_start(),
             hypervisor: None,
             allow_pvm_linux: std::env::var_os("MSB_ALLOW_PVM").is_some(),
+            restore: None,
             defer_teardown: false,
             seccomp: Seccomp::Enforce,
             vsock: true,
@@ -535,6 +581,37 @@ impl VmBuilder {
         self.stop.clone()
     }
 
+    /// A VM that continues the one saved in snapshot directory `dir` (vCPUs, in-kernel
+    /// devices and memory; the memory file is mapped privately, so pages load as the guest
+    /// touches them and its writes never reach the file). The vCPU count and memory size are
+    /// the saved VM's.
+    pub fn restore(dir: &Path) -> Result<Self, VmError> {
+        let image: VmImage = snapshot::read_state(dir)?;
+        if image.arch != std::env::consts::ARCH {
+            return Err(snapshot::SnapshotError::Arch {
+                found: image.arch,
+                here: std::env::consts::ARCH,
+            }
+            .into());
+        }
+        let memory = dir.join(snapshot::MEMORY_FILE);
+        let file_len = std::fs::metadata(&memory)
+            .map_err(|source| VmError::Io {
+                what: "the snapshot's memory file",
+                source,
+            })?
+            .len();
+        snapshot::check_regions(&image.memory, file_len, MAX_MEMORY_MIB << 20)?;
+        let cpus = image.vcpus.len() as u32;
+        if cpus == 0 || cpus > MAX_CPUS {
+            return Err(VmError::BadCpus(cpus));
+        }
+        let mib = image.memory.iter().map(|r| r.len).sum::<u64>() >> 20;
+        let mut b = VmBuilder::new(PathBuf::new()).cpus(cpus).memory_mib(mib);
+        b.restore = Some(Restore { image, memory });
+        Ok(b)
+    }
+
     /// Boots the VM and waits until it stops.
     pub fn run(self) -> Result<VmOutcome, VmError> {
         Ok(self.start()?.wait())
@@ -551,20 +628,27 @@ impl VmBuilder {
                 source: io::Error::other("the process is out of file descriptors"),
             });
         }
-        let info = arch::inspect_kernel(&self.kernel)?;
-        if info.is_linux && crate::host::is_pvm() && !self.allow_pvm_linux {
-            return Err(HypervisorError::Pvm.into());
-        }
-        let initrd = match &self.initrd {
-            None => None,
-            Some(Initrd::Path(p)) => Some(Arc::new(loader::read_initrd(p)?)),
-            Some(Initrd::Bytes(b)) => Some(b.clone()),
+        let restore = self.restore.take();
+        let boot = match &restore {
+            Some(_) => None,
+            None => {
+                let info = arch::inspect_kernel(&self.kernel)?;
+                if info.is_linux && crate::host::is_pvm() && !self.allow_pvm_linux {
+                    return Err(HypervisorError::Pvm.into());
+                }
+                let initrd = match &self.initrd {
+                    None => None,
+                    Some(Initrd::Path(p)) => Some(Arc::new(loader::read_initrd(p)?)),
+                    Some(Initrd::Bytes(b)) => Some(b.clone()),
+                };
+                let initrd_addr = check_fit(
+                    &info,
+                    initrd.as_ref().map(|i| i.len() as u64),
+                    self.memory_mib,
+                )?;
+                Some((info, initrd, initrd_addr))
+            }
         };
-        let initrd_addr = check_fit(
-            &info,
-            initrd.as_ref().map(|i| i.len() as u64),
-            self.memory_mib,
-        )?;
         let mem_bytes = self.memory_mib << 20;
 
         let hv = match &self.hypervisor {
@@ -572,12 +656,20 @@ impl VmBuilder {
             None => hypervisor::default_hypervisor()?,
         };
         let vm = hv.create_vm(self.cpus)?;
-        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(mem_bytes)
-            .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
-            .map_err(|e| VmError::Memory(e.to_string()))?;
+        let mem = match &restore {
+            Some(r) => {
+                vm.restore_state(&r.image.vm)?;
+                map_snapshot_memory(&r.memory, &r.image.memory)?
+            }
+            None => {
+                let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(mem_bytes)
+                    .into_iter()
+                    .map(|(a, l)| (GuestAddress(a), l as usize))
+                    .collect();
+                GuestMemoryMmap::<()>::from_ranges(&ranges)
+                    .map_err(|e| VmError::Memory(e.to_string()))?
+            }
+        };
         // Registering guest memory costs KVM an RCU grace period (milliseconds on nested hosts):
         // do it while the kernel loads and the vCPUs are set up; vCPUs start only after it.
         let mapper = {
@@ -593,21 +685,6 @@ impl VmBuilder {
             ))
         };
 
-        let mut kfile = File::open(&self.kernel).map_err(|source| LoaderError::KernelIo {
-            path: self.kernel.clone(),
-            source,
-        })?;
-        let protocol =
-            arch::load_kernel(&mem, &mut kfile, info.pvh_entry).map_err(VmError::KernelLoad)?;
-        drop(kfile);
-        let initrd_loc = match (&initrd, initrd_addr) {
-            (Some(data), Some(addr)) => {
-                mem.write_slice(data, GuestAddress(addr))
-                    .map_err(|e| VmError::Memory(e.to_string()))?;
-                Some((addr, data.len() as u64))
-            }
-            _ => None,
-        };
         let cmdline = match &self.cmdline {
             Some(c) => c.clone(),
             None if matches!(self.console, Console::Off) => format!("{DEFAULT_CMDLINE} quiet"),
@@ -628,18 +705,42 @@ impl VmBuilder {
         if self.net.is_some() {
             virtio.push(virtio_slot(NET_SLOT));
         }
-        arch::write_boot_info(
-            &mem,
-            &BootInfo {
-                entry: protocol,
-                cmdline: &cmdline,
-                initrd: initrd_loc,
-                mem_bytes,
-                cpus: self.cpus,
-                virtio: &virtio,
-            },
-        )?;
-        tracing::debug!(kernel = %self.kernel.display(), ?protocol, cpus = self.cpus, memory_mib = self.memory_mib, "guest loaded");
+        // The kernel, initramfs and boot information (a restored VM has them in its memory).
+        let protocol = match boot {
+            None => None,
+            Some((info, initrd, initrd_addr)) => {
+                let mut kfile =
+                    File::open(&self.kernel).map_err(|source| LoaderError::KernelIo {
+                        path: self.kernel.clone(),
+                        source,
+                    })?;
+                let protocol = arch::load_kernel(&mem, &mut kfile, info.pvh_entry)
+                    .map_err(VmError::KernelLoad)?;
+                drop(kfile);
+                let initrd_loc = match (&initrd, initrd_addr) {
+                    (Some(data), Some(addr)) => {
+                        mem.write_slice(data, GuestAddress(addr))
+                            .map_err(|e| VmError::Memory(e.to_string()))?;
+                        Some((addr, data.len() as u64))
+                    }
+                    _ => None,
+                };
+                arch::write_boot_info(
+                    &mem,
+                    &BootInfo {
+                        entry: protocol,
+                        cmdline: &cmdline,
+                        initrd: initrd_loc,
+                        mem_bytes,
+                        cpus: self.cpus,
+                        virtio: &virtio,
+                    },
+                )?;
+                tracing::debug!(kernel = %self.kernel.display(), ?protocol, cpus = self.cpus, memory_mib = self.memory_mib, "guest loaded");
+                Some(protocol)
+            }
+        };
+        let vcpu_states = restore.map(|r| Arc::new(r.image.vcpus));
 
         // Devices.
         let ring = Arc::new(Mutex::new(ConsoleRing::new(CONSOLE_RING_BYTES)));
@@ -753,8 +854,9 @@ impl VmBuilder {
             let boot = VcpuBoot {
                 index,
                 count: self.cpus,
-                entry: (index == 0).then_some(protocol),
+                entry: if index == 0 { protocol } else { None },
             };
+            let saved = vcpu_states.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
@@ -766,7 +868,18 @@ impl VmBuilder {
                                 msg: e.to_string(),
                             })
                     };
-                    let mut vcpu = match vm.create_vcpu(&boot).and_then(confined) {
+                    let restored = |mut v: Box<dyn hypervisor::Vcpu>| match &saved {
+                        Some(states) => match states.get(index as usize) {
+                            Some(s) => v.restore_state(s).map(|()| v),
+                            None => Err(HypervisorError::Vcpu {
+                                index,
+                                msg: "no saved state for this vCPU".into(),
+                            }),
+                        },
+                        None => Ok(v),
+                    };
+                    let mut vcpu = match vm.create_vcpu(&boot).and_then(restored).and_then(confined)
+                    {
                         Ok(v) => {
                             let _ = ready.send(Ok(v.kicker()));
                             v
@@ -832,6 +945,7 @@ impl VmBuilder {
         go.wait();
 
         let stdin_to_console = self.console_input.then_some(console);
+        let vm_for_snapshots = vm.clone();
         let shared = LoopShared {
             stop: self.stop.clone(),
             running,
@@ -872,8 +986,91 @@ impl VmBuilder {
             vcpu_clocks: vcpu_clocks.into_iter().flatten().collect(),
             gate,
             kickers,
+            vm: vm_for_snapshots,
         })
     }
+}
+
+/// Guest RAM from a snapshot's memory file, mapped privately: nothing is read up front, pages
+/// load as the guest touches them, its writes stay in this process, and every VM restored
+/// from the same file shares the pages none of them wrote.
+fn map_snapshot_memory(
+    path: &Path,
+    regions: &[snapshot::MemoryRegion],
+) -> Result<GuestMemoryMmap, VmError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let file = Arc::new(File::open(path).map_err(|source| VmError::Io {
+        what: "opening the snapshot's memory file",
+        source,
+    })?);
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let fo = FileOffset::from_arc(file.clone(), r.file_offset);
+        let mmap =
+            MmapRegionBuilder::new_with_bitmap(r.len as usize, ())
+                .with_file_offset(fo)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| VmError::Memory(format!("mapping the snapshot's memory: {e}")))?;
+        out.push(
+            GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
+                .ok_or_else(|| VmError::Memory("snapshot memory region overflows".into()))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(out).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+/// Writes guest RAM to `path` as a sparse file (pages of zeros become holes: an idle
+/// 4 GiB guest makes a file of what it used) and returns where each region went.
+fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<snapshot::MemoryRegion>, VmError> {
+    use std::io::{Seek, SeekFrom};
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    const CHUNK: usize = 64 << 10;
+    let io_err = |source| VmError::Io {
+        what: "writing the snapshot's memory file",
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err)?;
+    let result = (|| {
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        for region in mem.iter() {
+            let (start, len) = (region.start_addr(), region.len());
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(CHUNK as u64) as usize;
+                mem.read_slice(&mut buf[..n], start.unchecked_add(done))
+                    .map_err(|e| VmError::Memory(e.to_string()))?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    f.seek(SeekFrom::Start(offset + done)).map_err(io_err)?;
+                    f.write_all(&buf[..n]).map_err(io_err)?;
+                }
+                done += n as u64;
+            }
+            regions.push(snapshot::MemoryRegion {
+                guest_addr: start.0,
+                len,
+                file_offset: offset,
+            });
+            offset += len;
+        }
+        f.set_len(offset).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        std::fs::rename(&tmp, path).map_err(io_err)?;
+        Ok(regions)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The CPU-time clock of a thread (for [`RunningVm::vcpu_time`]).
@@ -987,7 +1184,7 @@ fn vcpu_loop(
         }
     };
     while running.load(Ordering::Acquire) {
-        gate.checkpoint();
+        gate.checkpoint(index, vcpu);
         if !running.load(Ordering::Acquire) {
             break;
         }
@@ -1263,6 +1460,8 @@ pub struct RunningVm {
     /// Pausing: the vCPUs' gate and their kickers.
     gate: Arc<PauseGate>,
     kickers: Vec<Arc<dyn Kicker>>,
+    /// For the in-kernel devices' state in snapshots.
+    vm: Arc<dyn hypervisor::Vm>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -1420,6 +1619,71 @@ impl RunningVm {
             s.paused && !s.closed && s.live > 0
         };
         paused && self.stop_reason().is_none()
+    }
+
+    /// Saves the VM into snapshot directory `dir` (created if needed): every vCPU's state
+    /// (each saved by its own thread while parked), the in-kernel devices, and guest memory as
+    /// a sparse file. The VM is paused meanwhile and left as it was found (paused or running).
+    /// The files are written under temporary names and renamed, so a failure (a full disk)
+    /// leaves no snapshot rather than a broken one, and the VM unharmed.
+    ///
+    /// The VMM's own devices (serial, virtio transports and backends) are not in it yet:
+    /// restoring is for VMs whose guest did not set up virtio devices (see issue 15).
+    pub fn save_snapshot(&self, dir: &Path) -> Result<(), VmError> {
+        let was_paused = self.is_paused();
+        self.pause(PAUSE_FOR_SNAPSHOT)?;
+        let result = self.save_paused(dir);
+        if !was_paused {
+            self.resume();
+        }
+        result
+    }
+
+    fn save_paused(&self, dir: &Path) -> Result<(), VmError> {
+        std::fs::create_dir_all(dir).map_err(|source| VmError::Io {
+            what: "creating the snapshot directory",
+            source,
+        })?;
+        let vcpus = self.save_vcpus()?;
+        let vm = self.vm.save_state()?;
+        let memory = save_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let image = VmImage {
+            arch: std::env::consts::ARCH.to_string(),
+            memory,
+            vm,
+            vcpus,
+        };
+        snapshot::write_atomic(&dir.join(snapshot::STATE_FILE), &snapshot::encode(&image)?)?;
+        Ok(())
+    }
+
+    /// Asks every parked vCPU thread for its state and collects the answers in index order.
+    fn save_vcpus(&self) -> Result<Vec<hypervisor::VcpuSnapshot>, VmError> {
+        let n = self.kickers.len();
+        let mut s = lock(&self.gate.state);
+        s.saves = (0..n).map(|_| SaveSlot::Requested).collect();
+        self.gate.cond.notify_all();
+        let deadline = Instant::now() + PAUSE_FOR_SNAPSHOT;
+        while s.saves.iter().any(|x| matches!(x, SaveSlot::Requested)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || s.closed || !s.paused {
+                s.saves.clear();
+                return Err(PauseError::Stopped.into());
+            }
+            s = self
+                .gate
+                .cond
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        std::mem::take(&mut s.saves)
+            .into_iter()
+            .map(|x| match x {
+                SaveSlot::Done(r) => r.map_err(VmError::from),
+                _ => Err(PauseError::Stopped.into()),
+            })
+            .collect()
     }
 
     /// Reads guest memory at `addr` (for tests and diagnostics; the guest may be writing it).

@@ -280,6 +280,85 @@ fn a_stopped_vm_refuses_to_pause() {
     vm.wait();
 }
 
+fn counts(vm: &msb_vmm::vm::RunningVm) -> (u32, u32) {
+    let mut b = [0u8; 8];
+    vm.read_memory(guests::COUNT_ADDR, &mut b).unwrap();
+    (
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    )
+}
+
+#[test]
+fn a_snapshot_restored_continues_its_memory_and_registers() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("msb-snap-t2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = VmBuilder::new(guests::count()).memory_mib(64);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    count_passes(&vm, 1000, "booting");
+    vm.save_snapshot(&dir).expect("snapshot");
+    assert!(!vm.is_paused(), "a running VM is left running");
+    let after = count_passes(&vm, 0, "the original after its snapshot");
+    stop.stop();
+    vm.wait();
+
+    // What was saved: the count in memory and EBX's copy, at the same step.
+    let mem = std::fs::read(dir.join(msb_vmm::snapshot::MEMORY_FILE)).unwrap();
+    let at = guests::COUNT_ADDR as usize;
+    let word = |o: usize| u32::from_le_bytes(mem[at + o..at + o + 4].try_into().unwrap());
+    let (saved, saved_ebx) = (word(0), word(4));
+    assert!(
+        saved > 1000 && saved <= after,
+        "saved {saved}, after {after}"
+    );
+    assert!(
+        saved_ebx + 1 >= saved && saved_ebx <= saved,
+        "{saved_ebx} vs {saved}"
+    );
+    // The sparse memory file holds what the guest used, not its 64 MiB.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir.join(msb_vmm::snapshot::MEMORY_FILE)).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 < 4 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+
+    let b = msb_vmm::vm::VmBuilder::restore(&dir).expect("reading the snapshot");
+    let stop = b.stop_handle();
+    let restored = b.start().expect("restoring");
+    let (c, _) = counts(&restored);
+    assert!(c >= saved, "memory went back: {c} < {saved}");
+    count_passes(&restored, saved + 1000, "the restored VM");
+    // The copy of EBX trails the count by at most the one step being taken: EBX came back
+    // too (restarted from 0 it would trail by the whole saved count).
+    let (c, ebx) = counts(&restored);
+    assert!(
+        c.wrapping_sub(ebx) <= 1,
+        "EBX {ebx} vs count {c} (saved {saved})"
+    );
+    stop.stop();
+    assert_eq!(restored.wait().exit, GuestExit::Stopped);
+
+    // A missing memory file or a damaged state file is refused before anything runs.
+    let memory = dir.join(msb_vmm::snapshot::MEMORY_FILE);
+    std::fs::rename(&memory, dir.join("moved")).unwrap();
+    let e = msb_vmm::vm::VmBuilder::restore(&dir).unwrap_err();
+    assert!(e.to_string().contains("memory file"), "{e}");
+    std::fs::rename(dir.join("moved"), &memory).unwrap();
+    let state = dir.join(msb_vmm::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let e = msb_vmm::vm::VmBuilder::restore(&dir).unwrap_err();
+    assert!(e.to_string().contains("corrupted"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn console_ring_keeps_output_when_not_shown() {
     require_kvm();

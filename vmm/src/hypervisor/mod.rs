@@ -22,6 +22,14 @@ pub mod kvm;
 ))]
 use crate::arch::BootEntry;
 
+/// The architectural state of a vCPU and of a VM's in-kernel devices, for snapshots: the
+/// backend's own types (serializable), behind the same boundary as everything else.
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+pub use kvm::{VcpuSnapshot, VmSnapshot};
+
 /// Errors from a hypervisor backend. The first variants are user-facing set-up problems with
 /// their fix in the message.
 #[derive(Debug, Error)]
@@ -41,6 +49,8 @@ pub enum HypervisorError {
     },
     #[error("vCPU {index}: {msg}")]
     Vcpu { index: u32, msg: String },
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Result type of this module.
@@ -95,6 +105,18 @@ pub trait Vcpu {
     fn run(&mut self) -> Result<VmExit<'_>>;
     /// A handle other threads use to interrupt [`Vcpu::run`].
     fn kicker(&self) -> Arc<dyn Kicker>;
+    /// The vCPU's whole state; call it between runs (the VM paused).
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    fn save_state(&self) -> Result<VcpuSnapshot>;
+    /// Replaces a new vCPU's state (before its first run).
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    fn restore_state(&mut self, s: &VcpuSnapshot) -> Result<()>;
 }
 
 /// A virtual machine: memory, interrupt lines, vCPU factory.
@@ -113,6 +135,19 @@ pub trait Vm: Send + Sync {
     ) -> Result<()>;
     /// Creates and configures a vCPU; call it on the thread that will run the vCPU.
     fn create_vcpu(&self, boot: &VcpuBoot) -> Result<Box<dyn Vcpu>>;
+    /// The in-kernel devices' state (interrupt controllers, timers, clock); every vCPU
+    /// paused.
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    fn save_state(&self) -> Result<VmSnapshot>;
+    /// Replaces a new VM's in-kernel device state (before any vCPU runs).
+    #[cfg(all(
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
+    fn restore_state(&self, s: &VmSnapshot) -> Result<()>;
 }
 
 /// The hypervisor itself.

@@ -23,6 +23,8 @@ mod arch;
 #[path = "x86_64.rs"]
 mod arch;
 
+pub use arch::{VcpuSnapshot, VmSnapshot};
+
 /// Work a vCPU does before its first KVM_RUN, once all vCPUs exist (arm64 initializes its
 /// vGIC then); idempotent, as every vCPU calls it.
 type FirstRun = Arc<dyn Fn() -> Result<()> + Send + Sync>;
@@ -153,6 +155,14 @@ impl Vm for KvmVm {
             .map_err(os("KVM_IOEVENTFD"))
     }
 
+    fn save_state(&self) -> Result<VmSnapshot> {
+        arch::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, s: &VmSnapshot) -> Result<()> {
+        arch::restore_vm(&self.fd, s)
+    }
+
     fn create_vcpu(&self, boot: &VcpuBoot) -> Result<Box<dyn Vcpu>> {
         let index = boot.index;
         let err = |what: &str, e: vmm_sys_util::errno::Error| HypervisorError::Vcpu {
@@ -174,6 +184,8 @@ impl Vm for KvmVm {
             kicker,
             immediate_exit: std::ptr::null_mut(),
             first_run: arch::first_run_hook(&self.arch),
+            index,
+            snapshot_ctx: arch::vcpu_ctx(&self.arch),
         };
         vcpu.arm_kicker();
         Ok(Box::new(vcpu))
@@ -228,7 +240,15 @@ pub struct KvmVcpu {
     /// `kvm_run.immediate_exit` of `fd`'s mapping, to re-arm KVM_RUN after a kick.
     immediate_exit: *mut u8,
     first_run: Option<FirstRun>,
+    index: u32,
+    /// What saving this vCPU needs from the VM (x86: the MSRs to save).
+    snapshot_ctx: SnapshotCtx,
 }
+
+#[cfg(target_arch = "x86_64")]
+type SnapshotCtx = Vec<u32>;
+#[cfg(target_arch = "aarch64")]
+type SnapshotCtx = ();
 
 impl std::fmt::Debug for KvmVcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -306,5 +326,30 @@ impl Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn Kicker> {
         self.kicker.clone()
+    }
+
+    fn save_state(&self) -> Result<VcpuSnapshot> {
+        arch::save_vcpu(&self.fd, &self.snapshot_ctx).map_err(|e| self.name_vcpu(e))
+    }
+
+    fn restore_state(&mut self, s: &VcpuSnapshot) -> Result<()> {
+        arch::restore_vcpu(&self.fd, s).map_err(|e| self.name_vcpu(e))
+    }
+}
+
+impl KvmVcpu {
+    /// Puts this vCPU's index into an error from the arch layer.
+    fn name_vcpu(&self, e: HypervisorError) -> HypervisorError {
+        match e {
+            HypervisorError::Vcpu { msg, .. } => HypervisorError::Vcpu {
+                index: self.index,
+                msg,
+            },
+            HypervisorError::Os { what, source } => HypervisorError::Vcpu {
+                index: self.index,
+                msg: format!("{what}: {source}"),
+            },
+            other => other,
+        }
     }
 }

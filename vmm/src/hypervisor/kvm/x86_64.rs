@@ -2,10 +2,13 @@
 //! vCPU's CPUID, MSRs, FPU, local APIC and (for the boot CPU) entry registers.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 
 use super::os;
 use crate::arch::x86_64::boot::BootProtocol;
@@ -272,6 +275,222 @@ fn set_boot_registers(
     sregs.idt.limit = 7;
     fd.set_sregs(&sregs)?;
     fd.set_regs(&regs)
+}
+
+// ---- snapshots ----
+
+/// MSR_IA32_TSC and MSR_IA32_TSC_DEADLINE: the deadline is meaningful only against the TSC,
+/// so the TSC is restored first and the deadline last.
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// MSRs per KVM_GET_MSRS/KVM_SET_MSRS call.
+const MSR_CHUNK: usize = 64;
+
+/// Everything KVM holds for one x86_64 vCPU, enough to continue it in another VM on a host
+/// with the same CPU features. Restored in field order.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuSnapshot {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub vcpu_events: kvm_vcpu_events,
+    /// The guest TSC's frequency, where KVM reports one.
+    pub tsc_khz: Option<u32>,
+}
+
+impl std::fmt::Debug for VcpuSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuSnapshot")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("mp_state", &self.mp_state.mp_state)
+            .field("msrs", &self.msrs.len())
+            .field("tsc_khz", &self.tsc_khz)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The VM's in-kernel devices: both PICs, the IOAPIC, the PIT and kvmclock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+impl std::fmt::Debug for VmSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSnapshot")
+            .field("clock", &self.clock.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+fn vcpu_err(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorError {
+    move |e| HypervisorError::Os {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// The saveable MSRs KVM lists, TSC first and the TSC deadline last.
+fn msrs_to_save(list: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = list
+        .iter()
+        .copied()
+        .filter(|&m| m != MSR_IA32_TSC && m != MSR_IA32_TSC_DEADLINE)
+        .collect();
+    if list.contains(&MSR_IA32_TSC) {
+        v.insert(0, MSR_IA32_TSC);
+    }
+    if list.contains(&MSR_IA32_TSC_DEADLINE) {
+        v.push(MSR_IA32_TSC_DEADLINE);
+    }
+    v
+}
+
+/// Reads every MSR in `indices` that KVM lets us read; an MSR KVM lists but refuses (a
+/// feature this CPU lacks) is left out, as it would be refused on restore too.
+fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
+    let mut out = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let n = rest.len().min(MSR_CHUNK);
+        let entries: Vec<kvm_msr_entry> = rest[..n]
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| HypervisorError::Vcpu {
+            index: 0,
+            msg: format!("MSR list: {e:?}"),
+        })?;
+        let read = fd.get_msrs(&mut msrs).map_err(vcpu_err("KVM_GET_MSRS"))?;
+        out.extend_from_slice(&msrs.as_slice()[..read.min(n)]);
+        // KVM stops at the first MSR it refuses: skip that one and go on.
+        rest = &rest[(read + 1).min(n)..];
+        if read >= n {
+            continue;
+        }
+        tracing::debug!(
+            "MSR {:#x} is listed but not readable; not saved",
+            entries[read].index
+        );
+    }
+    Ok(out)
+}
+
+/// What saving a vCPU needs from the VM: the MSRs to save, in restore order.
+pub fn vcpu_ctx(vm: &VmState) -> Vec<u32> {
+    msrs_to_save(&vm.host.msr_index_list)
+}
+
+/// Saves a vCPU that is not running (its thread is parked between exits).
+pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuSnapshot> {
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(vcpu_err("KVM_GET_CPUID2"))?
+        .as_slice()
+        .to_vec();
+    Ok(VcpuSnapshot {
+        cpuid,
+        mp_state: fd.get_mp_state().map_err(vcpu_err("KVM_GET_MP_STATE"))?,
+        regs: fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?,
+        xsave: fd.get_xsave().map_err(vcpu_err("KVM_GET_XSAVE"))?,
+        xcrs: fd.get_xcrs().map_err(vcpu_err("KVM_GET_XCRS"))?,
+        debug_regs: fd.get_debug_regs().map_err(vcpu_err("KVM_GET_DEBUGREGS"))?,
+        lapic: fd.get_lapic().map_err(vcpu_err("KVM_GET_LAPIC"))?,
+        msrs: read_msrs(fd, msrs)?,
+        // Last: reading the other state must not change the pending events it holds.
+        vcpu_events: fd
+            .get_vcpu_events()
+            .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?,
+        tsc_khz: fd.get_tsc_khz().ok().filter(|&k| k > 0),
+    })
+}
+
+/// Puts `s` into a freshly created vCPU (before its first run).
+pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<()> {
+    if let Some(khz) = s.tsc_khz {
+        if fd.get_tsc_khz().ok() != Some(khz) {
+            fd.set_tsc_khz(khz).map_err(vcpu_err("KVM_SET_TSC_KHZ"))?;
+        }
+    }
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| HypervisorError::Vcpu {
+        index: 0,
+        msg: format!("the snapshot's CPUID table: {e:?}"),
+    })?;
+    fd.set_cpuid2(&cpuid).map_err(vcpu_err("KVM_SET_CPUID2"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(vcpu_err("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&s.regs).map_err(vcpu_err("KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+    // SAFETY: a legacy 4 KiB XSAVE area, the size KVM_SET_XSAVE reads.
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(vcpu_err("KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&s.xcrs).map_err(vcpu_err("KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(vcpu_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic).map_err(vcpu_err("KVM_SET_LAPIC"))?;
+    for chunk in s.msrs.chunks(MSR_CHUNK) {
+        let msrs = Msrs::from_entries(chunk).map_err(|e| HypervisorError::Vcpu {
+            index: 0,
+            msg: format!("MSR list: {e:?}"),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(vcpu_err("KVM_SET_MSRS"))?;
+        if set != chunk.len() {
+            return Err(HypervisorError::Vcpu {
+                index: 0,
+                msg: format!(
+                    "this host's KVM refused MSR {:#x} of the snapshot: restore on a host with the same CPU",
+                    chunk[set].index
+                ),
+            });
+        }
+    }
+    fd.set_vcpu_events(&s.vcpu_events)
+        .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+}
+
+fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
+    let mut c = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    fd.get_irqchip(&mut c).map_err(os("KVM_GET_IRQCHIP"))?;
+    Ok(c)
+}
+
+/// Saves the VM's in-kernel devices (every vCPU parked).
+pub fn save_vm(fd: &VmFd) -> Result<VmSnapshot> {
+    let mut clock = fd.get_clock().map_err(os("KVM_GET_CLOCK"))?;
+    // Only the time itself is restored: the flags say what KVM_GET_CLOCK filled in.
+    clock.flags = 0;
+    Ok(VmSnapshot {
+        pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
+        pit: fd.get_pit2().map_err(os("KVM_GET_PIT2"))?,
+        clock,
+    })
+}
+
+/// Puts `s` into a freshly created VM (its irqchip and PIT exist, no vCPU has run).
+pub fn restore_vm(fd: &VmFd, s: &VmSnapshot) -> Result<()> {
+    for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        fd.set_irqchip(chip).map_err(os("KVM_SET_IRQCHIP"))?;
+    }
+    fd.set_pit2(&s.pit).map_err(os("KVM_SET_PIT2"))?;
+    fd.set_clock(&s.clock).map_err(os("KVM_SET_CLOCK"))
 }
 
 #[cfg(test)]
