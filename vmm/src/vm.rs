@@ -587,13 +587,6 @@ impl VmBuilder {
     /// the saved VM's.
     pub fn restore(dir: &Path) -> Result<Self, VmError> {
         let image: VmImage = snapshot::read_state(dir)?;
-        if image.arch != std::env::consts::ARCH {
-            return Err(snapshot::SnapshotError::Arch {
-                found: image.arch,
-                here: std::env::consts::ARCH,
-            }
-            .into());
-        }
         let memory = dir.join(snapshot::MEMORY_FILE);
         let file_len = std::fs::metadata(&memory)
             .map_err(|source| VmError::Io {
@@ -601,11 +594,8 @@ impl VmBuilder {
                 source,
             })?
             .len();
-        snapshot::check_regions(&image.memory, file_len, MAX_MEMORY_MIB << 20)?;
+        check_image(&image, file_len)?;
         let cpus = image.vcpus.len() as u32;
-        if cpus == 0 || cpus > MAX_CPUS {
-            return Err(VmError::BadCpus(cpus));
-        }
         let mib = image.memory.iter().map(|r| r.len).sum::<u64>() >> 20;
         let mut b = VmBuilder::new(PathBuf::new()).cpus(cpus).memory_mib(mib);
         b.restore = Some(Restore { image, memory });
@@ -991,6 +981,35 @@ impl VmBuilder {
     }
 }
 
+/// What a restore checks of a decoded state file before anything is created: this host's
+/// architecture, 1 to MAX_CPUS vCPUs, a sane memory layout within a file of `file_len` bytes.
+fn check_image(image: &VmImage, file_len: u64) -> Result<(), VmError> {
+    if image.arch != std::env::consts::ARCH {
+        return Err(SnapshotError::Arch {
+            found: image.arch.clone(),
+            here: std::env::consts::ARCH,
+        }
+        .into());
+    }
+    let cpus = image.vcpus.len();
+    if cpus == 0 || cpus > MAX_CPUS as usize {
+        return Err(VmError::BadCpus(cpus.min(u32::MAX as usize) as u32));
+    }
+    snapshot::check_regions(&image.memory, file_len, MAX_MEMORY_MIB << 20)?;
+    Ok(())
+}
+
+/// Decodes and checks a snapshot state file's bytes as a restore would, for a memory file
+/// of `file_len` bytes; returns the vCPU count and guest RAM size. (The fuzz target's entry.)
+pub fn check_snapshot_state(bytes: &[u8], file_len: u64) -> Result<(u32, u64), VmError> {
+    let image: VmImage = snapshot::decode(bytes, Path::new(snapshot::STATE_FILE))?;
+    check_image(&image, file_len)?;
+    Ok((
+        image.vcpus.len() as u32,
+        image.memory.iter().map(|r| r.len).sum(),
+    ))
+}
+
 /// Guest RAM from a snapshot's memory file, mapped privately: nothing is read up front, pages
 /// load as the guest touches them, its writes stay in this process, and every VM restored
 /// from the same file shares the pages none of them wrote.
@@ -1007,13 +1026,12 @@ fn map_snapshot_memory(
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
         let fo = FileOffset::from_arc(file.clone(), r.file_offset);
-        let mmap =
-            MmapRegionBuilder::new_with_bitmap(r.len as usize, ())
-                .with_file_offset(fo)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| VmError::Memory(format!("mapping the snapshot's memory: {e}")))?;
+        let mmap = MmapRegionBuilder::new_with_bitmap(r.len as usize, ())
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| VmError::Memory(format!("mapping the snapshot's memory: {e}")))?;
         out.push(
             GuestRegionMmap::new(mmap, GuestAddress(r.guest_addr))
                 .ok_or_else(|| VmError::Memory("snapshot memory region overflows".into()))?,
