@@ -6,6 +6,7 @@ mod exec;
 mod fs;
 mod limits;
 mod net;
+mod snapshot;
 mod stats;
 mod svg;
 mod tls;
@@ -45,6 +46,8 @@ enum Cmd {
     /// One `net` measurement, run where the guest is (used by `net`).
     #[command(hide = true)]
     NetClient(net::ClientArgs),
+    /// VM snapshots: snapshot time, restore → running, restored RSS, per memory size.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -115,6 +118,7 @@ fn main() -> Result<()> {
         Cmd::Fs(a) => fs::run(a),
         Cmd::Net(a) => net::run(a),
         Cmd::NetClient(a) => net::client(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     }
 }
 
