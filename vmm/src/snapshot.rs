@@ -106,20 +106,31 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, Snaps
 /// Writes `bytes` to `path` through a temporary file and a rename, so a full disk or a crash
 /// never leaves a half-written file under the real name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(io("writing", path)))
+}
+
+/// Creates `path` as [`write_atomic`] does, with `fill` writing the temporary file: it is
+/// synced and renamed into place only if `fill` succeeds, and removed otherwise.
+pub fn write_atomic_with<T, E: From<SnapshotError>>(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<T, E>,
+) -> Result<T, E> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io("writing", path))?;
+    let result = fill(&mut f).and_then(|v| {
+        f.sync_all()
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io("writing", path))?;
+        Ok(v)
+    });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io("writing", path)(e)
-    })
+    }
+    result
 }
 
 /// Reads and decodes the state file in `dir`.

@@ -277,6 +277,24 @@ impl PauseGate {
         self.cond.wait(g).unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Waits for a change until `deadline`; None once it has passed (the guard is dropped).
+    fn wait_until<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, PauseState>,
+        deadline: Instant,
+    ) -> Option<std::sync::MutexGuard<'a, PauseState>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        Some(
+            self.cond
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0,
+        )
+    }
+
     /// Parks the calling vCPU thread for as long as the VM is paused, saving its state when
     /// a snapshot asks.
     fn checkpoint(&self, index: u32, vcpu: &dyn hypervisor::Vcpu) {
@@ -421,6 +439,13 @@ struct VmImage {
     memory: Vec<snapshot::MemoryRegion>,
     vm: hypervisor::VmSnapshot,
     vcpus: Vec<hypervisor::VcpuSnapshot>,
+}
+
+impl VmImage {
+    /// Guest RAM in bytes, all regions together.
+    fn ram_bytes(&self) -> u64 {
+        self.memory.iter().map(|r| r.len).sum()
+    }
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -596,7 +621,7 @@ impl VmBuilder {
             .len();
         check_image(&image, file_len)?;
         let cpus = image.vcpus.len() as u32;
-        let mib = image.memory.iter().map(|r| r.len).sum::<u64>() >> 20;
+        let mib = image.ram_bytes() >> 20;
         let mut b = VmBuilder::new(PathBuf::new()).cpus(cpus).memory_mib(mib);
         b.restore = Some(Restore { image, memory });
         Ok(b)
@@ -1004,10 +1029,7 @@ fn check_image(image: &VmImage, file_len: u64) -> Result<(), VmError> {
 pub fn check_snapshot_state(bytes: &[u8], file_len: u64) -> Result<(u32, u64), VmError> {
     let image: VmImage = snapshot::decode(bytes, Path::new(snapshot::STATE_FILE))?;
     check_image(&image, file_len)?;
-    Ok((
-        image.vcpus.len() as u32,
-        image.memory.iter().map(|r| r.len).sum(),
-    ))
+    Ok((image.vcpus.len() as u32, image.ram_bytes()))
 }
 
 /// Guest RAM from a snapshot's memory file, mapped privately: nothing is read up front, pages
@@ -1050,13 +1072,7 @@ fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<snapshot::Memor
         what: "writing the snapshot's memory file",
         source,
     };
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_err)?;
-    let result = (|| {
+    snapshot::write_atomic_with(path, |f| {
         let mut regions = Vec::new();
         let mut offset = 0u64;
         let mut buf = vec![0u8; CHUNK];
@@ -1081,14 +1097,8 @@ fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<snapshot::Memor
             offset += len;
         }
         f.set_len(offset).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        std::fs::rename(&tmp, path).map_err(io_err)?;
         Ok(regions)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    })
 }
 
 /// The CPU-time clock of a thread (for [`RunningVm::vcpu_time`]).
@@ -1609,18 +1619,14 @@ impl RunningVm {
             if s.parked == s.live {
                 return Ok(());
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                s.paused = false;
-                self.gate.cond.notify_all();
-                return Err(PauseError::Timeout(timeout));
-            }
-            s = self
-                .gate
-                .cond
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = match self.gate.wait_until(s, deadline) {
+                Some(s) => s,
+                None => {
+                    lock(&self.gate.state).paused = false;
+                    self.gate.cond.notify_all();
+                    return Err(PauseError::Timeout(timeout));
+                }
+            };
         }
     }
 
@@ -1683,17 +1689,17 @@ impl RunningVm {
         self.gate.cond.notify_all();
         let deadline = Instant::now() + PAUSE_FOR_SNAPSHOT;
         while s.saves.iter().any(|x| matches!(x, SaveSlot::Requested)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || s.closed || !s.paused {
+            if s.closed || !s.paused {
                 s.saves.clear();
                 return Err(PauseError::Stopped.into());
             }
-            s = self
-                .gate
-                .cond
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = match self.gate.wait_until(s, deadline) {
+                Some(s) => s,
+                None => {
+                    lock(&self.gate.state).saves.clear();
+                    return Err(PauseError::Stopped.into());
+                }
+            };
         }
         std::mem::take(&mut s.saves)
             .into_iter()

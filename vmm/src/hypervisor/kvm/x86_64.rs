@@ -333,13 +333,6 @@ impl std::fmt::Debug for VmSnapshot {
     }
 }
 
-fn vcpu_err(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorError {
-    move |e| HypervisorError::Os {
-        what,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
-}
-
 /// The saveable MSRs KVM lists, TSC first and the TSC deadline last.
 fn msrs_to_save(list: &[u32]) -> Vec<u32> {
     let mut v: Vec<u32> = list
@@ -374,7 +367,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>> {
             index: 0,
             msg: format!("MSR list: {e:?}"),
         })?;
-        let read = fd.get_msrs(&mut msrs).map_err(vcpu_err("KVM_GET_MSRS"))?;
+        let read = fd.get_msrs(&mut msrs).map_err(os("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..read.min(n)]);
         // KVM stops at the first MSR it refuses: skip that one and go on.
         rest = &rest[(read + 1).min(n)..];
@@ -398,23 +391,21 @@ pub fn vcpu_ctx(vm: &VmState) -> Vec<u32> {
 pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuSnapshot> {
     let cpuid = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(vcpu_err("KVM_GET_CPUID2"))?
+        .map_err(os("KVM_GET_CPUID2"))?
         .as_slice()
         .to_vec();
     Ok(VcpuSnapshot {
         cpuid,
-        mp_state: fd.get_mp_state().map_err(vcpu_err("KVM_GET_MP_STATE"))?,
-        regs: fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?,
-        sregs: fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?,
-        xsave: fd.get_xsave().map_err(vcpu_err("KVM_GET_XSAVE"))?,
-        xcrs: fd.get_xcrs().map_err(vcpu_err("KVM_GET_XCRS"))?,
-        debug_regs: fd.get_debug_regs().map_err(vcpu_err("KVM_GET_DEBUGREGS"))?,
-        lapic: fd.get_lapic().map_err(vcpu_err("KVM_GET_LAPIC"))?,
+        mp_state: fd.get_mp_state().map_err(os("KVM_GET_MP_STATE"))?,
+        regs: fd.get_regs().map_err(os("KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(os("KVM_GET_SREGS"))?,
+        xsave: fd.get_xsave().map_err(os("KVM_GET_XSAVE"))?,
+        xcrs: fd.get_xcrs().map_err(os("KVM_GET_XCRS"))?,
+        debug_regs: fd.get_debug_regs().map_err(os("KVM_GET_DEBUGREGS"))?,
+        lapic: fd.get_lapic().map_err(os("KVM_GET_LAPIC"))?,
         msrs: read_msrs(fd, msrs)?,
         // Last: reading the other state must not change the pending events it holds.
-        vcpu_events: fd
-            .get_vcpu_events()
-            .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?,
+        vcpu_events: fd.get_vcpu_events().map_err(os("KVM_GET_VCPU_EVENTS"))?,
         tsc_khz: fd.get_tsc_khz().ok().filter(|&k| k > 0),
     })
 }
@@ -423,30 +414,30 @@ pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuSnapshot> {
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<()> {
     if let Some(khz) = s.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
-            fd.set_tsc_khz(khz).map_err(vcpu_err("KVM_SET_TSC_KHZ"))?;
+            fd.set_tsc_khz(khz).map_err(os("KVM_SET_TSC_KHZ"))?;
         }
     }
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| HypervisorError::Vcpu {
         index: 0,
         msg: format!("the snapshot's CPUID table: {e:?}"),
     })?;
-    fd.set_cpuid2(&cpuid).map_err(vcpu_err("KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(&cpuid).map_err(os("KVM_SET_CPUID2"))?;
     fd.set_mp_state(s.mp_state)
-        .map_err(vcpu_err("KVM_SET_MP_STATE"))?;
-    fd.set_regs(&s.regs).map_err(vcpu_err("KVM_SET_REGS"))?;
-    fd.set_sregs(&s.sregs).map_err(vcpu_err("KVM_SET_SREGS"))?;
+        .map_err(os("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&s.regs).map_err(os("KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs).map_err(os("KVM_SET_SREGS"))?;
     // SAFETY: a legacy 4 KiB XSAVE area, the size KVM_SET_XSAVE reads.
-    unsafe { fd.set_xsave(&s.xsave) }.map_err(vcpu_err("KVM_SET_XSAVE"))?;
-    fd.set_xcrs(&s.xcrs).map_err(vcpu_err("KVM_SET_XCRS"))?;
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(os("KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&s.xcrs).map_err(os("KVM_SET_XCRS"))?;
     fd.set_debug_regs(&s.debug_regs)
-        .map_err(vcpu_err("KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&s.lapic).map_err(vcpu_err("KVM_SET_LAPIC"))?;
+        .map_err(os("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic).map_err(os("KVM_SET_LAPIC"))?;
     for chunk in s.msrs.chunks(MSR_CHUNK) {
         let msrs = Msrs::from_entries(chunk).map_err(|e| HypervisorError::Vcpu {
             index: 0,
             msg: format!("MSR list: {e:?}"),
         })?;
-        let set = fd.set_msrs(&msrs).map_err(vcpu_err("KVM_SET_MSRS"))?;
+        let set = fd.set_msrs(&msrs).map_err(os("KVM_SET_MSRS"))?;
         if set != chunk.len() {
             return Err(HypervisorError::Vcpu {
                 index: 0,
@@ -458,7 +449,7 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<()> {
         }
     }
     fd.set_vcpu_events(&s.vcpu_events)
-        .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+        .map_err(os("KVM_SET_VCPU_EVENTS"))
 }
 
 fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
