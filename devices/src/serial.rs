@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::{lock, BusDevice};
@@ -29,6 +29,22 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// A UART's state in a snapshot (vm-superio's, which has no serde of its own).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Input the guest had not read (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
 /// A UART whose transmitted bytes go to `W`.
 pub struct SerialDevice<W: Write + Send> {
     uart: Serial<IrqTrigger, NoEvents, W>,
@@ -45,6 +61,46 @@ impl<W: Write + Send> SerialDevice<W> {
     pub fn new(irq: Arc<dyn Interrupt>, out: W) -> Self {
         SerialDevice {
             uart: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A UART continuing a saved one (registers and unread input).
+    pub fn from_state(
+        irq: Arc<dyn Interrupt>,
+        out: W,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("the saved UART state: {e:?}"))?;
+        Ok(SerialDevice { uart })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -217,6 +273,32 @@ mod tests {
             "wide reads leave the caller's zeroed buffer alone"
         );
         assert!(uart.writer_mut().is_empty());
+    }
+
+    #[test]
+    fn a_restored_uart_keeps_its_registers_and_unread_input() {
+        let irq = Arc::new(Count::default());
+        let mut uart = SerialDevice::new(irq.clone(), Vec::new());
+        uart.write(3, &[0x03]); // LCR: 8 bits
+        uart.write(7, &[0x5a]); // scratch
+        uart.write(1, &[0x01]); // IER: data-ready interrupt
+        assert_eq!(uart.enqueue_input(b"xyz"), 3);
+        let mut b = [0u8];
+        uart.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        let saved = uart.save_state();
+        assert_eq!(saved.in_buffer, b"yz");
+
+        let mut back = SerialDevice::from_state(irq.clone(), Vec::new(), &saved).unwrap();
+        assert_eq!(back.save_state(), saved);
+        for (reg, want) in [(3u64, 0x03u8), (7, 0x5a), (1, 0x01), (0, b'y'), (0, b'z')] {
+            back.read(reg, &mut b);
+            assert_eq!(b[0], want, "register {reg}");
+        }
+        // More input than the FIFO holds is not a UART state.
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 65];
+        assert!(SerialDevice::from_state(irq, Vec::new(), &bad).is_err());
     }
 
     #[test]

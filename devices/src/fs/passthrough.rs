@@ -9,7 +9,7 @@
 //! client creates exist on the host as plain files owned by us with owner-only permissions;
 //! what the client sees is kept in the [`OVERRIDE_XATTR`] extended attribute.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
@@ -173,6 +173,8 @@ struct Inodes {
     by_id: HashMap<u64, Arc<Inode>>,
     by_key: HashMap<(u64, u64), u64>,
     next_id: u64,
+    /// Nodes restored from a snapshot whose file was gone: ESTALE until forgotten.
+    stale: HashSet<u64>,
 }
 
 enum Handle {
@@ -245,6 +247,8 @@ pub struct PassthroughFs {
     cfg: Config,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Handles restored from a snapshot whose file was gone: ESTALE until released.
+    stale_handles: Mutex<HashSet<u64>>,
     next_handle: AtomicU64,
     proc_fd: OwnedFd,
     euid: u32,
@@ -442,6 +446,7 @@ impl PassthroughFs {
             cfg,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
+            stale_handles: Mutex::new(HashSet::new()),
             next_handle: AtomicU64::new(1),
             proc_fd,
             euid,
@@ -697,7 +702,9 @@ impl PassthroughFs {
             op::STATFS => self.statfs(h.nodeid),
             op::RELEASE | op::RELEASEDIR => {
                 let fh = r.u64().map_err(bad)?;
-                lock(&self.handles).remove(&fh);
+                if lock(&self.handles).remove(&fh).is_none() {
+                    lock(&self.stale_handles).remove(&fh);
+                }
                 Ok(Vec::new())
             }
             op::FSYNC | op::FSYNCDIR => {
@@ -881,21 +888,30 @@ impl PassthroughFs {
         t.by_id.retain(|&id, _| id == abi::ROOT_ID);
         let root_key = t.by_id[&abi::ROOT_ID].key;
         t.by_key.retain(|k, _| *k == root_key);
+        t.stale.clear();
         drop(t);
         lock(&self.handles).clear();
+        lock(&self.stale_handles).clear();
         self.initialized.store(false, Ordering::Release);
     }
 
     fn inode(&self, id: u64) -> Result<Arc<Inode>> {
-        lock(&self.inodes)
-            .by_id
-            .get(&id)
-            .cloned()
-            .ok_or(libc::EBADF)
+        let t = lock(&self.inodes);
+        match t.by_id.get(&id) {
+            Some(ino) => Ok(ino.clone()),
+            None if t.stale.contains(&id) => Err(libc::ESTALE),
+            None => Err(libc::EBADF),
+        }
     }
 
     fn handle_of(&self, fh: u64) -> Result<Arc<Handle>> {
-        lock(&self.handles).get(&fh).cloned().ok_or(libc::EBADF)
+        if let Some(h) = lock(&self.handles).get(&fh) {
+            return Ok(h.clone());
+        }
+        if lock(&self.stale_handles).contains(&fh) {
+            return Err(libc::ESTALE);
+        }
+        Err(libc::EBADF)
     }
 
     fn file_of(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -911,6 +927,9 @@ impl PassthroughFs {
             return;
         }
         let mut t = lock(&self.inodes);
+        if t.stale.remove(&id) {
+            return;
+        }
         let Some(ino) = t.by_id.get(&id) else { return };
         let left = ino.refs.load(Ordering::Relaxed).saturating_sub(n);
         ino.refs.store(left, Ordering::Relaxed);
@@ -2074,6 +2093,9 @@ fn new_encode_dev(dev: u64) -> u32 {
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
+
+mod persist;
+pub use persist::{FsPersistError, FsState, HandleState, NodeState, RestoreReport};
 
 #[cfg(test)]
 mod tests;

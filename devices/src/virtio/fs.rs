@@ -3,21 +3,15 @@
 //! its reply (writable part); both are checked against guest memory and the caps below,
 //! and a driver that breaks the virtio rules gets the device failed, not the VMM.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    check_chain, read_config_bytes, ActivateError, Activation, DeviceFailure, IrqStatus, Queue,
-    VirtioDevice, INT_VRING,
-};
+use super::worker::{self, DeviceWork, DeviceWorker, WorkerSetup};
+use super::{check_chain, read_config_bytes, ActivateError, Activation, Queue, VirtioDevice};
 use crate::fs::abi::{self, InHeader};
-use crate::fs::passthrough::{PassthroughFs, MAX_WRITE};
+use crate::fs::passthrough::{FsState, PassthroughFs, MAX_WRITE};
 
 /// virtio device id of a file system device.
 pub const DEVICE_TYPE: u32 = 26;
@@ -28,15 +22,11 @@ pub const MAX_TAG_LEN: usize = 36;
 /// Largest request we read: a header, WRITE's fixed part and MAX_WRITE bytes of data.
 const MAX_REQUEST: usize = MAX_WRITE as usize + 4096;
 
-const TOKEN_HIPRIO: u64 = 0;
-const TOKEN_REQUEST: u64 = 1;
-const TOKEN_STOP: u64 = 2;
-
 /// A virtio-fs device serving one share under a tag.
 pub struct FsDevice {
     tag: String,
     fs: Arc<PassthroughFs>,
-    worker: Option<(JoinHandle<()>, Arc<EventFd>)>,
+    worker: Option<DeviceWorker<Worker>>,
 }
 
 impl std::fmt::Debug for FsDevice {
@@ -60,19 +50,6 @@ impl FsDevice {
             fs,
             worker: None,
         })
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some((t, stop)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for FsDevice {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -98,7 +75,7 @@ impl VirtioDevice for FsDevice {
     }
 
     fn activate(&mut self, a: Activation, _features: u64) -> Result<(), ActivateError> {
-        self.stop_worker();
+        self.worker = None;
         let mut queues = a.queues.into_iter();
         let mut next = |i| {
             queues
@@ -108,105 +85,76 @@ impl VirtioDevice for FsDevice {
         };
         let (hiprio, hiprio_evt) = next(0)?;
         let (request, request_evt) = next(1)?;
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?);
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        for (fd, token) in [
-            (hiprio_evt.as_raw_fd(), TOKEN_HIPRIO),
-            (request_evt.as_raw_fd(), TOKEN_REQUEST),
-            (stop.as_raw_fd(), TOKEN_STOP),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(ActivateError::Worker)?;
-        }
-        let mut worker = Worker {
+        let work = Worker {
             mem: a.mem,
             queues: [hiprio, request],
-            evts: [hiprio_evt, request_evt],
-            irq: a.irq,
-            failure: a.failure,
             fs: self.fs.clone(),
-            epoll,
             buf: Vec::new(),
         };
-        let failure = worker.failure.clone();
-        let t = super::spawn_worker(
-            format!("virtiofs-{}", self.tag),
-            msb_confine::ThreadKind::Fs,
-            a.seccomp,
-            failure,
-            move || worker.run(),
-        )
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some((t, stop));
+        let setup = WorkerSetup {
+            name: format!("virtiofs-{}", self.tag),
+            kind: msb_confine::ThreadKind::Fs,
+            seccomp: a.seccomp,
+            irq: a.irq,
+            failure: a.failure,
+            queue_evts: vec![hiprio_evt, request_evt],
+        };
+        let epoll = worker::new_epoll().map_err(ActivateError::Worker)?;
+        self.worker = Some(DeviceWorker::start(setup, epoll, work).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
+        self.worker
+            .as_mut()
+            .map(|w| w as &mut dyn worker::WorkerControl)
+    }
+
+    fn save_device(&mut self) -> Result<Vec<u8>, String> {
+        let state = self.fs.save_state().map_err(|e| e.to_string())?;
+        postcard::to_allocvec(&state).map_err(|e| e.to_string())
+    }
+
+    fn restore_device(&mut self, saved: &[u8]) -> Result<(), String> {
+        let state: FsState =
+            postcard::from_bytes(saved).map_err(|e| format!("share {:?}: {e}", self.tag))?;
+        let report = self
+            .fs
+            .restore_state(&state)
+            .map_err(|e| format!("share {:?}: {e}", self.tag))?;
+        tracing::debug!(tag = %self.tag, ?report, "share state restored");
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 
 struct Worker {
     mem: GuestMemoryMmap,
     queues: [Queue; 2],
-    evts: [Arc<EventFd>; 2],
-    irq: Arc<IrqStatus>,
-    failure: Arc<DeviceFailure>,
     fs: Arc<PassthroughFs>,
-    epoll: Epoll,
     buf: Vec<u8>,
 }
 
-impl Worker {
-    fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); 8];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-fs worker: epoll: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_STOP => return,
-                    t @ (TOKEN_HIPRIO | TOKEN_REQUEST) => {
-                        let _ = self.evts[t as usize].read();
-                    }
-                    _ => {}
-                }
-            }
-            if self.failure.is_failed() {
-                continue;
-            }
-            let mut signal = false;
-            for q in 0..2 {
-                match self.process(q) {
-                    Ok(used) => {
-                        if used {
-                            signal |= self.queues[q].needs_notification(&self.mem).unwrap_or(true);
-                        }
-                    }
-                    Err(why) => {
-                        self.failure.fail(&format!("virtio-fs: {why}"));
-                        self.irq.signal(super::INT_CONFIG);
-                        break;
-                    }
-                }
-            }
-            if signal {
-                self.irq.signal(INT_VRING);
+impl DeviceWork for Worker {
+    fn work(&mut self) -> Result<bool, String> {
+        let mut signal = false;
+        for q in 0..2 {
+            if self.process(q)? {
+                signal |= self.queues[q].needs_notification(&self.mem).unwrap_or(true);
             }
         }
+        Ok(signal)
     }
 
+    fn queues(&self) -> Vec<&Queue> {
+        self.queues.iter().collect()
+    }
+}
+
+impl Worker {
     /// Serves every request queued on queue `q`; `Err` when the driver broke the rules.
     fn process(&mut self, q: usize) -> Result<bool, String> {
         let mem = self.mem.clone();
@@ -296,6 +244,8 @@ mod tests {
     use crate::fs::abi::{op, Writer};
     use crate::fs::passthrough::Config;
     use crate::virtio::testing::{Line, Ring};
+    use crate::virtio::{DeviceFailure, IrqStatus};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const MEM_SIZE: usize = 8 << 20;
 

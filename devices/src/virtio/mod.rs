@@ -25,6 +25,7 @@ pub mod net;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vsock;
+pub mod worker;
 
 /// The queue implementation shared by all devices.
 pub use virtio_queue::Queue;
@@ -74,6 +75,12 @@ impl IrqStatus {
     /// Current InterruptStatus.
     pub fn read(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets InterruptStatus as a snapshot saved it, without raising the line (the interrupt
+    /// controller's own state says whether it was pending).
+    pub fn restore(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// InterruptACK: clears the acknowledged bits.
@@ -209,6 +216,27 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation, features: u64) -> Result<(), ActivateError>;
     /// Stops processing and drops all queue state (the driver reset the device).
     fn reset(&mut self);
+    /// The worker of an activated device, for quiescing it around a snapshot.
+    fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
+        None
+    }
+    /// The device's own state beyond its queues, encoded (empty: it has none). Called with
+    /// the worker quiesced.
+    fn save_device(&mut self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    /// Takes back what [`VirtioDevice::save_device`] gave, before the device is activated on
+    /// its restored queues. The bytes come from a file: check everything.
+    fn restore_device(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} bytes of state for a device that keeps none",
+                saved.len()
+            ))
+        }
+    }
 }
 
 /// Reads `data.len()` bytes of a little-endian config structure at `offset`, zero past its end.

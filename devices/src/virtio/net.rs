@@ -15,18 +15,15 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use msb_netstack::offload::{accept, MAX_OFFLOAD_FRAME};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    check_chain, read_config_bytes, ActivateError, Activation, DeviceFailure, IrqStatus, Queue,
-    VirtioDevice, INT_CONFIG, INT_VRING,
-};
+use super::worker::{self, DeviceWork, DeviceWorker, WorkerSetup, FIRST_DEVICE_TOKEN};
+use super::{check_chain, read_config_bytes, ActivateError, Activation, Queue, VirtioDevice};
 
 /// virtio device id of a network card.
 pub const DEVICE_TYPE: u32 = 1;
@@ -49,11 +46,8 @@ const F_HOST_TSO6: u64 = 1 << 12;
 
 const RX: usize = 0;
 const TX: usize = 1;
-const TOKEN_RX: u64 = 0;
-const TOKEN_TX: u64 = 1;
-const TOKEN_STOP: u64 = 2;
-const TOKEN_TO_GUEST: u64 = 3;
-const TOKEN_STACK_ROOM: u64 = 4;
+const TOKEN_TO_GUEST: u64 = FIRST_DEVICE_TOKEN;
+const TOKEN_STACK_ROOM: u64 = FIRST_DEVICE_TOKEN + 1;
 
 /// The channel between the device and the netstack.
 #[derive(Debug)]
@@ -122,7 +116,7 @@ impl NetPort {
 pub struct NetDevice {
     mac: [u8; 6],
     ch: Arc<Channel>,
-    worker: Option<(JoinHandle<()>, Arc<EventFd>)>,
+    worker: Option<DeviceWorker<Worker>>,
 }
 
 impl std::fmt::Debug for NetDevice {
@@ -160,19 +154,6 @@ impl NetDevice {
             NetPort { ch },
         ))
     }
-
-    fn stop_worker(&mut self) {
-        if let Some((t, stop)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for NetDevice {
-    fn drop(&mut self) {
-        self.stop_worker();
-    }
 }
 
 impl VirtioDevice for NetDevice {
@@ -198,7 +179,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn activate(&mut self, a: Activation, features: u64) -> Result<(), ActivateError> {
-        self.stop_worker();
+        self.worker = None;
         let mut queues = a.queues.into_iter();
         let mut next = |i| {
             queues
@@ -208,31 +189,17 @@ impl VirtioDevice for NetDevice {
         };
         let (rx, rx_evt) = next(RX)?;
         let (tx, tx_evt) = next(TX)?;
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?);
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
+        let epoll = worker::new_epoll().map_err(ActivateError::Worker)?;
         for (fd, token) in [
-            (rx_evt.as_raw_fd(), TOKEN_RX),
-            (tx_evt.as_raw_fd(), TOKEN_TX),
-            (stop.as_raw_fd(), TOKEN_STOP),
             (self.ch.guest_evt.as_raw_fd(), TOKEN_TO_GUEST),
             (self.ch.room_evt.as_raw_fd(), TOKEN_STACK_ROOM),
         ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(ActivateError::Worker)?;
+            worker::watch(&epoll, fd, EventSet::IN, token).map_err(ActivateError::Worker)?;
         }
-        let mut worker = Worker {
+        let work = Worker {
             mem: a.mem,
             queues: [rx, tx],
-            evts: [rx_evt, tx_evt],
-            irq: a.irq,
-            failure: a.failure,
             ch: self.ch.clone(),
-            epoll,
             // Larger frames than the MTU only come segmentation-offloaded.
             max_frame: if features & (F_HOST_TSO4 | F_HOST_TSO6) != 0 {
                 MAX_OFFLOAD_FRAME
@@ -240,21 +207,26 @@ impl VirtioDevice for NetDevice {
                 self.ch.mtu + 14
             },
         };
-        let failure = worker.failure.clone();
-        let t = super::spawn_worker(
-            "virtio-net".into(),
-            msb_confine::ThreadKind::Net,
-            a.seccomp,
-            failure,
-            move || worker.run(),
-        )
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some((t, stop));
+        let setup = WorkerSetup {
+            name: "virtio-net".into(),
+            kind: msb_confine::ThreadKind::Net,
+            seccomp: a.seccomp,
+            irq: a.irq,
+            failure: a.failure,
+            queue_evts: vec![rx_evt, tx_evt],
+        };
+        self.worker = Some(DeviceWorker::start(setup, epoll, work).map_err(ActivateError::Worker)?);
         Ok(())
     }
 
+    fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
+        self.worker
+            .as_mut()
+            .map(|w| w as &mut dyn worker::WorkerControl)
+    }
+
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
         self.ch
             .to_guest
             .lock()
@@ -266,52 +238,30 @@ impl VirtioDevice for NetDevice {
 struct Worker {
     mem: GuestMemoryMmap,
     queues: [Queue; 2],
-    evts: [Arc<EventFd>; 2],
-    irq: Arc<IrqStatus>,
-    failure: Arc<DeviceFailure>,
     ch: Arc<Channel>,
-    epoll: Epoll,
     /// The largest frame the guest may send, header excluded.
     max_frame: usize,
 }
 
-impl Worker {
-    fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); 8];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net worker: epoll: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_STOP => return,
-                    TOKEN_RX => drop(self.evts[RX].read()),
-                    TOKEN_TX => drop(self.evts[TX].read()),
-                    TOKEN_TO_GUEST => drop(self.ch.guest_evt.read()),
-                    TOKEN_STACK_ROOM => drop(self.ch.room_evt.read()),
-                    _ => {}
-                }
-            }
-            if self.failure.is_failed() {
-                continue;
-            }
-            let result = self.transmit().and_then(|a| Ok(a | self.receive()?));
-            match result {
-                Ok(true) => self.irq.signal(INT_VRING),
-                Ok(false) => {}
-                Err(why) => {
-                    self.failure.fail(&format!("virtio-net: {why}"));
-                    self.irq.signal(INT_CONFIG);
-                }
-            }
+impl DeviceWork for Worker {
+    fn event(&mut self, token: u64, _set: EventSet) {
+        match token {
+            TOKEN_TO_GUEST => drop(self.ch.guest_evt.read()),
+            TOKEN_STACK_ROOM => drop(self.ch.room_evt.read()),
+            _ => {}
         }
     }
 
+    fn work(&mut self) -> Result<bool, String> {
+        Ok(self.transmit()? | self.receive()?)
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        self.queues.iter().collect()
+    }
+}
+
+impl Worker {
     /// Guest frames to the stack, while the channel has room. Returns whether to interrupt.
     fn transmit(&mut self) -> Result<bool, String> {
         let mem = self.mem.clone();

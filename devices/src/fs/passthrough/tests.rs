@@ -994,3 +994,174 @@ fn a_write_naming_a_node_never_looked_up_writes_nothing() {
     assert_eq!(t.write(f, fh, b"data", 0), 0);
     assert_eq!(std::fs::read(t.share.join("file")).unwrap(), b"data");
 }
+
+#[test]
+fn a_restored_share_serves_the_same_nodes_and_open_files() {
+    let mut t = T::new(Config::default());
+    std::fs::create_dir(t.share.join("d")).unwrap();
+    std::fs::write(t.share.join("d/f"), b"hello").unwrap();
+    std::fs::write(t.share.join("gone"), b"x").unwrap();
+    std::fs::write(t.share.join("unlinked"), b"y").unwrap();
+    let (d, _) = t.lookup(1, "d").unwrap();
+    let (f, _) = t.lookup(d, "f").unwrap();
+    let (gone, _) = t.lookup(1, "gone").unwrap();
+    let (unlinked, _) = t.lookup(1, "unlinked").unwrap();
+    let fh_f = t.open(f, libc::O_RDWR | libc::O_APPEND).unwrap();
+    let fh_gone = t.open(gone, libc::O_RDONLY).unwrap();
+    let fh_unlinked = t.open(unlinked, libc::O_RDONLY).unwrap();
+    let (e, b) = t.call(op::OPENDIR, d, &[0; 8]);
+    assert_eq!(e, 0);
+    let fh_d = u64::from_le_bytes(b[..8].try_into().unwrap());
+    // A file unlinked while open is not reachable by any path at snapshot time.
+    std::fs::remove_file(t.share.join("unlinked")).unwrap();
+
+    let state = t.fs.save_state().unwrap();
+    assert!(state.initialized);
+    let saved_f = state.nodes.iter().find(|n| n.id == f).unwrap();
+    assert_eq!(saved_f.path.as_deref(), Some(&b"d/f"[..]));
+    let saved = state.handles.iter().find(|h| h.fh == fh_f).unwrap();
+    assert_eq!(saved.flags & libc::O_ACCMODE, libc::O_RDWR);
+    assert_ne!(saved.flags & libc::O_APPEND, 0);
+    assert!(state.handles.iter().find(|h| h.fh == fh_d).unwrap().dir);
+    assert_eq!(
+        state.nodes.iter().find(|n| n.id == unlinked).unwrap().path,
+        None
+    );
+
+    // Meanwhile on the host: one file deleted, one changed.
+    std::fs::remove_file(t.share.join("gone")).unwrap();
+    std::fs::write(t.share.join("d/f"), b"HELLO").unwrap();
+
+    // A fresh server for the same share, never INITed: the restored guest will not INIT.
+    let fresh = PassthroughFs::new(&t.share, Config::default()).unwrap();
+    let report = fresh.restore_state(&state).unwrap();
+    assert_eq!(
+        report,
+        RestoreReport {
+            nodes: 2,
+            handles: 2,
+            stale_nodes: 2,
+            stale_handles: 2
+        }
+    );
+    assert!(matches!(
+        fresh.restore_state(&state),
+        Err(FsPersistError::NotFresh)
+    ));
+    t.fs = fresh;
+
+    let read = |fh: u64| {
+        let mut w = Writer::default();
+        w.u64(fh).u64(0).u32(64).u32(0).u64(0).u32(0).u32(0);
+        t.call(op::READ, f, &w.buf)
+    };
+    assert_eq!(read(fh_f), (0, b"HELLO".to_vec()));
+    assert_eq!(t.write(f, fh_f, b"!", 0), 0);
+    assert_eq!(
+        std::fs::read(t.share.join("d/f")).unwrap(),
+        b"HELLO!",
+        "the handle kept O_APPEND"
+    );
+    assert_eq!(t.call(op::GETATTR, f, &[0; 16]).0, 0);
+    assert_eq!(t.lookup(d, "f").unwrap().0, f, "the same node id");
+    assert_eq!(read(fh_gone).0, libc::ESTALE);
+    assert_eq!(read(fh_unlinked).0, libc::ESTALE);
+    assert_eq!(t.call(op::GETATTR, gone, &[0; 16]).0, libc::ESTALE);
+    let (e, _) = t.call(op::READDIR, d, &{
+        let mut w = Writer::default();
+        w.u64(fh_d).u64(0).u32(4096).u32(0).u64(0).u32(0).u32(0);
+        w.buf
+    });
+    assert_eq!(e, 0, "the directory handle reads");
+    // A new node gets an id the guest never saw.
+    std::fs::write(t.share.join("new"), b"").unwrap();
+    assert!(t.lookup(1, "new").unwrap().0 >= state.next_id);
+    // Forgetting and releasing stale ones clears them.
+    let mut w = Writer::default();
+    w.u64(1);
+    t.fs.handle(&t.request(op::FORGET, gone, &w.buf).1);
+    assert_eq!(t.call(op::GETATTR, gone, &[0; 16]).0, libc::EBADF);
+    let mut w = Writer::default();
+    w.u64(fh_gone).u32(0).u32(0).u64(0);
+    assert_eq!(t.call(op::RELEASE, 1, &w.buf).0, 0);
+    assert_eq!(read(fh_gone).0, libc::EBADF);
+}
+
+#[test]
+fn a_tampered_share_state_never_leaves_the_share() {
+    let t = T::new(Config::default());
+    std::fs::write(t.share.join("inside"), b"in").unwrap();
+    std::os::unix::fs::symlink(&t.outside, t.share.join("link")).unwrap();
+    let outside_rel = format!(
+        "../{}/secret",
+        t.outside.file_name().unwrap().to_str().unwrap()
+    );
+    let node = |id: u64, path: &[u8]| NodeState {
+        id,
+        path: Some(path.to_vec()),
+        refs: 1,
+    };
+    let handle = |fh: u64, path: &[u8]| HandleState {
+        fh,
+        path: Some(path.to_vec()),
+        flags: libc::O_RDONLY,
+        dir: false,
+    };
+    let state = FsState {
+        initialized: true,
+        next_id: 100,
+        nodes: vec![
+            node(2, outside_rel.as_bytes()),
+            node(3, b"link/secret"),
+            node(4, b"link"),
+            node(5, b"inside"),
+            node(6, b"/etc/passwd"),
+            node(7, b"./inside"),
+        ],
+        next_handle: 100,
+        handles: vec![
+            handle(1, outside_rel.as_bytes()),
+            handle(2, b"link/secret"),
+            handle(3, b"inside"),
+        ],
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(&t.share, Config::default()).unwrap();
+    let report = fs.restore_state(&state).unwrap();
+    // Only `inside` (node and handle) and the symlink itself (a node, never opened) resolve.
+    assert_eq!((report.nodes, report.handles), (2, 1));
+    assert_eq!((report.stale_nodes, report.stale_handles), (4, 2));
+
+    // Impossible tables are refused outright.
+    let bad = |f: &dyn Fn(&mut FsState)| {
+        let mut s = state.clone();
+        f(&mut s);
+        PassthroughFs::new(&t.share, Config::default())
+            .unwrap()
+            .restore_state(&s)
+            .unwrap_err()
+    };
+    assert!(matches!(
+        bad(&|s| s.nodes.push(node(1, b""))),
+        FsPersistError::BadNode(1)
+    ));
+    assert!(matches!(
+        bad(&|s| s.nodes.push(node(5, b"inside"))),
+        FsPersistError::BadNode(5)
+    ));
+    assert!(matches!(
+        bad(&|s| s.nodes.push(node(100, b"inside"))),
+        FsPersistError::BadNode(100)
+    ));
+    assert!(matches!(
+        bad(&|s| s.handles.push(handle(0, b"inside"))),
+        FsPersistError::BadHandle(0)
+    ));
+    assert!(matches!(
+        bad(&|s| {
+            s.next_id = u64::MAX;
+            s.nodes = (2..2_000_000).map(|i| node(i, b"inside")).collect();
+        }),
+        FsPersistError::TooManyNodes(_)
+    ));
+}

@@ -7,6 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::testing::{Line, Ring};
+use crate::virtio::{DeviceFailure, IrqStatus};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM_SIZE: usize = 8 << 20;
 

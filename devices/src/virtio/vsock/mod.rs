@@ -18,12 +18,12 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 
 use super::check_chain;
+use super::worker::{self, DeviceWork, DeviceWorker, WorkerSetup, FIRST_DEVICE_TOKEN};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,9 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use self::packet::{
     Header, Op, HDR_LEN, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::{
-    ActivateError, Activation, DeviceFailure, IrqStatus, Queue, VirtioDevice, INT_CONFIG, INT_VRING,
-};
+use super::{ActivateError, Activation, DeviceFailure, IrqStatus, Queue, VirtioDevice, INT_CONFIG};
 use crate::bus::lock;
 
 pub mod hybrid;
@@ -58,12 +56,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First local port of host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
-const TOKEN_RX: u64 = 0;
-const TOKEN_TX: u64 = 1;
-const TOKEN_EV: u64 = 2;
-const TOKEN_CMD: u64 = 3;
-const TOKEN_STOP: u64 = 4;
-const FIRST_CONN_TOKEN: u64 = 16;
+const TOKEN_CMD: u64 = FIRST_DEVICE_TOKEN;
+const FIRST_CONN_TOKEN: u64 = FIRST_DEVICE_TOKEN + 1;
 
 /// A request to the worker from the host API.
 enum Command {
@@ -207,7 +201,10 @@ impl Drop for VsockListener {
 pub struct VsockDevice {
     guest_cid: u64,
     host: Arc<HostShared>,
-    worker: Option<(JoinHandle<()>, Arc<EventFd>)>,
+    /// From a restored snapshot: connections the guest still believes open (reset at
+    /// activation), and where host-side port numbers continue.
+    restored: Option<VsockState>,
+    worker: Option<DeviceWorker<Worker>>,
 }
 
 impl std::fmt::Debug for VsockDevice {
@@ -231,6 +228,7 @@ impl VsockDevice {
             VsockDevice {
                 guest_cid: GUEST_CID,
                 host: host.clone(),
+                restored: None,
                 worker: None,
             },
             VsockHost(host),
@@ -239,10 +237,7 @@ impl VsockDevice {
 
     fn stop_worker(&mut self) {
         lock(&self.host.cmd).take();
-        if let Some((t, stop)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = t.join();
-        }
+        self.worker = None;
     }
 }
 
@@ -281,33 +276,23 @@ impl VirtioDevice for VsockDevice {
         let (rx, rx_evt) = next(0)?;
         let (tx, tx_evt) = next(1)?;
         let (_ev, ev_evt) = next(2)?;
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?);
         let (cmd_tx, cmd_rx) = mpsc::channel();
-        let epoll = Epoll::new().map_err(ActivateError::Worker)?;
-        for (fd, token) in [
-            (rx_evt.as_raw_fd(), TOKEN_RX),
-            (tx_evt.as_raw_fd(), TOKEN_TX),
-            (ev_evt.as_raw_fd(), TOKEN_EV),
-            (self.host.cmd_evt.as_raw_fd(), TOKEN_CMD),
-            (stop.as_raw_fd(), TOKEN_STOP),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(ActivateError::Worker)?;
-        }
-        let mut worker = Worker {
+        let epoll = worker::new_epoll().map_err(ActivateError::Worker)?;
+        worker::watch(
+            &epoll,
+            self.host.cmd_evt.as_raw_fd(),
+            EventSet::IN,
+            TOKEN_CMD,
+        )
+        .map_err(ActivateError::Worker)?;
+        let mut work = Worker {
             mem: a.mem,
             rx,
             tx,
-            evts: [rx_evt, tx_evt, ev_evt],
-            irq: a.irq,
-            failure: a.failure,
+            irq: a.irq.clone(),
+            failure: a.failure.clone(),
             guest_cid: self.guest_cid,
-            epoll,
+            epoll: epoll.clone(),
             conns: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_CONN_TOKEN,
@@ -315,27 +300,77 @@ impl VirtioDevice for VsockDevice {
             pending: VecDeque::new(),
             host: self.host.clone(),
             cmd_rx,
-            _stop: stop.clone(),
             buf: vec![0u8; MAX_PAYLOAD as usize],
             rr: 0,
         };
-        let failure = worker.failure.clone();
-        let t = super::spawn_worker(
-            "vsock".into(),
-            msb_confine::ThreadKind::Vsock,
-            a.seccomp,
-            failure,
-            move || worker.run(),
-        )
-        .map_err(ActivateError::Worker)?;
+        if let Some(saved) = self.restored.take() {
+            // The host ends of these connections died with the snapshotted VMM: tell the
+            // guest (its agent listens again, and the host reconnects).
+            for &key in &saved.conns {
+                let h = work.header(key, Op::Rst, 0, 0);
+                work.pending.push_back(h);
+            }
+            work.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
+            if !saved.conns.is_empty() {
+                let _ = rx_evt.write(1);
+            }
+        }
+        let setup = WorkerSetup {
+            name: "vsock".into(),
+            kind: msb_confine::ThreadKind::Vsock,
+            seccomp: a.seccomp,
+            irq: a.irq,
+            failure: a.failure,
+            queue_evts: vec![rx_evt, tx_evt, ev_evt],
+        };
+        self.worker = Some(DeviceWorker::start(setup, epoll, work).map_err(ActivateError::Worker)?);
         *lock(&self.host.cmd) = Some(cmd_tx);
-        self.worker = Some((t, stop));
+        Ok(())
+    }
+
+    fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
+        self.worker
+            .as_mut()
+            .map(|w| w as &mut dyn worker::WorkerControl)
+    }
+
+    fn save_device(&mut self) -> Result<Vec<u8>, String> {
+        let w = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.held())
+            .ok_or("the vsock worker is not quiesced")?;
+        let mut conns: Vec<Key> = w.conns.keys().copied().collect();
+        conns.sort_unstable();
+        let state = VsockState {
+            conns,
+            next_local_port: w.next_local_port,
+        };
+        postcard::to_allocvec(&state).map_err(|e| e.to_string())
+    }
+
+    fn restore_device(&mut self, saved: &[u8]) -> Result<(), String> {
+        let state: VsockState = postcard::from_bytes(saved).map_err(|e| format!("vsock: {e}"))?;
+        if state.conns.len() > MAX_CONNS {
+            return Err(format!(
+                "vsock: {} saved connections, over the limit of {MAX_CONNS}",
+                state.conns.len()
+            ));
+        }
+        self.restored = Some(state);
         Ok(())
     }
 
     fn reset(&mut self) {
         self.stop_worker();
     }
+}
+
+/// What a snapshot keeps of the device: the connections open at the time.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct VsockState {
+    conns: Vec<Key>,
+    next_local_port: u32,
 }
 
 type Key = (u32, u32); // (local port on the host, peer port in the guest)
@@ -412,11 +447,11 @@ struct Worker {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    evts: [Arc<EventFd>; 3],
     irq: Arc<IrqStatus>,
     failure: Arc<DeviceFailure>,
     guest_cid: u64,
-    epoll: Epoll,
+    /// The worker's epoll set, where connections come and go.
+    epoll: Arc<Epoll>,
     conns: HashMap<Key, Conn>,
     tokens: HashMap<u64, Key>,
     next_token: u64,
@@ -424,73 +459,55 @@ struct Worker {
     pending: VecDeque<Header>,
     host: Arc<HostShared>,
     cmd_rx: Receiver<Command>,
-    /// Kept so the fd registered in `epoll` stays open as long as the worker runs.
-    _stop: Arc<EventFd>,
     buf: Vec<u8>,
     /// Round-robin start for fairness between connections.
     rr: usize,
 }
 
-impl Worker {
-    fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1)
-                .unwrap_or(-1);
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("vsock worker: epoll: {e}");
-                    return;
+impl DeviceWork for Worker {
+    fn timeout_ms(&self) -> i32 {
+        self.next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1)
+            .unwrap_or(-1)
+    }
+
+    fn event(&mut self, token: u64, set: EventSet) {
+        if token == TOKEN_CMD {
+            let _ = self.host.cmd_evt.read();
+            return;
+        }
+        if let Some(key) = self.tokens.get(&token).copied() {
+            if let Some(c) = self.conns.get_mut(&key) {
+                if set.intersects(
+                    EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR,
+                ) {
+                    c.readable = true;
                 }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_STOP => return,
-                    TOKEN_RX | TOKEN_TX | TOKEN_EV => {
-                        let _ = self.evts[ev.data() as usize].read();
-                    }
-                    TOKEN_CMD => {
-                        let _ = self.host.cmd_evt.read();
-                    }
-                    t => {
-                        if let Some(key) = self.tokens.get(&t).copied() {
-                            if let Some(c) = self.conns.get_mut(&key) {
-                                let set = ev.event_set();
-                                if set.intersects(
-                                    EventSet::IN
-                                        | EventSet::HANG_UP
-                                        | EventSet::READ_HANG_UP
-                                        | EventSet::ERROR,
-                                ) {
-                                    c.readable = true;
-                                }
-                                if set.intersects(EventSet::OUT | EventSet::ERROR) {
-                                    c.writable = true;
-                                }
-                            }
-                        }
-                    }
+                if set.intersects(EventSet::OUT | EventSet::ERROR) {
+                    c.writable = true;
                 }
             }
-            if self.failure.is_failed() {
-                // Nothing more is read from the guest's queues until it resets the device.
-                continue;
-            }
-            self.commands();
-            self.pump();
         }
     }
 
+    fn work(&mut self) -> Result<bool, String> {
+        self.commands();
+        Ok(self.pump())
+    }
+
+    fn queues(&self) -> Vec<&Queue> {
+        vec![&self.rx, &self.tx]
+    }
+}
+
+impl Worker {
     fn next_deadline(&self) -> Option<Instant> {
         self.conns.values().filter_map(|c| c.deadline).min()
     }
 
     /// One round of work: guest packets in, host bytes out, replies and data to the guest.
-    fn pump(&mut self) {
+    /// Returns whether to raise the queue interrupt.
+    fn pump(&mut self) -> bool {
         let mut notify_tx = false;
         let mut notify_rx = false;
         // Loop until nothing moves: each step can unblock another.
@@ -512,9 +529,7 @@ impl Worker {
         if notify_rx {
             signal |= self.rx.needs_notification(&self.mem).unwrap_or(true);
         }
-        if signal {
-            self.irq.signal(INT_VRING);
-        }
+        signal
     }
 
     fn fail(&mut self, why: &str) {

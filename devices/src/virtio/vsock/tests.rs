@@ -424,3 +424,52 @@ fn connection_flood_is_bounded() {
     drop(l);
     assert!(!g.failure.is_failed());
 }
+
+#[test]
+fn a_restored_device_resets_the_connections_of_before_and_takes_new_ones() {
+    let mut g = Guest::new();
+    let (_s, old_local) = g.accept_from_host(1024);
+    let w = g._device.worker().expect("an active device has a worker");
+    w.quiesce().unwrap();
+    let states = w.queue_states().expect("quiesced");
+    assert!(states[0].next_used > 0, "the REQUEST went out on rx");
+    let saved = g._device.save_device().unwrap();
+
+    // The snapshot restored in a new VMM: a new device on the same guest memory and rings.
+    let (mut device, host) = VsockDevice::new().unwrap();
+    device.restore_device(&saved).unwrap();
+    let queues = states
+        .iter()
+        .map(|s| Queue::try_from(*s).unwrap())
+        .chain(std::iter::once(g.rings[2].queue()))
+        .zip(g.evts.iter().cloned())
+        .collect();
+    g._device = device; // the old one stops here
+    g.host = host;
+    g._device
+        .activate(
+            Activation {
+                mem: g.mem.clone(),
+                irq: IrqStatus::new(Arc::new(Line::default())),
+                queues,
+                failure: g.failure.clone(),
+                seccomp: msb_confine::Seccomp::Enforce,
+            },
+            1 << 32,
+        )
+        .unwrap();
+    // The guest learns that the old connection is gone...
+    let (h, _) = g.recv_op(Op::Rst);
+    assert_eq!((h.src_port, h.dst_port), (old_local, 1024));
+    // ...and the host connects anew, from a port the guest has not seen.
+    let (mut s, local) = g.accept_from_host(1024);
+    assert!(local > old_local);
+    s.write_all(b"again").unwrap();
+    let (h, d) = g.recv_op(Op::Rw);
+    assert_eq!((h.src_port, d.as_slice()), (local, b"again".as_slice()));
+    assert!(!g.failure.is_failed());
+
+    // Saved state that is not a vsock device's is refused.
+    let (mut other, _) = VsockDevice::new().unwrap();
+    assert!(other.restore_device(&[0xff; 3]).is_err());
+}

@@ -12,6 +12,9 @@ use super::{
 };
 use crate::bus::BusDevice;
 
+mod persist;
+pub use persist::{MmioState, PersistError, QueueSnapshot};
+
 /// Size of one device's MMIO window.
 pub const MMIO_LEN: u64 = 0x1000;
 /// Offset of QueueNotify: the VMM registers an ioeventfd per queue here.
