@@ -24,7 +24,7 @@ pub const MEMORY_FILE: &str = "memory.bin";
 
 const MAGIC: &[u8; 8] = b"MSBSNAP\0";
 /// Bumped whenever the payload's layout changes; older files are refused, not guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 + 32;
 /// The largest state file read (the state of 64 vCPUs is a few MiB).
 const MAX_STATE: u64 = 64 << 20;
@@ -243,9 +243,10 @@ mod tests {
             Err(SnapshotError::Corrupt(_))
         ));
         let mut newer = bytes.clone();
-        newer[8] = 2;
+        newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = decode::<S>(&newer, p()).unwrap_err();
-        assert!(e.to_string().contains("format 2"), "{e}");
+        let want = format!("format {}", FORMAT_VERSION + 1);
+        assert!(e.to_string().contains(&want), "{e}");
         assert!(!e.to_string().contains('\n'));
     }
 

@@ -26,9 +26,9 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use msb_devices::boot_timer::{BootTimer, BOOT_TIMER_LEN};
 use msb_devices::bus::{lock, Bus};
 use msb_devices::fs::passthrough::PassthroughFs;
-use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice};
+use msb_devices::serial::{ConsoleRing, ConsoleSink, SerialDevice, SerialSnapshot};
 use msb_devices::virtio::fs::FsDevice;
-use msb_devices::virtio::mmio::{MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
+use msb_devices::virtio::mmio::{MmioState, MmioTransport, MMIO_LEN, QUEUE_NOTIFY};
 use msb_devices::virtio::vsock::hybrid::HybridListener;
 use msb_devices::virtio::vsock::{VsockDevice, VsockHost};
 use msb_devices::virtio::{IrqStatus, VirtioDevice};
@@ -439,6 +439,17 @@ struct VmImage {
     memory: Vec<snapshot::MemoryRegion>,
     vm: hypervisor::VmSnapshot,
     vcpus: Vec<hypervisor::VcpuSnapshot>,
+    devices: DevicesImage,
+}
+
+/// The VMM's own devices in a snapshot.
+#[derive(Serialize, Deserialize)]
+struct DevicesImage {
+    console: SerialSnapshot,
+    /// When the guest signalled boot (a restored guest does not signal again).
+    boot_time_ns: Option<u64>,
+    /// Each virtio-mmio transport by its base address.
+    virtio: Vec<(u64, MmioState)>,
 }
 
 impl VmImage {
@@ -755,7 +766,6 @@ impl VmBuilder {
                 Some(protocol)
             }
         };
-        let vcpu_states = restore.map(|r| Arc::new(r.image.vcpus));
 
         // Devices.
         let ring = Arc::new(Mutex::new(ConsoleRing::new(CONSOLE_RING_BYTES)));
@@ -770,6 +780,9 @@ impl VmBuilder {
             reason: GuestExit::PowerOff,
         });
         let boot_time = Arc::new(OnceLock::new());
+        if let Some(ns) = restore.as_ref().and_then(|r| r.image.devices.boot_time_ns) {
+            let _ = boot_time.set(Duration::from_nanos(ns));
+        }
         let boot_signal = Arc::new(BootSignal {
             state: self.stop.clone(),
             time: boot_time.clone(),
@@ -789,6 +802,7 @@ impl VmBuilder {
             &mut mmio,
             ConsoleSink::new(ring.clone(), echo),
             reset,
+            restore.as_ref().map(|r| &r.image.devices.console),
         )
         .map_err(|e| match e {
             arch::PlatformError::Hypervisor(e) => VmError::from(e),
@@ -804,6 +818,7 @@ impl VmBuilder {
             what: "starting the device worker launcher",
             source,
         })?;
+        let mut transports: Vec<(u64, Arc<Mutex<MmioTransport>>)> = Vec::new();
         let mut attach = |device: Box<dyn VirtioDevice>, base: u64, gsi: u32| {
             let irq = IrqStatus::new(vm.create_irq(gsi)?);
             let mut transport =
@@ -815,8 +830,9 @@ impl VmBuilder {
             for (q, evt) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(base + QUEUE_NOTIFY, q as u32, evt)?;
             }
-            mmio.insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)))
-                .map_err(bus_err)
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push((base, transport.clone()));
+            mmio.insert(base, MMIO_LEN, transport).map_err(bus_err)
         };
         let mut vsock = None;
         let mut hybrid = None;
@@ -846,6 +862,10 @@ impl VmBuilder {
             let (base, irq) = virtio_slot(NET_SLOT);
             attach(Box::new(device), base, irq)?;
         }
+        if let Some(r) = &restore {
+            restore_transports(&transports, &r.image.devices.virtio)?;
+        }
+        let vcpu_states = restore.map(|r| Arc::new(r.image.vcpus));
         let buses = Arc::new(Buses { pio, mmio });
 
         // vCPU threads: each creates its vCPU (HVF binds vCPUs to threads), reports, then all
@@ -959,7 +979,7 @@ impl VmBuilder {
         }
         go.wait();
 
-        let stdin_to_console = self.console_input.then_some(console);
+        let stdin_to_console = self.console_input.then(|| console.clone());
         let vm_for_snapshots = vm.clone();
         let shared = LoopShared {
             stop: self.stop.clone(),
@@ -1002,8 +1022,71 @@ impl VmBuilder {
             gate,
             kickers,
             vm: vm_for_snapshots,
+            console,
+            transports,
         })
     }
+}
+
+/// The virtio transports with their workers stopped; dropping it lets them run again.
+struct Quiesced<'a>(&'a [(u64, Arc<Mutex<MmioTransport>>)]);
+
+impl<'a> Quiesced<'a> {
+    fn new(transports: &'a [(u64, Arc<Mutex<MmioTransport>>)]) -> Result<Self, VmError> {
+        for (i, (base, t)) in transports.iter().enumerate() {
+            let r = lock(t).quiesce();
+            if let Err(e) = r {
+                // Those before this one run again as this drops.
+                drop(Quiesced(&transports[..i]));
+                return Err(
+                    SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")).into(),
+                );
+            }
+        }
+        Ok(Quiesced(transports))
+    }
+
+    fn save(&self) -> Result<Vec<(u64, MmioState)>, VmError> {
+        self.0
+            .iter()
+            .map(|(base, t)| {
+                lock(t).save_state().map(|s| (*base, s)).map_err(|e| {
+                    SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")).into()
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        for (base, t) in self.0 {
+            if let Err(e) = lock(t).resume() {
+                tracing::error!("the virtio device at {base:#x} cannot run again: {e}");
+            }
+        }
+    }
+}
+
+/// Puts each transport in its saved state; the saved VM must have had exactly these devices.
+fn restore_transports(
+    transports: &[(u64, Arc<Mutex<MmioTransport>>)],
+    saved: &[(u64, MmioState)],
+) -> Result<(), VmError> {
+    let ours: Vec<u64> = transports.iter().map(|(b, _)| *b).collect();
+    let theirs: Vec<u64> = saved.iter().map(|(b, _)| *b).collect();
+    if ours != theirs {
+        return Err(SnapshotError::Invalid(format!(
+            "the snapshot's VM had virtio devices at {theirs:#x?}, this one has them at {ours:#x?}: restore with the same devices (vsock, shares, network) as the snapshotted sandbox"
+        ))
+        .into());
+    }
+    for ((base, t), (_, state)) in transports.iter().zip(saved) {
+        lock(t)
+            .restore_state(state)
+            .map_err(|e| SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// What a restore checks of a decoded state file before anything is created: this host's
@@ -1490,6 +1573,9 @@ pub struct RunningVm {
     kickers: Vec<Arc<dyn Kicker>>,
     /// For the in-kernel devices' state in snapshots.
     vm: Arc<dyn hypervisor::Vm>,
+    /// The VMM's devices, for snapshots.
+    console: Arc<Mutex<SerialDevice<ConsoleSink>>>,
+    transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -1646,13 +1732,12 @@ impl RunningVm {
     }
 
     /// Saves the VM into snapshot directory `dir` (created if needed): every vCPU's state
-    /// (each saved by its own thread while parked), the in-kernel devices, and guest memory as
-    /// a sparse file. The VM is paused meanwhile and left as it was found (paused or running).
-    /// The files are written under temporary names and renamed, so a failure (a full disk)
-    /// leaves no snapshot rather than a broken one, and the VM unharmed.
-    ///
-    /// The VMM's own devices (serial, virtio transports and backends) are not in it yet:
-    /// restoring is for VMs whose guest did not set up virtio devices (see issue 15).
+    /// (each saved by its own thread while parked), the in-kernel devices, the VMM's devices
+    /// (console, boot timer, every virtio transport with its queues and its device's own
+    /// state) and guest memory as a sparse file. The VM is paused and its device workers
+    /// quiesced meanwhile; it is left as it was found (paused or running). The files are
+    /// written under temporary names and renamed, so a failure (a full disk) leaves no
+    /// snapshot rather than a broken one, and the VM unharmed.
     pub fn save_snapshot(&self, dir: &Path) -> Result<(), VmError> {
         let was_paused = self.is_paused();
         self.pause(PAUSE_FOR_SNAPSHOT)?;
@@ -1670,12 +1755,22 @@ impl RunningVm {
         })?;
         let vcpus = self.save_vcpus()?;
         let vm = self.vm.save_state()?;
+        // Device workers stop between two rounds of work so neither their queues nor guest
+        // memory move while both are saved; they run again whatever happens.
+        let quiesced = Quiesced::new(&self.transports)?;
+        let devices = DevicesImage {
+            console: lock(&self.console).save_state(),
+            boot_time_ns: self.boot_time.get().map(|d| d.as_nanos() as u64),
+            virtio: quiesced.save()?,
+        };
         let memory = save_memory(&self.mem, &dir.join(snapshot::MEMORY_FILE))?;
+        drop(quiesced);
         let image = VmImage {
             arch: std::env::consts::ARCH.to_string(),
             memory,
             vm,
             vcpus,
+            devices,
         };
         snapshot::write_atomic(&dir.join(snapshot::STATE_FILE), &snapshot::encode(&image)?)?;
         Ok(())

@@ -360,6 +360,66 @@ fn a_snapshot_restored_continues_its_memory_and_registers() {
 }
 
 #[test]
+fn a_snapshot_with_devices_restores_only_with_the_same_devices() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("msb-snap-dev-{}", std::process::id()));
+    let share = std::env::temp_dir().join(format!("msb-snap-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&share).unwrap();
+    let fs = || {
+        Arc::new(
+            msb_devices::fs::passthrough::PassthroughFs::new(&share, Default::default()).unwrap(),
+        )
+    };
+    // A VM with a vsock device and a share (its guest never sets them up) and a console.
+    let b = VmBuilder::new(guests::count())
+        .memory_mib(64)
+        .vsock(true)
+        .share("root", fs());
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    count_passes(&vm, 1000, "booting");
+    vm.save_snapshot(&dir).expect("snapshot with devices");
+    stop.stop();
+    vm.wait();
+
+    // Without the devices, or with others, the restore is refused with the fix.
+    for (what, b) in [
+        ("no devices", VmBuilder::restore(&dir).unwrap()),
+        ("no share", VmBuilder::restore(&dir).unwrap().vsock(true)),
+        (
+            "two shares",
+            VmBuilder::restore(&dir)
+                .unwrap()
+                .vsock(true)
+                .share("root", fs())
+                .share("vol0", fs()),
+        ),
+    ] {
+        let e = b
+            .start()
+            .err()
+            .unwrap_or_else(|| panic!("{what}: restored"));
+        assert!(
+            e.to_string().contains("restore with the same devices"),
+            "{what}: {e}"
+        );
+    }
+    let b = VmBuilder::restore(&dir)
+        .unwrap()
+        .vsock(true)
+        .share("root", fs());
+    let stop = b.stop_handle();
+    let restored = b.start().expect("restoring with the same devices");
+    let (c, _) = counts(&restored);
+    count_passes(&restored, c + 1000, "the restored VM");
+    stop.stop();
+    assert_eq!(restored.wait().exit, GuestExit::Stopped);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&share).unwrap();
+}
+
+#[test]
 fn console_ring_keeps_output_when_not_shown() {
     require_kvm();
     let out = VmBuilder::new(guests::pvh_boot()).run().unwrap();

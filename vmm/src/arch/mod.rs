@@ -54,4 +54,6 @@ pub enum PlatformError {
     Hypervisor(#[from] crate::hypervisor::HypervisorError),
     #[error("placing a platform device: {0}")]
     Bus(#[from] msb_devices::bus::BusError),
+    #[error("restoring the console: {0}")]
+    Restore(String),
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use msb_devices::bus::Bus;
-use msb_devices::serial::{ConsoleSink, SerialDevice};
+use msb_devices::serial::{ConsoleSink, SerialDevice, SerialSnapshot};
 use msb_devices::Interrupt;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -135,11 +135,13 @@ pub fn add_platform_devices(
     mmio: &mut Bus,
     console: ConsoleSink,
     _power_off: Arc<dyn Interrupt>,
+    saved_console: Option<&SerialSnapshot>,
 ) -> Result<Arc<Mutex<SerialDevice<ConsoleSink>>>, PlatformError> {
-    let uart = Arc::new(Mutex::new(SerialDevice::new(
-        vm.create_irq(UART_SPI)?,
-        console,
-    )));
+    let irq = vm.create_irq(UART_SPI)?;
+    let uart = Arc::new(Mutex::new(match saved_console {
+        Some(s) => SerialDevice::from_state(irq, console, s).map_err(PlatformError::Restore)?,
+        None => SerialDevice::new(irq, console),
+    }));
     mmio.insert(UART_START, UART_SIZE, uart.clone())?;
     mmio.insert(
         RTC_START,

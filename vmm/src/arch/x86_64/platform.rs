@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use msb_devices::bus::Bus;
 use msb_devices::i8042::{I8042, I8042_BASE, I8042_PORTS};
-use msb_devices::serial::{ConsoleSink, SerialDevice, COM1, UART_PORTS};
+use msb_devices::serial::{ConsoleSink, SerialDevice, SerialSnapshot, COM1, UART_PORTS};
 use msb_devices::Interrupt;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -101,11 +101,13 @@ pub fn add_platform_devices(
     _mmio: &mut Bus,
     console: ConsoleSink,
     power_off: Arc<dyn Interrupt>,
+    saved_console: Option<&SerialSnapshot>,
 ) -> Result<Arc<Mutex<SerialDevice<ConsoleSink>>>, PlatformError> {
-    let com1 = Arc::new(Mutex::new(SerialDevice::new(
-        vm.create_irq(COM1.1)?,
-        console,
-    )));
+    let irq = vm.create_irq(COM1.1)?;
+    let com1 = Arc::new(Mutex::new(match saved_console {
+        Some(s) => SerialDevice::from_state(irq, console, s).map_err(PlatformError::Restore)?,
+        None => SerialDevice::new(irq, console),
+    }));
     pio.insert(u64::from(COM1.0), UART_PORTS, com1.clone())?;
     pio.insert(
         u64::from(I8042_BASE),
