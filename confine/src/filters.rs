@@ -564,6 +564,14 @@ fn allowlist(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_listen,
                     libc::SYS_accept4,
                     libc::SYS_mincore,
+                    // Snapshots (`msb-vmm snapshot`): the directory, files renamed into
+                    // place, the shares' node paths.
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_mkdir,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_rename,
+                    #[cfg(target_arch = "x86_64")]
+                    libc::SYS_readlink,
                 ],
             );
             sockets(&mut r, &[libc::AF_UNIX])?;

@@ -105,6 +105,12 @@ pub enum Request {
     Configure(Configure),
     /// The guest's own figures for `msb-vmm stats` (answered by `Stats`).
     Stats,
+    /// The guest was restored from a snapshot (answered by `Done`): it woke with the wall
+    /// clock of the moment it was saved, and with the same random-number state as every other
+    /// restore of that snapshot. Set the clock (nanoseconds since the Unix epoch) and mix
+    /// `seed` (fresh host randomness, at most [`MAX_SEED`] bytes) into the kernel's pool with
+    /// an immediate reseed.
+    Restored { unix_nanos: u64, seed: Vec<u8> },
 }
 
 /// What only the guest knows about itself: its memory in use and the agent's exec counts.
@@ -119,6 +125,9 @@ pub struct GuestStats {
     /// Processes in the guest (entries of `/proc` that are pids).
     pub processes: u64,
 }
+
+/// The most seed bytes [`Request::Restored`] carries.
+pub const MAX_SEED: usize = 512;
 
 /// Sandbox-wide settings the host gives the agent once, before the first exec.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

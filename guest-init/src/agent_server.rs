@@ -249,6 +249,7 @@ impl Agent {
             }
             Request::Configure(c) => self.configure(c),
             Request::Stats => Ok(Response::Stats(self.stats())),
+            Request::Restored { unix_nanos, seed } => self.restored(unix_nanos, &seed),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -292,6 +293,26 @@ impl Agent {
     }
 
     /// Sandbox-wide settings: default environment and a CA to trust.
+    fn restored(&self, unix_nanos: u64, seed: &[u8]) -> Result<Response, AgentError> {
+        if self.on_shutdown == OnShutdown::Exit {
+            // A host-process agent never sets its host's clock or feeds its host's pool.
+            return Err(invalid("a restore is answered only in a guest"));
+        }
+        if seed.len() > msb_init::agent::MAX_SEED {
+            return Err(invalid(format!("a seed of {} bytes", seed.len())));
+        }
+        crate::sys::reseed_kernel_rng(seed).map_err(io_error)?;
+        let ts = libc::timespec {
+            tv_sec: (unix_nanos / 1_000_000_000) as _,
+            tv_nsec: (unix_nanos % 1_000_000_000) as _,
+        };
+        // SAFETY: `ts` is a valid timespec for the duration of the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            return Err(io_error(io::Error::last_os_error()));
+        }
+        Ok(Response::Done)
+    }
+
     fn configure(&self, c: Configure) -> Result<Response, AgentError> {
         let mut env = c.env;
         check_env(&env)?;

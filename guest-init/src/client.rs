@@ -376,6 +376,22 @@ impl AgentClient {
         }
     }
 
+    /// Tells a guest restored from a snapshot to step its clock to `now` and reseed its
+    /// random-number generator with `seed` (see [`Request::Restored`]).
+    pub fn restored(&self, now: std::time::SystemTime, seed: Vec<u8>) -> Result<()> {
+        let unix_nanos = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        match self
+            .handle(Request::Restored { unix_nanos, seed })?
+            .next_response()?
+        {
+            Some(Response::Done) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks the agent to sync and power off; returns once it acknowledged.
     pub fn shutdown(&self) -> Result<()> {
         match self.handle(Request::Shutdown)?.next_response()? {

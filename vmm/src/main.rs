@@ -67,6 +67,32 @@ enum Command {
         /// The sandbox.
         name: String,
     },
+    /// Save a running sandbox into DIR (its memory, processes, devices and open files); it
+    /// carries on. `restore` continues it, as often as you like.
+    Snapshot {
+        /// The sandbox.
+        name: String,
+        /// Where to save it (created if needed; an earlier snapshot there is replaced).
+        dir: PathBuf,
+    },
+    /// Start a named sandbox from a snapshot: the saved one's processes and files carry on,
+    /// with the same shares and network (its connections from before are reset).
+    Restore {
+        /// A directory `msb-vmm snapshot` wrote.
+        dir: PathBuf,
+        /// Name of the new sandbox.
+        #[arg(long)]
+        name: String,
+    },
+    /// Branch a running sandbox: a new named sandbox continuing from its state now (its own
+    /// clock, random numbers, vsock and network); both carry on independently.
+    Fork {
+        /// The sandbox to branch.
+        name: String,
+        /// Name of the new sandbox.
+        #[arg(long = "name", id = "new_name", value_name = "NEW")]
+        new: String,
+    },
     /// What a running sandbox uses: vCPU time, memory (host and guest), network, files,
     /// processes.
     Stats {
@@ -379,6 +405,9 @@ struct StartArgs {
     /// Stop the sandbox cleanly SECS seconds after it started, whatever it is doing.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     max_lifetime: Option<Duration>,
+    /// Continue the sandbox saved in this snapshot directory (internal: `msb-vmm restore`).
+    #[arg(long, hide = true, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -458,6 +487,9 @@ fn run_command(command: Command) -> u8 {
         Command::Ls => cli::daemon::ls(),
         Command::Pause { name } => cli::daemon::pause(&name, true),
         Command::Resume { name } => cli::daemon::pause(&name, false),
+        Command::Snapshot { name, dir } => cli::daemon::snapshot(&name, &dir),
+        Command::Restore { dir, name } => cli::daemon::restore(&dir, &name),
+        Command::Fork { name, new } => cli::daemon::fork(&name, &new),
         Command::Stop { name } => cli::daemon::stop(&name),
         Command::Stats { name, json, watch } => cli::daemon::stats(&name, json, watch),
         Command::Policy(a) => cli::daemon::policy(a),

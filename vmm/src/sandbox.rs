@@ -16,7 +16,7 @@
 use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use msb_init::agent::{
@@ -93,6 +93,8 @@ pub enum SandboxError {
     Paused,
     #[error("pausing: {0}")]
     Pause(#[from] crate::vm::PauseError),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl SandboxError {
@@ -133,6 +135,38 @@ pub struct SandboxBuilder {
     rootfs: Option<(PathBuf, Access)>,
     #[cfg(target_os = "linux")]
     network: Option<Network>,
+    /// Continue the sandbox saved in this snapshot directory instead of booting.
+    restore: Option<PathBuf>,
+}
+
+/// What a sandbox snapshot records beside the VM's state: the layout a restore must
+/// rebuild (shares by tag and guest path, a network card or not) and the sizes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxImage {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// (tag, guest path) of each share, in device order.
+    pub shares: Vec<(String, String)>,
+    pub network: bool,
+}
+
+/// The file of a snapshot directory holding the [`SandboxImage`].
+pub const SANDBOX_FILE: &str = "sandbox.json";
+
+impl SandboxImage {
+    /// Reads the sandbox record of snapshot directory `dir`.
+    pub fn read(dir: &Path) -> Result<SandboxImage, SandboxError> {
+        let path = dir.join(SANDBOX_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            SandboxError::Snapshot(format!(
+                "{}: {e} (is {} a sandbox snapshot? `msb-vmm snapshot NAME DIR` makes one)",
+                path.display(),
+                dir.display()
+            ))
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SandboxError::Snapshot(format!("{}: {e}", path.display())))
+    }
 }
 
 /// A sandbox's network: a virtio-net card whose every packet ends in our netstack, which
@@ -486,6 +520,58 @@ impl SandboxBuilder {
     }
 
     /// Boots the VM and connects to its agent.
+    /// Continue the sandbox saved in snapshot directory `dir` ([`Sandbox::snapshot`]) rather
+    /// than boot a new one. The builder must give it the same shares (by guest path; the host
+    /// directories may be copies) and network; vCPUs and memory are the snapshot's. Its
+    /// processes, files and memory carry on; connections from before the snapshot (agent,
+    /// network flows) are reset, and the agent is reconnected.
+    pub fn restore_from(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.restore = Some(dir.into());
+        self
+    }
+
+    /// The shares this builder makes, as (tag, guest path), in device order.
+    fn share_layout(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.rootfs.is_some() {
+            out.push(("root".to_string(), "/".to_string()));
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            out.push((format!("vol{i}"), v.guest.display().to_string()));
+        }
+        out
+    }
+
+    /// Whether this builder rebuilds the devices of the snapshotted sandbox.
+    fn check_restore(&self, saved: &SandboxImage) -> Result<(), SandboxError> {
+        let ours = self.share_layout();
+        if ours != saved.shares {
+            let paths = |v: &[(String, String)]| {
+                v.iter()
+                    .map(|(_, g)| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(SandboxError::Snapshot(format!(
+                "the snapshotted sandbox had shares at [{}], this one has them at [{}]: give the same root and volumes (host directories may be copies)",
+                paths(&saved.shares),
+                paths(&ours)
+            )));
+        }
+        #[cfg(target_os = "linux")]
+        let network = self.network.is_some();
+        #[cfg(not(target_os = "linux"))]
+        let network = false;
+        if network != saved.network {
+            return Err(SandboxError::Snapshot(format!(
+                "the snapshotted sandbox had {} network: restore it {} one",
+                if saved.network { "a" } else { "no" },
+                if saved.network { "with" } else { "without" }
+            )));
+        }
+        Ok(())
+    }
+
     pub fn start(self) -> Result<Sandbox, SandboxError> {
         // A sandbox always boots Linux: refuse at once where /dev/kvm cannot run it.
         if crate::host::is_pvm() && std::env::var_os("MSB_ALLOW_PVM").is_none() {
@@ -502,21 +588,37 @@ impl SandboxBuilder {
         if !self.console {
             cmdline.push_str(" quiet");
         }
-        let cache = crate::assets::cache_dir();
-        let image = initramfs::cached_default(
-            &cache,
-            &crate::assets::msb_init(),
-            Some(&crate::assets::busybox()),
-        )?;
-        let kernel = self
-            .kernel
-            .clone()
-            .unwrap_or_else(crate::assets::default_kernel);
-        let mut b = VmBuilder::new(kernel)
-            .initrd(Initrd::Path(image))
-            .cmdline(cmdline)
-            .cpus(self.cpus)
-            .memory_mib(self.memory_mib)
+        let saved = match &self.restore {
+            Some(dir) => Some(SandboxImage::read(dir)?),
+            None => None,
+        };
+        let mut b = match (&self.restore, &saved) {
+            (Some(dir), Some(saved)) => {
+                self.check_restore(saved)?;
+                VmBuilder::restore(dir)?
+            }
+            _ => {
+                let cache = crate::assets::cache_dir();
+                let image = initramfs::cached_default(
+                    &cache,
+                    &crate::assets::msb_init(),
+                    Some(&crate::assets::busybox()),
+                )?;
+                let kernel = self
+                    .kernel
+                    .clone()
+                    .unwrap_or_else(crate::assets::default_kernel);
+                VmBuilder::new(kernel)
+                    .initrd(Initrd::Path(image))
+                    .cmdline(cmdline)
+                    .cpus(self.cpus)
+                    .memory_mib(self.memory_mib)
+            }
+        };
+        let (cpus, memory_mib) = saved
+            .as_ref()
+            .map_or((self.cpus, self.memory_mib), |s| (s.cpus, s.memory_mib));
+        b = b
             .timeout(self.vm_timeout)
             .start_time(self.start)
             .defer_teardown_to_exit(self.defer_teardown)
@@ -675,6 +777,10 @@ impl SandboxBuilder {
         if self.limits.is_set() {
             configure.get_or_insert_with(Default::default).limits = self.limits;
         }
+        // A restored guest's agent was configured before the snapshot and remembers it.
+        if saved.is_some() {
+            configure = None;
+        }
         let vm = b.start()?;
         if self.confine_caller {
             if let Err(e) = msb_confine::enter(msb_confine::ThreadKind::Control, self.seccomp) {
@@ -690,6 +796,20 @@ impl SandboxBuilder {
                 .map_err(ConnectFailure::Agent),
             None => Ok(agent),
         });
+        // A restored guest wakes with its snapshot's wall clock and random-number state (the
+        // same in every restore of it): step the clock to now and reseed from our generator.
+        let connected = connected.and_then(|agent| {
+            if saved.is_some() {
+                let mut seed = vec![0u8; 64];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| io::Read::read_exact(&mut f, &mut seed))
+                    .map_err(|e| ConnectFailure::Agent(ClientError::Io(e.to_string())))?;
+                agent
+                    .restored(std::time::SystemTime::now(), seed)
+                    .map_err(ConnectFailure::Agent)?;
+            }
+            Ok(agent)
+        });
         match connected {
             Ok(agent) => {
                 let ready = self.start.elapsed();
@@ -703,8 +823,8 @@ impl SandboxBuilder {
                     agent: Some(agent),
                     ready_time: ready,
                     ready_at: Instant::now(),
-                    cpus: self.cpus,
-                    memory_mib: self.memory_mib,
+                    cpus,
+                    memory_mib,
                     shares,
                     #[cfg(target_os = "linux")]
                     netstack,
@@ -837,6 +957,7 @@ impl Sandbox {
             rootfs: None,
             #[cfg(target_os = "linux")]
             network: None,
+            restore: None,
         }
     }
 
@@ -901,6 +1022,35 @@ impl Sandbox {
     pub fn pause(&self) -> Result<(), SandboxError> {
         let vm = self.vm.as_ref().ok_or(crate::vm::PauseError::Stopped)?;
         Ok(vm.pause(PAUSE_TIMEOUT)?)
+    }
+
+    /// Saves the sandbox into snapshot directory `dir` (created if needed): the VM (vCPUs,
+    /// memory, devices, the shares' open files) and the layout a restore must rebuild
+    /// ([`SandboxImage`]). The guest stands still meanwhile and then carries on; a paused
+    /// sandbox stays paused. Continue it with [`SandboxBuilder::restore_from`], as often as
+    /// you like: every restore starts from the same state.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), SandboxError> {
+        let vm = self.vm.as_ref().ok_or(crate::vm::PauseError::Stopped)?;
+        vm.save_snapshot(dir)?;
+        #[cfg(target_os = "linux")]
+        let network = self.netstack.is_some();
+        #[cfg(not(target_os = "linux"))]
+        let network = false;
+        let image = SandboxImage {
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            shares: self
+                .shares
+                .iter()
+                .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
+                .collect(),
+            network,
+        };
+        let json =
+            serde_json::to_vec_pretty(&image).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
+        crate::snapshot::write_atomic(&dir.join(SANDBOX_FILE), &json)
+            .map_err(|e| SandboxError::Vm(e.into()))?;
+        Ok(())
     }
 
     /// Lets a paused sandbox run again (nothing happens if it is not paused).

@@ -634,6 +634,139 @@ fn long_running_sandbox_start_exec_cp_ls_stop() {
 }
 
 #[test]
+fn a_snapshot_restores_processes_memory_and_open_files_twice() {
+    let _w = watchdog("a_snapshot_restores_processes_memory_and_open_files_twice");
+    let shm = state_dir().with_file_name(format!("msb-e2e-snap-{}", std::process::id()));
+    let (vol, snap) = (shm.join("vol"), shm.join("snap"));
+    let _ = std::fs::remove_dir_all(&shm);
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("data"), b"held open across the snapshot\n").unwrap();
+    let volume = format!("{}:/vol", vol.display());
+    let out = msb_vmm_state(&["start", "--name", "snapsrc", "--volume", &volume]);
+    assert!(out.status.success(), "start: {}", text(&out.stderr));
+    // Guest state in memory (a tmpfs file, a process) and a file the process holds open on a
+    // share (its node and handle live in the VMM's FUSE server).
+    let e = msb_vmm_state(&[
+        "exec",
+        "snapsrc",
+        "--",
+        "sh",
+        "-c",
+        "echo in-memory > /dev/shm/m; (exec 3</vol/data; while sleep 1; do :; done) >/dev/null 2>&1 & echo $! > /dev/shm/pid; date -s @$(($(date +%s) - 3600)) >/dev/null",
+    ]);
+    assert!(e.status.success(), "exec: {}", text(&e.stderr));
+    let snapshot = msb_vmm_state(&["snapshot", "snapsrc", snap.to_str().unwrap()]);
+    assert!(
+        snapshot.status.success(),
+        "snapshot: {}",
+        text(&snapshot.stderr)
+    );
+    // The original carries on.
+    let e = msb_vmm_state(&["exec", "snapsrc", "--", "cat", "/dev/shm/m"]);
+    assert_eq!(text(&e.stdout), "in-memory\n", "{}", text(&e.stderr));
+    let e = msb_vmm_state(&[
+        "exec",
+        "snapsrc",
+        "--",
+        "sh",
+        "-c",
+        "echo after > /dev/shm/m",
+    ]);
+    assert!(e.status.success());
+
+    // Two copies from the one snapshot, beside the original.
+    let mut randoms = Vec::new();
+    for name in ["snapcopy1", "snapcopy2"] {
+        let r = msb_vmm_state(&["restore", snap.to_str().unwrap(), "--name", name]);
+        assert!(r.status.success(), "restore {name}: {}", text(&r.stderr));
+        let e = msb_vmm_state(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "cat /dev/shm/m; p=$(cat /dev/shm/pid); kill -0 $p && echo alive; head -c 9 /proc/$p/fd/3; echo; hostname; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+        ]);
+        let out = text(&e.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.get(..4),
+            Some(&["in-memory", "alive", "held open", "snapsrc"][..]),
+            "{name}: {out} {}",
+            text(&e.stderr)
+        );
+        // The saved guest's clock was an hour behind; a restore steps it to the host's.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let guest: i64 = lines.get(4).and_then(|c| c.parse().ok()).unwrap_or(0);
+        assert!(
+            (guest - now).abs() < 600,
+            "{name}: guest clock {guest}, host {now}"
+        );
+        let random = lines.get(5).copied().unwrap_or_default().to_string();
+        assert_eq!(random.len(), 32, "{name}: {out}");
+        randoms.push(random);
+        // The copy's writes are its own.
+        let e = msb_vmm_state(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {name} > /dev/shm/m"),
+        ]);
+        assert!(e.status.success());
+    }
+    // Each restore reseeded its kernel's generator: the copies do not share random numbers.
+    assert_ne!(randoms[0], randoms[1]);
+    // A fork branches the original as it is now; its snapshot is gone once it runs.
+    let f = msb_vmm_state(&["fork", "snapsrc", "--name", "snapfork"]);
+    assert!(f.status.success(), "fork: {}", text(&f.stderr));
+    assert!(!state_dir().join("snapsrc/fork-snapfork").exists());
+    let e = msb_vmm_state(&[
+        "exec",
+        "snapfork",
+        "--",
+        "sh",
+        "-c",
+        "cat /dev/shm/m; echo forked > /dev/shm/m",
+    ]);
+    assert_eq!(text(&e.stdout), "after\n", "{}", text(&e.stderr));
+    let ls = text(&msb_vmm_state(&["ls"]).stdout);
+    for name in ["snapsrc", "snapcopy1", "snapcopy2"] {
+        assert!(ls.contains(name), "{ls}");
+    }
+    let e = msb_vmm_state(&["exec", "snapsrc", "--", "cat", "/dev/shm/m"]);
+    assert_eq!(text(&e.stdout), "after\n", "the fork's writes are its own");
+    let e = msb_vmm_state(&["exec", "snapcopy1", "--", "cat", "/dev/shm/m"]);
+    assert_eq!(text(&e.stdout), "snapcopy1\n");
+
+    // Mistakes are one line naming the fix.
+    let missing = msb_vmm_state(&["restore", "/nonexistent/snap", "--name", "snapbad"]);
+    assert_eq!(missing.status.code(), Some(125));
+    assert_eq!(
+        text(&missing.stderr).lines().count(),
+        1,
+        "{}",
+        text(&missing.stderr)
+    );
+    let taken = msb_vmm_state(&["restore", snap.to_str().unwrap(), "--name", "snapsrc"]);
+    assert!(
+        text(&taken.stderr).contains("already exists"),
+        "{}",
+        text(&taken.stderr)
+    );
+
+    for name in ["snapsrc", "snapcopy1", "snapcopy2", "snapfork"] {
+        let stop = msb_vmm_state(&["stop", name]);
+        assert!(stop.status.success(), "stop {name}: {}", text(&stop.stderr));
+    }
+    let _ = std::fs::remove_dir_all(&shm);
+}
+
+#[test]
 fn dead_sandboxes_are_detected_and_cleaned() {
     let _w = watchdog("dead_sandboxes_are_detected_and_cleaned");
     let out = msb_vmm_state(&["start", "--name", "box2"]);

@@ -9,6 +9,7 @@
 //! {"op":"set_policy","flags":{...}}     → {"ok":true,"flows_cut":1,"flows_kept":3}
 //! {"op":"suggest"}                      → {"ok":true,"policy":"..."}       (learn mode)
 //! {"op":"pause"} / {"op":"resume"}      → {"ok":true}   (NAME/paused exists while paused)
+//! {"op":"snapshot","dir":"/abs/dir"}    → {"ok":true}   (Sandbox::snapshot)
 //! anything that fails                   → {"ok":false,"error":"one line"}
 //! ```
 //!
@@ -38,6 +39,7 @@ pub enum Request {
     Suggest,
     Pause,
     Resume,
+    Snapshot { dir: std::path::PathBuf },
 }
 
 /// The largest request line (a policy file's text rides in it).
@@ -126,6 +128,12 @@ fn answer(sb: &Sandbox, dir: &Path, req: Request) -> anyhow::Result<serde_json::
             tracing::info!("resumed");
             serde_json::json!({"ok": true})
         }
+        Request::Snapshot { dir } => {
+            sb.snapshot(&dir)
+                .with_context(|| format!("saving into {}", dir.display()))?;
+            tracing::info!("saved into {}", dir.display());
+            serde_json::json!({"ok": true})
+        }
         Request::Stats => serde_json::json!({"ok": true, "stats": sb.stats()}),
         Request::Policy => {
             let text = sb.policy().map(|p| p.to_toml()).unwrap_or_else(|| {
@@ -202,8 +210,13 @@ pub fn request(dir: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
             path.display()
         )
     })?;
-    // Stats wait up to 2 s for the agent; a policy change for the netstack.
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    // Stats wait up to 2 s for the agent; a policy change for the netstack; a snapshot
+    // writes the guest's memory.
+    let timeout = match req {
+        Request::Snapshot { .. } => Duration::from_secs(600),
+        _ => Duration::from_secs(15),
+    };
+    s.set_read_timeout(Some(timeout))?;
     (&s).write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
     let mut line = String::new();
     BufReader::new(&s)

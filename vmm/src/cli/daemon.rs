@@ -162,13 +162,147 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     super::with_mounts(msb_vmm::sandbox::Sandbox::builder(), &a.mounts)?;
     super::with_network(msb_vmm::sandbox::Sandbox::builder(), &a.net, &a.limits)?;
     super::with_limits(msb_vmm::sandbox::Sandbox::builder(), &a.limits)?;
+    let args = serve_args(&a)?;
+    launch(&a.name, args, None)
+}
+
+/// `msb-vmm restore DIR --name NAME`: a named sandbox continuing the one saved in `dir`.
+pub fn restore(dir: &Path, name: &str) -> anyhow::Result<u8> {
+    check_name(name)?;
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("the snapshot directory {}", dir.display()))?;
+    msb_vmm::sandbox::SandboxImage::read(&dir)?;
+    let path = dir.join(START_ARGS);
+    let args: Vec<String> = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| path.display().to_string())?;
+    launch(name, args.into_iter().map(Into::into).collect(), Some(&dir))
+}
+
+/// The file of a named sandbox's state directory holding what `__serve` was started with
+/// (besides its name), copied into its snapshots for `restore`.
+const SERVE_ARGS: &str = "serve-args.json";
+/// That file in a snapshot directory.
+const START_ARGS: &str = "start-args.json";
+
+/// `__serve`'s arguments for `start`'s, paths made absolute (the sandbox process may not
+/// share our working directory).
+fn serve_args(a: &StartArgs) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let mut cmd: Vec<std::ffi::OsString> = vec![
+        "--cpus".into(),
+        a.vm.cpus.to_string().into(),
+        "--memory".into(),
+        a.vm.memory.to_string().into(),
+    ];
+    let mut arg = |k: &str, v: &dyn AsRef<std::ffi::OsStr>| {
+        cmd.push(k.into());
+        cmd.push(v.as_ref().to_owned());
+    };
+    if let Some(j) = &a.vm.jail {
+        arg("--jail", &std::env::current_dir()?.join(j));
+    }
+    if let Some(m) = &a.vm.jail_max_file {
+        arg("--jail-max-file", m);
+    }
+    if let Some(k) = &a.kernel {
+        arg("--kernel", k);
+    }
+    for v in &a.mounts.volumes {
+        // Absolute host paths: the sandbox process may not share our working directory.
+        let abs = match v.split_once(':') {
+            Some((h, rest)) => format!("{}:{rest}", std::fs::canonicalize(h)?.display()),
+            None => v.clone(),
+        };
+        arg("--volume", &abs);
+    }
+    for t in &a.mounts.tmpfs {
+        arg("--tmpfs", t);
+    }
+    match &a.mounts.rootfs {
+        Some(r) if r.as_os_str() == msb_vmm::assets::INITRAMFS_ROOT => arg("--rootfs", r),
+        Some(r) => arg("--rootfs", &std::fs::canonicalize(r)?),
+        None => {}
+    }
+    if let Some(h) = &a.hostname {
+        arg("--hostname", h);
+    }
+    if let Some(p) = &a.net.rules.net {
+        arg("--net", p);
+    }
+    for r in &a.net.rules.allow {
+        arg("--allow", r);
+    }
+    for r in &a.net.rules.deny {
+        arg("--deny", r);
+    }
+    if let Some(f) = &a.net.rules.policy {
+        arg("--policy", &std::fs::canonicalize(f)?);
+    }
+    arg("--mtu", &a.net.mtu.to_string());
+    for p in &a.net.publish {
+        arg("--publish", p);
+    }
+    if let Some(m) = &a.metrics_socket {
+        arg("--metrics-socket", &std::env::current_dir()?.join(m));
+    }
+    if let Some(n) = a.limits.pids_limit {
+        arg("--pids-limit", &n.to_string());
+    }
+    if let Some(m) = &a.limits.memory_limit {
+        arg("--memory-limit", m);
+    }
+    arg("--max-flows", &a.limits.max_flows.to_string());
+    if let Some(r) = &a.limits.net_rate {
+        arg("--net-rate", r);
+    }
+    if let Some(b) = &a.limits.egress_budget {
+        arg("--egress-budget", b);
+    }
+    if let Some(r) = &a.limits.fs_rate {
+        arg("--fs-rate", r);
+    }
+    if let Some(t) = a.idle_timeout {
+        arg("--idle-timeout", &t.as_secs_f64().to_string());
+    }
+    if let Some(t) = a.max_lifetime {
+        arg("--max-lifetime", &t.as_secs_f64().to_string());
+    }
+    if let Some(f) = &a.net.net_log {
+        arg("--net-log", &std::env::current_dir()?.join(f));
+    }
+    if a.vm.no_seccomp {
+        cmd.push("--no-seccomp".into());
+    }
+    Ok(cmd)
+}
+
+/// What a restored copy of a sandbox is started with: its own arguments but for the
+/// metrics socket (the original may still hold it) and the jail (a restore is not jailed
+/// in the same directory).
+fn args_for_copies(args: &[std::ffi::OsString]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--metrics-socket" || a == "--jail" {
+            it.next();
+            continue;
+        }
+        out.push(a.to_string_lossy().into_owned());
+    }
+    out
+}
+
+/// Creates the state directory of sandbox `name` and starts its `__serve` process with
+/// `args` (continuing snapshot `restore` if given); returns once its agent is ready.
+fn launch(name: &str, args: Vec<std::ffi::OsString>, restore: Option<&Path>) -> anyhow::Result<u8> {
     let root = state_root();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&root)
         .with_context(|| format!("creating {}", root.display()))?;
-    let dir = root.join(&a.name);
+    let dir = root.join(name);
     if dir.exists() {
         match status(&dir) {
             Status::Dead | Status::Stopped(_) => {
@@ -176,8 +310,8 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
             }
             _ => bail!(
                 "a sandbox named {} already exists (`msb-vmm stop {}` first, or pick another name)",
-                a.name,
-                a.name
+                name,
+                name
             ),
         }
     }
@@ -189,7 +323,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
         .create(&dir)
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => {
-                anyhow!("a sandbox named {} already exists", a.name)
+                anyhow!("a sandbox named {} already exists", name)
             }
             _ => anyhow!("creating {}: {e}", dir.display()),
         })?;
@@ -206,95 +340,13 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     }
     let _ = std::fs::remove_file(&probe);
     let log = private_file(&dir.join("log")).context("creating the sandbox log")?;
+    let copies = serde_json::to_vec(&args_for_copies(&args))?;
+    write_private(&dir.join(SERVE_ARGS), &copies).context("recording the sandbox's arguments")?;
     let exe = std::env::current_exe().context("finding the msb-vmm executable")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("__serve")
-        .arg("--name")
-        .arg(&a.name)
-        .arg("--cpus")
-        .arg(a.vm.cpus.to_string())
-        .arg("--memory")
-        .arg(a.vm.memory.to_string());
-    if a.vm.no_seccomp {
-        cmd.arg("--no-seccomp");
-    }
-    if let Some(j) = &a.vm.jail {
-        cmd.arg("--jail").arg(std::env::current_dir()?.join(j));
-    }
-    if let Some(m) = &a.vm.jail_max_file {
-        cmd.arg("--jail-max-file").arg(m);
-    }
-    if let Some(k) = &a.kernel {
-        cmd.arg("--kernel").arg(k);
-    }
-    for v in &a.mounts.volumes {
-        // Absolute host paths: the sandbox process may not share our working directory.
-        let abs = match v.split_once(':') {
-            Some((h, rest)) => format!("{}:{rest}", std::fs::canonicalize(h)?.display()),
-            None => v.clone(),
-        };
-        cmd.arg("--volume").arg(abs);
-    }
-    for t in &a.mounts.tmpfs {
-        cmd.arg("--tmpfs").arg(t);
-    }
-    match &a.mounts.rootfs {
-        Some(r) if r.as_os_str() == msb_vmm::assets::INITRAMFS_ROOT => {
-            cmd.arg("--rootfs").arg(r);
-        }
-        Some(r) => {
-            cmd.arg("--rootfs").arg(std::fs::canonicalize(r)?);
-        }
-        None => {}
-    }
-    if let Some(h) = &a.hostname {
-        cmd.arg("--hostname").arg(h);
-    }
-    if let Some(p) = &a.net.rules.net {
-        cmd.arg("--net").arg(p);
-    }
-    for r in &a.net.rules.allow {
-        cmd.arg("--allow").arg(r);
-    }
-    for r in &a.net.rules.deny {
-        cmd.arg("--deny").arg(r);
-    }
-    if let Some(f) = &a.net.rules.policy {
-        cmd.arg("--policy").arg(std::fs::canonicalize(f)?);
-    }
-    cmd.arg("--mtu").arg(a.net.mtu.to_string());
-    for p in &a.net.publish {
-        cmd.arg("--publish").arg(p);
-    }
-    if let Some(m) = &a.metrics_socket {
-        cmd.arg("--metrics-socket")
-            .arg(std::env::current_dir()?.join(m));
-    }
-    if let Some(n) = a.limits.pids_limit {
-        cmd.arg("--pids-limit").arg(n.to_string());
-    }
-    if let Some(m) = &a.limits.memory_limit {
-        cmd.arg("--memory-limit").arg(m);
-    }
-    cmd.arg("--max-flows").arg(a.limits.max_flows.to_string());
-    if let Some(r) = &a.limits.net_rate {
-        cmd.arg("--net-rate").arg(r);
-    }
-    if let Some(b) = &a.limits.egress_budget {
-        cmd.arg("--egress-budget").arg(b);
-    }
-    if let Some(r) = &a.limits.fs_rate {
-        cmd.arg("--fs-rate").arg(r);
-    }
-    if let Some(t) = a.idle_timeout {
-        cmd.arg("--idle-timeout").arg(t.as_secs_f64().to_string());
-    }
-    if let Some(t) = a.max_lifetime {
-        cmd.arg("--max-lifetime").arg(t.as_secs_f64().to_string());
-    }
-    if let Some(f) = &a.net.net_log {
-        // Absolute: the sandbox process may not share our working directory.
-        cmd.arg("--net-log").arg(std::env::current_dir()?.join(f));
+    cmd.arg("__serve").arg("--name").arg(name).args(&args);
+    if let Some(snapshot) = restore {
+        cmd.arg("--restore").arg(snapshot);
     }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -340,7 +392,7 @@ pub fn start(a: StartArgs) -> anyhow::Result<u8> {
             let _ = std::fs::remove_dir_all(&dir);
             bail!(
                 "sandbox {} did not become ready within {} s",
-                a.name,
+                name,
                 start_timeout.as_secs()
             );
         }
@@ -374,6 +426,9 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         .boot_timeout(start_timeout());
     if let Some(k) = &a.kernel {
         b = b.kernel(k);
+    }
+    if let Some(snapshot) = &a.restore {
+        b = b.restore_from(snapshot);
     }
     b = super::with_mounts(b, &a.mounts)?;
     b = super::with_network(b, &a.net, &a.limits)?;
@@ -595,6 +650,50 @@ fn unpaused(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `msb-vmm pause` and `msb-vmm resume`.
+/// `msb-vmm fork NAME --name NEW`: a snapshot of NAME in its own state directory, restored as
+/// NEW and then removed (the fork's memory mapping outlives the file).
+pub fn fork(name: &str, new: &str) -> anyhow::Result<u8> {
+    check_name(new)?;
+    let state = running(name)?;
+    let snap = state.join(format!("fork-{new}"));
+    let _ = std::fs::remove_dir_all(&snap);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&snap)
+        .with_context(|| format!("creating {}", snap.display()))?;
+    let result = (|| {
+        super::control::request(
+            &state,
+            &super::control::Request::Snapshot { dir: snap.clone() },
+        )?;
+        let args: Vec<String> = serde_json::from_slice(&std::fs::read(state.join(SERVE_ARGS))?)?;
+        launch(new, args.into_iter().map(Into::into).collect(), Some(&snap))
+    })();
+    let _ = std::fs::remove_dir_all(&snap);
+    result
+}
+
+/// `msb-vmm snapshot NAME DIR`.
+pub fn snapshot(name: &str, dir: &Path) -> anyhow::Result<u8> {
+    let state = running(name)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let started = Instant::now();
+    super::control::request(
+        &state,
+        &super::control::Request::Snapshot { dir: dir.clone() },
+    )?;
+    std::fs::copy(state.join(SERVE_ARGS), dir.join(START_ARGS))
+        .with_context(|| format!("writing {}", dir.join(START_ARGS).display()))?;
+    eprintln!(
+        "msb-vmm: saved {name} into {} in {:.0} ms (`msb-vmm restore {} --name NEW` continues it)",
+        dir.display(),
+        started.elapsed().as_secs_f64() * 1000.0,
+        dir.display()
+    );
+    Ok(0)
+}
+
 pub fn pause(name: &str, pause: bool) -> anyhow::Result<u8> {
     let dir = running(name)?;
     let req = if pause {
