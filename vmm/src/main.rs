@@ -74,6 +74,9 @@ enum Command {
         name: String,
         /// Where to save it (created if needed; an earlier snapshot there is replaced).
         dir: PathBuf,
+        /// Stop the sandbox once it is saved.
+        #[arg(long)]
+        stop: bool,
     },
     /// Start a named sandbox from a snapshot: the saved one's processes and files carry on,
     /// with the same shares and network (its connections from before are reset).
@@ -84,14 +87,26 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Branch a running sandbox: a new named sandbox continuing from its state now (its own
-    /// clock, random numbers, vsock and network); both carry on independently.
+    /// Branch a running sandbox, or a snapshot, into new named sandboxes that carry on from
+    /// its state (each with its own clock, random numbers, vsock and network).
     Fork {
-        /// The sandbox to branch.
-        name: String,
-        /// Name of the new sandbox.
-        #[arg(long = "name", id = "new_name", value_name = "NEW")]
-        new: String,
+        /// A running sandbox (branched as it is now), or a directory `snapshot` wrote.
+        source: String,
+        /// Name of the one new sandbox.
+        #[arg(
+            long = "name",
+            id = "new_name",
+            value_name = "NEW",
+            required_unless_present = "count",
+            conflicts_with = "count"
+        )]
+        new: Option<String>,
+        /// How many new sandboxes, named PREFIX1 to PREFIXK.
+        #[arg(long, value_name = "K", requires = "name_prefix", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: Option<u32>,
+        /// The names' prefix for --count.
+        #[arg(long, value_name = "PREFIX", requires = "count")]
+        name_prefix: Option<String>,
     },
     /// What a running sandbox uses: vCPU time, memory (host and guest), network, files,
     /// processes.
@@ -487,9 +502,21 @@ fn run_command(command: Command) -> u8 {
         Command::Ls => cli::daemon::ls(),
         Command::Pause { name } => cli::daemon::pause(&name, true),
         Command::Resume { name } => cli::daemon::pause(&name, false),
-        Command::Snapshot { name, dir } => cli::daemon::snapshot(&name, &dir),
+        Command::Snapshot { name, dir, stop } => cli::daemon::snapshot(&name, &dir, stop),
         Command::Restore { dir, name } => cli::daemon::restore(&dir, &name),
-        Command::Fork { name, new } => cli::daemon::fork(&name, &new),
+        Command::Fork {
+            source,
+            new,
+            count,
+            name_prefix,
+        } => {
+            let names = match (new, count, name_prefix) {
+                (Some(n), _, _) => vec![n],
+                (None, Some(k), Some(p)) => (1..=k).map(|i| format!("{p}{i}")).collect(),
+                _ => unreachable!("clap requires --name or --count with --name-prefix"),
+            };
+            cli::daemon::fork(&source, &names)
+        }
         Command::Stop { name } => cli::daemon::stop(&name),
         Command::Stats { name, json, watch } => cli::daemon::stats(&name, json, watch),
         Command::Policy(a) => cli::daemon::policy(a),

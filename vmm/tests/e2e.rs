@@ -641,6 +641,11 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
     let _ = std::fs::remove_dir_all(&shm);
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("data"), b"held open across the snapshot\n").unwrap();
+    std::fs::write(
+        vol.join("doomed"),
+        b"deleted on the host after the snapshot\n",
+    )
+    .unwrap();
     let volume = format!("{}:/vol", vol.display());
     let out = msb_vmm_state(&["start", "--name", "snapsrc", "--volume", &volume]);
     assert!(out.status.success(), "start: {}", text(&out.stderr));
@@ -652,7 +657,7 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
         "--",
         "sh",
         "-c",
-        "echo in-memory > /dev/shm/m; (exec 3</vol/data; while sleep 1; do :; done) >/dev/null 2>&1 & echo $! > /dev/shm/pid; date -s @$(($(date +%s) - 3600)) >/dev/null",
+        "echo in-memory > /dev/shm/m; (exec 3</vol/data; while sleep 1; do :; done) >/dev/null 2>&1 & echo $! > /dev/shm/pid; (exec 3</vol/doomed; while sleep 1; do :; done) >/dev/null 2>&1 & echo $! > /dev/shm/pid2; date -s @$(($(date +%s) - 3600)) >/dev/null",
     ]);
     assert!(e.status.success(), "exec: {}", text(&e.stderr));
     let snapshot = msb_vmm_state(&["snapshot", "snapsrc", snap.to_str().unwrap()]);
@@ -661,6 +666,7 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
         "snapshot: {}",
         text(&snapshot.stderr)
     );
+    std::fs::remove_file(vol.join("doomed")).unwrap();
     // The original carries on.
     let e = msb_vmm_state(&["exec", "snapsrc", "--", "cat", "/dev/shm/m"]);
     assert_eq!(text(&e.stdout), "in-memory\n", "{}", text(&e.stderr));
@@ -685,7 +691,7 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
             "--",
             "sh",
             "-c",
-            "cat /dev/shm/m; p=$(cat /dev/shm/pid); kill -0 $p && echo alive; head -c 9 /proc/$p/fd/3; echo; hostname; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+            "cat /dev/shm/m; p=$(cat /dev/shm/pid); kill -0 $p && echo alive; head -c 9 /proc/$p/fd/3; echo; hostname; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; q=$(cat /dev/shm/pid2); kill -0 $q && echo alive; if head -c 4 /proc/$q/fd/3 >/dev/null 2>&1; then echo readable; else echo stale; fi",
         ]);
         let out = text(&e.stdout);
         let lines: Vec<&str> = out.lines().collect();
@@ -708,6 +714,19 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
         let random = lines.get(5).copied().unwrap_or_default().to_string();
         assert_eq!(random.len(), 32, "{name}: {out}");
         randoms.push(random);
+        // The file deleted on the host is stale for the guest, which carries on.
+        assert_eq!(
+            lines.get(6..8),
+            Some(&["alive", "stale"][..]),
+            "{name}: {out}"
+        );
+        // The agent's other paths work on the copy: a file copied in reads back.
+        let local = shm.join(format!("{name}.in"));
+        std::fs::write(&local, name.as_bytes()).unwrap();
+        let cp = msb_vmm_state(&["cp", local.to_str().unwrap(), &format!("{name}:/tmp/in")]);
+        assert!(cp.status.success(), "cp into {name}: {}", text(&cp.stderr));
+        let e = msb_vmm_state(&["exec", name, "--", "cat", "/tmp/in"]);
+        assert_eq!(text(&e.stdout), name);
         // The copy's writes are its own.
         let e = msb_vmm_state(&[
             "exec",
@@ -724,7 +743,12 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
     // A fork branches the original as it is now; its snapshot is gone once it runs.
     let f = msb_vmm_state(&["fork", "snapsrc", "--name", "snapfork"]);
     assert!(f.status.success(), "fork: {}", text(&f.stderr));
-    assert!(!state_dir().join("snapsrc/fork-snapfork").exists());
+    let left: Vec<_> = std::fs::read_dir(state_dir().join("snapsrc"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fork-"))
+        .collect();
+    assert!(left.is_empty(), "the fork's snapshot is left: {left:?}");
     let e = msb_vmm_state(&[
         "exec",
         "snapfork",
@@ -734,6 +758,25 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
         "cat /dev/shm/m; echo forked > /dev/shm/m",
     ]);
     assert_eq!(text(&e.stdout), "after\n", "{}", text(&e.stderr));
+    // Several at once from the snapshot directory.
+    let f = msb_vmm_state(&[
+        "fork",
+        snap.to_str().unwrap(),
+        "--count",
+        "2",
+        "--name-prefix",
+        "snapk",
+    ]);
+    assert!(f.status.success(), "fork --count: {}", text(&f.stderr));
+    for name in ["snapk1", "snapk2"] {
+        let e = msb_vmm_state(&["exec", name, "--", "cat", "/dev/shm/m"]);
+        assert_eq!(
+            text(&e.stdout),
+            "in-memory\n",
+            "{name}: {}",
+            text(&e.stderr)
+        );
+    }
     let ls = text(&msb_vmm_state(&["ls"]).stdout);
     for name in ["snapsrc", "snapcopy1", "snapcopy2"] {
         assert!(ls.contains(name), "{ls}");
@@ -759,10 +802,16 @@ fn a_snapshot_restores_processes_memory_and_open_files_twice() {
         text(&taken.stderr)
     );
 
-    for name in ["snapsrc", "snapcopy1", "snapcopy2", "snapfork"] {
+    for name in ["snapcopy1", "snapcopy2", "snapfork", "snapk1", "snapk2"] {
         let stop = msb_vmm_state(&["stop", name]);
         assert!(stop.status.success(), "stop {name}: {}", text(&stop.stderr));
     }
+    // A last snapshot that stops its sandbox.
+    let last = shm.join("last");
+    let s = msb_vmm_state(&["snapshot", "snapsrc", last.to_str().unwrap(), "--stop"]);
+    assert!(s.status.success(), "snapshot --stop: {}", text(&s.stderr));
+    assert!(last.join("sandbox.json").exists());
+    assert!(!text(&msb_vmm_state(&["ls"]).stdout).contains("snapsrc"));
     let _ = std::fs::remove_dir_all(&shm);
 }
 

@@ -540,14 +540,20 @@ fn watch_limits(
                 .guest
                 .as_ref()
                 .map(|g| (g.execs_started, g.execs_running));
-            // A running exec or a change is activity; an agent that did not answer is no
-            // evidence either way and leaves the clock alone.
-            if let Some((_, running)) = execs {
-                let now = (execs, net);
-                if running > 0 || seen != Some(now) {
-                    active = Instant::now();
+            // A running exec or a change is activity. So is an agent that did not answer in
+            // time: a guest too busy to answer (a build, a fork bomb held at its limit) is
+            // not idle, and --max-lifetime still bounds one that never answers again. A
+            // paused guest cannot answer and is idle: its clock keeps running.
+            match execs {
+                Some((_, running)) => {
+                    let now = (execs, net);
+                    if running > 0 || seen != Some(now) {
+                        active = Instant::now();
+                    }
+                    seen = Some(now);
                 }
-                seen = Some(now);
+                None if sb.is_paused() => {}
+                None => active = Instant::now(),
             }
             if active.elapsed() >= idle {
                 return Some(format!(
@@ -650,12 +656,28 @@ fn unpaused(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `msb-vmm pause` and `msb-vmm resume`.
-/// `msb-vmm fork NAME --name NEW`: a snapshot of NAME in its own state directory, restored as
-/// NEW and then removed (the fork's memory mapping outlives the file).
-pub fn fork(name: &str, new: &str) -> anyhow::Result<u8> {
-    check_name(new)?;
-    let state = running(name)?;
-    let snap = state.join(format!("fork-{new}"));
+/// `msb-vmm fork SOURCE (--name NEW | --count K --name-prefix P)`. A running sandbox is first
+/// saved in its own state directory; that snapshot is removed once the new sandboxes run (their
+/// memory mappings outlive the file).
+pub fn fork(source: &str, names: &[String]) -> anyhow::Result<u8> {
+    for n in names {
+        check_name(n)?;
+        if state_root().join(n).exists() {
+            bail!("a sandbox named {n} already exists (`msb-vmm stop {n}` first, or pick another name)");
+        }
+    }
+    let as_dir = Path::new(source);
+    if source.contains('/') || as_dir.join(msb_vmm::sandbox::SANDBOX_FILE).exists() {
+        for n in names {
+            let code = restore(as_dir, n)?;
+            if code != 0 {
+                return Ok(code);
+            }
+        }
+        return Ok(0);
+    }
+    let state = running(source)?;
+    let snap = state.join(format!("fork-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&snap);
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -667,14 +689,20 @@ pub fn fork(name: &str, new: &str) -> anyhow::Result<u8> {
             &super::control::Request::Snapshot { dir: snap.clone() },
         )?;
         let args: Vec<String> = serde_json::from_slice(&std::fs::read(state.join(SERVE_ARGS))?)?;
-        launch(new, args.into_iter().map(Into::into).collect(), Some(&snap))
+        for n in names {
+            let code = launch(n, args.iter().map(Into::into).collect(), Some(&snap))?;
+            if code != 0 {
+                return Ok(code);
+            }
+        }
+        Ok(0)
     })();
     let _ = std::fs::remove_dir_all(&snap);
     result
 }
 
-/// `msb-vmm snapshot NAME DIR`.
-pub fn snapshot(name: &str, dir: &Path) -> anyhow::Result<u8> {
+/// `msb-vmm snapshot NAME DIR [--stop]`.
+pub fn snapshot(name: &str, dir: &Path, stop_after: bool) -> anyhow::Result<u8> {
     let state = running(name)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -691,6 +719,9 @@ pub fn snapshot(name: &str, dir: &Path) -> anyhow::Result<u8> {
         started.elapsed().as_secs_f64() * 1000.0,
         dir.display()
     );
+    if stop_after {
+        return stop(name);
+    }
     Ok(0)
 }
 
