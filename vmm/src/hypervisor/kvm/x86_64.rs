@@ -411,7 +411,56 @@ pub fn save_vcpu(fd: &VcpuFd, msrs: &[u32]) -> Result<VcpuSnapshot> {
 }
 
 /// Puts `s` into a freshly created vCPU (before its first run).
+/// Feature registers of CPUID a guest may rely on: (leaf, subleaf, register, bits that only
+/// mirror guest state and are not features: OSXSAVE and OSPKE).
+const FEATURE_REGS: [(u32, u32, char, u32); 9] = [
+    (1, 0, 'c', 1 << 27),
+    (1, 0, 'd', 0),
+    (7, 0, 'b', 0),
+    (7, 0, 'c', 1 << 4),
+    (7, 0, 'd', 0),
+    (7, 1, 'a', 0),
+    (0xd, 0, 'a', 0),
+    (0x8000_0001, 0, 'c', 0),
+    (0x8000_0001, 0, 'd', 0),
+];
+
+/// Whether a vCPU with CPUID `here` (what this host gives a new vCPU) can run a guest that saw
+/// `saved`: every feature bit the guest was shown must be on here too, else the restored guest
+/// would fault on the first instruction that uses it.
+pub fn check_cpuid(
+    saved: &[kvm_cpuid_entry2],
+    here: &[kvm_cpuid_entry2],
+) -> std::result::Result<(), String> {
+    let reg = |t: &[kvm_cpuid_entry2], leaf: u32, sub: u32, r: char| {
+        t.iter()
+            .find(|e| e.function == leaf && e.index == sub)
+            .map(|e| match r {
+                'a' => e.eax,
+                'b' => e.ebx,
+                'c' => e.ecx,
+                _ => e.edx,
+            })
+            .unwrap_or(0)
+    };
+    for (leaf, sub, r, not_features) in FEATURE_REGS {
+        let missing = reg(saved, leaf, sub, r) & !not_features & !reg(here, leaf, sub, r);
+        if missing != 0 {
+            return Err(format!(
+                "the snapshot's guest uses CPU features this host lacks (CPUID leaf {leaf:#x}.{sub} E{}X bits {missing:#x}): restore it on a host with the same CPU",
+                r.to_ascii_uppercase()
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<()> {
+    let here = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(os("KVM_GET_CPUID2"))?;
+    check_cpuid(&s.cpuid, here.as_slice())
+        .map_err(|msg| HypervisorError::Vcpu { index: 0, msg })?;
     if let Some(khz) = s.tsc_khz {
         if fd.get_tsc_khz().ok() != Some(khz) {
             fd.set_tsc_khz(khz).map_err(os("KVM_SET_TSC_KHZ"))?;
@@ -499,5 +548,25 @@ mod tests {
             (regs[0x350] as u8, regs[0x351] as u8, regs[0x352] as u8),
             (0x10, 0x04, 0x01)
         );
+    }
+
+    #[test]
+    fn a_snapshot_needing_features_this_host_lacks_is_refused() {
+        let e = |function, index, ebx, ecx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            ..Default::default()
+        };
+        let here = [e(1, 0, 0, 0b1011), e(7, 0, 0b110, 0)];
+        // The same or fewer features: fine. OSXSAVE (leaf 1 ECX bit 27) only mirrors CR4.
+        assert!(check_cpuid(&here, &here).is_ok());
+        assert!(check_cpuid(&[e(1, 0, 0, 0b1 | 1 << 27), e(7, 0, 0b100, 0)], &here).is_ok());
+        // Leaf 1 EBX is APIC ids and counts, not features.
+        assert!(check_cpuid(&[e(1, 0, 0xffff_ffff, 0)], &here).is_ok());
+        let err = check_cpuid(&[e(7, 0, 0b1110, 0)], &here).unwrap_err();
+        assert!(err.contains("leaf 0x7.0 EBX bits 0x8"), "{err}");
+        assert!(check_cpuid(&[e(0x8000_0001, 0, 0, 1)], &here).is_err());
     }
 }
