@@ -37,6 +37,9 @@ struct SizeResult {
     snapshot: Option<Summary>,
     restore_to_running: Option<Summary>,
     restored_rss: Option<Summary>,
+    /// Restores kept running side by side (each until its counter moves, then parked), per
+    /// second of the whole batch.
+    forks_per_s: f64,
 }
 
 fn count(vm: &RunningVm) -> u32 {
@@ -97,8 +100,26 @@ fn one_size(mib: u64, iterations: usize, root: &std::path::Path) -> Result<SizeR
         }
     }
     eprintln!();
+    // Forks: as many copies as iterations, all alive at the end, as fast as they come.
+    let t = Instant::now();
+    let mut forks = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let b = VmBuilder::restore(&dir).context("reading the snapshot")?;
+        let stop = b.stop_handle();
+        let vm = b.start().context("restoring")?;
+        until_count(&vm, saved)?;
+        vm.pause(Duration::from_secs(10))
+            .context("parking a fork")?;
+        forks.push((vm, stop));
+    }
+    let forks_per_s = iterations as f64 / t.elapsed().as_secs_f64();
+    for (vm, stop) in forks {
+        stop.stop();
+        vm.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(SizeResult {
+        forks_per_s,
         memory_mib: mib,
         snapshot: summarize(&snapshot_ms),
         restore_to_running: summarize(&restore),
@@ -162,6 +183,15 @@ pub fn run(a: SnapshotArgs) -> Result<()> {
                 );
             }
         }
+    }
+    for r in &results {
+        println!(
+            "{:<8} {:<26} {:>9.1}   ({} copies alive at the end)",
+            format!("{} MiB", r.memory_mib),
+            "forks per second",
+            r.forks_per_s,
+            a.iterations
+        );
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&results)?)?;

@@ -419,6 +419,75 @@ fn a_snapshot_with_devices_restores_only_with_the_same_devices() {
     std::fs::remove_dir_all(&share).unwrap();
 }
 
+/// `Pss` and `Private_Dirty` of this process, in KiB.
+fn pss_and_private_dirty() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in smaps_rollup"))
+    };
+    (field("Pss:"), field("Private_Dirty:"))
+}
+
+#[test]
+fn a_hundred_restores_of_one_snapshot_share_its_memory() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("msb-snap-100-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = VmBuilder::new(guests::count()).memory_mib(64);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    count_passes(&vm, 1000, "booting");
+    vm.save_snapshot(&dir).expect("snapshot");
+    stop.stop();
+    vm.wait();
+    // 32 MiB of the saved guest's RAM holds data (the counting guest never looks at it).
+    const DATA: (u64, usize) = (16 << 20, 32 << 20);
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(msb_vmm::snapshot::MEMORY_FILE))
+            .unwrap();
+        f.seek(SeekFrom::Start(DATA.0)).unwrap();
+        f.write_all(&vec![0xa5; DATA.1]).unwrap();
+    }
+
+    let (pss0, dirty0) = pss_and_private_dirty();
+    let mut vms = Vec::new();
+    let mut buf = vec![0u8; DATA.1];
+    for i in 0..100 {
+        let b = VmBuilder::restore(&dir).unwrap();
+        let stop = b.stop_handle();
+        let vm = b.start().unwrap_or_else(|e| panic!("restore {i}: {e}"));
+        // Every copy reads all of the data: each maps the same pages.
+        vm.read_memory(DATA.0, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0xa5),
+            "restore {i} reads other data"
+        );
+        let (c, _) = counts(&vm);
+        count_passes(&vm, c, &format!("restore {i}"));
+        // Parked, so a hundred counting guests do not share two host CPUs.
+        vm.pause(Duration::from_secs(10)).unwrap();
+        vms.push((vm, stop));
+    }
+    let (pss1, dirty1) = pss_and_private_dirty();
+    let (pss, dirty) = ((pss1 - pss0) >> 10, (dirty1.saturating_sub(dirty0)) >> 10);
+    eprintln!("100 restores: Pss +{pss} MiB, Private_Dirty +{dirty} MiB");
+    // Copied, the data alone would be 3200 MiB; shared it is 32 MiB once, plus what each VM
+    // wrote and its own small VMM state.
+    assert!(pss < 32 + 100 * 2, "Pss grew by {pss} MiB");
+    assert!(dirty < 100 * 2, "Private_Dirty grew by {dirty} MiB");
+    for (vm, stop) in vms {
+        stop.stop();
+        assert_eq!(vm.wait().exit, GuestExit::Stopped);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn console_ring_keeps_output_when_not_shown() {
     require_kvm();
