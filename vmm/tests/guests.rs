@@ -419,6 +419,63 @@ fn a_snapshot_with_devices_restores_only_with_the_same_devices() {
     std::fs::remove_dir_all(&share).unwrap();
 }
 
+#[test]
+fn a_full_disk_fails_the_snapshot_and_leaves_the_vm_running() {
+    require_kvm();
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test mounts a tiny tmpfs: run the tier-2 tests as root (CI does)"
+    );
+    let dir = std::env::temp_dir().join(format!("msb-snap-full-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let target = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings alive for the call; a 8 KiB tmpfs over our own directory.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=8k".as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mounting a tmpfs: {}",
+        std::io::Error::last_os_error()
+    );
+    /// Unmounts the tmpfs however the test ends.
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: unmounting the tmpfs this test mounted; the string is NUL-terminated.
+            unsafe { libc::umount(self.0.as_ptr()) };
+        }
+    }
+    let mounted = Unmount(target);
+    let b = VmBuilder::new(guests::count()).memory_mib(64);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    count_passes(&vm, 1000, "booting");
+    let e = vm.save_snapshot(&dir.join("snap")).unwrap_err();
+    assert!(e.to_string().contains("No space left"), "{e}");
+    // Nothing half-written is left, and the guest runs on.
+    let left: Vec<_> = std::fs::read_dir(dir.join("snap"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!vm.is_paused());
+    let (c, _) = counts(&vm);
+    count_passes(&vm, c, "after the failed snapshot");
+    stop.stop();
+    assert_eq!(vm.wait().exit, GuestExit::Stopped);
+    drop(mounted);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `Pss` and `Private_Dirty` of this process, in KiB.
 fn pss_and_private_dirty() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
