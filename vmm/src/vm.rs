@@ -1028,6 +1028,11 @@ impl VmBuilder {
     }
 }
 
+/// A virtio transport's snapshot error, naming the device by its address.
+fn device_error(base: u64, e: impl std::fmt::Display) -> VmError {
+    SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")).into()
+}
+
 /// The virtio transports with their workers stopped; dropping it lets them run again.
 struct Quiesced<'a>(&'a [(u64, Arc<Mutex<MmioTransport>>)]);
 
@@ -1038,9 +1043,7 @@ impl<'a> Quiesced<'a> {
             if let Err(e) = r {
                 // Those before this one run again as this drops.
                 drop(Quiesced(&transports[..i]));
-                return Err(
-                    SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")).into(),
-                );
+                return Err(device_error(*base, e));
             }
         }
         Ok(Quiesced(transports))
@@ -1050,9 +1053,10 @@ impl<'a> Quiesced<'a> {
         self.0
             .iter()
             .map(|(base, t)| {
-                lock(t).save_state().map(|s| (*base, s)).map_err(|e| {
-                    SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")).into()
-                })
+                lock(t)
+                    .save_state()
+                    .map(|s| (*base, s))
+                    .map_err(|e| device_error(*base, e))
             })
             .collect()
     }
@@ -1084,7 +1088,7 @@ fn restore_transports(
     for ((base, t), (_, state)) in transports.iter().zip(saved) {
         lock(t)
             .restore_state(state)
-            .map_err(|e| SnapshotError::Invalid(format!("the virtio device at {base:#x}: {e}")))?;
+            .map_err(|e| device_error(*base, e))?;
     }
     Ok(())
 }

@@ -220,9 +220,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
-        self.worker
-            .as_mut()
-            .map(|w| w as &mut dyn worker::WorkerControl)
+        worker::control(&mut self.worker)
     }
 
     fn reset(&mut self) {

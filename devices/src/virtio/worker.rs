@@ -136,6 +136,13 @@ impl<W: DeviceWork> DeviceWorker<W> {
     }
 }
 
+/// A device's [`VirtioDevice::worker`](super::VirtioDevice::worker) from its worker slot.
+pub fn control<W: DeviceWork>(
+    slot: &mut Option<DeviceWorker<W>>,
+) -> Option<&mut dyn WorkerControl> {
+    slot.as_mut().map(|w| w as &mut dyn WorkerControl)
+}
+
 impl<W: DeviceWork> WorkerControl for DeviceWorker<W> {
     fn quiesce(&mut self) -> std::io::Result<()> {
         if self.held.is_some() {

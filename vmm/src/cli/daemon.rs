@@ -668,13 +668,7 @@ pub fn fork(source: &str, names: &[String]) -> anyhow::Result<u8> {
     }
     let as_dir = Path::new(source);
     if source.contains('/') || as_dir.join(msb_vmm::sandbox::SANDBOX_FILE).exists() {
-        for n in names {
-            let code = restore(as_dir, n)?;
-            if code != 0 {
-                return Ok(code);
-            }
-        }
-        return Ok(0);
+        return restore_each(as_dir, names);
     }
     let state = running(source)?;
     let snap = state.join(format!("fork-{}", std::process::id()));
@@ -683,22 +677,34 @@ pub fn fork(source: &str, names: &[String]) -> anyhow::Result<u8> {
         .mode(0o700)
         .create(&snap)
         .with_context(|| format!("creating {}", snap.display()))?;
-    let result = (|| {
-        super::control::request(
-            &state,
-            &super::control::Request::Snapshot { dir: snap.clone() },
-        )?;
-        let args: Vec<String> = serde_json::from_slice(&std::fs::read(state.join(SERVE_ARGS))?)?;
-        for n in names {
-            let code = launch(n, args.iter().map(Into::into).collect(), Some(&snap))?;
-            if code != 0 {
-                return Ok(code);
-            }
-        }
-        Ok(0)
-    })();
+    let result = save_into(&state, &snap).and_then(|()| restore_each(&snap, names));
     let _ = std::fs::remove_dir_all(&snap);
     result
+}
+
+/// [`restore`] of `dir` as each of `names`, stopping at the first that fails.
+fn restore_each(dir: &Path, names: &[String]) -> anyhow::Result<u8> {
+    for n in names {
+        let code = restore(dir, n)?;
+        if code != 0 {
+            return Ok(code);
+        }
+    }
+    Ok(0)
+}
+
+/// Saves the sandbox whose state directory is `state` into `dir` (absolute), with the
+/// arguments a restore starts it with.
+fn save_into(state: &Path, dir: &Path) -> anyhow::Result<()> {
+    super::control::request(
+        state,
+        &super::control::Request::Snapshot {
+            dir: dir.to_path_buf(),
+        },
+    )?;
+    std::fs::copy(state.join(SERVE_ARGS), dir.join(START_ARGS))
+        .with_context(|| format!("writing {}", dir.join(START_ARGS).display()))?;
+    Ok(())
 }
 
 /// `msb-vmm snapshot NAME DIR [--stop]`.
@@ -707,12 +713,7 @@ pub fn snapshot(name: &str, dir: &Path, stop_after: bool) -> anyhow::Result<u8> 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let started = Instant::now();
-    super::control::request(
-        &state,
-        &super::control::Request::Snapshot { dir: dir.clone() },
-    )?;
-    std::fs::copy(state.join(SERVE_ARGS), dir.join(START_ARGS))
-        .with_context(|| format!("writing {}", dir.join(START_ARGS).display()))?;
+    save_into(&state, &dir)?;
     eprintln!(
         "msb-vmm: saved {name} into {} in {:.0} ms (`msb-vmm restore {} --name NEW` continues it)",
         dir.display(),

@@ -320,7 +320,7 @@ mod tests {
             self.0 = None;
         }
         fn worker(&mut self) -> Option<&mut dyn WorkerControl> {
-            self.0.as_mut().map(|w| w as &mut dyn WorkerControl)
+            worker::control(&mut self.0)
         }
     }
 

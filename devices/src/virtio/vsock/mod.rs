@@ -329,9 +329,7 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn worker(&mut self) -> Option<&mut dyn worker::WorkerControl> {
-        self.worker
-            .as_mut()
-            .map(|w| w as &mut dyn worker::WorkerControl)
+        worker::control(&mut self.worker)
     }
 
     fn save_device(&mut self) -> Result<Vec<u8>, String> {
