@@ -149,33 +149,55 @@ struct Launches {
     boot_timer_ms: Option<Summary>,
 }
 
-/// `msb-vmm run -- true`, `n` times: spawn → exit and the reported agent-ready time.
-fn launches(msb_vmm: &Path, n: usize) -> Result<Launches> {
+/// One `msb-vmm run -- true` launch.
+pub struct Launch {
+    /// Spawn → exit of the msb-vmm process.
+    pub exit_ms: f64,
+    /// VMM start → agent ready, as the run reports it.
+    pub ready_ms: Option<f64>,
+    /// VMM start → boot timer (a warm start reports its template's).
+    pub boot_ms: Option<f64>,
+    /// Whether it continued a warm template.
+    pub warm: bool,
+}
+
+/// `msb-vmm run [extra] -- true` once, on the initramfs root without a network.
+pub fn launch_once(msb_vmm: &Path, extra: &[&str]) -> Result<Launch> {
     let report = std::env::temp_dir().join(format!("msb-bench-run-{}.json", std::process::id()));
+    let t = Instant::now();
+    let out = Command::new(msb_vmm)
+        .args(["run", "--rootfs", "initramfs", "--net", "none", "--report"])
+        .arg(&report)
+        .args(extra)
+        .args(["--", "true"])
+        .output()?;
+    let exit_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!(
+            "msb-vmm run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    let _ = std::fs::remove_file(&report);
+    Ok(Launch {
+        exit_ms,
+        ready_ms: r["agent_ready_us"].as_u64().map(|us| us as f64 / 1000.0),
+        boot_ms: r["boot_time_us"].as_u64().map(|us| us as f64 / 1000.0),
+        warm: r["warm"].as_bool().unwrap_or(false),
+    })
+}
+
+/// `msb-vmm run -- true`, `n` times, each a cold boot: spawn → exit and the reported
+/// agent-ready and boot-timer times.
+fn launches(msb_vmm: &Path, n: usize) -> Result<Launches> {
     let (mut exit, mut ready, mut boot) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
-        let t = Instant::now();
-        let out = Command::new(msb_vmm)
-            .args(["run", "--rootfs", "initramfs", "--net", "none", "--report"])
-            .arg(&report)
-            .args(["--", "true"])
-            .output()?;
-        exit.push(t.elapsed().as_secs_f64() * 1000.0);
-        if !out.status.success() {
-            bail!(
-                "msb-vmm run failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
-        if let Some(us) = r["agent_ready_us"].as_u64() {
-            ready.push(us as f64 / 1000.0);
-        }
-        if let Some(us) = r["boot_time_us"].as_u64() {
-            boot.push(us as f64 / 1000.0);
-        }
+        let l = launch_once(msb_vmm, &["--cold"])?;
+        exit.push(l.exit_ms);
+        ready.extend(l.ready_ms);
+        boot.extend(l.boot_ms);
     }
-    let _ = std::fs::remove_file(&report);
     Ok(Launches {
         spawn_to_exit_ms: summarize(&exit),
         agent_ready_ms: summarize(&ready),

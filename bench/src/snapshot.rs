@@ -1,7 +1,11 @@
 //! `msb-bench snapshot`: what the VM layer's snapshots cost, on the tier-2 counting guest
 //! (which runs on any /dev/kvm, PVM included): snapshot time, restore → running (from
 //! `VmBuilder::restore` until the restored guest's counter moves: its first instructions),
-//! and the restored VM's resident memory, for each memory size asked, in one run.
+//! and the restored VM's resident memory, for each memory size asked, in one run. With
+//! `--launches N` (a /dev/kvm that boots Linux: hardware, or the L2 VM), also the warm path
+//! of `msb-vmm run -- true` against `--cold` boots, alternating, in the same run: spawn →
+//! exit, and VMM start → agent ready (for a warm start: the restore and the agent's
+//! reconnection).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,6 +30,53 @@ pub struct SnapshotArgs {
     /// Write samples and summaries as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also this many warm and as many cold `msb-vmm run -- true` launches, alternating
+    /// (needs a /dev/kvm that boots Linux).
+    #[arg(long, default_value_t = 0)]
+    launches: usize,
+    /// Only the launches, not the counting guest's sizes.
+    #[arg(long)]
+    launches_only: bool,
+    /// The msb-vmm binary (default: next to msb-bench).
+    #[arg(long)]
+    msb_vmm: Option<PathBuf>,
+}
+
+#[derive(Serialize, Default)]
+struct WarmCold {
+    warm_spawn_to_exit_ms: Vec<f64>,
+    cold_spawn_to_exit_ms: Vec<f64>,
+    warm_agent_ready_ms: Vec<f64>,
+    cold_agent_ready_ms: Vec<f64>,
+    warm_spawn_to_exit: Option<Summary>,
+    cold_spawn_to_exit: Option<Summary>,
+    warm_agent_ready: Option<Summary>,
+    cold_agent_ready: Option<Summary>,
+}
+
+/// Warm and cold `run -- true`, alternating so both see the same machine.
+fn warm_vs_cold(msb_vmm: &std::path::Path, n: usize) -> Result<WarmCold> {
+    // The first warm launch of this configuration boots and saves the template: not a sample.
+    crate::exec::launch_once(msb_vmm, &[])?;
+    let mut r = WarmCold::default();
+    for i in 0..n {
+        let w = crate::exec::launch_once(msb_vmm, &[])?;
+        if !w.warm {
+            bail!("a warm launch booted cold: see `MSB_LOG=info msb-vmm run -- true`");
+        }
+        r.warm_spawn_to_exit_ms.push(w.exit_ms);
+        r.warm_agent_ready_ms.extend(w.ready_ms);
+        let c = crate::exec::launch_once(msb_vmm, &["--cold"])?;
+        r.cold_spawn_to_exit_ms.push(c.exit_ms);
+        r.cold_agent_ready_ms.extend(c.ready_ms);
+        eprint!("\rwarm/cold launches: {}/{n}", i + 1);
+    }
+    eprintln!();
+    r.warm_spawn_to_exit = summarize(&r.warm_spawn_to_exit_ms);
+    r.cold_spawn_to_exit = summarize(&r.cold_spawn_to_exit_ms);
+    r.warm_agent_ready = summarize(&r.warm_agent_ready_ms);
+    r.cold_agent_ready = summarize(&r.cold_agent_ready_ms);
+    Ok(r)
 }
 
 #[derive(Serialize)]
@@ -143,23 +194,39 @@ pub fn run(a: SnapshotArgs) -> Result<()> {
         }
         .join(format!("msb-bench-snapshot-{}", std::process::id()))
     });
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    if a.launches > 0 && pvm {
+        bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run the launches inside the L2 VM, `./x l2 -- target/release/msb-bench snapshot --launches-only --launches 20` (timings there are only meaningful as ratios)");
+    }
+    let sizes: &[u64] = if a.launches_only { &[] } else { &a.memory };
     std::fs::create_dir_all(&root).with_context(|| root.display().to_string())?;
-    let results: Result<Vec<_>> = a
-        .memory
+    let results: Result<Vec<_>> = sizes
         .iter()
         .map(|&mib| one_size(mib, a.iterations, &root))
         .collect();
     let _ = std::fs::remove_dir_all(&root);
     let results = results?;
+    let warm_cold = match a.launches {
+        0 => None,
+        n => {
+            let bin = match &a.msb_vmm {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()?.with_file_name("msb-vmm"),
+            };
+            Some(warm_vs_cold(&bin, n)?)
+        }
+    };
     let m = crate::machine();
     println!(
         "machine: {} ({} cores), host kernel {}, {}",
         m.cpu, m.cores, m.kernel, m.kvm
     );
-    println!(
-        "guest: the tier-2 counting guest, 1 vCPU; {} restores per size\n",
-        a.iterations
-    );
+    if !results.is_empty() {
+        println!(
+            "guest: the tier-2 counting guest, 1 vCPU; {} restores per size\n",
+            a.iterations
+        );
+    }
     println!(
         "{:<8} {:<26} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "memory", "metric", "min", "p50", "p90", "p99", "max"
@@ -193,8 +260,31 @@ pub fn run(a: SnapshotArgs) -> Result<()> {
             a.iterations
         );
     }
+    if let Some(w) = &warm_cold {
+        println!(
+            "\n`msb-vmm run --rootfs initramfs --net none -- true`, {} warm and {} cold, alternating",
+            a.launches, a.launches
+        );
+        for (name, s) in [
+            ("warm spawn → exit (ms)", &w.warm_spawn_to_exit),
+            ("cold spawn → exit (ms)", &w.cold_spawn_to_exit),
+            ("warm start → agent ready (ms)", &w.warm_agent_ready),
+            ("cold start → agent ready (ms)", &w.cold_agent_ready),
+        ] {
+            if let Some(s) = s {
+                println!(
+                    "{:<8} {:<26} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    "run", name, s.min, s.p50, s.p90, s.p99, s.max
+                );
+            }
+        }
+        if let (Some(wm), Some(c)) = (&w.warm_spawn_to_exit, &w.cold_spawn_to_exit) {
+            println!("warm / cold spawn → exit, p50: {:.3}", wm.p50 / c.p50);
+        }
+    }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&results)?)?;
+        let doc = serde_json::json!({ "sizes": results, "warm_vs_cold": warm_cold });
+        std::fs::write(p, serde_json::to_vec_pretty(&doc)?)?;
         println!("\njson: {}", p.display());
     }
     Ok(())

@@ -39,6 +39,11 @@ pub mod tls;
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
 pub mod vm;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+pub mod warm;
 
 /// Guest memory when none is asked for. Memory is faulted in as the guest touches it, so a
 /// sandbox using 40 MiB costs 40 MiB whatever this says; 512 MiB gives `/tmp` (a tmpfs of half

@@ -378,6 +378,10 @@ struct RunArgs {
     /// Guest hostname.
     #[arg(long, default_value = "msb")]
     hostname: String,
+    /// Boot the kernel even when a warm snapshot of this configuration is cached (by
+    /// default `run` continues one, saved the first time a configuration runs).
+    #[arg(long)]
+    cold: bool,
     #[command(flatten)]
     mounts: MountArgs,
     #[command(flatten)]

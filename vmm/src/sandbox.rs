@@ -98,6 +98,21 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// Whether a warm start failed in a way a cold boot may not (a stale or broken template,
+    /// a host that changed), rather than for the configuration itself.
+    fn is_warm_failure(&self) -> bool {
+        matches!(
+            self,
+            SandboxError::Vm(_)
+                | SandboxError::Snapshot(_)
+                | SandboxError::KernelPanic { .. }
+                | SandboxError::GuestStopped { .. }
+                | SandboxError::BootTimeout { .. }
+                | SandboxError::Agent(_)
+                | SandboxError::Pause(_)
+        )
+    }
+
     /// The guest console's last lines, for errors where the guest failed.
     pub fn console_tail(&self) -> &[String] {
         match self {
@@ -137,6 +152,23 @@ pub struct SandboxBuilder {
     network: Option<Network>,
     /// Continue the sandbox saved in this snapshot directory instead of booting.
     restore: Option<PathBuf>,
+    /// Start from (or save) a warm template ([`crate::warm`]).
+    warm: bool,
+}
+
+/// How [`SandboxBuilder::launch`] makes the VM.
+enum Launch {
+    /// Boot `kernel` with `initrd`; save a warm template into `template` once the agent
+    /// answers.
+    Boot {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        template: Option<PathBuf>,
+    },
+    /// Continue a user's snapshot (its agent was configured before it was taken).
+    Restore(PathBuf),
+    /// Continue a warm template (its agent has not been configured).
+    Warm(PathBuf),
 }
 
 /// What a sandbox snapshot records beside the VM's state: the layout a restore must
@@ -166,6 +198,14 @@ impl SandboxImage {
         })?;
         serde_json::from_slice(&bytes)
             .map_err(|e| SandboxError::Snapshot(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes the record into snapshot directory `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), SandboxError> {
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
+        crate::snapshot::write_atomic(&dir.join(SANDBOX_FILE), &json)
+            .map_err(|e| SandboxError::Vm(e.into()))
     }
 }
 
@@ -572,13 +612,19 @@ impl SandboxBuilder {
         Ok(())
     }
 
-    pub fn start(self) -> Result<Sandbox, SandboxError> {
-        // A sandbox always boots Linux: refuse at once where /dev/kvm cannot run it.
-        if crate::host::is_pvm() && std::env::var_os("MSB_ALLOW_PVM").is_none() {
-            return Err(VmError::Hypervisor(HypervisorError::Pvm).into());
-        }
+    /// Start from a cached snapshot of a freshly booted sandbox of this configuration
+    /// when there is one, and otherwise boot and save one for the next start (see
+    /// [`crate::warm`]): a restore costs milliseconds where a boot costs a kernel's start.
+    /// On for [`Sandbox::command`] and `msb-vmm run`; off by default here.
+    pub fn warm(mut self, on: bool) -> Self {
+        self.warm = on;
+        self
+    }
+
+    /// The kernel command line of a boot: hostname, console, mounts and network.
+    fn cmdline(&self) -> Result<String, SandboxError> {
         if !msb_init::cmdline::valid_hostname(&self.hostname) {
-            return Err(SandboxError::BadHostname(self.hostname));
+            return Err(SandboxError::BadHostname(self.hostname.clone()));
         }
         let mut cmdline = format!(
             "{DEFAULT_CMDLINE} {}{}",
@@ -588,32 +634,180 @@ impl SandboxBuilder {
         if !self.console {
             cmdline.push_str(" quiet");
         }
-        let saved = match &self.restore {
+        let mut specs = Vec::new();
+        if let Some((_, access)) = &self.rootfs {
+            specs.push(MountSpec::Virtiofs {
+                tag: "root".into(),
+                path: b"/".to_vec(),
+                access: *access,
+            });
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            specs.push(MountSpec::Virtiofs {
+                tag: format!("vol{i}"),
+                path: v.guest.as_os_str().as_bytes().to_vec(),
+                access: if v.read_only {
+                    Access::ReadOnly
+                } else {
+                    Access::ReadWrite
+                },
+            });
+        }
+        for (guest, size) in &self.tmpfs {
+            if !guest.is_absolute() {
+                return Err(SandboxError::BadVolume(guest.display().to_string()));
+            }
+            specs.push(MountSpec::Tmpfs {
+                size: *size,
+                path: guest.as_os_str().as_bytes().to_vec(),
+            });
+        }
+        for spec in specs {
+            cmdline.push(' ');
+            cmdline.push_str(&spec.encode());
+        }
+        #[cfg(target_os = "linux")]
+        if self.network.is_some() {
+            use msb_netstack::addr;
+            let word = msb_init::cmdline::NetConfig {
+                v4: addr::GUEST_V4,
+                v4_prefix: addr::PREFIX_V4,
+                gateway_v4: addr::GATEWAY_V4,
+                v6: addr::GUEST_V6,
+                v6_prefix: addr::PREFIX_V6,
+                gateway_v6: addr::GATEWAY_V6,
+            }
+            .encode();
+            cmdline.push(' ');
+            cmdline.push_str(&word);
+        }
+        Ok(cmdline)
+    }
+
+    /// What shapes a guest at the moment a warm template of it is saved, one input a line
+    /// (hashed by [`crate::warm::key`]). Everything else is applied to each restored copy.
+    fn warm_inputs(&self, kernel: &Path, initrd: &Path, cmdline: &str) -> io::Result<String> {
+        use crate::warm::identity;
+        let mut s = format!(
+            "kernel {}\ninitrd {}\ncmdline {cmdline}\ncpus {}\nmemory {}\n",
+            identity(kernel)?,
+            identity(initrd)?,
+            self.cpus,
+            self.memory_mib
+        );
+        if let Some((dir, access)) = &self.rootfs {
+            s.push_str(&format!("root {} {access:?}\n", identity(dir)?));
+        }
+        for v in &self.volumes {
+            s.push_str(&format!(
+                "volume {} ro={} cache={:?}\n",
+                v.guest.display(),
+                v.read_only,
+                v.cache
+            ));
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(n) = &self.network {
+            s.push_str(&format!("network mtu={}\n", n.mtu));
+        }
+        Ok(s)
+    }
+
+    /// Boots the VM (or restores it, see [`SandboxBuilder::restore_from`] and
+    /// [`SandboxBuilder::warm`]) and connects to its agent.
+    pub fn start(self) -> Result<Sandbox, SandboxError> {
+        // A sandbox always boots Linux: refuse at once where /dev/kvm cannot run it.
+        if crate::host::is_pvm() && std::env::var_os("MSB_ALLOW_PVM").is_none() {
+            return Err(VmError::Hypervisor(HypervisorError::Pvm).into());
+        }
+        let cmdline = self.cmdline()?;
+        if let Some(dir) = self.restore.clone() {
+            return self.launch(Launch::Restore(dir), cmdline);
+        }
+        let cache = crate::assets::cache_dir();
+        let initrd = initramfs::cached_default(
+            &cache,
+            &crate::assets::msb_init(),
+            Some(&crate::assets::busybox()),
+        )?;
+        let kernel = self
+            .kernel
+            .clone()
+            .unwrap_or_else(crate::assets::default_kernel);
+        // A missing kernel is not a reason for a warm start: the boot says it clearly.
+        let key = match self.warm {
+            true => self
+                .warm_inputs(&kernel, &initrd, &cmdline)
+                .map(|i| crate::warm::key(&i))
+                .ok(),
+            false => None,
+        };
+        let Some(key) = key else {
+            return self.launch(
+                Launch::Boot {
+                    kernel,
+                    initrd,
+                    template: None,
+                },
+                cmdline,
+            );
+        };
+        let template = crate::warm::dir().join(&key);
+        if let Some(dir) = crate::warm::lookup(&key) {
+            let fallback = self.clone();
+            match self.launch(Launch::Warm(dir.clone()), cmdline.clone()) {
+                Err(e) if e.is_warm_failure() => {
+                    tracing::warn!(
+                        "warm start from {} failed ({e}): booting cold and saving a new one",
+                        dir.display()
+                    );
+                    crate::warm::discard(&dir);
+                    return fallback.launch(
+                        Launch::Boot {
+                            kernel,
+                            initrd,
+                            template: Some(template),
+                        },
+                        cmdline,
+                    );
+                }
+                r => return r,
+            }
+        }
+        tracing::info!(
+            "no warm snapshot of this configuration yet: booting cold and saving one in {}",
+            template.display()
+        );
+        self.launch(
+            Launch::Boot {
+                kernel,
+                initrd,
+                template: Some(template),
+            },
+            cmdline,
+        )
+    }
+
+    fn launch(self, how: Launch, cmdline: String) -> Result<Sandbox, SandboxError> {
+        let restore_dir = match &how {
+            Launch::Restore(d) | Launch::Warm(d) => Some(d.clone()),
+            Launch::Boot { .. } => None,
+        };
+        let saved = match &restore_dir {
             Some(dir) => Some(SandboxImage::read(dir)?),
             None => None,
         };
-        let mut b = match (&self.restore, &saved) {
-            (Some(dir), Some(saved)) => {
+        let mut b = match (&how, &saved) {
+            (Launch::Restore(dir) | Launch::Warm(dir), Some(saved)) => {
                 self.check_restore(saved)?;
                 VmBuilder::restore(dir)?
             }
-            _ => {
-                let cache = crate::assets::cache_dir();
-                let image = initramfs::cached_default(
-                    &cache,
-                    &crate::assets::msb_init(),
-                    Some(&crate::assets::busybox()),
-                )?;
-                let kernel = self
-                    .kernel
-                    .clone()
-                    .unwrap_or_else(crate::assets::default_kernel);
-                VmBuilder::new(kernel)
-                    .initrd(Initrd::Path(image))
-                    .cmdline(cmdline)
-                    .cpus(self.cpus)
-                    .memory_mib(self.memory_mib)
-            }
+            (Launch::Boot { kernel, initrd, .. }, _) => VmBuilder::new(kernel)
+                .initrd(Initrd::Path(initrd.clone()))
+                .cmdline(cmdline)
+                .cpus(self.cpus)
+                .memory_mib(self.memory_mib),
+            _ => unreachable!("a restore has its saved image"),
         };
         let (cpus, memory_mib) = saved
             .as_ref()
@@ -631,7 +825,6 @@ impl SandboxBuilder {
         if let Some(p) = &self.vsock_uds {
             b = b.vsock_uds(p);
         }
-        let mut mounts = String::new();
         let mut shares = Vec::new();
         if let Some((dir, access)) = &self.rootfs {
             let config = FsConfig {
@@ -645,15 +838,6 @@ impl SandboxBuilder {
             );
             shares.push(("root".into(), "/".into(), fs.clone()));
             b = b.share("root", fs);
-            mounts.push(' ');
-            mounts.push_str(
-                &MountSpec::Virtiofs {
-                    tag: "root".into(),
-                    path: b"/".to_vec(),
-                    access: *access,
-                }
-                .encode(),
-            );
         }
         for (i, v) in self.volumes.iter().enumerate() {
             let fs = PassthroughFs::new(
@@ -669,36 +853,7 @@ impl SandboxBuilder {
             let tag = format!("vol{i}");
             let fs = Arc::new(fs);
             shares.push((tag.clone(), v.guest.display().to_string(), fs.clone()));
-            b = b.share(tag.clone(), fs);
-            mounts.push(' ');
-            mounts.push_str(
-                &MountSpec::Virtiofs {
-                    tag,
-                    path: v.guest.as_os_str().as_bytes().to_vec(),
-                    access: if v.read_only {
-                        Access::ReadOnly
-                    } else {
-                        Access::ReadWrite
-                    },
-                }
-                .encode(),
-            );
-        }
-        for (guest, size) in &self.tmpfs {
-            if !guest.is_absolute() {
-                return Err(SandboxError::BadVolume(guest.display().to_string()));
-            }
-            mounts.push(' ');
-            mounts.push_str(
-                &MountSpec::Tmpfs {
-                    size: *size,
-                    path: guest.as_os_str().as_bytes().to_vec(),
-                }
-                .encode(),
-            );
-        }
-        if !mounts.is_empty() {
-            b = b.append_cmdline(&mounts);
+            b = b.share(tag, fs);
         }
         // Learn mode records what the guest reaches, for `Sandbox::suggested_policy`.
         #[cfg(target_os = "linux")]
@@ -710,7 +865,6 @@ impl SandboxBuilder {
         #[cfg(target_os = "linux")]
         let netstack = match &self.network {
             Some(net) => {
-                use msb_netstack::addr;
                 let (device, port) = msb_devices::virtio::net::NetDevice::new(
                     [0x02, 0x6d, 0x73, 0x62, 0x00, 0x15],
                     net.mtu,
@@ -739,16 +893,7 @@ impl SandboxBuilder {
                     },
                 )
                 .map_err(|e| SandboxError::Network(format!("starting the netstack: {e}")))?;
-                let word = msb_init::cmdline::NetConfig {
-                    v4: addr::GUEST_V4,
-                    v4_prefix: addr::PREFIX_V4,
-                    gateway_v4: addr::GATEWAY_V4,
-                    v6: addr::GUEST_V6,
-                    v6_prefix: addr::PREFIX_V6,
-                    gateway_v6: addr::GATEWAY_V6,
-                }
-                .encode();
-                b = b.net(device).append_cmdline(&format!(" {word}"));
+                b = b.net(device);
                 Some(stack)
             }
             None => None,
@@ -777,25 +922,60 @@ impl SandboxBuilder {
         if self.limits.is_set() {
             configure.get_or_insert_with(Default::default).limits = self.limits;
         }
-        // A restored guest's agent was configured before the snapshot and remembers it.
-        if saved.is_some() {
+        // A restored user snapshot's agent was configured before the snapshot and remembers
+        // it (a warm template never was: it is configured as a boot is).
+        if matches!(how, Launch::Restore(_)) {
             configure = None;
         }
+        let template = match how {
+            Launch::Boot { template, .. } => template.filter(|t| {
+                let dir = t.parent().unwrap_or(t);
+                crate::warm::make_room(dir, crate::warm::KEEP_TEMPLATES)
+                    .map_err(|e| {
+                        tracing::info!("warm snapshots cannot be saved in {}: {e}", dir.display())
+                    })
+                    .is_ok()
+            }),
+            _ => None,
+        };
         let vm = b.start()?;
-        if self.confine_caller {
-            if let Err(e) = msb_confine::enter(msb_confine::ThreadKind::Control, self.seccomp) {
+        // Confined at once, unless a template is saved first: until the agent first answers
+        // only our own kernel and msb-init have run, and saving needs more system calls.
+        let confine = || match self.confine_caller {
+            true => msb_confine::enter(msb_confine::ThreadKind::Control, self.seccomp)
+                .map_err(SandboxError::Confine),
+            false => Ok(()),
+        };
+        if template.is_none() {
+            if let Err(e) = confine() {
                 let _ = stop_and_wait(vm);
-                return Err(SandboxError::Confine(e));
+                return Err(e);
             }
         }
         let started = Instant::now();
-        let connected = connect_agent(&vm, self.boot_timeout).and_then(|agent| match configure {
-            Some(c) => agent
-                .configure(c)
-                .map(|_| agent)
-                .map_err(ConnectFailure::Agent),
-            None => Ok(agent),
-        });
+        let connected = connect_agent(&vm, self.boot_timeout);
+        if let (Some(dir), Ok(_)) = (&template, &connected) {
+            // Before anything of this run (secrets, the CA, limits, commands) reaches it.
+            let image = SandboxImage {
+                cpus,
+                memory_mib,
+                shares: shares
+                    .iter()
+                    .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
+                    .collect(),
+                #[cfg(target_os = "linux")]
+                network: netstack.is_some(),
+                #[cfg(not(target_os = "linux"))]
+                network: false,
+            };
+            save_template(&vm, &image, dir);
+        }
+        if template.is_some() {
+            if let Err(e) = confine() {
+                let _ = stop_and_wait(vm);
+                return Err(e);
+            }
+        }
         // A restored guest wakes with its snapshot's wall clock and random-number state (the
         // same in every restore of it): step the clock to now and reseed from our generator.
         let connected = connected.and_then(|agent| {
@@ -810,6 +990,13 @@ impl SandboxBuilder {
             }
             Ok(agent)
         });
+        let connected = connected.and_then(|agent| match configure {
+            Some(c) => agent
+                .configure(c)
+                .map(|_| agent)
+                .map_err(ConnectFailure::Agent),
+            None => Ok(agent),
+        });
         match connected {
             Ok(agent) => {
                 let ready = self.start.elapsed();
@@ -818,6 +1005,7 @@ impl SandboxBuilder {
                     ready.as_secs_f64() * 1000.0
                 );
                 Ok(Sandbox {
+                    warm_start: restore_dir.is_some() && self.restore.is_none(),
                     boot_time: vm.boot_time(),
                     vm: Some(vm),
                     agent: Some(agent),
@@ -904,6 +1092,36 @@ fn connect_agent(vm: &RunningVm, timeout: Duration) -> Result<AgentClient, Conne
     }
 }
 
+/// Saves a warm template of a sandbox whose agent just answered into `dir` (see
+/// [`crate::warm`]). A failure (a read-only cache in a jail, a full disk) costs only the
+/// warm start of later runs, so it is logged, not returned.
+fn save_template(vm: &RunningVm, image: &SandboxImage, dir: &Path) {
+    let t0 = Instant::now();
+    let staging = crate::warm::staging(dir);
+    let saved = vm
+        .save_snapshot(&staging)
+        .map_err(SandboxError::from)
+        .and_then(|_| image.write(&staging))
+        .and_then(|_| {
+            crate::warm::publish(&staging, dir)
+                .map_err(|e| SandboxError::Snapshot(format!("{}: {e}", dir.display())))
+        });
+    match saved {
+        Ok(()) => tracing::info!(
+            "saved warm snapshot {} in {:.1} ms",
+            dir.display(),
+            t0.elapsed().as_secs_f64() * 1000.0
+        ),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            tracing::warn!(
+                "could not save a warm snapshot in {} ({e}): runs of this configuration boot cold",
+                dir.display()
+            );
+        }
+    }
+}
+
 /// Stops a VM that is still running and waits for it.
 fn stop_and_wait(vm: RunningVm) -> VmOutcome {
     vm.stop_handle().stop();
@@ -913,6 +1131,8 @@ fn stop_and_wait(vm: RunningVm) -> VmOutcome {
 /// A running sandbox. Dropping it powers the VM off.
 #[derive(Debug)]
 pub struct Sandbox {
+    /// Whether it started from a warm template.
+    warm_start: bool,
     vm: Option<RunningVm>,
     agent: Option<AgentClient>,
     boot_time: Option<Duration>,
@@ -958,6 +1178,7 @@ impl Sandbox {
             #[cfg(target_os = "linux")]
             network: None,
             restore: None,
+            warm: false,
         }
     }
 
@@ -968,7 +1189,7 @@ impl Sandbox {
         S: AsRef<OsStr>,
     {
         Command {
-            builder: Sandbox::builder(),
+            builder: Sandbox::builder().warm(true),
             req: request(argv),
             timeout: None,
         }
@@ -990,6 +1211,12 @@ impl Sandbox {
     /// Time from VMM start until the agent answered.
     pub fn ready_time(&self) -> Duration {
         self.ready_time
+    }
+
+    /// Whether the sandbox continued a warm template rather than booting
+    /// ([`SandboxBuilder::warm`]).
+    pub fn warm_start(&self) -> bool {
+        self.warm_start
     }
 
     /// A handle that stops the VM at once (no clean power-off).
@@ -1046,11 +1273,7 @@ impl Sandbox {
                 .collect(),
             network,
         };
-        let json =
-            serde_json::to_vec_pretty(&image).map_err(|e| SandboxError::Snapshot(e.to_string()))?;
-        crate::snapshot::write_atomic(&dir.join(SANDBOX_FILE), &json)
-            .map_err(|e| SandboxError::Vm(e.into()))?;
-        Ok(())
+        image.write(dir)
     }
 
     /// Lets a paused sandbox run again (nothing happens if it is not paused).
@@ -1277,6 +1500,8 @@ pub struct RunOutcome {
     pub boot_time: Option<Duration>,
     /// VMM start until the agent answered.
     pub ready_time: Duration,
+    /// Whether the sandbox continued a warm template ([`SandboxBuilder::warm`]).
+    pub warm: bool,
 }
 
 /// Captured output of a one-shot command.
@@ -1286,6 +1511,8 @@ pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub boot_time: Option<Duration>,
+    /// Whether the sandbox continued a warm template ([`SandboxBuilder::warm`]).
+    pub warm: bool,
 }
 
 impl Command {
@@ -1335,6 +1562,13 @@ impl Command {
         self
     }
 
+    /// Boot the kernel even when a warm snapshot of this configuration is cached
+    /// (see [`SandboxBuilder::warm`], on by default for a command).
+    pub fn cold(mut self, on: bool) -> Self {
+        self.builder = self.builder.warm(!on);
+        self
+    }
+
     /// Changes the sandbox configuration.
     pub fn configure(mut self, f: impl FnOnce(SandboxBuilder) -> SandboxBuilder) -> Self {
         self.builder = f(self.builder);
@@ -1355,6 +1589,7 @@ impl Command {
             stdout: out,
             stderr: err,
             boot_time: r.boot_time,
+            warm: r.warm,
         })
     }
 
@@ -1393,13 +1628,14 @@ impl Command {
                 ExecEvent::Started { .. } => {}
             }
         }
-        let (boot_time, ready_time) = (sb.boot_time(), sb.ready_time());
+        let (boot_time, ready_time, warm) = (sb.boot_time(), sb.ready_time(), sb.warm_start());
         sb.shutdown()?;
         let status = status.ok_or(SandboxError::Agent(ClientError::Closed))?;
         Ok(RunOutcome {
             status,
             boot_time,
             ready_time,
+            warm,
         })
     }
 }

@@ -2213,3 +2213,111 @@ fn limits_hold_and_idle_or_old_sandboxes_stop() {
         assert!(!text(&msb_vmm_state(&["ls"]).stdout).contains(name));
     }
 }
+
+/// Warm starts: the first `run` of a configuration boots and saves a template; the next
+/// ones continue it, each with its own volume directory, environment, fresh entropy and
+/// the current clock; `--cold` boots; a broken template gives way to a boot that saves a
+/// new one.
+#[test]
+fn run_starts_warm_from_a_template_saved_on_first_use() {
+    let _w = watchdog("run_starts_warm_from_a_template_saved_on_first_use");
+    check_host();
+    let base = state_dir().with_file_name(format!("msb-e2e-warm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let cache = base.join("cache");
+    for (d, who) in [("a", "from-a"), ("b", "from-b")] {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+        std::fs::write(base.join(d).join("who"), who).unwrap();
+    }
+    let report = base.join("report.json");
+    let run = |args: &[&str]| -> (Vec<String>, serde_json::Value) {
+        let vol = |d: &str| format!("{}:/data", base.join(d).display());
+        let mut full: Vec<String> = vec!["run".into(), "--report".into()];
+        full.push(report.display().to_string());
+        for a in args {
+            full.push(match *a {
+                "A" => vol("a"),
+                "B" => vol("b"),
+                a => a.to_string(),
+            });
+        }
+        full.extend(["--".into(), "sh".into(), "-c".into(),
+            "cat /data/who; echo; echo $X; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo".into()]);
+        let out = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+            .args(&full)
+            .env("MSB_CACHE_DIR", &cache)
+            .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
+            .env("MSB_INIT", msb_vmm::assets::msb_init())
+            .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
+            .env("MSB_ROOTFS", "initramfs")
+            .env("MSB_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "run {args:?}: {}", text(&out.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}; stderr {}", text(&out.stderr));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let guest: i64 = lines[2].parse().unwrap();
+        assert!((now - guest).abs() < 120, "guest clock {guest}, host {now}");
+        (lines, r)
+    };
+    let templates = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.join("warm"))
+            .map(|d| {
+                d.map(|e| e.unwrap().path())
+                    .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // First use: a boot, and a template of it.
+    let (l1, r1) = run(&["--volume", "A", "-e", "X=1"]);
+    assert_eq!((l1[0].as_str(), l1[1].as_str()), ("from-a", "1"));
+    assert_eq!(r1["warm"], false, "{r1}");
+    let t = templates();
+    assert_eq!(t.len(), 1, "{t:?}");
+    for f in ["sandbox.json", "state.bin", "memory.bin"] {
+        assert!(t[0].join(f).is_file(), "{} lacks {f}", t[0].display());
+    }
+    // Next runs: warm, each with its own volume directory and environment, and entropy of
+    // its own although all continue the same saved generator state.
+    let (l2, r2) = run(&["--volume", "B", "-e", "X=2"]);
+    assert_eq!(r2["warm"], true, "{r2}");
+    assert_eq!((l2[0].as_str(), l2[1].as_str()), ("from-b", "2"));
+    let (l3, r3) = run(&["--volume", "A", "-e", "X=3"]);
+    assert_eq!(r3["warm"], true, "{r3}");
+    assert_eq!((l3[0].as_str(), l3[1].as_str()), ("from-a", "3"));
+    assert_ne!(
+        l2[3], l3[3],
+        "two warm starts read the same /dev/urandom bytes"
+    );
+    assert_ne!(l1[3], l2[3]);
+    // --cold boots; another configuration gets its own template.
+    let (l4, r4) = run(&["--cold", "--volume", "B"]);
+    assert_eq!(r4["warm"], false, "{r4}");
+    assert_eq!(l4[0], "from-b");
+    let (_, r5) = run(&["--memory", "256", "--volume", "B"]);
+    assert_eq!(r5["warm"], false, "{r5}");
+    assert_eq!(templates().len(), 2);
+    // A broken template: that run boots (and says why), the next is warm again.
+    let state = t[0].join("state.bin");
+    let len = std::fs::metadata(&state).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (l6, r6) = run(&["--volume", "A"]);
+    assert_eq!(r6["warm"], false, "{r6}");
+    assert_eq!(l6[0], "from-a");
+    let (_, r7) = run(&["--volume", "B"]);
+    assert_eq!(r7["warm"], true, "{r7}");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -108,7 +108,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         .cpus(a.vm.cpus)
         .memory_mib(a.vm.memory)
         .console(a.vm.console)
-        .hostname(a.hostname.clone());
+        .hostname(a.hostname.clone())
+        .warm(!a.cold);
     if let Some(k) = &a.kernel {
         b = b.kernel(k);
     }
@@ -135,6 +136,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     };
     let ready = sb.ready_time();
     let boot = sb.boot_time();
+    let warm = sb.warm_start();
     let result = interact(sb.agent(), req, &a.exec, signals);
     let suggested = sb.suggested_policy();
     let _ = sb.shutdown();
@@ -148,7 +150,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let code = exec_result_code(result, a.exec.timeout);
     write_report(
         &a.vm.report,
-        serde_json::json!({ "exit_code": code, "boot_time_us": boot.map(|d| d.as_micros() as u64), "agent_ready_us": ready.as_micros() as u64 }),
+        serde_json::json!({ "exit_code": code, "boot_time_us": boot.map(|d| d.as_micros() as u64), "agent_ready_us": ready.as_micros() as u64, "warm": warm }),
     )?;
     Ok(code)
 }
