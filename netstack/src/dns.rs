@@ -335,6 +335,16 @@ pub fn parse_response(msg: &[u8], name: &str) -> Result<Upstream, DnsError> {
     })
 }
 
+/// One binding of [`Bindings`] as a snapshot keeps it: lifetimes are relative, since the
+/// clock they are read against (a monotonic `Instant`) does not cross processes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedBinding {
+    pub ip: IpAddr,
+    pub name: String,
+    /// What was left of its lifetime when saved.
+    pub ttl_left_ms: u64,
+}
+
 /// Which names the sandbox resolved each address to, until their TTLs run out. Bounded: the
 /// oldest entries go first when a guest resolves more than `capacity` addresses.
 #[derive(Debug)]
@@ -380,6 +390,49 @@ impl Bindings {
             *until = (*until).max(now + ttl);
         } else if names.len() < 16 {
             names.push((name.to_string(), now + ttl));
+        }
+    }
+
+    /// The bindings alive at `now`, for a snapshot.
+    pub fn export(&self, now: Instant) -> Vec<SavedBinding> {
+        let mut out = Vec::new();
+        for (ip, names) in &self.by_ip {
+            for (name, until) in names {
+                if *until > now {
+                    out.push(SavedBinding {
+                        ip: *ip,
+                        name: name.clone(),
+                        ttl_left_ms: (*until - now).as_millis() as u64,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Takes back bindings [`Bindings::export`] saved, as of `now`. A saved file is input
+    /// like any other: names must be DNS names, lifetimes are capped as live ones are, and
+    /// the capacity holds.
+    pub fn import(&mut self, saved: &[SavedBinding], now: Instant) {
+        for b in saved {
+            let name_ok = !b.name.is_empty()
+                && b.name.len() <= 253
+                && b.name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'));
+            if !name_ok {
+                tracing::warn!("netstack: a saved DNS binding has an invalid name; skipped");
+                continue;
+            }
+            let left = Duration::from_millis(b.ttl_left_ms).min(self.max_ttl);
+            let ip = crate::addr::canonical(b.ip);
+            if !self.by_ip.contains_key(&ip) && self.by_ip.len() >= self.capacity {
+                break;
+            }
+            let names = self.by_ip.entry(ip).or_default();
+            if names.len() < 16 && !names.iter().any(|(n, _)| *n == b.name) {
+                names.push((b.name.to_ascii_lowercase(), now + left));
+            }
         }
     }
 

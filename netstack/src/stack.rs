@@ -103,6 +103,10 @@ pub struct Config {
     /// counts them) over the sandbox's life; once spent, its open flows are cut and new
     /// ones refused.
     pub egress_budget: Option<u64>,
+    /// DNS bindings to start from: those of the sandbox a snapshot saved
+    /// ([`NetStack::dns_bindings`]), so name rules still match the addresses its programs
+    /// resolved before it.
+    pub dns_bindings: Vec<dns::SavedBinding>,
 }
 
 /// A host socket whose traffic goes to a guest port, bound by the caller (so a port in use
@@ -141,6 +145,7 @@ impl Default for Config {
             rate_in: None,
             rate_out: None,
             egress_budget: None,
+            dns_bindings: Vec::new(),
         }
     }
 }
@@ -365,6 +370,7 @@ pub struct PolicyChanged {
 /// Orders for the stack's thread.
 enum Command {
     SetPolicy(Box<Policy>, mpsc::Sender<PolicyChanged>),
+    Bindings(mpsc::Sender<Vec<dns::SavedBinding>>),
 }
 
 /// A running stack; dropping it stops the thread.
@@ -383,6 +389,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::SetPolicy(..) => f.write_str("SetPolicy"),
+            Command::Bindings(..) => f.write_str("Bindings"),
         }
     }
 }
@@ -451,6 +458,21 @@ impl NetStack {
         applied
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| io::Error::other("the netstack did not apply the policy"))
+    }
+
+    /// The DNS bindings alive now (which addresses the guest's names resolved to), for a
+    /// snapshot: a restore passes them back in [`Config::dns_bindings`].
+    pub fn dns_bindings(&self) -> io::Result<Vec<dns::SavedBinding>> {
+        let (done, answer) = mpsc::channel();
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Command::Bindings(done))
+            .map_err(|_| io::Error::other("the netstack has stopped"))?;
+        self.waker.wake()?;
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| io::Error::other("the netstack did not answer"))
     }
 
     /// Runs the stack on this thread for `rounds` non-blocking rounds over `link`, then stops:
@@ -830,7 +852,11 @@ impl State {
             udp_socks: HashMap::new(),
             udp: HashMap::new(),
             dns_socks,
-            bindings: Bindings::new(4096),
+            bindings: {
+                let mut b = Bindings::new(4096);
+                b.import(&cfg.dns_bindings, StdInstant::now());
+                b
+            },
             next_token,
             tcp_publish,
             udp_publish,
@@ -901,8 +927,13 @@ impl State {
                 Some((rx, _)) => rx.try_recv(),
                 None => return,
             };
-            let Ok(Command::SetPolicy(policy, done)) = order else {
-                return;
+            let (policy, done) = match order {
+                Ok(Command::SetPolicy(policy, done)) => (policy, done),
+                Ok(Command::Bindings(answer)) => {
+                    let _ = answer.send(self.bindings.export(StdInstant::now()));
+                    continue;
+                }
+                Err(_) => return,
             };
             self.cfg.policy = *policy;
             let changed = self.revoke();

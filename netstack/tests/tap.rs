@@ -974,6 +974,23 @@ fn rules_by_cidr_address_domain_port_and_protocol() {
         "refused",
         "another port"
     );
+    // A restored snapshot's stack starts from the bindings its sandbox had: the address
+    // its programs hold still matches the name rule without a new lookup.
+    let saved = sb.stack.as_ref().unwrap().dns_bindings().unwrap();
+    assert!(saved.iter().any(|b| b.name == "svc.test"), "{saved:?}");
+    drop(sb);
+    let policy = rules(
+        Preset::None,
+        &[(Action::Allow, format!("tcp:svc.test:{port}"))],
+    );
+    let restored = sandbox_in(Some(&up), policy.clone(), &[], Vec::new(), |c| {
+        c.dns_bindings = saved
+    });
+    assert_eq!(connect(&restored, PRIVATE, port, 100), "echoed 100 True");
+    drop(restored);
+    let fresh = sandbox_in(Some(&up), policy, &[], Vec::new(), |_| {});
+    assert_eq!(connect(&fresh, PRIVATE, port, 100), "reset");
+    drop(fresh);
     // ICMP only: pings answered, TCP refused.
     let sb = sandbox_in(
         Some(&up),

@@ -180,6 +180,11 @@ pub struct SandboxImage {
     /// (tag, guest path) of each share, in device order.
     pub shares: Vec<(String, String)>,
     pub network: bool,
+    /// The netstack's DNS bindings when saved (which addresses the guest's names resolved
+    /// to): name rules keep matching the addresses its programs hold.
+    #[cfg(target_os = "linux")]
+    #[serde(default)]
+    pub dns: Vec<msb_netstack::dns::SavedBinding>,
 }
 
 /// The file of a snapshot directory holding the [`SandboxImage`].
@@ -889,6 +894,7 @@ impl SandboxBuilder {
                         rate_in: net.rate_in,
                         rate_out: net.rate_out,
                         egress_budget: net.egress_budget,
+                        dns_bindings: saved.as_ref().map(|s| s.dns.clone()).unwrap_or_default(),
                         ..Default::default()
                     },
                 )
@@ -967,6 +973,8 @@ impl SandboxBuilder {
                 network: netstack.is_some(),
                 #[cfg(not(target_os = "linux"))]
                 network: false,
+                #[cfg(target_os = "linux")]
+                dns: Vec::new(),
             };
             save_template(&vm, &image, dir);
         }
@@ -1182,6 +1190,14 @@ impl Sandbox {
         }
     }
 
+    /// Continues the sandbox saved in snapshot directory `dir` ([`Sandbox::snapshot`]):
+    /// shorthand for `Sandbox::builder().restore_from(dir).start()`. A snapshot of a sandbox
+    /// with shares or a network needs them given again: use the builder for it (the error
+    /// says so).
+    pub fn restore(dir: impl Into<PathBuf>) -> Result<Sandbox, SandboxError> {
+        Sandbox::builder().restore_from(dir).start()
+    }
+
     /// A one-shot command: boot, run `argv`, power off.
     pub fn command<I, S>(argv: I) -> Command
     where
@@ -1272,6 +1288,13 @@ impl Sandbox {
                 .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
                 .collect(),
             network,
+            #[cfg(target_os = "linux")]
+            dns: match &self.netstack {
+                Some(n) => n
+                    .dns_bindings()
+                    .map_err(|e| SandboxError::Network(format!("saving DNS bindings: {e}")))?,
+                None => Vec::new(),
+            },
         };
         image.write(dir)
     }

@@ -170,3 +170,45 @@ fn bindings_expire_and_stay_bounded() {
     assert_eq!(b.by_ip.len(), 2, "bounded");
     assert_eq!(b.names(ip("3.3.3.3"), t0), ["d.com"]);
 }
+
+#[test]
+fn bindings_survive_an_export_and_import_with_their_remaining_lifetimes() {
+    let mut b = Bindings::new(8);
+    let t0 = Instant::now();
+    let a = |s: &str, ttl| Answer { ip: ip(s), ttl };
+    b.insert("a.com", a("1.1.1.1", 60), t0);
+    b.insert("old.com", a("2.2.2.2", 10), t0);
+    // 30 s later: a.com has 30 s left, old.com is gone.
+    let saved = b.export(t0 + Duration::from_secs(30));
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(saved[0].ttl_left_ms, 30_000);
+    // Imported in another process at t1: bound for the 30 s that were left, no longer.
+    let mut c = Bindings::new(8);
+    let t1 = Instant::now() + Duration::from_secs(1000);
+    let hostile = [
+        SavedBinding {
+            ip: ip("3.3.3.3"),
+            name: "bad name\n".into(),
+            ttl_left_ms: 1000,
+        },
+        SavedBinding {
+            ip: ip("4.4.4.4"),
+            name: "forever.com".into(),
+            ttl_left_ms: u64::MAX,
+        },
+    ];
+    c.import(&saved, t1);
+    c.import(&hostile, t1);
+    assert_eq!(
+        c.names(ip("1.1.1.1"), t1 + Duration::from_secs(29)),
+        ["a.com"]
+    );
+    assert!(c
+        .names(ip("1.1.1.1"), t1 + Duration::from_secs(31))
+        .is_empty());
+    assert!(c.names(ip("3.3.3.3"), t1).is_empty());
+    // A saved lifetime is capped as a live TTL is (an hour).
+    assert!(c
+        .names(ip("4.4.4.4"), t1 + Duration::from_secs(3601))
+        .is_empty());
+}
