@@ -13,6 +13,7 @@ const GUESTS: &[&str] = &[
     "stub",
     "hang",
     "count",
+    "tick",
 ];
 const AARCH64_GUESTS: &[&str] = &["timer"];
 

@@ -11,6 +11,9 @@
 //! - `hang`: prints a line and spins forever.
 //! - `count`: counts forever in the word at [`COUNT_ADDR`] and in EBX, copied to the next word
 //!   (pause, resume, snapshots).
+//! - `tick`: a local-APIC timer interrupt held pending (interrupts off) until the host writes
+//!   the word at `COUNT_ADDR + 12`; its handler counts at `COUNT_ADDR + 8` (snapshots of
+//!   interrupt state).
 //!
 //! arm64 (built only for arm64 targets, as flat binaries loaded at the start of RAM):
 //! - `aarch64_timer`: the virtual timer's interrupt through the GICv3 to an EL1 vector, whose
@@ -34,6 +37,7 @@ guest!(fault);
 guest!(stub);
 guest!(hang);
 guest!(count);
+guest!(tick);
 
 /// Where the `count` guest counts.
 pub const COUNT_ADDR: u64 = 0x5_0000;

@@ -1816,6 +1816,13 @@ impl RunningVm {
             .map_err(|e| VmError::Memory(e.to_string()))
     }
 
+    /// Writes guest memory at `addr` (for tests: a word the guest polls).
+    pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), VmError> {
+        self.mem
+            .write_slice(buf, GuestAddress(addr))
+            .map_err(|e| VmError::Memory(e.to_string()))
+    }
+
     /// Boot-timer time since VMM start, once the guest signalled it.
     pub fn boot_time(&self) -> Option<Duration> {
         self.boot_time.get().copied()

@@ -607,3 +607,80 @@ fn user_mistakes_get_clear_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("initramfs /nonexistent.cpio"), "{e}");
 }
+
+/// The `tick` guest's words: its count, its timer interrupts, and the gate the host opens.
+fn ticks(vm: &msb_vmm::vm::RunningVm) -> (u32, u32) {
+    let mut b = [0u8; 12];
+    vm.read_memory(guests::COUNT_ADDR, &mut b).unwrap();
+    (
+        u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        u32::from_le_bytes(b[8..12].try_into().unwrap()),
+    )
+}
+
+/// Lets the `tick` guest enable interrupts and waits for its one timer interrupt.
+fn open_gate_and_wait_tick(vm: &msb_vmm::vm::RunningVm, what: &str) {
+    assert_eq!(
+        ticks(vm).1,
+        0,
+        "{what}: an interrupt ran with interrupts off"
+    );
+    vm.write_memory(guests::COUNT_ADDR + 12, &1u32.to_le_bytes())
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ticks(vm).1 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the pending timer interrupt never ran (count {})",
+            ticks(vm).0
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(ticks(vm).1, 1, "{what}: a one-shot timer interrupted twice");
+}
+
+/// An interrupt pending at the moment of a snapshot (the local APIC's one-shot timer fired
+/// while the guest kept interrupts off) is delivered by the restored VM once the guest
+/// enables interrupts: the in-kernel APIC's state crosses the snapshot.
+#[test]
+fn a_timer_interrupt_pending_at_the_snapshot_is_delivered_after_restore() {
+    require_kvm();
+    // The guest works: without a snapshot, opening the gate runs the pending interrupt.
+    let b = VmBuilder::new(guests::tick()).memory_mib(16);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    wait_count(&vm, 100_000, "the tick guest");
+    open_gate_and_wait_tick(&vm, "without a snapshot");
+    stop.stop();
+    vm.wait();
+
+    let dir = std::env::temp_dir().join(format!("msb-snap-tick-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = VmBuilder::new(guests::tick()).memory_mib(16);
+    let stop = b.stop_handle();
+    let vm = b.start().unwrap();
+    // Long after the timer's microsecond: its interrupt waits in the APIC.
+    wait_count(&vm, 100_000, "the tick guest");
+    vm.save_snapshot(&dir).expect("snapshot");
+    stop.stop();
+    vm.wait();
+    let b = VmBuilder::restore(&dir).expect("reading the snapshot");
+    let stop = b.stop_handle();
+    let restored = b.start().expect("restoring");
+    open_gate_and_wait_tick(&restored, "restored");
+    stop.stop();
+    restored.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits until the `tick` guest's count passes `n`.
+fn wait_count(vm: &msb_vmm::vm::RunningVm, n: u32, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ticks(vm).0 <= n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} stopped counting"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
