@@ -28,8 +28,14 @@ pub fn dir() -> PathBuf {
 }
 
 /// A file's identity for a key: path, size and modification time (as the initramfs cache
-/// keys its inputs). Rebuilding a kernel or msb-init changes it.
+/// keys its inputs). Rebuilding a kernel or msb-init changes it; a jail's bind mount of the
+/// same file does not.
 pub fn identity(path: &Path) -> std::io::Result<String> {
+    Ok(format!("{} {}", path.display(), stamp(path)?))
+}
+
+/// Size and modification time of the file at `path`.
+fn stamp(path: &Path) -> std::io::Result<String> {
     let md = std::fs::metadata(path)?;
     let mtime = md
         .modified()
@@ -37,15 +43,7 @@ pub fn identity(path: &Path) -> std::io::Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    use std::os::unix::fs::MetadataExt;
-    Ok(format!(
-        "{} {} {} {} {}",
-        path.display(),
-        md.dev(),
-        md.ino(),
-        md.len(),
-        mtime
-    ))
+    Ok(format!("{} {}", md.len(), mtime))
 }
 
 /// The key of a template: a hex digest of `inputs` (one line per input, as
@@ -55,11 +53,10 @@ pub fn key(inputs: &str) -> String {
     h.update(format!(
         "warm v{WARM_VERSION}\nsnapshot v{}\nvmm {}\n",
         crate::snapshot::FORMAT_VERSION,
-        // A new VMM build may save devices differently: its templates are its own.
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| identity(&p).ok())
-            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+        // A new VMM build may save devices differently: its templates are its own. By the
+        // running file itself, whatever its path (a jail shows it elsewhere).
+        stamp(Path::new("/proc/self/exe"))
+            .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string())
     ));
     h.update(inputs.as_bytes());
     h.finalize()
