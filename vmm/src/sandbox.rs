@@ -740,7 +740,7 @@ impl SandboxBuilder {
             .clone()
             .unwrap_or_else(crate::assets::default_kernel);
         // A missing kernel is not a reason for a warm start: the boot says it clearly.
-        let key = match self.warm {
+        let key = match self.warm && crate::warm::SUPPORTED {
             true => self
                 .warm_inputs(&kernel, &initrd, &cmdline)
                 .map(|i| crate::warm::key(&i))

@@ -19,6 +19,10 @@ use sha2::{Digest, Sha256};
 /// Bump when what a template holds, or how it is keyed, changes.
 const WARM_VERSION: u32 = 1;
 
+/// Whether this build can snapshot its VMs, which a template needs (arm64 cannot yet):
+/// elsewhere every start boots, without a word.
+pub const SUPPORTED: bool = cfg!(target_arch = "x86_64");
+
 /// Templates kept; the least recently used beyond these are removed when one is added.
 pub const KEEP_TEMPLATES: usize = 4;
 
