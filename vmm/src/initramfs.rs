@@ -299,18 +299,25 @@ pub fn build_default(
 /// Identity of an input file for the cache key: path, size and modification time, so a cache
 /// hit costs two `stat`s instead of hashing megabytes on every boot.
 fn identity(path: &Path) -> Result<String, InitramfsError> {
-    let md = std::fs::metadata(path).map_err(|source| InitramfsError::Io {
+    let stamp = file_stamp(path).map_err(|source| InitramfsError::Io {
         what: "reading",
         path: path.to_path_buf(),
         source,
     })?;
+    Ok(format!("{}:{stamp}", path.display()))
+}
+
+/// `SIZE:MTIME_NS` of the file at `path`: what the caches keyed by their input files (this
+/// one and the warm templates, `crate::warm`) compare instead of the files' bytes.
+pub(crate) fn file_stamp(path: &Path) -> std::io::Result<String> {
+    let md = std::fs::metadata(path)?;
     let mtime = md
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    Ok(format!("{}:{}:{}", path.display(), md.len(), mtime))
+    Ok(format!("{}:{mtime}", md.len()))
 }
 
 /// Format version of the default image; bump when `build_default` changes.

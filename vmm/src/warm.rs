@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::initramfs::file_stamp;
+
 /// Bump when what a template holds, or how it is keyed, changes.
 const WARM_VERSION: u32 = 1;
 
@@ -35,19 +37,7 @@ pub fn dir() -> PathBuf {
 /// keys its inputs). Rebuilding a kernel or msb-init changes it; a jail's bind mount of the
 /// same file does not.
 pub fn identity(path: &Path) -> std::io::Result<String> {
-    Ok(format!("{} {}", path.display(), stamp(path)?))
-}
-
-/// Size and modification time of the file at `path`.
-fn stamp(path: &Path) -> std::io::Result<String> {
-    let md = std::fs::metadata(path)?;
-    let mtime = md
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    Ok(format!("{} {}", md.len(), mtime))
+    Ok(format!("{}:{}", path.display(), file_stamp(path)?))
 }
 
 /// The key of a template: a hex digest of `inputs` (one line per input, as
@@ -59,7 +49,7 @@ pub fn key(inputs: &str) -> String {
         crate::snapshot::FORMAT_VERSION,
         // A new VMM build may save devices differently: its templates are its own. By the
         // running file itself, whatever its path (a jail shows it elsewhere).
-        stamp(Path::new("/proc/self/exe"))
+        file_stamp(Path::new("/proc/self/exe"))
             .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string())
     ));
     h.update(inputs.as_bytes());
