@@ -205,6 +205,26 @@ impl SandboxImage {
             .map_err(|e| SandboxError::Snapshot(format!("{}: {e}", path.display())))
     }
 
+    /// The record of a sandbox with these sizes and shares (tag, guest path, server) and,
+    /// if it has a network, its netstack's DNS bindings.
+    fn of(
+        cpus: u32,
+        memory_mib: u64,
+        shares: &[(String, String, Arc<PassthroughFs>)],
+        network: Option<Vec<msb_netstack::dns::SavedBinding>>,
+    ) -> SandboxImage {
+        SandboxImage {
+            cpus,
+            memory_mib,
+            shares: shares
+                .iter()
+                .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
+                .collect(),
+            network: network.is_some(),
+            dns: network.unwrap_or_default(),
+        }
+    }
+
     /// Writes the record into snapshot directory `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), SandboxError> {
         let json =
@@ -965,21 +985,12 @@ impl SandboxBuilder {
         tracing::debug!("agent connected at {:.3} ms", at());
         if let (Some(dir), Ok(_)) = (&template, &connected) {
             // Before anything of this run (secrets, the CA, limits, commands) reaches it.
-            let image = SandboxImage {
-                cpus,
-                memory_mib,
-                shares: shares
-                    .iter()
-                    .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
-                    .collect(),
-                #[cfg(target_os = "linux")]
-                network: netstack.is_some(),
-                #[cfg(not(target_os = "linux"))]
-                network: false,
-                #[cfg(target_os = "linux")]
-                dns: Vec::new(),
-            };
-            save_template(&vm, &image, dir);
+            let network = netstack.as_ref().map(|_| Vec::new());
+            save_template(
+                &vm,
+                &SandboxImage::of(cpus, memory_mib, &shares, network),
+                dir,
+            );
         }
         if template.is_some() {
             if let Err(e) = confine() {
@@ -1278,28 +1289,14 @@ impl Sandbox {
     pub fn snapshot(&self, dir: &Path) -> Result<(), SandboxError> {
         let vm = self.vm.as_ref().ok_or(crate::vm::PauseError::Stopped)?;
         vm.save_snapshot(dir)?;
-        #[cfg(target_os = "linux")]
-        let network = self.netstack.is_some();
-        #[cfg(not(target_os = "linux"))]
-        let network = false;
-        let image = SandboxImage {
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            shares: self
-                .shares
-                .iter()
-                .map(|(tag, guest, _)| (tag.clone(), guest.clone()))
-                .collect(),
-            network,
-            #[cfg(target_os = "linux")]
-            dns: match &self.netstack {
-                Some(n) => n
-                    .dns_bindings()
+        let network = match &self.netstack {
+            Some(n) => Some(
+                n.dns_bindings()
                     .map_err(|e| SandboxError::Network(format!("saving DNS bindings: {e}")))?,
-                None => Vec::new(),
-            },
+            ),
+            None => None,
         };
-        image.write(dir)
+        SandboxImage::of(self.cpus, self.memory_mib, &self.shares, network).write(dir)
     }
 
     /// Lets a paused sandbox run again (nothing happens if it is not paused).
