@@ -1,0 +1,379 @@
+//! Pulling from a registry with `oci-client`: manifest (indexes resolved to this host's
+//! platform), config and layers, each verified against its digest; layers downloaded
+//! concurrently into resumable `tmp/*.partial` files and unpacked as each completes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::io::AsyncWriteExt;
+
+use crate::store::{hex_of, now, ImageRecord, Store};
+use crate::{host_platform, read_config, ImageError, PullOptions};
+
+/// Layers downloaded at once.
+const PARALLEL: usize = 3;
+/// The largest manifest config we read into memory.
+const MAX_CONFIG: i64 = 16 << 20;
+/// The largest layer blob we accept.
+const MAX_BLOB: i64 = 64 << 30;
+
+/// True for registries on this machine, spoken to over plain HTTP as Docker does.
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The manifest of an index that runs here.
+fn resolve(entries: &[ImageIndexEntry]) -> Option<String> {
+    let (os, arch) = host_platform();
+    let fits = |e: &&ImageIndexEntry| {
+        e.platform
+            .as_ref()
+            .is_some_and(|p| p.os.to_string() == os && p.architecture.to_string() == arch)
+    };
+    // arm64 images may name a variant; v8 is what every arm64 host runs.
+    entries
+        .iter()
+        .filter(fits)
+        .find(|e| {
+            e.platform
+                .as_ref()
+                .and_then(|p| p.variant.as_deref())
+                .is_none_or(|v| v == "v8")
+        })
+        .or_else(|| entries.iter().find(fits))
+        .map(|e| e.digest.clone())
+}
+
+/// Credentials for `registry` from `~/.docker/config.json` (or its credential helper);
+/// anonymous when there are none.
+fn credentials(r: &Reference) -> RegistryAuth {
+    let server = match r.resolve_registry() {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "https://index.docker.io/v1/",
+        other => other,
+    };
+    match docker_credential::get_credential(server) {
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+            RegistryAuth::Basic(u, p)
+        }
+        Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
+        Err(_) => RegistryAuth::Anonymous,
+    }
+}
+
+pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<ImageRecord, ImageError> {
+    let name = r.whole();
+    // reqwest takes rustls's process-wide provider: ring, as the netstack uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ImageError::Io(store.path().to_path_buf(), e))?;
+    rt.block_on(pull_async(store, r, &name, opts))
+}
+
+fn reg_err(image: &str, e: impl std::fmt::Display) -> ImageError {
+    let mut why = e.to_string();
+    if why.contains("error sending request") || why.contains("onnection refused") {
+        why = format!("the registry is unreachable ({why})");
+    }
+    ImageError::Registry {
+        image: image.to_string(),
+        why,
+    }
+}
+
+async fn pull_async(
+    store: &Store,
+    r: &Reference,
+    name: &str,
+    opts: &PullOptions,
+) -> Result<ImageRecord, ImageError> {
+    let mut plain = opts.insecure_registries.clone();
+    for reg in [r.registry(), r.resolve_registry()] {
+        if is_loopback(reg) {
+            plain.push(reg.to_string());
+        }
+    }
+    let client = Arc::new(Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain),
+        platform_resolver: Some(Box::new(resolve)),
+        connect_timeout: Some(Duration::from_secs(30)),
+        read_timeout: Some(Duration::from_secs(120)),
+        ..Default::default()
+    }));
+    let auth = credentials(r);
+    let (manifest, manifest_digest) = client.pull_image_manifest(r, &auth).await.map_err(|e| {
+        let s = e.to_string();
+        if s.contains("platform") || s.contains("resolve") {
+            let (os, arch) = host_platform();
+            ImageError::NoPlatform(name.to_string(), format!("{os}/{arch}"))
+        } else {
+            reg_err(name, e)
+        }
+    })?;
+    if hex_of(&manifest_digest).is_none() {
+        return Err(ImageError::BadDigest(manifest_digest));
+    }
+    if manifest.config.size < 0 || manifest.config.size > MAX_CONFIG {
+        return Err(reg_err(name, "the image config is absurdly large"));
+    }
+    let mut config = Vec::new();
+    client
+        .pull_blob(r, &manifest.config, &mut config)
+        .await
+        .map_err(|e| reg_err(name, format!("config: {e}")))?;
+    let config_digest = crate::sha256(&config);
+    if config_digest != manifest.config.digest {
+        return Err(ImageError::DigestMismatch {
+            image: name.to_string(),
+            what: "the config".into(),
+            actual: config_digest,
+        });
+    }
+    let (run, diff_ids, platform) = read_config(name, &config)?;
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(reg_err(
+            name,
+            "the manifest and the config disagree on the number of layers",
+        ));
+    }
+    for l in &manifest.layers {
+        if hex_of(&l.digest).is_none() {
+            return Err(ImageError::BadDigest(l.digest.clone()));
+        }
+        if l.size < 0 || l.size > MAX_BLOB {
+            return Err(reg_err(
+                name,
+                format!("layer {} is absurdly large", l.digest),
+            ));
+        }
+    }
+
+    let progress = Progress::new(opts);
+    let jobs = manifest
+        .layers
+        .iter()
+        .zip(&diff_ids)
+        .filter(|(_, d)| !store.has_layer(d))
+        .map(|(l, d)| {
+            let client = client.clone();
+            let progress = progress.clone();
+            async move {
+                let file = download(&client, r, l, store, name, &progress).await?;
+                let (store2, name2, d2, file2) =
+                    (store.clone(), name.to_string(), d.clone(), file.clone());
+                progress.line(&format!("unpacking {}", short(&l.digest)));
+                tokio::task::spawn_blocking(move || {
+                    let blob = crate::unpack::open_blob(&file2)
+                        .map_err(|e| ImageError::Io(file2.clone(), e))?;
+                    store2.put_layer(&name2, &d2, blob)
+                })
+                .await
+                .map_err(|e| reg_err(name, e))??;
+                let _ = std::fs::remove_file(&file);
+                progress.line(&format!("layer {} done", short(&l.digest)));
+                Ok::<(), ImageError>(())
+            }
+        });
+    let results: Vec<Result<(), ImageError>> = futures_util::stream::iter(jobs)
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    progress.finish();
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+
+    let size = diff_ids.iter().map(|d| store_layer_bytes(store, d)).sum();
+    Ok(ImageRecord {
+        name: name.to_string(),
+        manifest_digest,
+        config_digest,
+        platform,
+        diff_ids,
+        size,
+        pulled: now(),
+        config: run,
+    })
+}
+
+fn store_layer_bytes(store: &Store, d: &str) -> u64 {
+    store
+        .layer_dir(d)
+        .ok()
+        .and_then(|p| std::fs::read(p.with_extension("json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["bytes"].as_u64())
+        .unwrap_or(0)
+}
+
+fn short(digest: &str) -> &str {
+    let h = hex_of(digest).unwrap_or(digest);
+    &h[..h.len().min(12)]
+}
+
+/// Downloads one layer blob into `tmp/HEX.partial`, continuing a file an interrupted pull
+/// left there, and checks the whole file against the descriptor's digest.
+async fn download(
+    client: &Client,
+    r: &Reference,
+    desc: &OciDescriptor,
+    store: &Store,
+    image: &str,
+    progress: &Progress,
+) -> Result<PathBuf, ImageError> {
+    let hex = hex_of(&desc.digest).expect("checked");
+    let path = store.tmp().join(format!("blob-{hex}.partial"));
+    let size = desc.size as u64;
+    let mut have = std::fs::metadata(&path).map_or(0, |m| m.len());
+    if have > size {
+        have = 0;
+    }
+    let bar = progress.bar(short(&desc.digest), size, have);
+    if have < size {
+        let resp = if have == 0 {
+            BlobResponse::Full(
+                client
+                    .pull_blob_stream(r, desc)
+                    .await
+                    .map_err(|e| reg_err(image, format!("layer {}: {e}", desc.digest)))?,
+            )
+        } else {
+            progress.line(&format!("resuming {} at {have} bytes", short(&desc.digest)));
+            client
+                .pull_blob_stream_partial(r, desc, have, Some(size - have))
+                .await
+                .map_err(|e| reg_err(image, format!("layer {}: {e}", desc.digest)))?
+        };
+        let (mut stream, append) = match resp {
+            BlobResponse::Full(s) => (s.stream, false),
+            BlobResponse::Partial(s) => (s.stream, true),
+        };
+        if !append {
+            have = 0;
+        }
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .await
+            .map_err(|e| ImageError::Io(path.clone(), e))?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| reg_err(image, format!("layer {}: {e}", desc.digest)))?;
+            have += chunk.len() as u64;
+            if have > size {
+                drop(f);
+                let _ = std::fs::remove_file(&path);
+                return Err(reg_err(
+                    image,
+                    format!("layer {} is longer than its manifest says", desc.digest),
+                ));
+            }
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| ImageError::Io(path.clone(), e))?;
+            if let Some(b) = &bar {
+                b.set_position(have);
+            }
+        }
+        f.flush()
+            .await
+            .map_err(|e| ImageError::Io(path.clone(), e))?;
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let p2 = path.clone();
+    let actual = tokio::task::spawn_blocking(move || file_digest(&p2))
+        .await
+        .map_err(|e| reg_err(image, e))?
+        .map_err(|e| ImageError::Io(path.clone(), e))?;
+    if actual != desc.digest {
+        let _ = std::fs::remove_file(&path);
+        return Err(ImageError::DigestMismatch {
+            image: image.to_string(),
+            what: format!("layer {}", desc.digest),
+            actual,
+        });
+    }
+    Ok(path)
+}
+
+/// `sha256:HEX` of a file's contents.
+pub(crate) fn file_digest(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Progress on stderr: bars on a terminal, plain lines otherwise (when asked).
+#[derive(Clone)]
+struct Progress {
+    multi: Option<indicatif::MultiProgress>,
+    verbose: bool,
+}
+
+impl Progress {
+    fn new(opts: &PullOptions) -> Progress {
+        Progress {
+            multi: opts.progress.then(indicatif::MultiProgress::new),
+            verbose: opts.verbose,
+        }
+    }
+
+    fn bar(&self, label: &str, size: u64, at: u64) -> Option<indicatif::ProgressBar> {
+        let m = self.multi.as_ref()?;
+        let b = m.add(indicatif::ProgressBar::new(size));
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_prefix(label.to_string());
+        b.set_position(at);
+        Some(b)
+    }
+
+    fn line(&self, s: &str) {
+        if let Some(m) = &self.multi {
+            let _ = m.println(s);
+        } else if self.verbose {
+            eprintln!("{s}");
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(m) = &self.multi {
+            let _ = m.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_registries() {
+        for r in ["127.0.0.1:5000", "localhost:80", "[::1]:5000", "localhost"] {
+            assert!(super::is_loopback(r), "{r}");
+        }
+        for r in ["docker.io", "10.0.0.1:5000", "ghcr.io"] {
+            assert!(!super::is_loopback(r), "{r}");
+        }
+    }
+}
