@@ -10,7 +10,9 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use crate::unpack::{get_xattr, mkdir, set_xattr, STAT_XATTR};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::unpack::{get_xattr, mkdir, set_xattr, LINK_XATTR, STAT_XATTR};
 
 /// OCI whiteout prefix and opaque-directory marker.
 pub const WHITEOUT: &str = ".wh.";
@@ -26,12 +28,12 @@ pub fn merge(layers: &[&Path], dest: &Path) -> io::Result<()> {
     )?;
     for layer in layers {
         copy_stat(layer, dest)?;
-        merge_dir(layer, dest)?;
+        merge_dir(dest, layer, dest)?;
     }
     Ok(())
 }
 
-fn merge_dir(src: &Path, dest: &Path) -> io::Result<()> {
+fn merge_dir(root: &Path, src: &Path, dest: &Path) -> io::Result<()> {
     let mut names: Vec<std::ffi::OsString> = fs::read_dir(src)?
         .map(|e| e.map(|e| e.file_name()))
         .collect::<io::Result<_>>()?;
@@ -67,13 +69,47 @@ fn merge_dir(src: &Path, dest: &Path) -> io::Result<()> {
                 Err(_) => mkdir(&to)?,
             }
             copy_stat(&from, &to)?;
-            merge_dir(&from, &to)?;
+            merge_dir(root, &from, &to)?;
+        } else if m.is_file() && m.len() == 0 && get_xattr(&from, LINK_XATTR).is_ok() {
+            // A hard link to a lower layer's file: to the merged tree's file at that path.
+            let target = get_xattr(&from, LINK_XATTR)?;
+            let target = root.join(Path::new(std::ffi::OsStr::from_bytes(&target)));
+            let ok =
+                beneath(root, &target) && fs::symlink_metadata(&target).is_ok_and(|t| t.is_file());
+            if !ok {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("hard link {} to a file no lower layer has", to.display()),
+                ));
+            }
+            remove(&to)?;
+            fs::hard_link(&target, &to)?;
         } else {
             remove(&to)?;
             fs::hard_link(&from, &to)?;
         }
     }
     Ok(())
+}
+
+/// Whether `path` (under `root`, built from checked relative names) is reached from `root`
+/// through real directories only: a symlink on the way could lead out of the tree.
+fn beneath(root: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return false;
+    };
+    let mut cur = root.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for c in &parts[..parts.len().saturating_sub(1)] {
+        match c {
+            std::path::Component::Normal(n) => cur.push(n),
+            _ => return false,
+        }
+        if !fs::symlink_metadata(&cur).is_ok_and(|m| m.is_dir()) {
+            return false;
+        }
+    }
+    !parts.is_empty()
 }
 
 /// Removes whatever is at `path` (nothing there is fine).

@@ -273,7 +273,23 @@ async fn download(
             .await
             .map_err(|e| ImageError::Io(path.clone(), e))?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| reg_err(image, format!("layer {}: {e}", desc.digest)))?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let why = e.to_string();
+                    // oci-client checks a whole download against its digest itself.
+                    if let Some((_, got)) = why.split_once(", got ") {
+                        drop(f);
+                        let _ = std::fs::remove_file(&path);
+                        return Err(ImageError::DigestMismatch {
+                            image: image.to_string(),
+                            what: format!("layer {}", desc.digest),
+                            actual: got.trim().to_string(),
+                        });
+                    }
+                    return Err(reg_err(image, format!("layer {}: {why}", desc.digest)));
+                }
+            };
             have += chunk.len() as u64;
             if have > size {
                 drop(f);

@@ -103,7 +103,15 @@ impl Store {
     /// Opens (creating, owner-only) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, ImageError> {
         let root = root.into();
-        for d in ["", "layers", "roots", "images", "tmp"] {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&root)
+                .map_err(|e| ImageError::Io(root.clone(), e))?;
+        }
+        for d in ["layers", "roots", "images", "tmp"] {
             let p = root.join(d);
             if let Err(e) = unpack::mkdir(&p) {
                 if e.kind() != io::ErrorKind::AlreadyExists {

@@ -22,6 +22,8 @@ use thiserror::Error;
 
 /// The passthrough server's override attribute (`UID:GID:MODE[:RDEV]`).
 pub const STAT_XATTR: &str = "user.msb.stat";
+/// On a placeholder file: the layer's hard link to this path of a lower layer.
+pub const LINK_XATTR: &str = "user.msb.hardlink";
 /// Where a file's non-`user.` attributes are kept (the passthrough server's mapping).
 const MAPPED_XATTR_PREFIX: &str = "user.msb.x.";
 
@@ -251,16 +253,29 @@ impl Unpacker<'_> {
                 self.check_parents(&trel)
                     .map_err(|w| bad(&format!("hard link target: {w}")))?;
                 let tpath = self.dest.join(&trel);
-                match fs::symlink_metadata(&tpath) {
-                    Ok(m) if m.is_file() => {}
-                    Ok(_) => return Err(bad("hard link to something not a regular file")),
-                    Err(_) => return Err(bad("hard link to a file not (yet) in the layer")),
-                }
                 if tpath == path {
                     return Ok(());
                 }
-                self.replace(&path).map_err(werr)?;
-                fs::hard_link(&tpath, &path).map_err(werr)?;
+                match fs::symlink_metadata(&tpath) {
+                    Ok(m) if m.is_file() => {
+                        self.replace(&path).map_err(werr)?;
+                        fs::hard_link(&tpath, &path).map_err(werr)?;
+                    }
+                    Ok(_) => return Err(bad("hard link to something not a regular file")),
+                    Err(_) => {
+                        // A link to a file of a lower layer: the merge makes it, once the
+                        // merged tree has the target.
+                        self.replace(&path).map_err(werr)?;
+                        OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(&path)
+                            .map_err(werr)?;
+                        set_xattr(&path, LINK_XATTR, trel.as_os_str().as_bytes()).map_err(werr)?;
+                    }
+                }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let (ty, rdev) = match kind {
@@ -348,7 +363,8 @@ impl Unpacker<'_> {
                         )
                     }
                     Ok(_) => return Err("a parent is not a directory".into()),
-                    Err(_) => return Err("a parent directory is missing".into()),
+                    // Not in this layer: a lower layer's file, linked by the merge.
+                    Err(_) => return Ok(()),
                 }
             }
         }

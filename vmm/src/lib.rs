@@ -21,6 +21,11 @@ pub mod arch;
 pub mod assets;
 pub mod host;
 pub mod hypervisor;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+pub mod image;
 pub mod initramfs;
 #[cfg(target_os = "linux")]
 pub mod jail;

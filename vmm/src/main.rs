@@ -128,6 +128,31 @@ enum Command {
         /// The sandbox.
         name: String,
     },
+    /// Pull an OCI image into the cache (a registry reference, oci:DIR[:TAG] or
+    /// docker-archive:FILE[:TAG]), ready for `run --image`.
+    Pull {
+        /// The image.
+        image: String,
+        /// Speak plain HTTP to this registry (HOST[:PORT]; loopback registries always are).
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registries: Vec<String>,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// List the images in the cache.
+    Images {
+        /// One JSON object per image.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image from the cache (its layers stay until `prune` if others share them).
+    Rmi {
+        /// The image, as pulled.
+        image: String,
+    },
+    /// Remove cached layers no image uses, and leftovers of interrupted pulls.
+    Prune,
     /// Print the sandbox CA's certificate (PEM), the one guests trust for TLS interception;
     /// made on first use.
     Ca {
@@ -185,8 +210,16 @@ struct MountArgs {
     /// `initramfs` for the small busybox root in memory (use ./initramfs for a directory of
     /// that name). Default: $MSB_ROOTFS, else the Debian minbase tree `./x setup` builds,
     /// shared copy-on-write (guest changes stay in guest memory and vanish with it).
-    #[arg(long, value_name = "DIR|initramfs")]
+    #[arg(long, value_name = "DIR|initramfs", conflicts_with = "image")]
     rootfs: Option<PathBuf>,
+    /// Boot an OCI image as the root, copy-on-write: a registry reference
+    /// ([REGISTRY/]REPO[:TAG][@DIGEST]), oci:DIR[:TAG] or docker-archive:FILE[:TAG]; pulled
+    /// on first use. Its Env, WorkingDir, User, Entrypoint and Cmd apply.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    /// Speak plain HTTP to this registry (HOST[:PORT]; loopback registries always are).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registries: Vec<String>,
     /// Mount host directory HOST at GUEST (repeatable); OPTS: ro, rw, cache=none|auto|always.
     #[arg(long = "volume", short = 'V', value_name = "HOST:GUEST[:OPTS]")]
     volumes: Vec<String>,
@@ -390,8 +423,13 @@ struct RunArgs {
     limits: LimitArgs,
     #[command(flatten)]
     vm: VmArgs,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// The command and its arguments; `IMAGE -- CMD...` runs CMD in that image (a word
+    /// before `--`), and with --image the command may be left out (the image's Cmd runs).
+    #[arg(
+        required_unless_present = "image",
+        trailing_var_arg = true,
+        value_name = "CMD"
+    )]
     command: Vec<OsString>,
 }
 
@@ -525,6 +563,14 @@ fn run_command(command: Command) -> u8 {
         Command::Stats { name, json, watch } => cli::daemon::stats(&name, json, watch),
         Command::Policy(a) => cli::daemon::policy(a),
         Command::Ca { regenerate } => cli::ca::ca(regenerate),
+        Command::Pull {
+            image,
+            insecure_registries,
+            quiet,
+        } => cli::images::pull(&image, insecure_registries, quiet),
+        Command::Images { json } => cli::images::list(json),
+        Command::Rmi { image } => cli::images::rmi(&image),
+        Command::Prune => cli::images::prune(),
     };
     result.unwrap_or_else(|e| {
         eprintln!("msb-vmm: error: {e:#}");
@@ -662,6 +708,22 @@ mod tests {
         );
         assert!(parse(&["boot"]).is_err());
         assert!(parse(&["run"]).is_err(), "run needs a command");
+        let Command::Run(r) = parse(&["run", "--image", "debian"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(r.command.is_empty() && r.mounts.image.as_deref() == Some("debian"));
+        let Command::Run(r) = parse(&["run", "debian:12", "--", "ls", "-l"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(
+            r.command,
+            ["debian:12", "--", "ls", "-l"].map(OsString::from).to_vec(),
+            "cli::run tells the image before `--`"
+        );
+        assert!(parse(&["run", "--image", "x", "--rootfs", "/r", "--", "ls"]).is_err());
     }
 
     #[test]

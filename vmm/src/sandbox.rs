@@ -95,6 +95,8 @@ pub enum SandboxError {
     Pause(#[from] crate::vm::PauseError),
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error("image {0}")]
+    Image(String),
 }
 
 impl SandboxError {
@@ -154,6 +156,8 @@ pub struct SandboxBuilder {
     restore: Option<PathBuf>,
     /// Start from (or save) a warm template ([`crate::warm`]).
     warm: bool,
+    /// The OCI image whose merged root this sandbox boots ([`SandboxBuilder::image`]).
+    image: Option<crate::image::ImageRecord>,
 }
 
 /// How [`SandboxBuilder::launch`] makes the VM.
@@ -445,6 +449,23 @@ impl SandboxBuilder {
     pub fn rootfs_overlay(mut self, dir: impl Into<PathBuf>) -> Self {
         self.rootfs = Some((dir.into(), Access::Overlay));
         self
+    }
+
+    /// Boots the OCI image `name` (a registry reference, `oci:DIR[:TAG]` or
+    /// `docker-archive:FILE[:TAG]`): pulled into the cache on first use, its layers merged
+    /// into one root shared copy-on-write as [`SandboxBuilder::rootfs_overlay`] does; its
+    /// `Env`, `WorkingDir`, `User`, `Entrypoint` and `Cmd` are the defaults of
+    /// [`Sandbox::image_request`]. Errors name the image and the cause.
+    pub fn image(
+        mut self,
+        name: &str,
+        opts: &crate::image::PullOptions,
+    ) -> Result<Self, SandboxError> {
+        let (rec, root) =
+            crate::image::resolve(name, opts).map_err(|e| SandboxError::Image(e.to_string()))?;
+        self.rootfs = Some((root, Access::Overlay));
+        self.image = Some(rec);
+        Ok(self)
     }
 
     /// Mounts a tmpfs at `guest`, at most `size` bytes (0: half the guest's memory).
@@ -1028,6 +1049,7 @@ impl SandboxBuilder {
                 );
                 Ok(Sandbox {
                     warm_start: restore_dir.is_some() && self.restore.is_none(),
+                    image: self.image.clone(),
                     boot_time: vm.boot_time(),
                     vm: Some(vm),
                     agent: Some(agent),
@@ -1155,6 +1177,8 @@ fn stop_and_wait(vm: RunningVm) -> VmOutcome {
 pub struct Sandbox {
     /// Whether it started from a warm template.
     warm_start: bool,
+    /// The image it runs, if any: its run settings apply to commands.
+    image: Option<crate::image::ImageRecord>,
     vm: Option<RunningVm>,
     agent: Option<AgentClient>,
     boot_time: Option<Duration>,
@@ -1201,6 +1225,7 @@ impl Sandbox {
             network: None,
             restore: None,
             warm: false,
+            image: None,
         }
     }
 
@@ -1247,6 +1272,26 @@ impl Sandbox {
     /// ([`SandboxBuilder::warm`]).
     pub fn warm_start(&self) -> bool {
         self.warm_start
+    }
+
+    /// The image the sandbox runs ([`SandboxBuilder::image`]).
+    pub fn image(&self) -> Option<&crate::image::ImageRecord> {
+        self.image.as_ref()
+    }
+
+    /// `req` with the image's settings applied where it leaves them unset (its `Env` under
+    /// `req`'s, `WorkingDir`, `User`) and, with `entrypoint`, the command made
+    /// `Entrypoint + (argv or Cmd)` as `docker run` does. Without an image, `req` as it is.
+    pub fn image_request(
+        &self,
+        mut req: ExecRequest,
+        entrypoint: bool,
+    ) -> Result<ExecRequest, SandboxError> {
+        if let Some(rec) = &self.image {
+            crate::image::apply(&rec.name, &rec.config, &mut req, entrypoint)
+                .map_err(|e| SandboxError::Image(e.to_string()))?;
+        }
+        Ok(req)
     }
 
     /// A handle that stops the VM at once (no clean power-off).
@@ -1599,6 +1644,17 @@ impl Command {
         self
     }
 
+    /// Runs in the OCI image `name` ([`SandboxBuilder::image`]): its Entrypoint, Env,
+    /// WorkingDir and User apply as with `docker run`; an empty argv runs its Cmd.
+    pub fn image(
+        mut self,
+        name: &str,
+        opts: &crate::image::PullOptions,
+    ) -> Result<Self, SandboxError> {
+        self.builder = self.builder.image(name, opts)?;
+        Ok(self)
+    }
+
     /// Changes the sandbox configuration.
     pub fn configure(mut self, f: impl FnOnce(SandboxBuilder) -> SandboxBuilder) -> Self {
         self.builder = f(self.builder);
@@ -1634,7 +1690,8 @@ impl Command {
             .timeout
             .map(|t| t + self.builder.boot_timeout + POWER_OFF_GRACE);
         let sb = self.builder.vm_timeout(vm_timeout).start()?;
-        let mut h = sb.exec(self.req)?;
+        let req = sb.image_request(self.req, true)?;
+        let mut h = sb.exec(req)?;
         let mut status = None;
         while let Some(e) = h.next_event()? {
             match e {

@@ -188,11 +188,6 @@ fn hostile_layers_are_refused_and_write_nothing_outside() {
             "absolute",
         ),
         (
-            "hardlink-missing",
-            tar_of(&[link("h", tar::EntryType::Link, "nothere")]),
-            "not (yet) in the layer",
-        ),
-        (
             "hardlink-via-symlink",
             tar_of(&[
                 link("s", tar::EntryType::Symlink, "/etc"),
@@ -292,4 +287,33 @@ fn layers_merge_with_whiteouts_and_opaque_directories() {
         fs::metadata(l1.join("a/keep")).unwrap().ino(),
         "files are hard links into the layer, not copies"
     );
+
+    // Hard links to a lower layer's file are made in the merged tree; one to a file no
+    // lower layer has, or through a lower layer's symlink, fails the merge.
+    let l3 = t.0.join("l3");
+    mkdir(&l3).unwrap();
+    let linked = tar_of(&[link("a/again", tar::EntryType::Link, "a/keep")]);
+    unpack(&linked[..], &l3, Limits::default()).unwrap();
+    let root2 = t.0.join("root2");
+    merge(&[&l1, &l2, &l3], &root2).unwrap();
+    assert_eq!(
+        fs::metadata(root2.join("a/again")).unwrap().ino(),
+        fs::metadata(l1.join("a/keep")).unwrap().ino()
+    );
+    for (i, target) in ["nothere", "s/passwd"].iter().enumerate() {
+        // A lower layer's symlink and the upper layer's link through it: the unpacker of the
+        // upper layer cannot see the symlink, the merge must.
+        let l4 = t.0.join(format!("l4-{i}"));
+        mkdir(&l4).unwrap();
+        let lower = tar_of(&[link("s", tar::EntryType::Symlink, "/etc")]);
+        unpack(&lower[..], &l4, Limits::default()).unwrap();
+        let l6 = t.0.join(format!("l6-{i}"));
+        mkdir(&l6).unwrap();
+        let upper = tar_of(&[link("h", tar::EntryType::Link, target)]);
+        unpack(&upper[..], &l6, Limits::default()).unwrap();
+        let r = t.0.join(format!("bad-root-{i}"));
+        let err = merge(&[&l4, &l6], &r).unwrap_err();
+        assert!(err.to_string().contains("no lower layer"), "{err}");
+        assert!(!r.join("h").exists() || fs::metadata(r.join("h")).unwrap().len() == 0);
+    }
 }

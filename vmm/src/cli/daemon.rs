@@ -470,8 +470,13 @@ pub fn serve(a: StartArgs) -> anyhow::Result<u8> {
         "started": started,
         "boot_time_us": sb.boot_time().map(|d| d.as_micros() as u64),
         "agent_ready_us": sb.ready_time().as_micros() as u64,
+        "image": sb.image().map(|r| r.name.clone()),
     });
     write_private(&dir.join("info.json"), format!("{info}\n").as_bytes())?;
+    if let Some(rec) = sb.image() {
+        // `exec` applies the image's Env, WorkingDir and User as `docker exec` does.
+        write_private(&dir.join(IMAGE_FILE), &serde_json::to_vec(rec)?)?;
+    }
     write_private(&dir.join("ready"), b"")?;
     // Until the guest powers off (a `stop` asks its agent to) or we are told to stop.
     let stop = sb.stop_handle();
@@ -738,9 +743,17 @@ pub fn pause(name: &str, pause: bool) -> anyhow::Result<u8> {
 }
 
 /// `msb-vmm exec`.
+/// The image record of a sandbox started with `--image`, in its state directory.
+const IMAGE_FILE: &str = "image.json";
+
 pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let dir = unpaused(&a.name)?;
-    let req = exec_request(&a.exec, &a.command)?;
+    let mut req = exec_request(&a.exec, &a.command)?;
+    if let Ok(b) = std::fs::read(dir.join(IMAGE_FILE)) {
+        let rec: msb_vmm::image::ImageRecord =
+            serde_json::from_slice(&b).context("the sandbox's image record")?;
+        msb_vmm::image::apply(&rec.name, &rec.config, &mut req, false)?;
+    }
     let signals = Signals::block();
     let agent = connect(&dir)?;
     Ok(exec_result_code(

@@ -18,6 +18,7 @@ use super::{BootArgs, ExecOpts, RunArgs, EXIT_FAILURE, EXIT_TIMEOUT};
 pub mod ca;
 pub mod control;
 pub mod daemon;
+pub mod images;
 
 /// Exit code when the command could not be executed.
 const EXIT_CANNOT_EXEC: u8 = 126;
@@ -99,7 +100,21 @@ pub fn boot(a: BootArgs) -> anyhow::Result<u8> {
 }
 
 /// `msb-vmm run`: a fresh sandbox, one command through the agent, power-off.
-pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+pub fn run(mut a: RunArgs) -> anyhow::Result<u8> {
+    // `run IMAGE -- CMD`: the one word before `--` names the root (an image, or a directory
+    // written as a path).
+    if a.command.len() >= 2 && a.command[1] == "--" {
+        let word = a.command[0].to_string_lossy().into_owned();
+        if a.mounts.image.is_some() || a.mounts.rootfs.is_some() {
+            bail!("{word} -- ...: the root is already given by --image or --rootfs");
+        }
+        if msb_vmm::image::looks_like_path(&word) {
+            a.mounts.rootfs = Some(word.into());
+        } else {
+            a.mounts.image = Some(word);
+        }
+        a.command.drain(..2);
+    }
     let req = exec_request(&a.exec, &a.command)?;
     let mut b = Sandbox::builder()
         .defer_teardown_to_exit(true)
@@ -137,6 +152,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     let ready = sb.ready_time();
     let boot = sb.boot_time();
     let warm = sb.warm_start();
+    let req = match sb.image_request(req, true) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sb.shutdown();
+            return Ok(sandbox_error(&e, &a.vm.report));
+        }
+    };
     let result = interact(sb.agent(), req, &a.exec, signals);
     let suggested = sb.suggested_policy();
     let _ = sb.shutdown();
@@ -410,6 +432,14 @@ pub fn with_mounts(
     m: &crate::MountArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
     use msb_vmm::assets::{default_root, DefaultRoot, INITRAMFS_ROOT};
+    if let Some(name) = &m.image {
+        let quiet = !images::needs_pull(name);
+        if !quiet {
+            eprintln!("msb-vmm: pulling {name}");
+        }
+        b = b.image(name, &images::pull_options(&m.insecure_registries, quiet))?;
+        return with_volumes(b, m);
+    }
     match &m.rootfs {
         Some(word) if word.as_os_str() == INITRAMFS_ROOT => {}
         Some(dir) => {
@@ -432,6 +462,14 @@ pub fn with_mounts(
             },
         },
     }
+    with_volumes(b, m)
+}
+
+/// Adds `--volume` and `--tmpfs`.
+fn with_volumes(
+    mut b: msb_vmm::sandbox::SandboxBuilder,
+    m: &crate::MountArgs,
+) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
     for spec in &m.volumes {
         let mut v = msb_vmm::sandbox::Volume::parse(spec)?;
         v.host = std::fs::canonicalize(&v.host)
