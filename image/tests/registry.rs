@@ -23,7 +23,9 @@ fn tool(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{name} is not installed: apt-get install docker-registry skopeo (./x setup --test-tools does)");
+    panic!(
+        "{name} is not installed: apt-get install docker-registry skopeo (./x test installs them)"
+    );
 }
 
 struct TempDir(PathBuf);

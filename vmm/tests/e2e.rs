@@ -2321,3 +2321,171 @@ fn run_starts_warm_from_a_template_saved_on_first_use() {
     assert_eq!(r7["warm"], true, "{r7}");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// `msb-vmm run IMAGE -- CMD` from the reference registry on loopback: the image's Env,
+/// WorkingDir, User, whiteouts and owners reach the guest; flags override them as with
+/// `docker run`; an image with an Entrypoint runs without a command; `start --image` gives
+/// `exec` the image's settings; two sandboxes of one image do not see each other's writes.
+#[test]
+fn images_from_a_loopback_registry_run_with_their_settings() {
+    let _w = watchdog("images_from_a_loopback_registry_run_with_their_settings");
+    check_host();
+    // The cache needs user xattrs (/tmp; the L2 VM's 9p passes them through); sandbox sockets
+    // go on /dev/shm.
+    let base = std::env::temp_dir().join(format!("msb-e2e-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let cache = base.join("cache");
+    let layout = base.join("layout");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/make_image.py");
+    let busybox = msb_vmm::assets::busybox();
+    let st = Command::new("python3")
+        .arg(script)
+        .arg(&layout)
+        .arg(&busybox)
+        .status()
+        .unwrap();
+    assert!(st.success(), "make_image.py failed");
+
+    // The reference registry on a free loopback port, fed by skopeo.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    std::fs::write(
+        base.join("registry.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            base.join("registry").display()
+        ),
+    )
+    .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _registry = Kill(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(base.join("registry.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (./x test installs it)"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for tag in ["plain", "entry"] {
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{addr}/test/busy:{tag}"))
+            .output()
+            .expect("skopeo is installed (./x test installs it)");
+        assert!(out.status.success(), "skopeo: {}", text(&out.stderr));
+    }
+    let state = state_dir().with_file_name(format!("msb-e2e-images-state-{}", std::process::id()));
+    let cli = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+            .args(args)
+            .env("MSB_CACHE_DIR", &cache)
+            .env("MSB_STATE_DIR", &state)
+            .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
+            .env("MSB_INIT", msb_vmm::assets::msb_init())
+            .env("MSB_BUSYBOX", &busybox)
+            .output()
+            .unwrap()
+    };
+    let plain = format!("{addr}/test/busy:plain");
+    let probe = "echo $GREETING; pwd; id -u; cat data; test -e /etc/motd && echo motd || echo no-motd; stat -c %U:%a /app";
+
+    // First use pulls, says so, and runs with the image's settings.
+    let out = cli(&["run", &plain, "--", "sh", "-c", probe]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "hello-from-image\n/app\n1000\nfrom-image\nno-motd\napp:755\n"
+    );
+    assert!(
+        text(&out.stderr).contains("pulling"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Flags win over the image, as with docker run; a cached image pulls nothing.
+    let out = cli(&[
+        "run",
+        "-e",
+        "GREETING=flag",
+        "-w",
+        "/",
+        "-u",
+        "0",
+        &plain,
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; pwd; id -u; echo $PATH",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "flag\n/\n0\n/bin\n");
+    assert!(
+        !text(&out.stderr).contains("pulling"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An Entrypoint and a Cmd: no command needed.
+    let out = cli(&["run", "--image", &format!("{addr}/test/busy:entry")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "entry hello-from-image\n1000\n");
+    // Without one, a missing command is one clear line.
+    let out = cli(&["run", "--image", &plain]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("give a command"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Two named sandboxes of one image: exec gets the image's settings, writes stay apart.
+    for n in ["img-a", "img-b"] {
+        let out = cli(&["start", "--name", n, "--image", &plain]);
+        assert!(out.status.success(), "start {n}: {}", text(&out.stderr));
+    }
+    let out = cli(&[
+        "exec",
+        "img-a",
+        "sh",
+        "-c",
+        "echo a > mine; pwd; id -u; echo $GREETING",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "/app\n1000\nhello-from-image\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli(&["exec", "img-b", "cat", "/app/mine"]);
+    assert!(!out.status.success(), "img-b sees img-a's file");
+    let out = cli(&["exec", "img-a", "cat", "/app/mine"]);
+    assert_eq!(text(&out.stdout), "a\n");
+    for n in ["img-a", "img-b"] {
+        let _ = cli(&["stop", n]);
+    }
+    let out = cli(&["images"]);
+    assert!(text(&out.stdout).contains(&plain), "{}", text(&out.stdout));
+    let out = cli(&["rmi", &plain]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&state);
+}

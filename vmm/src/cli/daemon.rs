@@ -219,6 +219,13 @@ fn serve_args(a: &StartArgs) -> anyhow::Result<Vec<std::ffi::OsString>> {
     for t in &a.mounts.tmpfs {
         arg("--tmpfs", t);
     }
+    if let Some(i) = &a.mounts.image {
+        // As the store names it (local sources with absolute paths): pulled by `start` already.
+        arg("--image", &msb_vmm::image::Source::parse(i)?.name());
+    }
+    for r in &a.mounts.insecure_registries {
+        arg("--insecure-registry", r);
+    }
     match &a.mounts.rootfs {
         Some(r) if r.as_os_str() == msb_vmm::assets::INITRAMFS_ROOT => arg("--rootfs", r),
         Some(r) => arg("--rootfs", &std::fs::canonicalize(r)?),
