@@ -4,6 +4,7 @@
 
 mod exec;
 mod fs;
+mod image;
 mod limits;
 mod net;
 mod snapshot;
@@ -48,6 +49,8 @@ enum Cmd {
     NetClient(net::ClientArgs),
     /// VM snapshots: snapshot time, restore → running, restored RSS, per memory size.
     Snapshot(snapshot::SnapshotArgs),
+    /// OCI images: pull + unpack from a loopback registry vs skopeo; run IMAGE vs the default root.
+    Image(image::ImageArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -119,6 +122,7 @@ fn main() -> Result<()> {
         Cmd::Net(a) => net::run(a),
         Cmd::NetClient(a) => net::client(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Image(a) => image::run(a),
     }
 }
 

@@ -11,7 +11,8 @@ use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use tokio::io::AsyncWriteExt;
+use std::io::{Read, Write};
+use std::sync::{Condvar, Mutex};
 
 use crate::store::{hex_of, now, ImageRecord, Store};
 use crate::{host_platform, read_config, ImageError, PullOptions};
@@ -173,17 +174,55 @@ async fn pull_async(
             let client = client.clone();
             let progress = progress.clone();
             async move {
-                let file = download(&client, r, l, store, name, &progress).await?;
-                let (store2, name2, d2, file2) =
-                    (store.clone(), name.to_string(), d.clone(), file.clone());
-                progress.line(&format!("unpacking {}", short(&l.digest)));
-                tokio::task::spawn_blocking(move || {
-                    let blob = crate::unpack::open_blob(&file2)
-                        .map_err(|e| ImageError::Io(file2.clone(), e))?;
-                    store2.put_layer(&name2, &d2, blob)
-                })
-                .await
-                .map_err(|e| reg_err(name, e))??;
+                let hex = hex_of(&l.digest).expect("checked");
+                let file = store.tmp().join(format!("blob-{hex}.partial"));
+                if file.exists() {
+                    // Resuming: finish the download, then unpack the whole file.
+                    download(&client, r, l, store, name, &progress, None).await?;
+                    let (store2, name2, d2, file2) =
+                        (store.clone(), name.to_string(), d.clone(), file.clone());
+                    progress.line(&format!("unpacking {}", short(&l.digest)));
+                    tokio::task::spawn_blocking(move || {
+                        let blob = crate::unpack::open_blob(&file2)
+                            .map_err(|e| ImageError::Io(file2.clone(), e))?;
+                        store2.put_layer(&name2, &d2, blob)
+                    })
+                    .await
+                    .map_err(|e| reg_err(name, e))??;
+                } else {
+                    // Unpacked as it downloads (the unpacker follows the file), published
+                    // only once the whole blob has matched its digest.
+                    std::fs::File::create(&file).map_err(|e| ImageError::Io(file.clone(), e))?;
+                    let tail = Arc::new(Tail::default());
+                    let (store2, name2, d2, file2, tail2) = (
+                        store.clone(),
+                        name.to_string(),
+                        d.clone(),
+                        file.clone(),
+                        tail.clone(),
+                    );
+                    let unpack = tokio::task::spawn_blocking(move || {
+                        let f = std::fs::File::open(&file2)
+                            .map_err(|e| ImageError::Io(file2.clone(), e))?;
+                        let reader = std::io::BufReader::with_capacity(
+                            1 << 20,
+                            TailReader {
+                                f,
+                                pos: 0,
+                                tail: tail2,
+                            },
+                        );
+                        store2.stage_layer(&name2, &d2, reader)
+                    });
+                    let downloaded =
+                        download(&client, r, l, store, name, &progress, Some(&tail)).await;
+                    tail.finish(downloaded.is_ok());
+                    let staged = unpack.await.map_err(|e| reg_err(name, e))?;
+                    downloaded?;
+                    if let Some(staged) = staged? {
+                        staged.publish()?;
+                    }
+                }
                 let _ = std::fs::remove_file(&file);
                 progress.line(&format!("layer {} done", short(&l.digest)));
                 Ok::<(), ImageError>(())
@@ -233,6 +272,7 @@ async fn download(
     store: &Store,
     image: &str,
     progress: &Progress,
+    tail: Option<&Tail>,
 ) -> Result<PathBuf, ImageError> {
     let hex = hex_of(&desc.digest).expect("checked");
     let path = store.tmp().join(format!("blob-{hex}.partial"));
@@ -242,6 +282,9 @@ async fn download(
         have = 0;
     }
     let bar = progress.bar(short(&desc.digest), size, have);
+    // A download from the first byte is hashed as it arrives; a resumed one is hashed whole
+    // at the end.
+    let mut hash = None;
     if have < size {
         let resp = if have == 0 {
             BlobResponse::Full(
@@ -263,14 +306,16 @@ async fn download(
         };
         if !append {
             have = 0;
+            hash = Some(<sha2::Sha256 as sha2::Digest>::new());
         }
-        let mut f = tokio::fs::OpenOptions::new()
+        // Plain writes: page-cache copies of a few KiB, and visible at once to an unpacker
+        // following the file.
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .append(append)
             .truncate(!append)
             .open(&path)
-            .await
             .map_err(|e| ImageError::Io(path.clone(), e))?;
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
@@ -299,25 +344,32 @@ async fn download(
                     format!("layer {} is longer than its manifest says", desc.digest),
                 ));
             }
+            if let Some(h) = hash.as_mut() {
+                sha2::Digest::update(h, &chunk);
+            }
             f.write_all(&chunk)
-                .await
                 .map_err(|e| ImageError::Io(path.clone(), e))?;
+            if let Some(t) = tail {
+                t.advance(have);
+            }
             if let Some(b) = &bar {
                 b.set_position(have);
             }
         }
-        f.flush()
-            .await
-            .map_err(|e| ImageError::Io(path.clone(), e))?;
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let p2 = path.clone();
-    let actual = tokio::task::spawn_blocking(move || file_digest(&p2))
-        .await
-        .map_err(|e| reg_err(image, e))?
-        .map_err(|e| ImageError::Io(path.clone(), e))?;
+    let actual = match hash {
+        Some(h) => format!("sha256:{}", hex::encode(sha2::Digest::finalize(h))),
+        None => {
+            let p2 = path.clone();
+            tokio::task::spawn_blocking(move || file_digest(&p2))
+                .await
+                .map_err(|e| reg_err(image, e))?
+                .map_err(|e| ImageError::Io(path.clone(), e))?
+        }
+    };
     if actual != desc.digest {
         let _ = std::fs::remove_file(&path);
         return Err(ImageError::DigestMismatch {
@@ -327,6 +379,61 @@ async fn download(
         });
     }
     Ok(path)
+}
+
+/// How far a download has written its file, and whether it ended well.
+#[derive(Default)]
+struct Tail {
+    state: Mutex<(u64, Option<bool>)>,
+    cv: Condvar,
+}
+
+impl Tail {
+    fn advance(&self, written: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = written;
+        self.cv.notify_all();
+    }
+
+    fn finish(&self, ok: bool) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(ok);
+        self.cv.notify_all();
+    }
+}
+
+/// Reads a file while a download writes it: waits for more at the end until the download
+/// has finished; a failed download is an error.
+struct TailReader {
+    f: std::fs::File,
+    pos: u64,
+    tail: Arc<Tail>,
+}
+
+impl Read for TailReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut st = self.tail.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (written, done) = *st;
+            if self.pos < written {
+                drop(st);
+                let want = buf.len().min((written - self.pos) as usize);
+                let n = self.f.read(&mut buf[..want])?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            match done {
+                Some(true) => return Ok(0),
+                Some(false) => return Err(std::io::Error::other("the download failed")),
+                None => {
+                    st = self
+                        .tail
+                        .cv
+                        .wait_timeout(st, Duration::from_millis(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
 }
 
 /// `sha256:HEX` of a file's contents.

@@ -154,34 +154,51 @@ impl Store {
         diff_id: &str,
         blob: impl io::Read,
     ) -> Result<u64, ImageError> {
+        match self.stage_layer(image, diff_id, blob)? {
+            Some(staged) => staged.publish(),
+            None => Ok(self.layer_size(diff_id)),
+        }
+    }
+
+    /// Unpacks `blob` into a staging directory, checked against `diff_id`, for
+    /// [`StagedLayer::publish`] once the caller has checked the blob itself; `None` when the
+    /// store has the layer. Dropped unpublished, the staging directory goes.
+    pub fn stage_layer(
+        &self,
+        image: &str,
+        diff_id: &str,
+        blob: impl io::Read,
+    ) -> Result<Option<StagedLayer>, ImageError> {
         let dest = self.layer_dir(diff_id)?;
         if dest.is_dir() {
-            return Ok(self.layer_size(diff_id));
+            return Ok(None);
         }
         let stage = self.staging("layer");
         unpack::mkdir(&stage).map_err(|e| ImageError::Io(stage.clone(), e))?;
-        let result = unpack::unpack(blob, &stage, Limits::default());
-        let done = match result {
-            Ok(u) if u.diff_id == diff_id => u,
+        let mut staged = StagedLayer {
+            store: self.clone(),
+            diff_id: diff_id.to_string(),
+            stage,
+            unpacked: None,
+        };
+        match unpack::unpack(blob, &staged.stage, Limits::default()) {
+            Ok(u) if u.diff_id == diff_id => staged.unpacked = Some(u),
             Ok(u) => {
-                let _ = fs::remove_dir_all(&stage);
                 return Err(ImageError::DigestMismatch {
                     image: image.to_string(),
                     what: format!("layer {diff_id} (uncompressed)"),
                     actual: u.diff_id,
-                });
+                })
             }
             Err(e) => {
-                let _ = fs::remove_dir_all(&stage);
                 return Err(ImageError::Layer {
                     image: image.to_string(),
                     layer: diff_id.to_string(),
                     err: e,
-                });
+                })
             }
-        };
-        self.publish_layer(diff_id, &stage, &done)?;
-        Ok(done.bytes)
+        }
+        Ok(Some(staged))
     }
 
     fn publish_layer(&self, diff_id: &str, stage: &Path, u: &Unpacked) -> Result<(), ImageError> {
@@ -361,6 +378,32 @@ impl Store {
             }
         }
         Ok(dest)
+    }
+}
+
+/// A layer unpacked and checked against its diff id, not yet in the store.
+#[derive(Debug)]
+pub struct StagedLayer {
+    store: Store,
+    diff_id: String,
+    stage: PathBuf,
+    unpacked: Option<Unpacked>,
+}
+
+impl StagedLayer {
+    /// Moves the layer into the store; returns its bytes.
+    pub fn publish(mut self) -> Result<u64, ImageError> {
+        let u = self.unpacked.take().expect("staged layers are unpacked");
+        self.store.publish_layer(&self.diff_id, &self.stage, &u)?;
+        Ok(u.bytes)
+    }
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if self.unpacked.is_some() || self.stage.exists() {
+            let _ = fs::remove_dir_all(&self.stage);
+        }
     }
 }
 
