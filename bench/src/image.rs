@@ -85,7 +85,11 @@ fn sh(cmd: &mut Command, what: &str) -> Result<()> {
         .output()
         .with_context(|| format!("{what}: cannot run"))?;
     if !out.status.success() {
-        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{what}: {} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        );
     }
     Ok(())
 }

@@ -2479,6 +2479,13 @@ fn images_from_a_loopback_registry_run_with_their_settings() {
     assert!(!out.status.success(), "img-b sees img-a's file");
     let out = cli(&["exec", "img-a", "cat", "/app/mine"]);
     assert_eq!(text(&out.stdout), "a\n");
+    // The root of running sandboxes is not removed from under them.
+    let out = cli(&["rmi", &plain]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("in use by running sandbox"),
+        "{}",
+        text(&out.stderr)
+    );
     for n in ["img-a", "img-b"] {
         let _ = cli(&["stop", n]);
     }

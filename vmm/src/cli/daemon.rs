@@ -840,6 +840,29 @@ pub fn cp(src: &str, dst: &str) -> anyhow::Result<u8> {
 }
 
 /// `msb-vmm ls`.
+/// Running named sandboxes booted from image `name` (as the store names it).
+pub fn sandboxes_using_image(name: &str) -> Vec<String> {
+    let mut users = Vec::new();
+    for e in std::fs::read_dir(state_root())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let sandbox = e.file_name().to_string_lossy().into_owned();
+        if !valid_name(&sandbox) || !matches!(status(&e.path()), Status::Running(_)) {
+            continue;
+        }
+        let uses = std::fs::read(e.path().join(IMAGE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<msb_vmm::image::ImageRecord>(&b).ok())
+            .is_some_and(|r| r.name == name);
+        if uses {
+            users.push(sandbox);
+        }
+    }
+    users
+}
+
 pub fn ls() -> anyhow::Result<u8> {
     let root = state_root();
     let mut rows = Vec::new();

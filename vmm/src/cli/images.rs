@@ -88,6 +88,14 @@ pub fn rmi(name: &str) -> anyhow::Result<u8> {
         Ok(s) if store.find(&s.name()).is_some() => s.name(),
         _ => name.to_string(),
     };
+    // Its root is what they run on.
+    let users = super::daemon::sandboxes_using_image(&key);
+    if !users.is_empty() {
+        anyhow::bail!(
+            "image {key} is in use by running sandbox {}: stop it first (msb-vmm stop NAME)",
+            users.join(", ")
+        );
+    }
     let rec = store.remove(&key)?;
     eprintln!(
         "msb-vmm: removed {} ({}); `msb-vmm prune` frees layers no image uses",
