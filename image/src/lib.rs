@@ -95,13 +95,48 @@ pub fn get_or_pull(
     name: &str,
     opts: &PullOptions,
 ) -> Result<ImageRecord, ImageError> {
+    if let Some(rec) = cached(store, name) {
+        return Ok(rec);
+    }
     let source = Source::parse(name)?;
     if let Some(rec) = store.find(&source.name()) {
         if rec.diff_ids.iter().all(|d| store.has_layer(d)) {
+            store.set_alias(name, &rec.name);
             return Ok(rec);
         }
     }
-    pull(store, &source, opts)
+    let rec = pull(store, &source, opts)?;
+    if matches!(source, Source::Registry(_)) {
+        store.set_alias(name, &rec.name);
+    }
+    Ok(rec)
+}
+
+/// The image `name` names if the store has it whole, found without parsing `name`: a
+/// registry reference is told by a regular expression whose first use costs milliseconds,
+/// and this runs on every sandbox start.
+pub fn cached(store: &Store, name: &str) -> Option<ImageRecord> {
+    let rec = if name.starts_with("oci:") || name.starts_with("docker-archive:") {
+        store.find(&Source::parse(name).ok()?.name())?
+    } else {
+        // Typed in full, or as a pull recorded it.
+        match store.find(name) {
+            Some(r) => r,
+            None => store.find(&store.alias(name)?)?,
+        }
+    };
+    rec.diff_ids
+        .iter()
+        .all(|d| store.has_layer(d))
+        .then_some(rec)
+}
+
+/// The name the store keys `name` by (through the alias a pull recorded when there is one).
+pub fn canonical_name(store: &Store, name: &str) -> Result<String, ImageError> {
+    if let Some(rec) = cached(store, name) {
+        return Ok(rec.name);
+    }
+    Ok(Source::parse(name)?.name())
 }
 
 /// Parses an image config blob (checked against its digest by the caller) into a record's

@@ -111,7 +111,7 @@ impl Store {
                 .create(&root)
                 .map_err(|e| ImageError::Io(root.clone(), e))?;
         }
-        for d in ["layers", "roots", "images", "tmp"] {
+        for d in ["layers", "roots", "images", "aliases", "tmp"] {
             let p = root.join(d);
             if let Err(e) = unpack::mkdir(&p) {
                 if e.kind() != io::ErrorKind::AlreadyExists {
@@ -231,6 +231,23 @@ impl Store {
     fn record_path(&self, name: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(name.as_bytes()));
         self.root.join("images").join(format!("{h}.json"))
+    }
+
+    /// The full name a pull recorded for what the user typed (`debian` →
+    /// `docker.io/library/debian:latest`).
+    pub fn alias(&self, typed: &str) -> Option<String> {
+        let h = hex::encode(Sha256::digest(typed.as_bytes()));
+        let name = fs::read_to_string(self.root.join("aliases").join(h)).ok()?;
+        (!name.is_empty()).then_some(name)
+    }
+
+    /// Records that `typed` names the image `name` (best effort: only a shortcut).
+    pub fn set_alias(&self, typed: &str, name: &str) {
+        if typed == name || self.alias(typed).as_deref() == Some(name) {
+            return;
+        }
+        let h = hex::encode(Sha256::digest(typed.as_bytes()));
+        let _ = write_atomic(&self.root.join("aliases").join(h), name.as_bytes());
     }
 
     /// Saves `rec` (replacing an older record of the same name).

@@ -221,7 +221,10 @@ fn serve_args(a: &StartArgs) -> anyhow::Result<Vec<std::ffi::OsString>> {
     }
     if let Some(i) = &a.mounts.image {
         // As the store names it (local sources with absolute paths): pulled by `start` already.
-        arg("--image", &msb_vmm::image::Source::parse(i)?.name());
+        arg(
+            "--image",
+            &msb_image::canonical_name(&msb_vmm::image::store()?, i)?,
+        );
     }
     for r in &a.mounts.insecure_registries {
         arg("--insecure-registry", r);

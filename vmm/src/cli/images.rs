@@ -16,15 +16,9 @@ pub fn pull_options(insecure: &[String], quiet: bool) -> PullOptions {
 
 /// Whether `name` still has to be pulled (to say so before a sandbox starts).
 pub fn needs_pull(name: &str) -> bool {
-    let Ok(src) = Source::parse(name) else {
-        return false;
-    };
-    let Ok(store) = image::store() else {
-        return false;
-    };
-    match store.find(&src.name()) {
-        Some(rec) => !rec.diff_ids.iter().all(|d| store.has_layer(d)),
-        None => true,
+    match image::store() {
+        Ok(store) => msb_image::cached(&store, name).is_none(),
+        Err(_) => true,
     }
 }
 
@@ -34,6 +28,9 @@ pub fn pull(name: &str, insecure: Vec<String>, quiet: bool) -> anyhow::Result<u8
     let opts = pull_options(&insecure, quiet);
     let t = std::time::Instant::now();
     let rec = msb_image::pull(&store, &src, &opts)?;
+    if matches!(src, Source::Registry(_)) {
+        store.set_alias(name, &rec.name);
+    }
     if !quiet {
         eprintln!(
             "msb-vmm: {} {} ({}, {} layers, {}) in {:.1} s",
@@ -84,8 +81,8 @@ pub fn list(json: bool) -> anyhow::Result<u8> {
 pub fn rmi(name: &str) -> anyhow::Result<u8> {
     let store = image::store().context("the image cache")?;
     // As pulled, or as a reference that normalizes to it (`debian` for docker.io/library/...).
-    let key = match Source::parse(name) {
-        Ok(s) if store.find(&s.name()).is_some() => s.name(),
+    let key = match msb_image::canonical_name(&store, name) {
+        Ok(n) if store.find(&n).is_some() => n,
         _ => name.to_string(),
     };
     // Its root is what they run on.
