@@ -270,18 +270,7 @@ pub fn docker_archive(
             format!("layer {missing} missing from the archive"),
         ));
     }
-    let size = diff_ids
-        .iter()
-        .map(|d| {
-            store
-                .layer_dir(d)
-                .ok()
-                .and_then(|p| fs::read(p.with_extension("json")).ok())
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["bytes"].as_u64())
-                .unwrap_or(0)
-        })
-        .sum();
+    let size = diff_ids.iter().map(|d| store.layer_size(d)).sum();
     Ok(ImageRecord {
         name,
         manifest_digest: sha256(small.get("manifest.json").map_or(&[][..], |v| v)),

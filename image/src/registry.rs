@@ -235,7 +235,7 @@ async fn pull_async(
     progress.finish();
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
 
-    let size = diff_ids.iter().map(|d| store_layer_bytes(store, d)).sum();
+    let size = diff_ids.iter().map(|d| store.layer_size(d)).sum();
     Ok(ImageRecord {
         name: name.to_string(),
         manifest_digest,
@@ -246,16 +246,6 @@ async fn pull_async(
         pulled: now(),
         config: run,
     })
-}
-
-fn store_layer_bytes(store: &Store, d: &str) -> u64 {
-    store
-        .layer_dir(d)
-        .ok()
-        .and_then(|p| std::fs::read(p.with_extension("json")).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["bytes"].as_u64())
-        .unwrap_or(0)
 }
 
 fn short(digest: &str) -> &str {

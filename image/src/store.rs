@@ -219,7 +219,8 @@ impl Store {
         Ok(())
     }
 
-    fn layer_size(&self, diff_id: &str) -> u64 {
+    /// Unpacked bytes of a layer in the store (0 when it is not there).
+    pub fn layer_size(&self, diff_id: &str) -> u64 {
         self.layer_dir(diff_id)
             .ok()
             .and_then(|d| fs::read(d.with_extension("json")).ok())
@@ -431,7 +432,8 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
     fs::rename(&tmp, path).map_err(|e| ImageError::Io(path.to_path_buf(), e))
 }
 
-pub(crate) fn now() -> u64 {
+/// Seconds since the epoch (the records' `pulled`).
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -258,7 +258,7 @@ impl Unpacker<'_> {
             return Ok(());
         };
         let path = self.dest.join(&rel);
-        self.prepare_parents(&rel).map_err(|w| bad(&w))?;
+        self.walk_parents(&rel, true).map_err(|w| bad(&w))?;
         let uid = header.uid().unwrap_or(0) as u32;
         let gid = header.gid().unwrap_or(0) as u32;
         let perm = header.mode().map_err(|_| bad("unreadable mode"))? & 0o7777;
@@ -327,7 +327,7 @@ impl Unpacker<'_> {
                     .relative(&target)
                     .map_err(|w| bad(&format!("hard link target: {w}")))?
                     .ok_or_else(|| bad("hard link to the layer's root"))?;
-                self.check_parents(&trel)
+                self.walk_parents(&trel, false)
                     .map_err(|w| bad(&format!("hard link target: {w}")))?;
                 let tpath = self.dest.join(&trel);
                 if tpath == path {
@@ -425,8 +425,10 @@ impl Unpacker<'_> {
     }
 
     /// Every parent of `rel` that exists is a real directory (never a symlink, which could
-    /// lead out of the layer).
-    fn check_parents(&mut self, rel: &Path) -> Result<(), String> {
+    /// lead out of the layer). A missing one is made (root-owned 0755 in the guest, as tar
+    /// does) with `create`; without, the walk stops there (a hard link's target in a lower
+    /// layer, linked by the merge).
+    fn walk_parents(&mut self, rel: &Path, create: bool) -> Result<(), String> {
         let mut cur = self.dest.to_path_buf();
         if let Some(parent) = rel.parent() {
             for c in parent.components() {
@@ -435,9 +437,7 @@ impl Unpacker<'_> {
                     continue;
                 }
                 match fs::symlink_metadata(&cur) {
-                    Ok(m) if m.is_dir() => {
-                        self.dirs.insert(cur.clone());
-                    }
+                    Ok(m) if m.is_dir() => {}
                     Ok(m) if m.file_type().is_symlink() => {
                         return Err(
                             "a parent directory is a symlink (it could lead outside the layer)"
@@ -445,41 +445,14 @@ impl Unpacker<'_> {
                         )
                     }
                     Ok(_) => return Err("a parent is not a directory".into()),
-                    // Not in this layer: a lower layer's file, linked by the merge.
-                    Err(_) => return Ok(()),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates missing parents (root-owned 0755 in the guest, as tar does), refusing symlinks.
-    fn prepare_parents(&mut self, rel: &Path) -> Result<(), String> {
-        let mut cur = self.dest.to_path_buf();
-        if let Some(parent) = rel.parent() {
-            for c in parent.components() {
-                cur.push(c);
-                if self.dirs.contains(&cur) {
-                    continue;
-                }
-                match fs::symlink_metadata(&cur) {
-                    Ok(m) if m.is_dir() => {
-                        self.dirs.insert(cur.clone());
-                    }
-                    Ok(m) if m.file_type().is_symlink() => {
-                        return Err(
-                            "a parent directory is a symlink (it could lead outside the layer)"
-                                .into(),
-                        )
-                    }
-                    Ok(_) => return Err("a parent is not a directory".into()),
+                    Err(_) if !create => return Ok(()),
                     Err(_) => {
                         mkdir(&cur).map_err(|e| e.to_string())?;
                         let ov = format!("0:0:0{:o}", libc::S_IFDIR | 0o755);
                         set_xattr(&cur, STAT_XATTR, ov.as_bytes()).map_err(|e| e.to_string())?;
-                        self.dirs.insert(cur.clone());
                     }
                 }
+                self.dirs.insert(cur.clone());
             }
         }
         Ok(())

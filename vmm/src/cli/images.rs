@@ -48,7 +48,7 @@ pub fn pull(name: &str, insecure: Vec<String>, quiet: bool) -> anyhow::Result<u8
 
 pub fn list(json: bool) -> anyhow::Result<u8> {
     let store = image::store().context("the image cache")?;
-    let now = msb_image_now();
+    let now = msb_image::store::now();
     if !json {
         println!(
             "{:<50} {:<12} {:>10} {:>8}",
@@ -107,12 +107,6 @@ pub fn prune() -> anyhow::Result<u8> {
     let (bytes, layers) = store.prune()?;
     eprintln!("msb-vmm: removed {layers} unused layers ({})", human(bytes));
     Ok(0)
-}
-
-fn msb_image_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn human(b: u64) -> String {
