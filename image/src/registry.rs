@@ -86,6 +86,37 @@ pub fn pull(store: &Store, r: &Reference, opts: &PullOptions) -> Result<ImageRec
     rt.block_on(pull_async(store, r, &name, opts))
 }
 
+/// For a registry that turned the request away for want of (good) credentials: why, and the
+/// fix, in one line.
+fn refused(
+    e: &oci_client::errors::OciDistributionError,
+    r: &Reference,
+    auth: &RegistryAuth,
+) -> Option<String> {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+    let auth_error = match e {
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => true,
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|x| matches!(x.code, C::Unauthorized | C::Denied)),
+        E::ServerError { code, .. } => *code == 401 || *code == 403,
+        _ => false,
+    };
+    if !auth_error {
+        return None;
+    }
+    let host = r.registry();
+    Some(match auth {
+        RegistryAuth::Anonymous => format!(
+            "the registry wants credentials and none are set for {host}: run `docker login {host}` (msb-vmm reads ~/.docker/config.json, or $DOCKER_CONFIG/config.json)"
+        ),
+        _ => format!(
+            "the registry refused the credentials set for {host}: run `docker login {host}` again (msb-vmm reads ~/.docker/config.json, or $DOCKER_CONFIG/config.json)"
+        ),
+    })
+}
+
 fn reg_err(image: &str, e: impl std::fmt::Display) -> ImageError {
     let mut why = e.to_string();
     if why.contains("error sending request") || why.contains("onnection refused") {
@@ -119,7 +150,9 @@ async fn pull_async(
     let auth = credentials(r);
     let (manifest, manifest_digest) = client.pull_image_manifest(r, &auth).await.map_err(|e| {
         let s = e.to_string();
-        if s.contains("platform") || s.contains("resolve") {
+        if let Some(why) = refused(&e, r, &auth) {
+            reg_err(name, why)
+        } else if s.contains("platform") || s.contains("resolve") {
             let (os, arch) = host_platform();
             ImageError::NoPlatform(name.to_string(), format!("{os}/{arch}"))
         } else {
