@@ -511,14 +511,20 @@ pub fn run(a: NetArgs) -> Result<()> {
         if !a.only.is_empty() && !a.only.iter().any(|o| o == key) {
             continue;
         }
-        for t in &targets {
-            let mut samples = Vec::new();
-            let runs = if mode == "rtt" { 1 } else { a.runs };
-            for _ in 0..runs {
+        // Round robin over the targets, one run each in turn, so that a slow spell of this
+        // shared machine falls on every target alike rather than on whichever ran then.
+        let runs = if mode == "rtt" { 1 } else { a.runs };
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut failed = vec![false; targets.len()];
+        for _ in 0..runs {
+            for (i, t) in targets.iter().enumerate() {
+                if failed[i] {
+                    continue;
+                }
                 match run_client(&exe, t, mode, streams, &a) {
                     Ok(r) => match r.rate {
-                        Some(v) => samples.push(v),
-                        None => samples.extend(r.rtt_us),
+                        Some(v) => samples[i].push(v),
+                        None => samples[i].extend(r.rtt_us),
                     },
                     // A peer that fails a metric is reported and skipped; ours fails the run.
                     Err(e) if t.peer => {
@@ -530,11 +536,13 @@ pub fn run(a: NetArgs) -> Result<()> {
                             .to_string();
                         eprintln!("{label:<32} {:<14} failed: {last}", t.name);
                         failed_peers.push(format!("{} {key}: {last}", t.name));
-                        break;
+                        failed[i] = true;
                     }
                     Err(e) => return Err(e),
                 }
             }
+        }
+        for (t, samples) in targets.iter().zip(samples) {
             let summary = summarize(&samples);
             if let Some(s) = &summary {
                 eprintln!(
@@ -570,6 +578,52 @@ pub fn run(a: NetArgs) -> Result<()> {
                 "{label:<32} {:<14} {m:>10.2} {h:>10.2} {:>6.0}%",
                 t.name,
                 ratio * 100.0
+            );
+        }
+    }
+    if a.seccomp_cost {
+        // Confinement's cost: the filtered netstack against the unfiltered one at p50, and for
+        // rates also the median of the per-round ratios (each round ran both back to back).
+        println!(
+            "\n{:<32} {:>10} {:>10} {:>8} {:>12}",
+            "seccomp cost (p50)", "seccomp", "none", "diff", "paired diff"
+        );
+        for (_, label, mode, _) in METRICS {
+            let row = |target: &str| {
+                rows.iter()
+                    .find(|r| r.metric == label && r.target == target)
+            };
+            let (Some(on), Some(off)) = (row("msb netstack"), row("msb netstack, no seccomp"))
+            else {
+                continue;
+            };
+            let (Some(son), Some(soff)) = (on.summary, off.summary) else {
+                continue;
+            };
+            // Positive: confinement made it worse (slower rate, longer round trip).
+            let worse = |on: f64, off: f64| {
+                if mode == "rtt" {
+                    on / off - 1.0
+                } else {
+                    1.0 - on / off
+                }
+            };
+            let paired = if mode == "rtt" {
+                String::from("-")
+            } else {
+                let ratios: Vec<f64> = on
+                    .samples
+                    .iter()
+                    .zip(&off.samples)
+                    .map(|(x, y)| worse(*x, *y))
+                    .collect();
+                summarize(&ratios).map_or("-".into(), |s| format!("{:+.1}%", s.p50 * 100.0))
+            };
+            println!(
+                "{label:<32} {:>10.2} {:>10.2} {:>+7.1}% {paired:>12}",
+                son.p50,
+                soff.p50,
+                worse(son.p50, soff.p50) * 100.0
             );
         }
     }
