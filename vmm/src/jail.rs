@@ -54,9 +54,12 @@ pub struct JailSpec {
     pub fsize: Option<u64>,
 }
 
-/// Default RLIMIT_NOFILE in the jail: the netstack's 1024 flows, the shares' open files and the
-/// VMM's own descriptors.
-pub const DEFAULT_NOFILE: u64 = 8192;
+/// Default RLIMIT_NOFILE in the jail: the netstack's 1024 flows, the VMM's own descriptors and
+/// the shares' inodes and open files (an fd each, up to 65 536 + 4 096 per share: a lower
+/// limit would make a guest's `find /` fail part-way), within the kernel's `fs.nr_open`.
+pub fn default_nofile() -> u64 {
+    msb_devices::fs::passthrough::nofile_ceiling()
+}
 
 /// Files name resolution reads (the netstack's resolver threads use the host's).
 const RESOLVER_FILES: &[&str] = &[
@@ -74,7 +77,7 @@ impl JailSpec {
         let mut spec = JailSpec {
             dir: dir.into(),
             binds: Vec::new(),
-            nofile: DEFAULT_NOFILE,
+            nofile: default_nofile(),
             fsize: None,
         };
         spec.bind("/dev/kvm", true);

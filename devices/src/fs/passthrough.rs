@@ -967,7 +967,7 @@ impl PassthroughFs {
             }
         }
         if t.by_id.len() >= self.cfg.max_inodes {
-            tracing::warn!("fuse: inode limit ({}) reached", self.cfg.max_inodes);
+            limit_reached("files the guest holds", self.cfg.max_inodes);
             return Err(libc::ENFILE);
         }
         let id = t.next_id;
@@ -1561,7 +1561,7 @@ impl PassthroughFs {
     fn add_handle(&self, h: Handle) -> Result<u64> {
         let mut t = lock(&self.handles);
         if t.len() >= self.cfg.max_handles {
-            tracing::warn!("fuse: open handle limit ({}) reached", self.cfg.max_handles);
+            limit_reached("files the guest has open", self.cfg.max_handles);
             return Err(libc::ENFILE);
         }
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -1923,8 +1923,10 @@ impl PassthroughFs {
             entries: Mutex::new(None),
         })?;
         let mut w = Writer::default();
+        // The client caches the listing; KEEP_CACHE keeps it from one opendir to the next
+        // (without it every open drops it). Its own changes to the directory drop it anyway.
         let flags = if self.cfg.cache == CachePolicy::Always {
-            fopen::CACHE_DIR
+            fopen::CACHE_DIR | fopen::KEEP_CACHE
         } else {
             0
         };
@@ -2048,13 +2050,50 @@ impl PassthroughFs {
     }
 }
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now.
+/// Says once per process that a share ran into its limit (the guest now sees ENFILE, "Too
+/// many open files in system"), and what raises it when the fd limit is what set it.
+fn limit_reached(what: &str, limit: usize) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!(
+            "a shared directory reached its limit of {limit} {what}; the guest gets 'Too many \
+             open files in system' for more (each is an fd of the VMM: where RLIMIT_NOFILE \
+             set the limit, raise the hard limit: ulimit -Hn 1048576, or LimitNOFILE=)"
+        )
+    });
+}
+
+/// The most open files the kernel lets any process have (`fs.nr_open`), at most 2^20.
+pub fn nofile_ceiling() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20)
+}
+
+/// Raises this process's RLIMIT_NOFILE as far as it may: the hard limit up to
+/// [`nofile_ceiling`] where we are privileged (as virtiofsd does: each inode the guest holds
+/// is an fd of ours, and a hard limit of 4096, the kernel's default, would stop a guest's
+/// `find /` after some 3000 files), then the soft limit to the hard one. Returns the soft
+/// limit now.
 fn raise_nofile_limit() -> u64 {
     // SAFETY: rlimit is plain old data; all-zero is valid.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return 1024;
+    }
+    let ceiling = nofile_ceiling();
+    if rl.rlim_max < ceiling {
+        let raised = libc::rlimit {
+            rlim_cur: ceiling,
+            rlim_max: ceiling,
+        };
+        // SAFETY: a valid rlimit; without CAP_SYS_RESOURCE this fails and changes nothing.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return ceiling;
+        }
     }
     if rl.rlim_cur < rl.rlim_max {
         let raised = libc::rlimit {

@@ -1165,3 +1165,32 @@ fn a_tampered_share_state_never_leaves_the_share() {
         FsPersistError::TooManyNodes(_)
     ));
 }
+
+/// Each inode the guest holds is an fd of ours: a share takes as many as the process may have.
+/// With CAP_SYS_RESOURCE that is `fs.nr_open`, not the kernel's default hard limit of 4096,
+/// which stopped a guest's `find /` after some 3000 files.
+#[test]
+fn a_share_raises_the_open_file_limit() {
+    let share = tempdir("nofile");
+    let _fs = PassthroughFs::new(&share, Config::default()).unwrap();
+    // SAFETY: rlimit is plain old data; all-zero is valid.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) }, 0);
+    assert_eq!(
+        rl.rlim_cur, rl.rlim_max,
+        "the soft limit is raised to the hard one"
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    const CAP_SYS_RESOURCE: u32 = 24;
+    if eff & (1 << CAP_SYS_RESOURCE) != 0 {
+        assert_eq!(rl.rlim_max, super::nofile_ceiling());
+        assert!(rl.rlim_max >= 65_536 + 4_096, "{}", rl.rlim_max);
+    }
+    let _ = std::fs::remove_dir_all(&share);
+}
