@@ -150,6 +150,8 @@ pub struct SandboxBuilder {
     volumes: Vec<Volume>,
     tmpfs: Vec<(PathBuf, u64)>,
     rootfs: Option<(PathBuf, Access)>,
+    /// The root's host tree never changes under the sandbox ([`SandboxBuilder::rootfs_immutable`]).
+    root_immutable: bool,
     #[cfg(target_os = "linux")]
     network: Option<Network>,
     /// Continue the sandbox saved in this snapshot directory instead of booting.
@@ -451,6 +453,15 @@ impl SandboxBuilder {
         self
     }
 
+    /// Promises that the root directory's host tree does not change while the sandbox runs
+    /// (an image's root, setup's Debian tree: both are content-addressed in the cache). The
+    /// guest then keeps its entries and attributes instead of asking again after a second
+    /// (`cache=always`), which makes a second walk of a tree many times faster.
+    pub fn rootfs_immutable(mut self) -> Self {
+        self.root_immutable = true;
+        self
+    }
+
     /// Boots the OCI image `name` (a registry reference, `oci:DIR[:TAG]` or
     /// `docker-archive:FILE[:TAG]`): pulled into the cache on first use, its layers merged
     /// into one root shared copy-on-write as [`SandboxBuilder::rootfs_overlay`] does; its
@@ -464,6 +475,7 @@ impl SandboxBuilder {
         let (rec, root) =
             crate::image::resolve(name, opts).map_err(|e| SandboxError::Image(e.to_string()))?;
         self.rootfs = Some((root, Access::Overlay));
+        self.root_immutable = true;
         self.image = Some(rec);
         Ok(self)
     }
@@ -875,6 +887,11 @@ impl SandboxBuilder {
         if let Some((dir, access)) = &self.rootfs {
             let config = FsConfig {
                 read_only: *access != Access::ReadWrite,
+                cache: if self.root_immutable && *access != Access::ReadWrite {
+                    CachePolicy::Always
+                } else {
+                    CachePolicy::Auto
+                },
                 rate: self.fs_rate.clone(),
                 ..Default::default()
             };
@@ -1221,6 +1238,7 @@ impl Sandbox {
             volumes: Vec::new(),
             tmpfs: Vec::new(),
             rootfs: None,
+            root_immutable: false,
             #[cfg(target_os = "linux")]
             network: None,
             restore: None,

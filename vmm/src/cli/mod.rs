@@ -453,6 +453,11 @@ pub fn with_mounts(
         None => match default_root() {
             DefaultRoot::Initramfs => {}
             DefaultRoot::Dir(dir) => match std::fs::canonicalize(&dir) {
+                // Setup's tree is content-addressed: it never changes under a sandbox. A
+                // directory given as $MSB_ROOTFS may.
+                Ok(abs) if abs.is_dir() && std::env::var_os("MSB_ROOTFS").is_none() => {
+                    b = b.rootfs_overlay(abs).rootfs_immutable()
+                }
                 Ok(abs) if abs.is_dir() => b = b.rootfs_overlay(abs),
                 _ => anyhow::bail!(
                     "no default root file system at {}: run ./x setup to build it (a Debian \
