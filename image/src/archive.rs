@@ -9,7 +9,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
 
 use crate::registry::file_digest;
-use crate::store::{hex_of, now, ImageRecord, Store};
+use crate::store::{hex_of, ImageRecord, Store};
 use crate::{host_platform, read_config, sha256, ImageError, Source};
 
 /// The largest JSON document (index, manifest, config) read into memory.
@@ -112,7 +112,6 @@ pub fn oci_layout(
             "the manifest and the config disagree on the number of layers",
         ));
     }
-    let mut size = 0;
     for (l, d) in manifest.layers().iter().zip(&diff_ids) {
         let digest = l.digest().to_string();
         let hex = hex_of(&digest).ok_or_else(|| ImageError::BadDigest(digest.clone()))?;
@@ -128,18 +127,16 @@ pub fn oci_layout(
             }
         }
         let blob = crate::unpack::open_blob(&path).map_err(|e| ImageError::Io(path.clone(), e))?;
-        size += store.put_layer(&name, d, blob)?;
+        store.put_layer(&name, d, blob)?;
     }
-    Ok(ImageRecord {
+    Ok(store.record(
         name,
         manifest_digest,
         config_digest,
         platform,
         diff_ids,
-        size,
-        pulled: now(),
-        config: run,
-    })
+        run,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -270,15 +267,12 @@ pub fn docker_archive(
             format!("layer {missing} missing from the archive"),
         ));
     }
-    let size = diff_ids.iter().map(|d| store.layer_size(d)).sum();
-    Ok(ImageRecord {
+    Ok(store.record(
         name,
-        manifest_digest: sha256(small.get("manifest.json").map_or(&[][..], |v| v)),
+        sha256(small.get("manifest.json").map_or(&[][..], |v| v)),
         config_digest,
         platform,
         diff_ids,
-        size,
-        pulled: now(),
-        config: run,
-    })
+        run,
+    ))
 }

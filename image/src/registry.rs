@@ -14,7 +14,7 @@ use oci_client::{Client, Reference};
 use std::io::{Read, Write};
 use std::sync::{Condvar, Mutex};
 
-use crate::store::{hex_of, now, ImageRecord, Store};
+use crate::store::{hex_of, ImageRecord, Store};
 use crate::{host_platform, read_config, ImageError, PullOptions};
 
 /// Layers downloaded at once.
@@ -268,17 +268,14 @@ async fn pull_async(
     progress.finish();
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
 
-    let size = diff_ids.iter().map(|d| store.layer_size(d)).sum();
-    Ok(ImageRecord {
-        name: name.to_string(),
+    Ok(store.record(
+        name.to_string(),
         manifest_digest,
         config_digest,
         platform,
         diff_ids,
-        size,
-        pulled: now(),
-        config: run,
-    })
+        run,
+    ))
 }
 
 fn short(digest: &str) -> &str {

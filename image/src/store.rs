@@ -220,6 +220,29 @@ impl Store {
     }
 
     /// Unpacked bytes of a layer in the store (0 when it is not there).
+    /// The record of an image whose layers this store now holds, pulled now: one place for
+    /// every source (registry, OCI layout, docker archive).
+    pub fn record(
+        &self,
+        name: String,
+        manifest_digest: String,
+        config_digest: String,
+        platform: String,
+        diff_ids: Vec<String>,
+        config: RunConfig,
+    ) -> ImageRecord {
+        ImageRecord {
+            name,
+            manifest_digest,
+            config_digest,
+            platform,
+            size: diff_ids.iter().map(|d| self.layer_size(d)).sum(),
+            diff_ids,
+            pulled: now(),
+            config,
+        }
+    }
+
     pub fn layer_size(&self, diff_id: &str) -> u64 {
         self.layer_dir(diff_id)
             .ok()

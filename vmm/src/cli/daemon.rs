@@ -752,16 +752,25 @@ pub fn pause(name: &str, pause: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// `msb-vmm exec`.
 /// The image record of a sandbox started with `--image`, in its state directory.
 const IMAGE_FILE: &str = "image.json";
 
+/// The image sandbox `dir` boots from: none for a sandbox without one.
+fn image_of(dir: &Path) -> anyhow::Result<Option<msb_vmm::image::ImageRecord>> {
+    match std::fs::read(dir.join(IMAGE_FILE)) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).context("the sandbox's image record")?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context("the sandbox's image record")),
+    }
+}
+
+/// `msb-vmm exec`.
 pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     let dir = unpaused(&a.name)?;
     let mut req = exec_request(&a.exec, &a.command)?;
-    if let Ok(b) = std::fs::read(dir.join(IMAGE_FILE)) {
-        let rec: msb_vmm::image::ImageRecord =
-            serde_json::from_slice(&b).context("the sandbox's image record")?;
+    if let Some(rec) = image_of(&dir)? {
         msb_vmm::image::apply(&rec.name, &rec.config, &mut req, false)?;
     }
     let signals = Signals::block();
@@ -855,9 +864,9 @@ pub fn sandboxes_using_image(name: &str) -> Vec<String> {
         if !valid_name(&sandbox) || !matches!(status(&e.path()), Status::Running(_)) {
             continue;
         }
-        let uses = std::fs::read(e.path().join(IMAGE_FILE))
+        let uses = image_of(&e.path())
             .ok()
-            .and_then(|b| serde_json::from_slice::<msb_vmm::image::ImageRecord>(&b).ok())
+            .flatten()
             .is_some_and(|r| r.name == name);
         if uses {
             users.push(sandbox);
