@@ -235,31 +235,66 @@ pub fn run(a: ExecArgs) -> Result<()> {
             "agent over a Unix socket: {} round trips, {} x {} bytes",
             a.iterations, a.throughput_runs, a.bytes
         );
-        results.push(measure(
-            "unix",
-            &client,
-            a.iterations,
-            a.bytes,
-            a.throughput_runs,
-        )?);
         if a.seccomp_cost {
-            // A fresh connection from a confined thread: its reader thread inherits the filter.
+            // A fresh connection from a confined thread (its reader thread inherits the
+            // filter). The two take turns, a share of the round trips and one throughput run
+            // at a time, so a slow spell of the shared machine falls on both alike.
             let sock = _agent.dir.join("agent.sock");
-            let (iterations, bytes, runs) = (a.iterations, a.bytes, a.throughput_runs);
-            let confined = std::thread::spawn(move || -> Result<TransportResult> {
+            let (go, turns) = std::sync::mpsc::channel::<usize>();
+            let (done, results_rx) = std::sync::mpsc::channel::<Result<TransportResult>>();
+            let bytes = a.bytes;
+            let confined = std::thread::spawn(move || -> Result<()> {
                 msb_confine::enter(
                     msb_confine::ThreadKind::Control,
                     msb_confine::Seccomp::Enforce,
                 )?;
                 let client =
                     AgentClient::connect(UnixStream::connect(&sock)?, Duration::from_secs(10))?;
-                measure("unix, seccomp", &client, iterations, bytes, runs)
+                for iterations in turns {
+                    let _ = done.send(measure("unix, seccomp", &client, iterations, bytes, 1));
+                }
+                Ok(())
             });
-            results.push(
-                confined
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the confined client panicked"))??,
-            );
+            let rounds = a.throughput_runs.max(1);
+            let mut plain = TransportResult {
+                transport: "unix".into(),
+                ..Default::default()
+            };
+            let mut filtered = TransportResult {
+                transport: "unix, seccomp".into(),
+                ..Default::default()
+            };
+            for round in 0..rounds {
+                let share = a.iterations / rounds + usize::from(round < a.iterations % rounds);
+                let r = measure("unix", &client, share, a.bytes, 1)?;
+                plain.round_trips.extend(r.round_trips);
+                plain.throughputs.extend(r.throughputs);
+                go.send(share)
+                    .map_err(|_| anyhow::anyhow!("the confined client stopped"))?;
+                let r = results_rx
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("the confined client stopped"))??;
+                filtered.round_trips.extend(r.round_trips);
+                filtered.throughputs.extend(r.throughputs);
+            }
+            drop(go);
+            confined
+                .join()
+                .map_err(|_| anyhow::anyhow!("the confined client panicked"))??;
+            for r in [&mut plain, &mut filtered] {
+                r.round_trip_ms = summarize(&r.round_trips);
+                r.throughput_mb_s = summarize(&r.throughputs);
+            }
+            results.push(plain);
+            results.push(filtered);
+        } else {
+            results.push(measure(
+                "unix",
+                &client,
+                a.iterations,
+                a.bytes,
+                a.throughput_runs,
+            )?);
         }
     }
     if sandbox {

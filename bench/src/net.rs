@@ -534,7 +534,7 @@ pub fn run(a: NetArgs) -> Result<()> {
                             .find(|l| l.starts_with("Error:"))
                             .unwrap_or_else(|| why.lines().next().unwrap_or(""))
                             .to_string();
-                        eprintln!("{label:<32} {:<14} failed: {last}", t.name);
+                        eprintln!("{label:<32} {:<24} failed: {last}", t.name);
                         failed_peers.push(format!("{} {key}: {last}", t.name));
                         failed[i] = true;
                     }
@@ -546,7 +546,7 @@ pub fn run(a: NetArgs) -> Result<()> {
             let summary = summarize(&samples);
             if let Some(s) = &summary {
                 eprintln!(
-                    "{label:<32} {:<14} p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  (n={})",
+                    "{label:<32} {:<24} p50 {:>9.2}  p90 {:>9.2}  p99 {:>9.2}  (n={})",
                     t.name, s.p50, s.p90, s.p99, s.n
                 );
             }
@@ -560,7 +560,7 @@ pub fn run(a: NetArgs) -> Result<()> {
     }
     // Each target as a share of the ceiling, at p50 (for latency: ceiling / ours).
     println!(
-        "\n{:<32} {:<14} {:>10} {:>10} {:>7}",
+        "\n{:<32} {:<24} {:>10} {:>10} {:>7}",
         "metric (p50)", "target", "value", "loopback", "ratio"
     );
     for (_, label, mode, _) in METRICS {
@@ -575,7 +575,7 @@ pub fn run(a: NetArgs) -> Result<()> {
             let Some(m) = p50(&t.name) else { continue };
             let ratio = if mode == "rtt" { h / m } else { m / h };
             println!(
-                "{label:<32} {:<14} {m:>10.2} {h:>10.2} {:>6.0}%",
+                "{label:<32} {:<24} {m:>10.2} {h:>10.2} {:>6.0}%",
                 t.name,
                 ratio * 100.0
             );
