@@ -43,6 +43,16 @@ pub struct ImageArgs {
     /// The registry: Debian's docker-registry.
     #[arg(long, default_value = "docker-registry")]
     registry: PathBuf,
+    /// Instead of pulls: the two ways to make a root of an image's layers, `--launches` times
+    /// each, alternating (needs a /dev/kvm that boots Linux): one share of the merged layers
+    /// (what msb-vmm does) against each layer as a read-only share under a guest overlay.
+    /// Start time (cold boots) and metadata walks in the guest.
+    #[arg(long)]
+    root_strategy: bool,
+    /// `--root-strategy`'s image: the root directory, then this many small layers on top,
+    /// each adding files to directories the lower ones have (as package installs do).
+    #[arg(long, default_value_t = 3)]
+    upper_layers: usize,
 }
 
 #[derive(Serialize, Default)]
@@ -94,27 +104,37 @@ fn sh(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// An OCI layout at `dir/oci` holding `root` as one gzip layer, tagged `bench`.
-fn make_layout(root: &Path, dir: &Path) -> Result<(u64, u64)> {
+/// An OCI layout at `dir/oci` holding `layers` (directories, lowest first) as gzip layers,
+/// tagged `bench`; returns the compressed and unpacked sizes.
+fn make_layout(layers: &[PathBuf], dir: &Path) -> Result<(u64, u64)> {
     let blobs = dir.join("oci/blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
-    let tar = dir.join("layer.tar");
-    sh(
-        Command::new("tar")
-            .args(["--numeric-owner", "--one-file-system", "-C"])
-            .arg(root)
-            .args(["-cf"])
-            .arg(&tar)
-            .arg("."),
-        "tar",
-    )?;
-    let diff_id = sha256_file(&tar)?;
-    let unpacked = std::fs::metadata(&tar)?.len();
-    sh(Command::new("gzip").args(["-1", "-f"]).arg(&tar), "gzip")?;
-    let gz = dir.join("layer.tar.gz");
-    let layer = sha256_file(&gz)?;
-    let size = std::fs::metadata(&gz)?.len();
-    std::fs::rename(&gz, blobs.join(&layer[7..]))?;
+    let (mut size, mut unpacked) = (0, 0);
+    let mut diff_ids = Vec::new();
+    let mut descs = Vec::new();
+    for root in layers {
+        let tar = dir.join("layer.tar");
+        sh(
+            Command::new("tar")
+                .args(["--numeric-owner", "--one-file-system", "-C"])
+                .arg(root)
+                .args(["-cf"])
+                .arg(&tar)
+                .arg("."),
+            "tar",
+        )?;
+        diff_ids.push(sha256_file(&tar)?);
+        unpacked += std::fs::metadata(&tar)?.len();
+        sh(Command::new("gzip").args(["-1", "-f"]).arg(&tar), "gzip")?;
+        let gz = dir.join("layer.tar.gz");
+        let layer = sha256_file(&gz)?;
+        let n = std::fs::metadata(&gz)?.len();
+        size += n;
+        std::fs::rename(&gz, blobs.join(&layer[7..]))?;
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": n
+        }));
+    }
     let put = |v: serde_json::Value| -> Result<(String, usize)> {
         let b = serde_json::to_vec(&v)?;
         let p = dir.join("blob.tmp");
@@ -131,13 +151,13 @@ fn make_layout(root: &Path, dir: &Path) -> Result<(u64, u64)> {
     let (cd, cn) = put(serde_json::json!({
         "architecture": arch, "os": "linux",
         "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))?;
     let (md, mn) = put(serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": size }],
+        "layers": descs,
     }))?;
     std::fs::write(
         dir.join("oci/oci-layout"),
@@ -203,7 +223,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     eprintln!("making the image from {}", root.display());
-    let (compressed, unpacked) = make_layout(&root, &dir)?;
+    if a.root_strategy {
+        let r = root_strategy(&a, &msb_vmm, &root, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
+    let (compressed, unpacked) = make_layout(&[root], &dir)?;
     let (_registry, addr) = start_registry(&a.registry, &dir)?;
     let image = format!("{addr}/bench/image:1");
     sh(
@@ -327,6 +352,188 @@ pub fn run(a: ImageArgs) -> Result<()> {
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
+    }
+    Ok(())
+}
+
+/// What one `--root-strategy` launch measured.
+#[derive(Serialize, Default)]
+struct Strategy {
+    /// Spawn → exit of `run --cold ... -- true` (the overlay variant mounts its overlay).
+    start_ms: Vec<f64>,
+    /// `find ROOT -xdev -ls` on a freshly booted guest, then again with its caches warm.
+    walk_cold_ms: Vec<f64>,
+    walk_warm_ms: Vec<f64>,
+    /// 2000 lookups of names that exist in no layer, in a directory every layer has.
+    missing_ms: Vec<f64>,
+}
+
+/// The guest's side of a walk: three timings in µs on one line.
+const WALK: &str = r#"R=$1
+t0=$(date +%s%N); find "$R" -xdev -ls >/dev/null
+t1=$(date +%s%N); find "$R" -xdev -ls >/dev/null
+t2=$(date +%s%N); i=0; while [ $i -lt 2000 ]; do [ -e "$R/usr/lib/none$i" ]; i=$((i+1)); done
+t3=$(date +%s%N)
+echo "walk $(( (t1-t0)/1000 )) $(( (t2-t1)/1000 )) $(( (t3-t2)/1000 ))""#;
+
+/// One share of the merged layers (msb-vmm's root for images) against each layer as a
+/// read-only share with a guest overlay over them, on an image of the root plus
+/// `--upper-layers` small layers.
+fn root_strategy(a: &ImageArgs, msb_vmm: &Path, root: &Path, dir: &Path) -> Result<()> {
+    if a.launches == 0 {
+        bail!("--root-strategy needs --launches N (cold boots of each kind)");
+    }
+    let mut layers = vec![root.to_path_buf()];
+    for k in 1..=a.upper_layers {
+        let l = dir.join(format!("upper-{k}"));
+        for d in 0..10 {
+            let p = l.join(format!("usr/lib/layer-{k}/d{d}"));
+            std::fs::create_dir_all(&p)?;
+            for f in 0..50 {
+                std::fs::write(p.join(format!("f{f}")), [b'x'; 100])?;
+            }
+        }
+        std::fs::create_dir_all(l.join("usr/local/bin"))?;
+        std::fs::write(l.join(format!("usr/local/bin/tool-{k}")), b"#!/bin/sh\n")?;
+        std::fs::create_dir_all(l.join("etc"))?;
+        std::fs::write(l.join(format!("etc/layer-{k}.conf")), b"x=1\n")?;
+        layers.push(l);
+    }
+    eprintln!(
+        "making a {}-layer image from {} and {} small layers",
+        layers.len(),
+        root.display(),
+        a.upper_layers
+    );
+    make_layout(&layers, dir)?;
+    let image = format!("oci:{}:bench", dir.join("oci").display());
+    sh(
+        Command::new(msb_vmm).args(["pull", "-q", &image]),
+        "msb-vmm pull",
+    )?;
+    let store = msb_vmm::image::store()?;
+    let rec = msb_image::cached(&store, &image).context("the image just pulled")?;
+    let mut volumes = Vec::new();
+    let mut lower = Vec::new();
+    for (i, d) in rec.diff_ids.iter().enumerate() {
+        volumes.push("-V".to_string());
+        // Each layer as immutable as the merged root is (the store never changes them).
+        volumes.push(format!(
+            "{}:/layers/{i}:ro,cache=always",
+            store.layer_dir(d)?.display()
+        ));
+        lower.insert(0, format!("/layers/{i}"));
+    }
+    let overlay = format!(
+        "mkdir -p /merged /tmp/u /tmp/w && mount -t overlay overlay -o lowerdir={},upperdir=/tmp/u,workdir=/tmp/w /merged",
+        lower.join(":")
+    );
+    let run = |extra: &[String], cmd: &str| -> Result<(f64, String)> {
+        let t = Instant::now();
+        let out = Command::new(msb_vmm)
+            .args(["run", "--cold", "--net", "none"])
+            .args(extra)
+            .args(["--", "sh", "-c", cmd, "sh"])
+            .env_remove("MSB_ROOTFS")
+            .output()
+            .context("msb-vmm run")?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            bail!(
+                "msb-vmm run: {} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            );
+        }
+        Ok((ms, String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let merged_args = vec!["--image".to_string(), image.clone()];
+    // `prefix` sets the root to walk as `$1`.
+    let walk = |extra: &[String], prefix: &str, s: &mut Strategy| -> Result<()> {
+        let (_, out) = run(extra, &format!("{prefix}\n{WALK}"))?;
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("walk "))
+            .with_context(|| format!("no timings from the guest: {out}"))?;
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse::<f64>().ok())
+            .map(|us| us / 1000.0)
+            .collect();
+        if v.len() != 3 {
+            bail!("bad timings from the guest: {line}");
+        }
+        s.walk_cold_ms.push(v[0]);
+        s.walk_warm_ms.push(v[1]);
+        s.missing_ms.push(v[2]);
+        Ok(())
+    };
+    // One of each first: nothing of the first boots is a sample.
+    run(&merged_args, "true")?;
+    run(&volumes, &overlay)?;
+    let (mut merged, mut layered) = (Strategy::default(), Strategy::default());
+    for i in 0..a.launches {
+        merged.start_ms.push(run(&merged_args, "true")?.0);
+        layered.start_ms.push(run(&volumes, &overlay)?.0);
+        walk(&merged_args, "set -- /", &mut merged)?;
+        walk(
+            &volumes,
+            &format!("{overlay} || exit 1\nset -- /merged"),
+            &mut layered,
+        )?;
+        eprint!("\rlaunches: {}/{}", i + 1, a.launches);
+    }
+    eprintln!();
+    let _ = Command::new(msb_vmm).args(["rmi", &image]).output();
+    println!(
+        "image: {} layers (the root, then {} small ones); ms (n), p50 / p90 / p99",
+        layers.len(),
+        a.upper_layers
+    );
+    println!(
+        "{:<40} {:>26} {:>26} {:>7}",
+        "", "one merged share", "a share per layer + overlay", "ratio"
+    );
+    let fmt = |v: &[f64]| {
+        summarize(v).map_or("-".into(), |s| {
+            format!("{:.0} / {:.0} / {:.0} ({})", s.p50, s.p90, s.p99, s.n)
+        })
+    };
+    for (name, m, l) in [
+        (
+            "start: run --cold -- true",
+            &merged.start_ms,
+            &layered.start_ms,
+        ),
+        (
+            "find -ls of the root, cold",
+            &merged.walk_cold_ms,
+            &layered.walk_cold_ms,
+        ),
+        (
+            "find -ls of the root, warm",
+            &merged.walk_warm_ms,
+            &layered.walk_warm_ms,
+        ),
+        (
+            "2000 missing names in /usr/lib",
+            &merged.missing_ms,
+            &layered.missing_ms,
+        ),
+    ] {
+        let ratio = match (summarize(m), summarize(l)) {
+            (Some(m), Some(l)) => format!("{:.2}", l.p50 / m.p50),
+            _ => "-".into(),
+        };
+        println!("{name:<40} {:>26} {:>26} {ratio:>7}", fmt(m), fmt(l));
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({ "merged": merged, "per_layer": layered }),
+            )?,
+        )?;
     }
     Ok(())
 }
