@@ -4,6 +4,7 @@
 //! with hardware virtualization they run directly; on PVM hosts `./x test` runs this binary
 //! inside the L2 VM. Asked to run where they cannot, they fail with the reason.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Once;
 use std::time::Duration;
@@ -2322,6 +2323,128 @@ fn run_starts_warm_from_a_template_saved_on_first_use() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// Kills the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The reference registry (Debian's docker-registry) on a free loopback port, its data under
+/// `base`; its address.
+fn loopback_registry(base: &Path) -> (KillOnDrop, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    std::fs::write(
+        base.join("registry.yml"),
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            base.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let registry = KillOnDrop(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(base.join("registry.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (./x test installs it)"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registry did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (registry, addr)
+}
+
+/// `skopeo copy oci:LAYOUT:TAG docker://DEST`.
+fn push(layout: &Path, tag: &str, dest: &str) {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .expect("skopeo is installed (./x test installs it)");
+    assert!(out.status.success(), "skopeo: {}", text(&out.stderr));
+}
+
+/// A distribution image from the registry: the Debian tree as a gzip layer plus a layer that
+/// adds a user, pulled by `run` and running python3 with the image's Env, WorkingDir and User.
+#[test]
+fn a_debian_image_from_the_registry_runs_python() {
+    let _w = watchdog("a_debian_image_from_the_registry_runs_python");
+    check_host();
+    let root = match msb_vmm::assets::default_root() {
+        msb_vmm::assets::DefaultRoot::Dir(d) => d,
+        _ => panic!("no default Debian root: run ./x setup"),
+    };
+    let base = std::env::temp_dir().join(format!("msb-e2e-debian-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let layout = base.join("layout");
+    let st = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/make_image.py"
+        ))
+        .arg("--debian")
+        .arg(&layout)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success(), "make_image.py --debian failed");
+    let (_registry, addr) = loopback_registry(&base);
+    let image = format!("{addr}/test/debian:12");
+    push(&layout, "12", &image);
+    // The whole tree walked first: every file a lookup, more than a hard limit of 4096 fds
+    // allowed the file server before it raised it (the walk failed after ~2900 files).
+    let out = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+        .args(["run", "--net", "none", &image, "--"])
+        .args([
+            "sh",
+            "-c",
+            // As the image's user: directories only root may read are the one expected error.
+            "n=$(find / -xdev 2>/tmp/find.err | wc -l); echo \"walked $n\" >&2; \
+             grep -v 'Permission denied' /tmp/find.err >&2; \
+             python3 -c \"import os; print(os.environ['GREETING'], os.getcwd(), os.getuid(), open('data').read().strip())\"",
+        ])
+        .env("MSB_CACHE_DIR", base.join("cache"))
+        .env("MSB_STATE_DIR", state_dir())
+        .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
+        .env("MSB_INIT", msb_vmm::assets::msb_init())
+        .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "hello-from-debian /srv/app 1000 from-debian-image\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let err = text(&out.stderr);
+    assert!(!err.contains("find:"), "the walk failed: {err}");
+    let walked: usize = err
+        .lines()
+        .find_map(|l| l.strip_prefix("walked ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count from find: {err}"));
+    assert!(walked > 9000, "the Debian tree has more entries: {walked}");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// `msb-vmm run IMAGE -- CMD` from the reference registry on loopback: the image's Env,
 /// WorkingDir, User, whiteouts and owners reach the guest; flags override them as with
 /// `docker run`; an image with an Entrypoint runs without a command; `start --image` gives
@@ -2347,53 +2470,9 @@ fn images_from_a_loopback_registry_run_with_their_settings() {
         .unwrap();
     assert!(st.success(), "make_image.py failed");
 
-    // The reference registry on a free loopback port, fed by skopeo.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    std::fs::write(
-        base.join("registry.yml"),
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            base.join("registry").display()
-        ),
-    )
-    .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _registry = Kill(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(base.join("registry.yml"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("docker-registry is installed (./x test installs it)"),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the registry did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_registry, addr) = loopback_registry(&base);
     for tag in ["plain", "entry"] {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{addr}/test/busy:{tag}"))
-            .output()
-            .expect("skopeo is installed (./x test installs it)");
-        assert!(out.status.success(), "skopeo: {}", text(&out.stderr));
+        push(&layout, tag, &format!("{addr}/test/busy:{tag}"));
     }
     let state = state_dir().with_file_name(format!("msb-e2e-images-state-{}", std::process::id()));
     let cli = |args: &[&str]| -> Output {
