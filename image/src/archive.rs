@@ -60,12 +60,21 @@ fn pick_platform<'a>(image: &str, ds: &'a [Descriptor]) -> Result<&'a Descriptor
         .ok_or_else(|| ImageError::NoPlatform(image.to_string(), format!("{os}/{arch}")))
 }
 
+/// One line per layer being unpacked (a large local image takes seconds), when `verbose`.
+fn say_unpacking(verbose: bool, diff_id: &str) {
+    if verbose {
+        let h = hex_of(diff_id).unwrap_or(diff_id);
+        eprintln!("unpacking layer {}", &h[..h.len().min(12)]);
+    }
+}
+
 /// `oci:DIR[:TAG]`.
 pub fn oci_layout(
     store: &Store,
     source: &Source,
     dir: &Path,
     tag: Option<&str>,
+    verbose: bool,
 ) -> Result<ImageRecord, ImageError> {
     let name = source.name();
     let index_path = dir.join("index.json");
@@ -126,6 +135,9 @@ pub fn oci_layout(
                 });
             }
         }
+        if !store.has_layer(d) {
+            say_unpacking(verbose, d);
+        }
         let blob = crate::unpack::open_blob(&path).map_err(|e| ImageError::Io(path.clone(), e))?;
         store.put_layer(&name, d, blob)?;
     }
@@ -159,6 +171,7 @@ pub fn docker_archive(
     source: &Source,
     file: &Path,
     tag: Option<&str>,
+    verbose: bool,
 ) -> Result<ImageRecord, ImageError> {
     let name = source.name();
     let open = || -> Result<tar::Archive<std::io::BufReader<fs::File>>, ImageError> {
@@ -254,6 +267,7 @@ pub fn docker_archive(
             let e = e.map_err(tar_err)?;
             let path = norm(&String::from_utf8_lossy(&e.path_bytes()));
             if let Some(d) = wanted.remove(&path) {
+                say_unpacking(verbose, d);
                 store.put_layer(&name, d, e)?;
             }
             if wanted.is_empty() {

@@ -79,9 +79,11 @@ pub fn host_platform() -> (&'static str, &'static str) {
 pub fn pull(store: &Store, source: &Source, opts: &PullOptions) -> Result<ImageRecord, ImageError> {
     let rec = match source {
         Source::Registry(r) => registry::pull(store, r, opts)?,
-        Source::OciLayout { dir, tag } => archive::oci_layout(store, source, dir, tag.as_deref())?,
+        Source::OciLayout { dir, tag } => {
+            archive::oci_layout(store, source, dir, tag.as_deref(), opts.verbose)?
+        }
         Source::DockerArchive { file, tag } => {
-            archive::docker_archive(store, source, file, tag.as_deref())?
+            archive::docker_archive(store, source, file, tag.as_deref(), opts.verbose)?
         }
     };
     store.root(&rec)?;

@@ -33,11 +33,12 @@ pub fn pull(name: &str, insecure: Vec<String>, quiet: bool) -> anyhow::Result<u8
     }
     if !quiet {
         eprintln!(
-            "msb-vmm: {} {} ({}, {} layers, {}) in {:.1} s",
+            "msb-vmm: {} {} ({}, {} layer{}, {}) in {:.1} s",
             rec.name,
             rec.short_id(),
             rec.platform,
             rec.diff_ids.len(),
+            if rec.diff_ids.len() == 1 { "" } else { "s" },
             human(rec.size),
             t.elapsed().as_secs_f64()
         );
