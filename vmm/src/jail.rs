@@ -266,7 +266,7 @@ pub fn enter(spec: &JailSpec) -> Result<Side, JailError> {
     let host = c"msb-jail";
     // SAFETY: sethostname of a buffer of the given length.
     let _ = unsafe { libc::sethostname(host.as_ptr(), host.to_bytes().len()) };
-    set_limit(libc::RLIMIT_NOFILE, spec.nofile).map_err(sys("setting RLIMIT_NOFILE"))?;
+    set_nofile(spec.nofile).map_err(sys("setting RLIMIT_NOFILE"))?;
     if let Some(max) = spec.fsize {
         // A write past the limit fails with EFBIG instead of killing the VMM.
         // SAFETY: ignoring a signal installs no handler code.
@@ -282,6 +282,24 @@ pub fn enter(spec: &JailSpec) -> Result<Side, JailError> {
 type Resource = libc::__rlimit_resource_t;
 #[cfg(not(target_env = "gnu"))]
 type Resource = libc::c_int;
+
+/// RLIMIT_NOFILE to `value`, or to the hard limit we have where raising it past that is not
+/// ours to do (no CAP_SYS_RESOURCE: a root without it, as in some containers).
+fn set_nofile(value: u64) -> io::Result<()> {
+    match set_limit(libc::RLIMIT_NOFILE, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            // SAFETY: rlimit is plain old data; all-zero is valid.
+            let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid out-pointer.
+            check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) })?;
+            if rl.rlim_max >= value {
+                return Err(e);
+            }
+            set_limit(libc::RLIMIT_NOFILE, rl.rlim_max)
+        }
+        r => r,
+    }
+}
 
 fn set_limit(resource: Resource, value: u64) -> io::Result<()> {
     let rl = libc::rlimit {
