@@ -558,18 +558,17 @@ pub fn run(a: NetArgs) -> Result<()> {
             });
         }
     }
+    let row = |label: &str, target: &str| {
+        rows.iter()
+            .find(|r| r.metric == label && r.target == target)
+    };
     // Each target as a share of the ceiling, at p50 (for latency: ceiling / ours).
     println!(
         "\n{:<32} {:<24} {:>10} {:>10} {:>7}",
         "metric (p50)", "target", "value", "loopback", "ratio"
     );
     for (_, label, mode, _) in METRICS {
-        let p50 = |target: &str| {
-            rows.iter()
-                .find(|r| r.metric == label && r.target == target)
-                .and_then(|r| r.summary)
-                .map(|s| s.p50)
-        };
+        let p50 = |target: &str| row(label, target).and_then(|r| r.summary).map(|s| s.p50);
         let Some(h) = p50("loopback") else { continue };
         for t in targets.iter().filter(|t| t.name != "loopback") {
             let Some(m) = p50(&t.name) else { continue };
@@ -589,12 +588,10 @@ pub fn run(a: NetArgs) -> Result<()> {
             "seccomp cost (p50)", "seccomp", "none", "diff", "paired diff"
         );
         for (_, label, mode, _) in METRICS {
-            let row = |target: &str| {
-                rows.iter()
-                    .find(|r| r.metric == label && r.target == target)
-            };
-            let (Some(on), Some(off)) = (row("msb netstack"), row("msb netstack, no seccomp"))
-            else {
+            let (Some(on), Some(off)) = (
+                row(label, "msb netstack"),
+                row(label, "msb netstack, no seccomp"),
+            ) else {
                 continue;
             };
             let (Some(son), Some(soff)) = (on.summary, off.summary) else {

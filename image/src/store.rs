@@ -219,7 +219,6 @@ impl Store {
         Ok(())
     }
 
-    /// Unpacked bytes of a layer in the store (0 when it is not there).
     /// The record of an image whose layers this store now holds, pulled now: one place for
     /// every source (registry, OCI layout, docker archive).
     pub fn record(
@@ -243,6 +242,7 @@ impl Store {
         }
     }
 
+    /// Unpacked bytes of a layer in the store (0 when it is not there).
     pub fn layer_size(&self, diff_id: &str) -> u64 {
         self.layer_dir(diff_id)
             .ok()
