@@ -61,8 +61,10 @@ struct Report {
     unpacked_bytes: u64,
     msb_pull_s: Vec<f64>,
     skopeo_copy_s: Vec<f64>,
+    inflate_s: Vec<f64>,
     msb_pull: Option<Summary>,
     skopeo_copy: Option<Summary>,
+    inflate: Option<Summary>,
     image_run_ms: Vec<f64>,
     default_run_ms: Vec<f64>,
     image_run: Option<Summary>,
@@ -102,6 +104,19 @@ fn sh(cmd: &mut Command, what: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Seconds to inflate the gzip `blob` with the pull's own decoder, reading from the page
+/// cache into nothing: a gzip stream inflates on one thread only, so no pull that unpacks
+/// can take less.
+fn inflate(blob: &Path) -> Result<f64> {
+    let t = Instant::now();
+    let f = std::fs::File::open(blob)?;
+    let mut r = msb_image::unpack::decompressor(std::io::BufReader::with_capacity(1 << 20, f))?;
+    // The pull's chunk size: small reads cost the inflater more calls.
+    let mut buf = vec![0u8; 256 << 10];
+    while std::io::Read::read(&mut r, &mut buf)? > 0 {}
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// An OCI layout at `dir/oci` holding `layers` (directories, lowest first) as gzip layers,
@@ -243,6 +258,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
         unpacked_bytes: unpacked,
         ..Default::default()
     };
+    // The layer blob, for the floor of any pull that unpacks: inflating it on one thread.
+    let layer = std::fs::read_dir(dir.join("oci/blobs/sha256"))?
+        .flatten()
+        .max_by_key(|e| e.metadata().map_or(0, |m| m.len()))
+        .map(|e| e.path())
+        .context("the layout has no blobs")?;
     // Each pull into a new directory, all removed at the end: ext4 makes a file created just
     // after many were deleted wait for their inodes (`recently_deleted`), which would charge
     // one run's clean-up to the next (thousands of files for us, a few for skopeo).
@@ -266,11 +287,13 @@ pub fn run(a: ImageArgs) -> Result<()> {
             "skopeo copy",
         )?;
         r.skopeo_copy_s.push(t.elapsed().as_secs_f64());
+        r.inflate_s.push(inflate(&layer)?);
         eprint!("\rpulls: {}/{}", i + 1, a.iterations);
     }
     eprintln!();
     r.msb_pull = summarize(&r.msb_pull_s);
     r.skopeo_copy = summarize(&r.skopeo_copy_s);
+    r.inflate = summarize(&r.inflate_s);
 
     if a.launches > 0 {
         // Into the normal cache (the kernel and msb-init are there), and one launch of each
@@ -316,6 +339,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     for (name, s) in [
         ("msb-vmm pull (download + unpack)", r.msb_pull),
         ("skopeo copy to a directory", r.skopeo_copy),
+        ("inflate alone, one thread", r.inflate),
     ] {
         if let Some(s) = s {
             println!(

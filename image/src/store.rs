@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! STORE/layers/HEX/          one unpacked layer, keyed by its diff id (uncompressed digest)
-//! STORE/layers/HEX.json      its size
-//! STORE/roots/HEX/           an image's merged root, keyed by its config digest (image id)
+//! STORE/layers/HEX.json      its size and whether it needs merging (whiteouts, links down)
+//! STORE/roots/HEX/           an image's merged root, keyed by its config digest (image id);
+//!                            none for one layer that needs no merging: that is the root
 //! STORE/images/HEX.json      one record per image name (HEX = sha256 of the name)
 //! STORE/tmp/                 downloads in progress (resumable) and staging directories
 //! ```
@@ -84,6 +85,10 @@ pub struct Store {
 struct LayerMeta {
     bytes: u64,
     entries: u64,
+    /// Whiteouts and lower-layer link placeholders in the layer; unknown for layers unpacked
+    /// before it was counted.
+    #[serde(default)]
+    markers: Option<u64>,
 }
 
 /// The HEX of a `sha256:HEX` digest, checked (64 lowercase hex digits).
@@ -175,6 +180,24 @@ impl Store {
         }
         let stage = self.staging("layer");
         unpack::mkdir(&stage).map_err(|e| ImageError::Io(stage.clone(), e))?;
+        // What the guest sees of the root when the layer has no `./` entry (as the merge
+        // gives a merged root), so the layer can be a root by itself.
+        let root_stat = format!("0:0:0{:o}", libc::S_IFDIR | 0o755);
+        if let Err(e) = unpack::set_xattr(&stage, unpack::STAT_XATTR, root_stat.as_bytes()) {
+            let _ = fs::remove_dir(&stage);
+            return Err(ImageError::Layer {
+                image: image.to_string(),
+                layer: diff_id.to_string(),
+                err: if e.raw_os_error() == Some(libc::ENOTSUP) {
+                    unpack::UnpackError::NoXattrs(stage)
+                } else {
+                    unpack::UnpackError::Write {
+                        path: stage,
+                        err: e,
+                    }
+                },
+            });
+        }
         let mut staged = StagedLayer {
             store: self.clone(),
             diff_id: diff_id.to_string(),
@@ -206,6 +229,7 @@ impl Store {
         let meta = serde_json::to_vec(&LayerMeta {
             bytes: u.bytes,
             entries: u.entries,
+            markers: Some(u.markers),
         })
         .expect("plain struct");
         write_atomic(&dest.with_extension("json"), &meta)?;
@@ -244,11 +268,13 @@ impl Store {
 
     /// Unpacked bytes of a layer in the store (0 when it is not there).
     pub fn layer_size(&self, diff_id: &str) -> u64 {
-        self.layer_dir(diff_id)
-            .ok()
-            .and_then(|d| fs::read(d.with_extension("json")).ok())
-            .and_then(|b| serde_json::from_slice::<LayerMeta>(&b).ok())
-            .map_or(0, |m| m.bytes)
+        self.layer_meta(diff_id).map_or(0, |m| m.bytes)
+    }
+
+    fn layer_meta(&self, diff_id: &str) -> Option<LayerMeta> {
+        let d = self.layer_dir(diff_id).ok()?;
+        let b = fs::read(d.with_extension("json")).ok()?;
+        serde_json::from_slice(&b).ok()
     }
 
     /// The record file of an image name.
@@ -386,8 +412,16 @@ impl Store {
         Ok((freed, count))
     }
 
-    /// The merged root of `rec`, built on first use.
+    /// The root of `rec`: its layer itself for one layer that needs no merging (no
+    /// whiteouts, no links into lower layers: most base images), otherwise the merged root,
+    /// built on first use. Either is served read-only, so sharing the layer's inodes is safe.
     pub fn root(&self, rec: &ImageRecord) -> Result<PathBuf, ImageError> {
+        if let [only] = rec.diff_ids.as_slice() {
+            let l = self.layer_dir(only)?;
+            if l.is_dir() && self.layer_meta(only).and_then(|m| m.markers) == Some(0) {
+                return Ok(l);
+            }
+        }
         let dest = self
             .root
             .join("roots")

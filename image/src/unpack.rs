@@ -72,6 +72,9 @@ pub struct Unpacked {
     /// Bytes of file data.
     pub bytes: u64,
     pub entries: u64,
+    /// Whiteouts and placeholders for hard links into lower layers: entries that mean
+    /// something only to the merge. A layer with none is a root by itself.
+    pub markers: u64,
 }
 
 /// How a layer blob is compressed, told by its first bytes.
@@ -99,38 +102,27 @@ pub fn decompressor<'a, R: Read + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>
     })
 }
 
-/// Counts and hashes what passes through (the uncompressed tar, for its diff id).
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Unpacks the (possibly compressed) layer `blob` into `dest`, which must be a new, empty
 /// directory. On error `dest` holds a partial layer: the caller discards it.
 pub fn unpack(blob: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, UnpackError> {
-    // Two threads: this one decompresses and hashes, the other writes the files; on a layer
-    // of many small files each takes about half of the time.
+    // Two threads: this one decompresses, the other hashes the tar stream (the diff id) and
+    // writes the files. Inflating is the longest single task of a pull (about 0.5 s for a
+    // 180 MB layer on a 2-core Xeon), so this thread does nothing else.
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<(u64, u64), UnpackError> {
+        let writer = scope.spawn(move || -> Result<Unpacked, UnpackError> {
             let mut reader = ChunkReader {
                 rx,
                 cur: Vec::new(),
                 pos: 0,
+                hash: Sha256::new(),
             };
             let mut u = Unpacker {
                 dest,
                 limits,
                 bytes: 0,
                 entries: 0,
+                markers: 0,
                 dirs: Default::default(),
                 buf: vec![0; 256 << 10],
             };
@@ -139,20 +131,22 @@ pub fn unpack(blob: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, 
                 let entry = entry.map_err(UnpackError::Tar)?;
                 u.entry(entry)?;
             }
-            Ok((u.bytes, u.entries))
+            // What follows the tar's end (its padding) belongs to the diff id too.
+            reader.drain().map_err(UnpackError::Tar)?;
+            Ok(Unpacked {
+                diff_id: format!("sha256:{}", hex::encode(reader.hash.finalize())),
+                bytes: u.bytes,
+                entries: u.entries,
+                markers: u.markers,
+            })
         });
-        let digest = (|| -> Result<String, UnpackError> {
-            let tar_stream = decompressor(blob).map_err(UnpackError::Tar)?;
-            let mut hashing = Hashing {
-                inner: tar_stream,
-                hash: Sha256::new(),
-            };
-            let mut writer_gone = false;
+        let inflated = (|| -> Result<(), UnpackError> {
+            let mut tar_stream = decompressor(blob).map_err(UnpackError::Tar)?;
             loop {
                 let mut chunk = vec![0u8; 256 << 10];
                 let mut filled = 0;
                 while filled < chunk.len() {
-                    match hashing.read(&mut chunk[filled..]) {
+                    match tar_stream.read(&mut chunk[filled..]) {
                         Ok(0) => break,
                         Ok(k) => filled += k,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -163,35 +157,40 @@ pub fn unpack(blob: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, 
                     }
                 }
                 if filled == 0 {
-                    break;
+                    return Ok(());
                 }
                 chunk.truncate(filled);
-                // Once the writer is done (the tar's end, or an error), only hash the rest:
-                // its padding belongs to the diff id too.
-                if !writer_gone && tx.send(Ok(chunk)).is_err() {
-                    writer_gone = true;
+                // The writer stops early only on an error, which it reports.
+                if tx.send(Ok(chunk)).is_err() {
+                    return Ok(());
                 }
             }
-            Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
         })();
         drop(tx);
         let written = writer
             .join()
             .map_err(|_| UnpackError::Tar(io::Error::other("the unpacking thread panicked")))?;
-        let (bytes, entries) = written?;
-        Ok(Unpacked {
-            diff_id: digest?,
-            bytes,
-            entries,
-        })
+        inflated?;
+        written
     })
 }
 
-/// Reads the chunks the decompressing thread sends.
+/// Reads the chunks the decompressing thread sends, hashing each as it arrives.
 struct ChunkReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     cur: Vec<u8>,
     pos: usize,
+    hash: Sha256,
+}
+
+impl ChunkReader {
+    /// Hashes the rest of the stream.
+    fn drain(&mut self) -> io::Result<()> {
+        for c in self.rx.iter() {
+            self.hash.update(&c?);
+        }
+        Ok(())
+    }
 }
 
 impl Read for ChunkReader {
@@ -199,6 +198,7 @@ impl Read for ChunkReader {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(Ok(c)) => {
+                    self.hash.update(&c);
                     self.cur = c;
                     self.pos = 0;
                 }
@@ -218,6 +218,7 @@ struct Unpacker<'a> {
     limits: Limits,
     bytes: u64,
     entries: u64,
+    markers: u64,
     /// Directories of the layer known to be real directories (checked or made by us), so
     /// each entry's parents cost no lookups; a path replaced by a later entry leaves it.
     dirs: std::collections::HashSet<PathBuf>,
@@ -257,6 +258,9 @@ impl Unpacker<'_> {
             }
             return Ok(());
         };
+        if is_whiteout(&rel) {
+            self.markers += 1;
+        }
         let path = self.dest.join(&rel);
         self.walk_parents(&rel, true).map_err(|w| bad(&w))?;
         let uid = header.uid().unwrap_or(0) as u32;
@@ -269,26 +273,22 @@ impl Unpacker<'_> {
         };
         match kind {
             tar::EntryType::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        fs::remove_file(&path).map_err(werr)?;
-                        mkdir(&path).map_err(werr)?;
+                // Made first, looked at only when the name is taken: in a fresh layer
+                // directory nearly every name is new, and a failed lookup costs a syscall.
+                match mkdir(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if !fs::symlink_metadata(&path).map_err(werr)?.is_dir() {
+                            fs::remove_file(&path).map_err(werr)?;
+                            mkdir(&path).map_err(werr)?;
+                        }
                     }
-                    Err(_) => mkdir(&path).map_err(werr)?,
+                    r => r.map_err(werr)?,
                 }
                 self.set_stat(&path, uid, gid, libc::S_IFDIR | perm, 0, &shown)?;
                 self.dirs.insert(path.clone());
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                self.replace(&path).map_err(werr)?;
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(werr)?;
+                let mut f = self.create(&path, || new_file(&path)).map_err(werr)?;
                 let n = copy_file(&mut (&mut e).take(size), &mut f, &mut self.buf)
                     .map_err(UnpackError::Tar)?;
                 if n != size {
@@ -311,11 +311,11 @@ impl Unpacker<'_> {
                 if target.is_empty() || target.len() > self.limits.max_path || target.contains(&0) {
                     return Err(bad("bad symlink target"));
                 }
-                self.replace(&path).map_err(werr)?;
                 // Symlinks are never followed on the host (the passthrough server resolves
                 // with O_NOFOLLOW and our own writes check every parent), so any target is
                 // kept verbatim for the guest.
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)
+                let target = std::ffi::OsStr::from_bytes(&target);
+                self.create(&path, || std::os::unix::fs::symlink(target, &path))
                     .map_err(werr)?;
             }
             tar::EntryType::Link => {
@@ -335,21 +335,15 @@ impl Unpacker<'_> {
                 }
                 match fs::symlink_metadata(&tpath) {
                     Ok(m) if m.is_file() => {
-                        self.replace(&path).map_err(werr)?;
-                        fs::hard_link(&tpath, &path).map_err(werr)?;
+                        self.create(&path, || fs::hard_link(&tpath, &path))
+                            .map_err(werr)?;
                     }
                     Ok(_) => return Err(bad("hard link to something not a regular file")),
                     Err(_) => {
                         // A link to a file of a lower layer: the merge makes it, once the
                         // merged tree has the target.
-                        self.replace(&path).map_err(werr)?;
-                        OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .custom_flags(libc::O_NOFOLLOW)
-                            .open(&path)
-                            .map_err(werr)?;
+                        self.markers += 1;
+                        self.create(&path, || new_file(&path)).map_err(werr)?;
                         set_xattr(&path, LINK_XATTR, trel.as_os_str().as_bytes()).map_err(werr)?;
                     }
                 }
@@ -368,14 +362,7 @@ impl Unpacker<'_> {
                     }
                     _ => (libc::S_IFIFO, 0),
                 };
-                self.replace(&path).map_err(werr)?;
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .map_err(werr)?;
+                self.create(&path, || new_file(&path)).map_err(werr)?;
                 self.set_stat(&path, uid, gid, ty | perm, rdev, &shown)?;
             }
             tar::EntryType::XHeader
@@ -465,7 +452,19 @@ impl Unpacker<'_> {
         }
     }
 
-    /// Makes room for a non-directory at `path` (a later entry of the same name wins).
+    /// Runs `make` (which creates a non-directory at `path`), making room first when the name
+    /// is taken (a later entry of the same name wins).
+    fn create<T>(&mut self, path: &Path, make: impl Fn() -> io::Result<T>) -> io::Result<T> {
+        match make() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.replace(path)?;
+                make()
+            }
+            r => r,
+        }
+    }
+
+    /// Makes room for a non-directory at `path`.
     fn replace(&mut self, path: &Path) -> io::Result<()> {
         self.forget(path);
         match fs::symlink_metadata(path) {
@@ -514,6 +513,22 @@ impl Unpacker<'_> {
             }
         })
     }
+}
+
+/// A new owner-only file at `path`, never through a symlink.
+fn new_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Whether `rel` names a whiteout or an opaque-directory marker.
+fn is_whiteout(rel: &Path) -> bool {
+    rel.file_name()
+        .is_some_and(|n| n.as_bytes().starts_with(crate::merge::WHITEOUT.as_bytes()))
 }
 
 /// Copies `r` to `w` through `buf`; returns the bytes copied.

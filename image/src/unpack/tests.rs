@@ -125,6 +125,7 @@ fn a_layer_keeps_its_files_owners_modes_links_and_devices() {
     let u = unpack(&tar[..], &dest, Limits::default()).unwrap();
     assert_eq!(u.diff_id, sha(&tar));
     assert_eq!(u.bytes, 16);
+    assert_eq!(u.markers, 0, "nothing here needs a merge");
     assert_eq!(stat_of(&dest.join("usr/bin/su")), "0:0:0104755");
     // No setuid bit or device on the host: owner-only plain files.
     let m = fs::metadata(dest.join("usr/bin/su")).unwrap();
@@ -264,8 +265,15 @@ fn layers_merge_with_whiteouts_and_opaque_directories() {
         dir("f/"),
         file("f/inside", b"7"),
     ]);
-    unpack(&lower[..], &l1, Limits::default()).unwrap();
-    unpack(&upper[..], &l2, Limits::default()).unwrap();
+    assert_eq!(
+        unpack(&lower[..], &l1, Limits::default()).unwrap().markers,
+        0
+    );
+    assert_eq!(
+        unpack(&upper[..], &l2, Limits::default()).unwrap().markers,
+        2,
+        "a whiteout and an opaque marker"
+    );
     merge(&[&l1, &l2], &root).unwrap();
     let names = |d: &str| {
         let mut v: Vec<String> = fs::read_dir(root.join(d))
@@ -293,7 +301,11 @@ fn layers_merge_with_whiteouts_and_opaque_directories() {
     let l3 = t.0.join("l3");
     mkdir(&l3).unwrap();
     let linked = tar_of(&[link("a/again", tar::EntryType::Link, "a/keep")]);
-    unpack(&linked[..], &l3, Limits::default()).unwrap();
+    assert_eq!(
+        unpack(&linked[..], &l3, Limits::default()).unwrap().markers,
+        1,
+        "a placeholder for a link into a lower layer"
+    );
     let root2 = t.0.join("root2");
     merge(&[&l1, &l2, &l3], &root2).unwrap();
     assert_eq!(
@@ -315,5 +327,88 @@ fn layers_merge_with_whiteouts_and_opaque_directories() {
         let err = merge(&[&l4, &l6], &r).unwrap_err();
         assert!(err.to_string().contains("no lower layer"), "{err}");
         assert!(!r.join("h").exists() || fs::metadata(r.join("h")).unwrap().len() == 0);
+    }
+}
+
+#[test]
+fn a_later_entry_of_the_same_name_replaces_the_earlier_one() {
+    let t = TempDir::new("replace");
+    let dest = t.0.join("l");
+    mkdir(&dest).unwrap();
+    let mut private = dir("d/");
+    private.mode = 0o700;
+    let tar = tar_of(&[
+        file("f", b"first"),
+        file("f", b"second"),
+        file("s", b"a file"),
+        link("s", tar::EntryType::Symlink, "/elsewhere"),
+        link("l", tar::EntryType::Symlink, "f"),
+        file("l", b"not followed"),
+        dir("x/"),
+        file("x/inside", b"gone with x"),
+        file("x", b"x is a file now"),
+        file("d", b"d was a file"),
+        dir("d/"),
+        private,
+        file("h", b"old"),
+        link("h", tar::EntryType::Link, "f"),
+    ]);
+    let u = unpack(&tar[..], &dest, Limits::default()).unwrap();
+    assert_eq!(u.markers, 0);
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"second");
+    assert_eq!(
+        fs::read_link(dest.join("s")).unwrap(),
+        Path::new("/elsewhere")
+    );
+    // The file replaced the symlink; the symlink's target was not written through.
+    assert!(!fs::symlink_metadata(dest.join("l")).unwrap().is_symlink());
+    assert_eq!(fs::read(dest.join("l")).unwrap(), b"not followed");
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"second");
+    assert_eq!(fs::read(dest.join("x")).unwrap(), b"x is a file now");
+    assert!(fs::metadata(dest.join("d")).unwrap().is_dir());
+    assert_eq!(stat_of(&dest.join("d")), "0:0:040700");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::metadata(dest.join("h")).unwrap().ino(),
+        fs::metadata(dest.join("f")).unwrap().ino()
+    );
+}
+
+#[test]
+fn a_single_layer_needing_no_merge_is_the_root_itself() {
+    use crate::store::{RunConfig, Store};
+    let t = TempDir::new("store");
+    let store = Store::open(t.0.join("store")).unwrap();
+    let plain = tar_of(&[file("etc/hostname", b"image\n")]);
+    let marked = tar_of(&[file("etc/.wh.motd", b"")]);
+    let record = |name: &str, layers: &[&Vec<u8>]| {
+        let ids: Vec<String> = layers.iter().map(|l| sha(l)).collect();
+        for (l, id) in layers.iter().zip(&ids) {
+            store.put_layer(name, id, &l[..]).unwrap();
+        }
+        let config = sha(name.as_bytes());
+        store.record(
+            name.into(),
+            config.clone(),
+            config,
+            "linux/amd64".into(),
+            ids,
+            RunConfig::default(),
+        )
+    };
+    let one = record("one", &[&plain]);
+    let root = store.root(&one).unwrap();
+    assert_eq!(root, store.layer_dir(&one.diff_ids[0]).unwrap());
+    // A layer without a `./` entry still shows the guest a root-owned root.
+    assert_eq!(stat_of(&root), "0:0:040755");
+    assert_eq!(fs::read(root.join("etc/hostname")).unwrap(), b"image\n");
+    // A lone layer with a whiteout, and two layers, are merged.
+    for rec in [
+        record("marked", &[&marked]),
+        record("two", &[&plain, &marked]),
+    ] {
+        let root = store.root(&rec).unwrap();
+        assert!(root.starts_with(store.path().join("roots")), "{}", rec.name);
+        assert!(!root.join("etc/.wh.motd").exists());
     }
 }
