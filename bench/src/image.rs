@@ -53,6 +53,10 @@ pub struct ImageArgs {
     /// each adding files to directories the lower ones have (as package installs do).
     #[arg(long, default_value_t = 3)]
     upper_layers: usize,
+    /// Compress the layer with zstd (level 3, as `docker buildx --compression zstd` does)
+    /// instead of gzip.
+    #[arg(long)]
+    zstd: bool,
 }
 
 #[derive(Serialize, Default)]
@@ -106,9 +110,9 @@ fn sh(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Seconds to inflate the gzip `blob` with the pull's own decoder, reading from the page
-/// cache into nothing: a gzip stream inflates on one thread only, so no pull that unpacks
-/// can take less.
+/// Seconds to decompress `blob` with the pull's own decoder, reading from the page cache
+/// into nothing: a gzip or zstd stream decompresses on one thread only, so no pull that
+/// unpacks can take less.
 fn inflate(blob: &Path) -> Result<f64> {
     let t = Instant::now();
     let f = std::fs::File::open(blob)?;
@@ -119,9 +123,9 @@ fn inflate(blob: &Path) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// An OCI layout at `dir/oci` holding `layers` (directories, lowest first) as gzip layers,
-/// tagged `bench`; returns the compressed and unpacked sizes.
-fn make_layout(layers: &[PathBuf], dir: &Path) -> Result<(u64, u64)> {
+/// An OCI layout at `dir/oci` holding `layers` (directories, lowest first) as gzip (or
+/// `zstd`) layers, tagged `bench`; returns the compressed and unpacked sizes.
+fn make_layout(layers: &[PathBuf], dir: &Path, zstd: bool) -> Result<(u64, u64)> {
     let blobs = dir.join("oci/blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let (mut size, mut unpacked) = (0, 0);
@@ -140,14 +144,24 @@ fn make_layout(layers: &[PathBuf], dir: &Path) -> Result<(u64, u64)> {
         )?;
         diff_ids.push(sha256_file(&tar)?);
         unpacked += std::fs::metadata(&tar)?.len();
-        sh(Command::new("gzip").args(["-1", "-f"]).arg(&tar), "gzip")?;
-        let gz = dir.join("layer.tar.gz");
+        let (gz, media) = if zstd {
+            sh(
+                Command::new("zstd")
+                    .args(["-3", "-q", "-f", "--rm"])
+                    .arg(&tar),
+                "zstd",
+            )?;
+            (dir.join("layer.tar.zst"), "zstd")
+        } else {
+            sh(Command::new("gzip").args(["-1", "-f"]).arg(&tar), "gzip")?;
+            (dir.join("layer.tar.gz"), "gzip")
+        };
         let layer = sha256_file(&gz)?;
         let n = std::fs::metadata(&gz)?.len();
         size += n;
         std::fs::rename(&gz, blobs.join(&layer[7..]))?;
         descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": n
+            "mediaType": format!("application/vnd.oci.image.layer.v1.tar+{media}"), "digest": layer, "size": n
         }));
     }
     let put = |v: serde_json::Value| -> Result<(String, usize)> {
@@ -243,7 +257,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         return r;
     }
-    let (compressed, unpacked) = make_layout(&[root], &dir)?;
+    let (compressed, unpacked) = make_layout(&[root], &dir, a.zstd)?;
     let (_registry, addr) = start_registry(&a.registry, &dir)?;
     let image = format!("{addr}/bench/image:1");
     sh(
@@ -258,7 +272,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         unpacked_bytes: unpacked,
         ..Default::default()
     };
-    // The layer blob, for the floor of any pull that unpacks: inflating it on one thread.
+    // The layer blob, for the floor of any pull that unpacks: decompressing it on one thread.
     let layer = std::fs::read_dir(dir.join("oci/blobs/sha256"))?
         .flatten()
         .max_by_key(|e| e.metadata().map_or(0, |m| m.len()))
@@ -328,8 +342,9 @@ pub fn run(a: ImageArgs) -> Result<()> {
 
     let mb = compressed as f64 / 1e6;
     println!(
-        "image: {:.1} MB compressed, {:.1} MB unpacked, one layer, from the reference registry on loopback",
+        "image: {:.1} MB compressed ({}), {:.1} MB unpacked, one layer, from the reference registry on loopback",
         mb,
+        if a.zstd { "zstd" } else { "gzip" },
         unpacked as f64 / 1e6
     );
     println!(
@@ -339,7 +354,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     for (name, s) in [
         ("msb-vmm pull (download + unpack)", r.msb_pull),
         ("skopeo copy to a directory", r.skopeo_copy),
-        ("inflate alone, one thread", r.inflate),
+        ("decompress alone, one thread", r.inflate),
     ] {
         if let Some(s) = s {
             println!(
@@ -429,7 +444,7 @@ fn root_strategy(a: &ImageArgs, msb_vmm: &Path, root: &Path, dir: &Path) -> Resu
         root.display(),
         a.upper_layers
     );
-    make_layout(&layers, dir)?;
+    make_layout(&layers, dir, false)?;
     let image = format!("oci:{}:bench", dir.join("oci").display());
     sh(
         Command::new(msb_vmm).args(["pull", "-q", &image]),
