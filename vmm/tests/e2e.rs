@@ -2442,6 +2442,56 @@ fn a_debian_image_from_the_registry_runs_python() {
         .find_map(|l| l.strip_prefix("walked ")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no count from find: {err}"));
     assert!(walked > 9000, "the Debian tree has more entries: {walked}");
+
+    // The Debian layer alone: one layer without whiteouts is served as its own root. The
+    // guest sees the owners and modes the tar recorded and writes into its own overlay, never
+    // into the shared layer.
+    let one = format!("{addr}/test/debian:base");
+    push(&layout, "base", &one);
+    let out = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+        .args(["run", "--net", "none", &one, "--"])
+        .args([
+            "sh",
+            "-c",
+            "stat -c '%U %a' /usr/bin/passwd /etc/shadow && stat -c %U / && \
+             touch /written-in-the-guest && id -u",
+        ])
+        .env("MSB_CACHE_DIR", base.join("cache"))
+        .env("MSB_STATE_DIR", state_dir())
+        .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
+        .env("MSB_INIT", msb_vmm::assets::msb_init())
+        .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "root 4755\nroot 640\nroot\n0\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let layers = base.join("cache/images/layers");
+    let dirs: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 2, "the Debian layer and the upper one");
+    for d in dirs {
+        assert!(
+            !d.path().join("written-in-the-guest").exists(),
+            "a guest write reached the shared layer {}",
+            d.path().display()
+        );
+    }
+    assert!(
+        !base
+            .join("cache/images/roots")
+            .read_dir()
+            .unwrap()
+            .any(|e| e.unwrap().path().join("written-in-the-guest").exists()),
+        "a guest write reached a merged root"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }
 

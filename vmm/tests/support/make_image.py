@@ -9,7 +9,7 @@ WorkingDir=/app and User=app; `entry` adds an Entrypoint and a Cmd.
 make_image.py --debian LAYOUT ROOT: a distribution image tagged `12`, as registries serve
 them: ROOT (the Debian tree `./x setup` builds) as one gzip layer (made by tar and gzip, as
 fast as the emulated machine allows), and an upper layer adding the user app (1000) and its
-home /srv/app; Env, WorkingDir=/srv/app and User=app.
+home /srv/app; Env, WorkingDir=/srv/app and User=app. Also `base`: the Debian layer alone.
 """
 import hashlib, io, json, os, subprocess, sys, tarfile
 
@@ -90,7 +90,9 @@ if debian:
     diff_ids = [base_diff, "sha256:" + hashlib.sha256(upper).hexdigest()]
     cfg = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello-from-debian"],
            "WorkingDir": "/srv/app", "User": "app", "Cmd": ["bash"]}
-    write_index([image("12", cfg, descs, diff_ids)])
+    # `base`: the Debian layer alone, an image that needs no merge (its layer is its root).
+    base_cfg = {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}
+    write_index([image("12", cfg, descs, diff_ids), image("base", base_cfg, descs[:1], diff_ids[:1])])
     sys.exit(0)
 
 bb = open(busybox, "rb").read()
