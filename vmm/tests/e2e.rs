@@ -2409,25 +2409,27 @@ fn a_debian_image_from_the_registry_runs_python() {
     let (_registry, addr) = loopback_registry(&base);
     let image = format!("{addr}/test/debian:12");
     push(&layout, "12", &image);
+    // `msb-vmm run IMAGE -- sh -c SCRIPT` with this test's cache.
+    let run = |image: &str, script: &str| {
+        Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
+            .args(["run", "--net", "none", image, "--", "sh", "-c", script])
+            .env("MSB_CACHE_DIR", base.join("cache"))
+            .env("MSB_STATE_DIR", state_dir())
+            .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
+            .env("MSB_INIT", msb_vmm::assets::msb_init())
+            .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
+            .output()
+            .unwrap()
+    };
     // The whole tree walked first: every file a lookup, more than a hard limit of 4096 fds
     // allowed the file server before it raised it (the walk failed after ~2900 files).
-    let out = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
-        .args(["run", "--net", "none", &image, "--"])
-        .args([
-            "sh",
-            "-c",
-            // As the image's user: directories only root may read are the one expected error.
-            "n=$(find / -xdev 2>/tmp/find.err | wc -l); echo \"walked $n\" >&2; \
-             grep -v 'Permission denied' /tmp/find.err >&2; \
-             python3 -c \"import os; print(os.environ['GREETING'], os.getcwd(), os.getuid(), open('data').read().strip())\"",
-        ])
-        .env("MSB_CACHE_DIR", base.join("cache"))
-        .env("MSB_STATE_DIR", state_dir())
-        .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
-        .env("MSB_INIT", msb_vmm::assets::msb_init())
-        .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
-        .output()
-        .unwrap();
+    let out = run(
+        &image,
+        // As the image's user: directories only root may read are the one expected error.
+        "n=$(find / -xdev 2>/tmp/find.err | wc -l); echo \"walked $n\" >&2; \
+         grep -v 'Permission denied' /tmp/find.err >&2; \
+         python3 -c \"import os; print(os.environ['GREETING'], os.getcwd(), os.getuid(), open('data').read().strip())\"",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
@@ -2448,21 +2450,11 @@ fn a_debian_image_from_the_registry_runs_python() {
     // into the shared layer.
     let one = format!("{addr}/test/debian:base");
     push(&layout, "base", &one);
-    let out = Command::new(env!("CARGO_BIN_EXE_msb-vmm"))
-        .args(["run", "--net", "none", &one, "--"])
-        .args([
-            "sh",
-            "-c",
-            "stat -c '%U %a' /usr/bin/passwd /etc/shadow && stat -c %U / && \
-             touch /written-in-the-guest && id -u",
-        ])
-        .env("MSB_CACHE_DIR", base.join("cache"))
-        .env("MSB_STATE_DIR", state_dir())
-        .env("MSB_KERNEL", msb_vmm::assets::default_kernel())
-        .env("MSB_INIT", msb_vmm::assets::msb_init())
-        .env("MSB_BUSYBOX", msb_vmm::assets::busybox())
-        .output()
-        .unwrap();
+    let out = run(
+        &one,
+        "stat -c '%U %a' /usr/bin/passwd /etc/shadow && stat -c %U / && \
+         touch /written-in-the-guest && id -u",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
