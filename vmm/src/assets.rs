@@ -1,7 +1,7 @@
 //! Where the default guest assets live: the kernel built by `kernel-config/build.sh`, msb-init
 //! and busybox copied by `./x setup`, all under one cache directory outside the work tree.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The cache directory: `$MSB_CACHE_DIR`, else `$XDG_CACHE_HOME/msb-vmm`, else `~/.cache/msb-vmm`.
 pub fn cache_dir() -> PathBuf {
@@ -80,6 +80,16 @@ pub fn default_root() -> DefaultRoot {
         Some(v) if v == INITRAMFS_ROOT => DefaultRoot::Initramfs,
         Some(v) => DefaultRoot::Dir(PathBuf::from(v)),
         None => DefaultRoot::Dir(cache_dir().join(arch_entry("rootfs-debian"))),
+    }
+}
+
+/// Whether `dir` is the tree `./x setup` built (at the path [`default_root`] falls back to):
+/// that tree is replaced whole, never changed in place, so it may be served as immutable.
+pub fn is_setup_root(dir: &Path) -> bool {
+    let setup = cache_dir().join(arch_entry("rootfs-debian"));
+    match (std::fs::canonicalize(dir), std::fs::canonicalize(setup)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 

@@ -453,9 +453,9 @@ pub fn with_mounts(
         None => match default_root() {
             DefaultRoot::Initramfs => {}
             DefaultRoot::Dir(dir) => match std::fs::canonicalize(&dir) {
-                // Setup's tree is content-addressed: it never changes under a sandbox. A
-                // directory given as $MSB_ROOTFS may.
-                Ok(abs) if abs.is_dir() && std::env::var_os("MSB_ROOTFS").is_none() => {
+                // Setup's tree never changes under a sandbox; another directory given as
+                // $MSB_ROOTFS may.
+                Ok(abs) if abs.is_dir() && msb_vmm::assets::is_setup_root(&abs) => {
                     b = b.rootfs_overlay(abs).rootfs_immutable()
                 }
                 Ok(abs) if abs.is_dir() => b = b.rootfs_overlay(abs),
