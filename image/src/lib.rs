@@ -107,6 +107,10 @@ pub fn get_or_pull(
             return Ok(rec);
         }
     }
+    // Said before anything else, so a sandbox's start that has to pull first says why it waits.
+    if opts.verbose || opts.progress {
+        eprintln!("msb-vmm: pulling {name}");
+    }
     let rec = pull(store, &source, opts)?;
     if matches!(source, Source::Registry(_)) {
         store.set_alias(name, &rec.name);

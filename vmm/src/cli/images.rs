@@ -14,14 +14,6 @@ pub fn pull_options(insecure: &[String], quiet: bool) -> PullOptions {
     }
 }
 
-/// Whether `name` still has to be pulled (to say so before a sandbox starts).
-pub fn needs_pull(name: &str) -> bool {
-    match image::store() {
-        Ok(store) => msb_image::cached(&store, name).is_none(),
-        Err(_) => true,
-    }
-}
-
 pub fn pull(name: &str, insecure: Vec<String>, quiet: bool) -> anyhow::Result<u8> {
     let store = image::store().context("the image cache")?;
     let src = Source::parse(name)?;

@@ -433,11 +433,8 @@ pub fn with_mounts(
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
     use msb_vmm::assets::{default_root, DefaultRoot, INITRAMFS_ROOT};
     if let Some(name) = &m.image {
-        let quiet = !images::needs_pull(name);
-        if !quiet {
-            eprintln!("msb-vmm: pulling {name}");
-        }
-        b = b.image(name, &images::pull_options(&m.insecure_registries, quiet))?;
+        // Silent for a cached image: the store is looked up once, and only a pull speaks.
+        b = b.image(name, &images::pull_options(&m.insecure_registries, false))?;
         return with_volumes(b, m);
     }
     match &m.rootfs {
