@@ -12,7 +12,7 @@ use std::path::Path;
 
 use std::os::unix::ffi::OsStrExt;
 
-use crate::unpack::{get_xattr, mkdir, set_xattr, LINK_XATTR, STAT_XATTR};
+use crate::unpack::{default_dir_stat, get_xattr, mkdir, set_xattr, LINK_XATTR, STAT_XATTR};
 
 /// OCI whiteout prefix and opaque-directory marker.
 pub const WHITEOUT: &str = ".wh.";
@@ -21,11 +21,7 @@ pub const OPAQUE: &str = ".wh..wh..opq";
 /// Merges `layers` (lowest first) into `dest`, a new directory.
 pub fn merge(layers: &[&Path], dest: &Path) -> io::Result<()> {
     mkdir(dest)?;
-    set_xattr(
-        dest,
-        STAT_XATTR,
-        format!("0:0:0{:o}", libc::S_IFDIR | 0o755).as_bytes(),
-    )?;
+    set_xattr(dest, STAT_XATTR, default_dir_stat().as_bytes())?;
     for layer in layers {
         copy_stat(layer, dest)?;
         merge_dir(dest, layer, dest)?;

@@ -180,24 +180,6 @@ impl Store {
         }
         let stage = self.staging("layer");
         unpack::mkdir(&stage).map_err(|e| ImageError::Io(stage.clone(), e))?;
-        // What the guest sees of the root when the layer has no `./` entry (as the merge
-        // gives a merged root), so the layer can be a root by itself.
-        let root_stat = format!("0:0:0{:o}", libc::S_IFDIR | 0o755);
-        if let Err(e) = unpack::set_xattr(&stage, unpack::STAT_XATTR, root_stat.as_bytes()) {
-            let _ = fs::remove_dir(&stage);
-            return Err(ImageError::Layer {
-                image: image.to_string(),
-                layer: diff_id.to_string(),
-                err: if e.raw_os_error() == Some(libc::ENOTSUP) {
-                    unpack::UnpackError::NoXattrs(stage)
-                } else {
-                    unpack::UnpackError::Write {
-                        path: stage,
-                        err: e,
-                    }
-                },
-            });
-        }
         let mut staged = StagedLayer {
             store: self.clone(),
             diff_id: diff_id.to_string(),

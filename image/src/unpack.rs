@@ -104,6 +104,10 @@ pub fn decompressor<'a, R: Read + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>
 /// Unpacks the (possibly compressed) layer `blob` into `dest`, which must be a new, empty
 /// directory. On error `dest` holds a partial layer: the caller discards it.
 pub fn unpack(blob: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, UnpackError> {
+    // The layer's root is a root-owned directory until a `./` entry says otherwise (as a
+    // merged root is), so a layer can be a root by itself.
+    set_xattr(dest, STAT_XATTR, default_dir_stat().as_bytes())
+        .map_err(|err| stat_error(dest, dest, err))?;
     // Three threads: this one decompresses, one hashes the tar stream (the diff id), one
     // writes the files. Decompressing is the longest single task of a pull (0.55 s for a
     // 180 MB gzip layer on a 2-core Xeon), so this thread does nothing else; with zstd (0.2 s)
@@ -445,8 +449,8 @@ impl Unpacker<'_> {
                     Err(_) if !create => return Ok(()),
                     Err(_) => {
                         mkdir(&cur).map_err(|e| e.to_string())?;
-                        let ov = format!("0:0:0{:o}", libc::S_IFDIR | 0o755);
-                        set_xattr(&cur, STAT_XATTR, ov.as_bytes()).map_err(|e| e.to_string())?;
+                        set_xattr(&cur, STAT_XATTR, default_dir_stat().as_bytes())
+                            .map_err(|e| e.to_string())?;
                     }
                 }
                 self.dirs.insert(cur.clone());
@@ -512,16 +516,25 @@ impl Unpacker<'_> {
         } else {
             format!("{uid}:{gid}:0{mode:o}")
         };
-        set_xattr(path, STAT_XATTR, v.as_bytes()).map_err(|err| {
-            if err.raw_os_error() == Some(libc::ENOTSUP) {
-                UnpackError::NoXattrs(self.dest.to_path_buf())
-            } else {
-                UnpackError::Write {
-                    path: path.to_path_buf(),
-                    err,
-                }
-            }
-        })
+        set_xattr(path, STAT_XATTR, v.as_bytes()).map_err(|err| stat_error(self.dest, path, err))
+    }
+}
+
+/// The stat record of a directory no entry describes: root-owned 0755, as tar makes it.
+pub(crate) fn default_dir_stat() -> String {
+    format!("0:0:0{:o}", libc::S_IFDIR | 0o755)
+}
+
+/// A stat record of `path` (in the layer at `dest`) that could not be written; a file
+/// system without user xattrs is named as such.
+fn stat_error(dest: &Path, path: &Path, err: io::Error) -> UnpackError {
+    if err.raw_os_error() == Some(libc::ENOTSUP) {
+        UnpackError::NoXattrs(dest.to_path_buf())
+    } else {
+        UnpackError::Write {
+            path: path.to_path_buf(),
+            err,
+        }
     }
 }
 

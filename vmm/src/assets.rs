@@ -79,15 +79,22 @@ pub fn default_root() -> DefaultRoot {
     match std::env::var_os("MSB_ROOTFS") {
         Some(v) if v == INITRAMFS_ROOT => DefaultRoot::Initramfs,
         Some(v) => DefaultRoot::Dir(PathBuf::from(v)),
-        None => DefaultRoot::Dir(cache_dir().join(arch_entry("rootfs-debian"))),
+        None => DefaultRoot::Dir(setup_root()),
     }
+}
+
+/// Where `./x setup` puts the Debian minbase tree.
+fn setup_root() -> PathBuf {
+    cache_dir().join(arch_entry("rootfs-debian"))
 }
 
 /// Whether `dir` is the tree `./x setup` built (at the path [`default_root`] falls back to):
 /// that tree is replaced whole, never changed in place, so it may be served as immutable.
 pub fn is_setup_root(dir: &Path) -> bool {
-    let setup = cache_dir().join(arch_entry("rootfs-debian"));
-    match (std::fs::canonicalize(dir), std::fs::canonicalize(setup)) {
+    match (
+        std::fs::canonicalize(dir),
+        std::fs::canonicalize(setup_root()),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
