@@ -30,6 +30,10 @@ pub mod initramfs;
 #[cfg(target_os = "linux")]
 pub mod jail;
 pub mod loader;
+#[cfg(target_os = "linux")]
+pub mod named;
+#[cfg(target_os = "linux")]
+pub mod netconf;
 #[cfg(all(
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")

@@ -13,16 +13,15 @@
 //! A sandbox whose serving process died is noticed by any command that touches it, and its
 //! directory removed.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
-use msb_vmm::sandbox::{AgentClient, FileStat, Sandbox, AGENT_PORT};
+use msb_vmm::sandbox::{AgentClient, FileStat, Sandbox};
 
 use super::{exec_request, exec_result_code, interact, Signals, EXIT_FAILURE};
 use crate::{ExecArgs, StartArgs};
@@ -38,19 +37,7 @@ fn start_timeout() -> Duration {
 /// How long `stop` waits for a clean power-off before killing the VMM.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
-/// Where sandboxes' state directories live.
-fn state_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("MSB_STATE_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("msb-vmm");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".local/state/msb-vmm")
-}
+use msb_vmm::named::{state_root, valid_name};
 
 /// A new file (or an emptied one) readable and writable by the owner only, whatever the umask.
 pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
@@ -66,17 +53,6 @@ pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     private_file(path)?.write_all(data)
-}
-
-/// Sandbox names: safe as a directory name and readable in `ls`.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|&c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.'
-        })
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -637,28 +613,7 @@ pub fn policy(a: crate::PolicyArgs) -> anyhow::Result<u8> {
 
 /// Connects to a sandbox's agent through its hybrid vsock socket.
 fn connect(dir: &Path) -> anyhow::Result<AgentClient> {
-    let mut s = UnixStream::connect(dir.join("vsock.sock")).context("connecting to the sandbox")?;
-    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while b[0] != b'\n' {
-        if s.read(&mut b)? == 0 {
-            bail!("the sandbox refused the agent connection");
-        }
-        line.push(b[0]);
-        if line.len() > 64 {
-            bail!("unexpected reply from the sandbox");
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        bail!(
-            "unexpected reply from the sandbox: {}",
-            String::from_utf8_lossy(&line).trim()
-        );
-    }
-    s.set_read_timeout(None)?;
-    Ok(AgentClient::connect(s, Duration::from_secs(10))?)
+    Ok(msb_vmm::named::connect(dir)?)
 }
 
 /// The directory of a running sandbox that is not paused (its agent can answer).
@@ -984,16 +939,6 @@ pub fn stop(name: &str) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for ok in ["a", "box-1", "ci_job.7", "0abc"] {
-            assert!(valid_name(ok), "{ok}");
-        }
-        for bad in ["", "-a", ".a", "A", "a b", "a/b", "..", &"x".repeat(64)] {
-            assert!(!valid_name(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn remote_specs() {

@@ -517,7 +517,6 @@ pub fn with_network(
         })?),
         None => None,
     };
-    use msb_netstack::policy::{Action, Preset};
     let policy = policy_from(&n.rules.flags()?)?;
     if !(68..=65520).contains(&n.mtu) {
         anyhow::bail!("--mtu {}: use 68 to 65520", n.mtu);
@@ -528,9 +527,7 @@ pub fn with_network(
         .map(|p| msb_vmm::sandbox::Publish::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
     // `--net none` with nothing allowed and nothing published: no network card at all.
-    let airgapped = policy.preset == Preset::None
-        && !policy.rules.iter().any(|r| r.action == Action::Allow)
-        && publish.is_empty();
+    let airgapped = msb_vmm::netconf::airgapped(&policy) && publish.is_empty();
     if airgapped {
         return Ok(b);
     }
@@ -546,15 +543,7 @@ pub fn with_network(
         .transpose()
         .map_err(|e| anyhow::anyhow!("TLS interception: {e}"))?;
     if let Some(path) = &n.net_log {
-        use std::os::unix::fs::OpenOptionsExt;
-        // A new audit log is the owner's only (it names every host the guest reached).
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| anyhow::anyhow!("--net-log {}: {e}", path.display()))?;
-        net.log = Some(json_lines(file));
+        net.log = Some(msb_vmm::netconf::audit_log(path)?);
     }
     Ok(b.network(net))
 }
@@ -586,37 +575,11 @@ pub fn with_limits(
     Ok(b)
 }
 
-/// The policy flags of `run`, `start` and `policy`, with a policy file's text already read
-/// (the sandbox process that applies a live change may not see the caller's files).
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct PolicyFlags {
-    pub net: Option<String>,
-    pub allow: Vec<String>,
-    pub deny: Vec<String>,
-    /// The file's name (for messages) and text.
-    pub file: Option<(String, String)>,
-}
+pub use msb_vmm::netconf::PolicyFlags;
 
-/// The policy the flags describe: preset `public` unless the file or `--net` says otherwise,
-/// then the file's rules, `--deny` and `--allow`.
+/// The policy the flags describe ([`msb_vmm::netconf::policy_from`]).
 pub fn policy_from(f: &PolicyFlags) -> anyhow::Result<msb_netstack::policy::Policy> {
-    use msb_netstack::policy::{Action, Policy, Preset};
-    let mut policy = Policy::preset(Preset::Public);
-    if let Some((name, text)) = &f.file {
-        policy
-            .merge_file(name, text)
-            .map_err(|e| anyhow::anyhow!("--policy {e}"))?;
-    }
-    if let Some(p) = &f.net {
-        policy.preset = Preset::parse(p).map_err(|e| anyhow::anyhow!("--net: {e}"))?;
-    }
-    for r in &f.deny {
-        policy.add_flag(Action::Deny, r)?;
-    }
-    for r in &f.allow {
-        policy.add_flag(Action::Allow, r)?;
-    }
-    Ok(policy)
+    Ok(msb_vmm::netconf::policy_from(f)?)
 }
 
 /// Secrets and TLS interception from the flags; none when neither is asked for. A secret
@@ -629,41 +592,17 @@ fn tls_options(
     let mut list = Vec::new();
     // The policy file's [[secret]] tables: from the variable of that name, or a file.
     for spec in &policy.secrets {
-        let hosts = spec.hosts.join(",");
-        let value = match &spec.file {
-            Some(path) => {
-                let mut v = std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("{}: secret {}: {path}: {e}", spec.origin, spec.name))?;
-                while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    v.pop();
-                }
-                v
-            }
-            None => std::env::var_os(&spec.name)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{}: secret {}: the environment variable {} is not set (export it, or give the table a file)",
-                        spec.origin, spec.name, spec.name
-                    )
-                })?
-                .as_bytes()
-                .to_vec(),
-        };
-        list.push(
-            Secret::new(&spec.name, value, &hosts)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", spec.origin))?,
-        );
+        list.push(msb_vmm::netconf::policy_secret(spec)?);
     }
     for spec in &n.secret {
         let (name, hosts) = spec.split_once('=').ok_or_else(|| {
             anyhow::anyhow!("--secret {spec}: use NAME=HOSTS, e.g. OPENAI_API_KEY=api.openai.com")
         })?;
-        let value = std::env::var_os(name).ok_or_else(|| {
+        let value = msb_vmm::netconf::env_secret(name).ok_or_else(|| {
             anyhow::anyhow!("--secret {name}: the environment variable {name} is not set (export it; values are never taken from the command line)")
         })?;
         list.push(
-            Secret::new(name, value.as_bytes().to_vec(), hosts)
-                .map_err(|e| anyhow::anyhow!("--secret {spec}: {e}"))?,
+            Secret::new(name, value, hosts).map_err(|e| anyhow::anyhow!("--secret {spec}: {e}"))?,
         );
     }
     for spec in &n.secret_file {
@@ -672,11 +611,8 @@ fn tls_options(
         else {
             anyhow::bail!("--secret-file {spec}: use NAME=PATH=HOSTS");
         };
-        let mut value = std::fs::read(path)
+        let value = msb_vmm::netconf::read_secret_file(std::path::Path::new(path))
             .map_err(|e| anyhow::anyhow!("--secret-file {name}: {path}: {e}"))?;
-        while value.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            value.pop();
-        }
         list.push(
             Secret::new(name, value, hosts)
                 .map_err(|e| anyhow::anyhow!("--secret-file {name}: {e}"))?,
@@ -717,21 +653,6 @@ fn tls_options(
         insecure_upstream: n.tls_insecure_upstream,
         log_violations,
     }))
-}
-
-/// An audit-log hook writing one JSON object per line, each line in one write (so lines from
-/// concurrent sandboxes appending to one file never interleave).
-fn json_lines(file: std::fs::File) -> msb_netstack::stack::LogHook {
-    let file = std::sync::Mutex::new(file);
-    std::sync::Arc::new(move |e: &msb_netstack::stack::LogEvent| {
-        if let Ok(mut line) = serde_json::to_vec(e) {
-            line.push(b'\n');
-            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(err) = std::io::Write::write_all(&mut *f, &line) {
-                tracing::warn!("--net-log: {err}");
-            }
-        }
-    })
 }
 
 /// Enters `--jail` when asked, after `add` names the paths the VMM needs. `Some(code)` in the
