@@ -462,6 +462,29 @@ impl SandboxBuilder {
         self
     }
 
+    /// The root a sandbox gets when none is asked for ([`crate::assets::default_root`]):
+    /// setup's Debian tree copy-on-write (and immutable), another `$MSB_ROOTFS` directory
+    /// copy-on-write, or the initramfs. A missing tree is an error naming the fix.
+    pub fn default_rootfs(self) -> Result<Self, SandboxError> {
+        use crate::assets::{default_root, is_setup_root, DefaultRoot};
+        match default_root() {
+            DefaultRoot::Initramfs => Ok(self),
+            DefaultRoot::Dir(dir) => match std::fs::canonicalize(&dir) {
+                // Setup's tree never changes under a sandbox; another directory given as
+                // $MSB_ROOTFS may.
+                Ok(abs) if abs.is_dir() && is_setup_root(&abs) => {
+                    Ok(self.rootfs_overlay(abs).rootfs_immutable())
+                }
+                Ok(abs) if abs.is_dir() => Ok(self.rootfs_overlay(abs)),
+                _ => Err(SandboxError::Share(format!(
+                    "no default root file system at {}: run ./x setup to build it (a Debian \
+                     minbase), or pass --rootfs DIR or --rootfs initramfs",
+                    dir.display()
+                ))),
+            },
+        }
+    }
+
     /// Boots the OCI image `name` (a registry reference, `oci:DIR[:TAG]` or
     /// `docker-archive:FILE[:TAG]`): pulled into the cache on first use, its layers merged
     /// into one root shared copy-on-write as [`SandboxBuilder::rootfs_overlay`] does; its

@@ -431,7 +431,7 @@ pub fn with_mounts(
     mut b: msb_vmm::sandbox::SandboxBuilder,
     m: &crate::MountArgs,
 ) -> anyhow::Result<msb_vmm::sandbox::SandboxBuilder> {
-    use msb_vmm::assets::{default_root, DefaultRoot, INITRAMFS_ROOT};
+    use msb_vmm::assets::INITRAMFS_ROOT;
     if let Some(name) = &m.image {
         // Silent for a cached image: the store is looked up once, and only a pull speaks.
         b = b.image(name, &images::pull_options(&m.insecure_registries, false))?;
@@ -447,22 +447,7 @@ pub fn with_mounts(
             }
             b = b.rootfs(abs);
         }
-        None => match default_root() {
-            DefaultRoot::Initramfs => {}
-            DefaultRoot::Dir(dir) => match std::fs::canonicalize(&dir) {
-                // Setup's tree never changes under a sandbox; another directory given as
-                // $MSB_ROOTFS may.
-                Ok(abs) if abs.is_dir() && msb_vmm::assets::is_setup_root(&abs) => {
-                    b = b.rootfs_overlay(abs).rootfs_immutable()
-                }
-                Ok(abs) if abs.is_dir() => b = b.rootfs_overlay(abs),
-                _ => anyhow::bail!(
-                    "no default root file system at {}: run ./x setup to build it (a Debian \
-                     minbase), or pass --rootfs DIR or --rootfs initramfs",
-                    dir.display()
-                ),
-            },
-        },
+        None => b = b.default_rootfs()?,
     }
     with_volumes(b, m)
 }
