@@ -130,6 +130,22 @@ impl SandboxError {
 /// guest, so this is only ever reached by a vCPU stuck in a device call).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A user as `docker run -u` takes one: `NAME`, `UID` (a name the guest looks up, as numbers
+/// are names too) or `UID:GID`. The error is `SPEC: expected ...`.
+pub fn parse_user(spec: &str) -> Result<User, String> {
+    let bad = || format!("{spec}: expected NAME, UID or UID:GID");
+    if spec.is_empty() {
+        return Err(bad());
+    }
+    Ok(match spec.split_once(':') {
+        Some((uid, gid)) => User::Id {
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        },
+        None => User::Name(spec.to_string()),
+    })
+}
+
 /// Configures a sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxBuilder {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use msb_vmm::sandbox::{
     AgentClient, ClientError, ExecEvent, ExecRequest, ExitStatus, Sandbox, SandboxError, TermSize,
-    User,
 };
 use msb_vmm::vm::{Console, GuestExit, Initrd, VmBuilder};
 
@@ -236,17 +235,9 @@ fn exec_request(o: &ExecOpts, argv: &[std::ffi::OsString]) -> anyhow::Result<Exe
     req.workdir = o.workdir.as_ref().map(|w| w.as_bytes().to_vec());
     req.user = match &o.user {
         None => None,
-        Some(u) => Some(match u.split_once(':') {
-            Some((uid, gid)) => User::Id {
-                uid: uid
-                    .parse()
-                    .with_context(|| format!("--user {u}: expected NAME, UID or UID:GID"))?,
-                gid: gid
-                    .parse()
-                    .with_context(|| format!("--user {u}: expected NAME, UID or UID:GID"))?,
-            },
-            None => User::Name(u.clone()),
-        }),
+        Some(u) => {
+            Some(msb_vmm::sandbox::parse_user(u).map_err(|e| anyhow::anyhow!("--user {e}"))?)
+        }
     };
     req.timeout_ms = o.timeout.map(|t| t.as_millis().max(1) as u64);
     if o.tty {
