@@ -359,7 +359,7 @@ impl Agent {
         }
         let slot = ExitSlot::new().map_err(io_error)?;
         let cgroup = lock(&self.cgroup).clone();
-        let spawned = spawn(&req, cgroup.as_deref())?;
+        let spawned = spawn(&req, cgroup.as_deref(), &self.reaper.spawning)?;
         self.execs_started.fetch_add(1, Ordering::Relaxed);
         self.execs_running.fetch_add(1, Ordering::Relaxed);
         let _running = Running(self.execs_running.clone());
@@ -719,7 +719,11 @@ fn limit_group(
     Ok(group)
 }
 
-fn spawn(req: &ExecRequest, cgroup: Option<&std::path::Path>) -> Result<Spawned, AgentError> {
+fn spawn(
+    req: &ExecRequest,
+    cgroup: Option<&std::path::Path>,
+    spawning: &Mutex<()>,
+) -> Result<Spawned, AgentError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(invalid("no command given"));
     }
@@ -854,7 +858,11 @@ fn spawn(req: &ExecRequest, cgroup: Option<&std::path::Path>) -> Result<Spawned,
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| {
+    let spawned = {
+        let _spawning = lock(spawning);
+        cmd.spawn()
+    };
+    let mut child = spawned.map_err(|e| {
         let name = String::from_utf8_lossy(&req.argv[0]).into_owned();
         match e.kind() {
             io::ErrorKind::NotFound => AgentError {
@@ -1206,6 +1214,9 @@ fn remove(path: &[u8], recursive: bool) -> Result<Response, AgentError> {
 pub struct Reaper {
     state: Mutex<ReaperState>,
     cond: Condvar,
+    /// Held while a child is being spawned: when its `exec` fails, the standard library reaps
+    /// it itself (and panics if it is already gone), so the reaper must not take it first.
+    spawning: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -1262,6 +1273,7 @@ impl Reaper {
         let r = Arc::new(Reaper {
             state: Mutex::new(ReaperState::default()),
             cond: Condvar::new(),
+            spawning: Mutex::new(()),
         });
         let r2 = r.clone();
         let _ = std::thread::Builder::new()
@@ -1287,8 +1299,16 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match sys::wait_any() {
-                Some((pid, status)) => {
+            match sys::exited_child() {
+                Some(pid) => {
+                    let status = {
+                        let _spawning = lock(&self.spawning);
+                        match sys::reap(pid) {
+                            Some(s) => s,
+                            // A failed spawn reaped its own child.
+                            None => continue,
+                        }
+                    };
                     let mut st = lock(&self.state);
                     match st.watched.remove(&pid) {
                         Some(slot) => {

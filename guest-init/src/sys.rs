@@ -94,23 +94,47 @@ pub fn grow_pipe(fd: RawFd) {
     unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
-/// Waits for any child; `None` when there are none.
-pub fn wait_any() -> Option<(i32, ExitStatus)> {
+/// The pid of a child that has exited, left unreaped (`waitid` with `WNOWAIT`), waiting for
+/// one; `None` when there are no children. The reaper looks first and reaps under the spawn
+/// lock, so it never takes a child whose failed `exec` the spawning thread is about to reap.
+pub fn exited_child() -> Option<i32> {
     loop {
-        let mut raw = 0;
-        // SAFETY: raw is a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut raw, 0) };
-        if pid > 0 {
-            let status = if libc::WIFSIGNALED(raw) {
-                ExitStatus::Signal(libc::WTERMSIG(raw))
-            } else {
-                ExitStatus::Code(libc::WEXITSTATUS(raw))
-            };
-            return Some((pid, status));
+        // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: info is a valid out-pointer; WNOWAIT leaves the child as it is.
+        let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            // SAFETY: waitid filled info for a child state change (si_pid is valid for it).
+            let pid = unsafe { info.si_pid() };
+            if pid > 0 {
+                return Some(pid);
+            }
+            continue;
         }
         if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return None;
         }
+    }
+}
+
+/// Reaps `pid` if it is still our child and has exited; `None` otherwise (someone else, a
+/// failed spawn's own wait, reaped it).
+pub fn reap(pid: i32) -> Option<ExitStatus> {
+    loop {
+        let mut raw = 0;
+        // SAFETY: raw is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        if r == pid {
+            return Some(if libc::WIFSIGNALED(raw) {
+                ExitStatus::Signal(libc::WTERMSIG(raw))
+            } else {
+                ExitStatus::Code(libc::WEXITSTATUS(raw))
+            });
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return None;
     }
 }
 

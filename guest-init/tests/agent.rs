@@ -712,3 +712,44 @@ fn limits_need_a_cgroup_and_a_host_agent_never_takes_its_hosts() {
         ExitStatus::Code(3)
     );
 }
+
+/// A program that cannot be executed makes the standard library reap the failed child itself,
+/// and panic (aborting the agent: PID 1 in a guest) if the agent's reaper took it first. The
+/// reaper reaps only outside a spawn: hundreds of failed spawns racing children that exit
+/// leave the agent serving.
+#[test]
+fn failed_spawns_racing_the_reaper_leave_the_agent_serving() {
+    let mut a = Agent::start();
+    let c = std::sync::Arc::new(a.client());
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for _ in 0..150 {
+                    if t % 2 == 0 {
+                        // A request the agent dropped (its thread panicked) never ends:
+                        // bound each wait.
+                        let mut h = c.exec(exec(&["/no/such/program"])).unwrap();
+                        h.set_deadline(Some(Instant::now() + Duration::from_secs(30)));
+                        match h.wait() {
+                            Err(ClientError::Agent(e)) => assert_eq!(e.kind, ErrorKind::NotFound),
+                            other => panic!("{other:?}"),
+                        }
+                    } else {
+                        let mut h = c.exec(exec(&["true"])).unwrap();
+                        h.set_deadline(Some(Instant::now() + Duration::from_secs(30)));
+                        assert_eq!(h.wait().unwrap(), ExitStatus::Code(0));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client thread failed (the agent died?)");
+    }
+    assert!(a.child.try_wait().unwrap().is_none(), "the agent exited");
+    assert_eq!(
+        c.exec(exec(&["true"])).unwrap().wait().unwrap(),
+        ExitStatus::Code(0)
+    );
+}
