@@ -223,6 +223,38 @@ def test_policy_denial_is_visible_from_python(host_server, tmp_path):
     assert r.stdout == b"hello from the host\n"
 
 
+def test_a_published_port_reaches_a_server_in_the_guest():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with Sandbox.create(network=Network(publish=["127.0.0.1:%d:8080" % port])) as s:
+        p = s.stream(["python3", "-c", SERVE])
+        for ev in p:
+            if isinstance(ev, Stdout) and b"listening" in ev.data:
+                break
+        c = socket.create_connection(("127.0.0.1", port), timeout=60)
+        assert c.recv(100) == b"hello from the guest\n"
+        c.close()
+        p.kill()
+        assert p.wait().signal == 9
+
+
+SERVE = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+c.sendall(b"hello from the guest\\n")
+c.close()
+import time
+time.sleep(60)
+"""
+
+
 def test_named_sandboxes_are_shared_with_the_cli(monkeypatch):
     # Sockets cannot be bound on the L2 VM's 9p root: state lives on /dev/shm.
     state = tempfile.mkdtemp(prefix="msb-py-state-", dir="/dev/shm")
