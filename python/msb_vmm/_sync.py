@@ -257,8 +257,8 @@ class Sandbox:
         native = _native.Sandbox.create(
             cpus=_check_size("cpus", cpus, 1),
             memory_mib=_check_size("memory_mib", memory_mib, 1),
-            kernel=os.fspath(kernel) if kernel is not None else None,
-            rootfs=os.fspath(rootfs) if rootfs is not None else None,
+            kernel=os.fsdecode(kernel) if kernel is not None else None,
+            rootfs=os.fsdecode(rootfs) if rootfs is not None else None,
             image=image,
             insecure_registries=list(insecure_registries),
             volumes=list(volumes),
@@ -304,13 +304,13 @@ class Sandbox:
                 "--memory", str(_check_size("memory_mib", memory_mib, 1))]
         child_env = dict(os.environ)
         if kernel is not None:
-            args += ["--kernel", os.fspath(kernel)]
+            args += ["--kernel", os.fsdecode(kernel)]
         if hostname is not None:
             args += ["--hostname", hostname]
         if image is not None:
             args += ["--image", image]
         if rootfs is not None:
-            args += ["--rootfs", os.fspath(rootfs)]
+            args += ["--rootfs", os.fsdecode(rootfs)]
         if isinstance(volumes, str):
             raise ConfigError("volumes: give a list of HOST:GUEST specs, not one string")
         for v in volumes:
@@ -323,13 +323,14 @@ class Sandbox:
         for r in net.deny:
             args += ["--deny", r]
         if net.policy_file is not None:
-            args += ["--policy", os.fspath(net.policy_file)]
+            args += ["--policy", os.fsdecode(net.policy_file)]
         for p in net.publish:
             args += ["--publish", p]
         if net.audit_log is not None:
-            args += ["--net-log", os.fspath(net.audit_log)]
+            args += ["--net-log", os.fsdecode(net.audit_log)]
         args += ["--mtu", str(net.mtu), "--max-flows", str(net.max_flows)]
-        for sname, hosts, value in native_network(net, secrets)["secrets"]:  # type: ignore[union-attr]
+        secret_list: List[Tuple[str, str, Optional[bytes]]] = native_network(net, secrets)["secrets"]  # type: ignore[assignment]
+        for sname, hosts, value in secret_list:
             args += ["--secret", "%s=%s" % (sname, hosts)]
             if value is not None:
                 # Values travel in the child's environment, never on its command line.
@@ -407,9 +408,9 @@ class Sandbox:
             tty=tty_of(tty),
             timeout=timeout_of("timeout", timeout),
         )
-        r = RunResult(code if code is not None else 128 + sig, out, err, sig, timed_out, argv)
+        r = RunResult(code if code is not None else 128 + (sig or 0), out, err, sig, timed_out, argv)
         if timed_out:
-            raise ExecTimeout("command %s timed out after %g s" % (_show(argv), timeout), r)
+            raise ExecTimeout("command %s timed out after %s s" % (_show(argv), timeout), r)
         return r.check() if check else r
 
     def run_python(self, code: str, *, python: str = "python3", **kwargs: object) -> RunResult:
