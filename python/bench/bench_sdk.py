@@ -5,6 +5,9 @@ The agent runs as a host process on a Unix socket (``msb-init agent --listen``),
 figures are the SDK's own cost at full speed, not a VM's. Rounds alternate between Python
 (``sb.run(["true"])`` through the installed wheel) and the Rust API (the same loop inside the
 native module, over the same connection), so a slow spell of a shared machine falls on both.
+Stdout throughput compares like with like: ``sb.stream`` against the Rust event loop (output
+dropped as it comes), ``sb.run`` against ``ExecHandle::output`` (output kept: its memory is
+part of the cost).
 
     python bench_sdk.py [--iterations 2000] [--rounds 10] [--bytes 268435456] [--runs 3]
 
@@ -81,7 +84,7 @@ def main():
                 if res.exit_code != 0:
                     sys.exit("bench_sdk: `true` failed: %r" % (res,))
             rust_rt.extend(native._rust_round_trips(share))
-        py_run_tp, py_stream_tp, rust_tp = [], [], []
+        py_run_tp, py_stream_tp, rust_tp, rust_out_tp = [], [], [], []
         cmd = ["head", "-c", str(a.bytes), "/dev/zero"]
         for _ in range(a.runs):
             t = time.perf_counter()
@@ -96,6 +99,7 @@ def main():
             py_stream_tp.append(a.bytes / (time.perf_counter() - t) / 1e6)
             assert got == a.bytes, got
             rust_tp.append(native._rust_throughput(a.bytes))
+            rust_out_tp.append(native._rust_throughput(a.bytes, True))
         sb.close()
     finally:
         agent.kill()
@@ -110,12 +114,14 @@ def main():
         "python": sys.version.split()[0],
         "round_trip_ms": {"python": summary(py_rt), "rust": summary(rust_rt)},
         "throughput_mb_s": {
-            "python run": summary(py_run_tp),
             "python stream": summary(py_stream_tp),
-            "rust": summary(rust_tp),
+            "rust events": summary(rust_tp),
+            "python run": summary(py_run_tp),
+            "rust output()": summary(rust_out_tp),
         },
         "samples": {"python_rt": py_rt, "rust_rt": rust_rt, "python_run_tp": py_run_tp,
-                    "python_stream_tp": py_stream_tp, "rust_tp": rust_tp},
+                    "python_stream_tp": py_stream_tp, "rust_tp": rust_tp,
+                    "rust_output_tp": rust_out_tp},
     }
     print("agent over a Unix socket: %d round trips per side in %d alternating rounds, %d x %d bytes"
           % (a.iterations, rounds, a.runs, a.bytes))

@@ -292,6 +292,19 @@ fn request(
     Ok(req)
 }
 
+/// One `bytes` of the chunks, copied once.
+fn joined<'py>(py: Python<'py>, chunks: &[Vec<u8>]) -> PyResult<Bound<'py, PyBytes>> {
+    let len = chunks.iter().map(Vec::len).sum();
+    PyBytes::new_with(py, len, |buf| {
+        let mut at = 0;
+        for c in chunks {
+            buf[at..at + c.len()].copy_from_slice(c);
+            at += c.len();
+        }
+        Ok(())
+    })
+}
+
 /// `(exit_code, signal)` of a status.
 fn status_pair(s: ExitStatus) -> (Option<i32>, Option<i32>) {
     match s {
@@ -542,8 +555,10 @@ impl PySandbox {
     }
 
     /// The Rust API's stdout throughput (MB/s) over this connection: `bytes` of
-    /// `head -c BYTES /dev/zero` taken event by event.
-    fn _rust_throughput(&self, py: Python<'_>, bytes: u64) -> PyResult<f64> {
+    /// `head -c BYTES /dev/zero` taken event by event, or with `collect` gathered by
+    /// `ExecHandle::output` (what `run` does).
+    #[pyo3(signature = (bytes, collect=false))]
+    fn _rust_throughput(&self, py: Python<'_>, bytes: u64, collect: bool) -> PyResult<f64> {
         self.with(py, |b| {
             let count = bytes.to_string();
             let t = Instant::now();
@@ -553,12 +568,17 @@ impl PySandbox {
                 &count,
                 "/dev/zero",
             ]))?;
-            let mut got = 0u64;
-            while let Some(e) = h.next_event()? {
-                if let ExecEvent::Stdout(d) = e {
-                    got += d.len() as u64;
+            let got = if collect {
+                h.output()?.stdout.len() as u64
+            } else {
+                let mut got = 0u64;
+                while let Some(e) = h.next_event()? {
+                    if let ExecEvent::Stdout(d) = e {
+                        got += d.len() as u64;
+                    }
                 }
-            }
+                got
+            };
             if got != bytes {
                 return Err(SandboxError::Agent(ClientError::Protocol(format!(
                     "received {got} of {bytes} bytes"
@@ -646,6 +666,7 @@ impl PySandbox {
                 let _ = feeder.close_stdin();
             });
         }
+        // Chunks as they came, joined once into the result (no regrowing copies).
         let (mut out, mut err) = (Vec::new(), Vec::new());
         // Output is gathered detached; the interpreter is taken back only between slices
         // (to see a signal) and at the end.
@@ -658,8 +679,8 @@ impl PySandbox {
             let step = py.detach(|| loop {
                 h.set_deadline(Some(Instant::now() + SLICE));
                 match h.next_event() {
-                    Ok(Some(ExecEvent::Stdout(d))) => out.extend_from_slice(&d),
-                    Ok(Some(ExecEvent::Stderr(d))) => err.extend_from_slice(&d),
+                    Ok(Some(ExecEvent::Stdout(d))) => out.push(d),
+                    Ok(Some(ExecEvent::Stderr(d))) => err.push(d),
                     Ok(Some(ExecEvent::Started { .. })) => {}
                     Ok(Some(ExecEvent::Exited { status, timed_out })) => {
                         return Step::Done(status, timed_out)
@@ -676,13 +697,7 @@ impl PySandbox {
             match step {
                 Step::Done(status, timed_out) => {
                     let (code, sig) = status_pair(status);
-                    return (
-                        code,
-                        sig,
-                        timed_out,
-                        PyBytes::new(py, &out),
-                        PyBytes::new(py, &err),
-                    )
+                    return (code, sig, timed_out, joined(py, &out)?, joined(py, &err)?)
                         .into_pyobject(py);
                 }
                 Step::Tick => {
