@@ -11,19 +11,8 @@ from ._async import AsyncFiles, AsyncProcess, AsyncSandbox
 from ._native import version as _native_version
 from ._sync import Files, Process, Sandbox
 from ._types import Event, Exited, FileInfo, Network, RunResult, Secret, Started, Stderr, Stdout
-from .errors import (
-    CommandError,
-    ConfigError,
-    ExecTimeout,
-    GuestFileExistsError,
-    GuestFileNotFoundError,
-    GuestPermissionError,
-    ImageError,
-    MsbError,
-    PolicyError,
-    SandboxError,
-    SetupError,
-)
+from .errors import *  # noqa: F401,F403 (the exception classes)
+from .errors import __all__ as _errors
 
 __version__ = _native_version()
 
@@ -43,15 +32,5 @@ __all__ = [
     "Stdout",
     "Stderr",
     "Exited",
-    "MsbError",
-    "SetupError",
-    "ConfigError",
-    "PolicyError",
-    "ImageError",
-    "SandboxError",
-    "ExecTimeout",
-    "CommandError",
-    "GuestFileNotFoundError",
-    "GuestPermissionError",
-    "GuestFileExistsError",
+    *_errors,
 ]

@@ -132,7 +132,7 @@ def test_connect_to_nothing_names_the_sandbox(monkeypatch, tmp_path):
         Sandbox.connect("Not/A/Name")
 
 
-def test_blocking_calls_release_the_interpreter(monkeypatch):
+def test_blocking_calls_release_the_interpreter(monkeypatch, ticker):
     """A named sandbox's socket that answers only after a second: the native connect blocks
     that long, and a Python thread must keep running meanwhile."""
     d = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -152,29 +152,15 @@ def test_blocking_calls_release_the_interpreter(monkeypatch):
         c.close()
 
     threading.Thread(target=serve, daemon=True).start()
-    ticks = []
-    stop = threading.Event()
-
-    def tick():
-        while not stop.is_set():
-            ticks.append(1)
-            time.sleep(0.01)
-
-    t = threading.Thread(target=tick)
-    t.start()
-    time.sleep(0.05)
-    before = len(ticks)
-    try:
-        with pytest.raises(SandboxError, match="unexpected reply from the sandbox: NO such port"):
-            Sandbox.connect("slow")
-    finally:
-        during = len(ticks) - before
-        stop.set()
-        t.join()
-        srv.close()
+    with ticker:
+        try:
+            with pytest.raises(SandboxError, match="unexpected reply from the sandbox: NO such port"):
+                Sandbox.connect("slow")
+        finally:
+            srv.close()
     # About 100 ticks fit in the second the call blocked; with the lock held there would be
     # none at all.
-    assert during >= 20, during
+    assert ticker.count >= 20, ticker.count
 
 
 def _stub_signatures():
