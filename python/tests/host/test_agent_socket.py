@@ -71,9 +71,12 @@ def alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is dead too.
-    with open("/proc/%d/stat" % pid) as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
+    # A zombie is dead too (and the process may be reaped meanwhile).
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def wait_gone(pid, secs=10):
