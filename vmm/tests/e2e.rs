@@ -2391,7 +2391,7 @@ fn a_debian_image_from_the_registry_runs_python() {
         msb_vmm::assets::DefaultRoot::Dir(d) => d,
         _ => panic!("no default Debian root: run ./x setup"),
     };
-    let base = std::env::temp_dir().join(format!("msb-e2e-debian-{}", std::process::id()));
+    let base = std::env::temp_dir().join(format!("msb-e2e-debian-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let layout = base.join("layout");
