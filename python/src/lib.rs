@@ -112,12 +112,7 @@ enum Backend {
 impl Backend {
     fn agent(&self) -> Result<&msb_vmm::sandbox::AgentClient, SandboxError> {
         match self {
-            Backend::Owned(sb) => {
-                if sb.is_paused() {
-                    return Err(SandboxError::Paused);
-                }
-                Ok(sb.agent())
-            }
+            Backend::Owned(sb) => sb.live_agent(),
             Backend::Named(a) => Ok(a),
         }
     }

@@ -1414,7 +1414,7 @@ impl Sandbox {
     }
 
     /// The agent, unless the guest is paused (it could not answer).
-    fn live_agent(&self) -> Result<&AgentClient, SandboxError> {
+    pub fn live_agent(&self) -> Result<&AgentClient, SandboxError> {
         if self.is_paused() {
             return Err(SandboxError::Paused);
         }
