@@ -487,12 +487,7 @@ impl PySandbox {
     /// Reaches the named sandbox `name` (started by `msb-vmm start` or `Sandbox.start`).
     #[staticmethod]
     fn connect(py: Python<'_>, name: String) -> PyResult<PySandbox> {
-        if !msb_vmm::named::valid_name(&name) {
-            return Err(config_err(
-                py,
-                format!("invalid sandbox name {name:?}: use 1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit"),
-            ));
-        }
+        msb_vmm::named::check_name(&name).map_err(|e| config_err(py, e.to_string()))?;
         let dir = msb_vmm::named::state_root().join(&name);
         if !dir.join("ready").exists() {
             return Err(raise(

@@ -13,6 +13,8 @@ use thiserror::Error;
 /// Errors reaching a named sandbox.
 #[derive(Debug, Error)]
 pub enum NamedError {
+    #[error("invalid sandbox name {0:?}: use 1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit")]
+    BadName(String),
     #[error("connecting to the sandbox: {0}")]
     Io(#[from] std::io::Error),
     #[error("the sandbox refused the agent connection")]
@@ -47,6 +49,14 @@ pub fn valid_name(name: &str) -> bool {
         && b.iter().all(|&c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.'
         })
+}
+
+/// [`valid_name`], as an error naming the rule.
+pub fn check_name(name: &str) -> Result<(), NamedError> {
+    match valid_name(name) {
+        true => Ok(()),
+        false => Err(NamedError::BadName(name.to_string())),
+    }
 }
 
 /// Connects to the agent of the sandbox whose state directory is `dir`, through its hybrid

@@ -21,6 +21,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
+use msb_vmm::named::{state_root, valid_name};
 use msb_vmm::sandbox::{AgentClient, FileStat, Sandbox};
 
 use super::{exec_request, exec_result_code, interact, Signals, EXIT_FAILURE};
@@ -36,8 +37,6 @@ fn start_timeout() -> Duration {
 
 /// How long `stop` waits for a clean power-off before killing the VMM.
 const STOP_GRACE: Duration = Duration::from_secs(15);
-
-use msb_vmm::named::{state_root, valid_name};
 
 /// A new file (or an emptied one) readable and writable by the owner only, whatever the umask.
 pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
@@ -56,10 +55,7 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
-    if !valid_name(name) {
-        bail!("invalid sandbox name {name:?}: use 1-63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit");
-    }
-    Ok(())
+    Ok(msb_vmm::named::check_name(name)?)
 }
 
 fn read_pid(dir: &Path) -> Option<i32> {
