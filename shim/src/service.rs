@@ -1,0 +1,836 @@
+//! The containerd task service (task API v2) over msb-vmm sandboxes: `create` boots a
+//! sandbox on the bundle's root, `start` runs the container's process through the agent,
+//! `exec` adds processes, and exits are reported to containerd as events and to `wait`.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use containerd_shim::protos::api;
+use containerd_shim::protos::events::task as ev;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use msb_devices::fs::passthrough::CachePolicy;
+use msb_init::agent::{ExecRequest, ExitStatus, TermSize};
+use msb_init::client::{ExecController, ExecEvent, ExecHandle};
+use msb_vmm::sandbox::{Network, Sandbox, Volume};
+
+use crate::rootfs;
+use crate::spec::{self, Plan};
+
+/// What containerd sees of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+/// containerd's FIFOs for one process (empty: not wired).
+#[derive(Debug, Clone, Default)]
+struct Stdio {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+}
+
+/// Where a process's exit is published, once.
+#[derive(Debug, Default)]
+struct Exit {
+    done: Mutex<Option<(u32, Timestamp)>>,
+    cv: Condvar,
+}
+
+impl Exit {
+    /// Records the exit (the first one counts) and returns what was recorded.
+    fn set(&self, code: u32) -> (u32, Timestamp) {
+        let mut g = lock(&self.done);
+        let rec = g.get_or_insert_with(|| (code, now())).clone();
+        self.cv.notify_all();
+        rec
+    }
+
+    fn get(&self) -> Option<(u32, Timestamp)> {
+        lock(&self.done).clone()
+    }
+
+    fn wait(&self) -> (u32, Timestamp) {
+        let mut g = lock(&self.done);
+        loop {
+            if let Some(d) = g.clone() {
+                return d;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Process {
+    req: ExecRequest,
+    stdio: Stdio,
+    pid: u32,
+    controller: Option<ExecController>,
+    exit: Arc<Exit>,
+}
+
+impl Process {
+    fn status(&self) -> Status {
+        if self.exit.get().is_some() {
+            Status::Stopped
+        } else if self.controller.is_some() {
+            Status::Running
+        } else {
+            Status::Created
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Container {
+    bundle: PathBuf,
+    /// The root we mounted from containerd's snapshot mounts (unmounted on delete).
+    mounted_root: Option<PathBuf>,
+    sandbox: Option<Arc<Sandbox>>,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> TtrpcResult<&Process> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("process {exec_id} not found")))
+    }
+
+    fn process_mut(&mut self, exec_id: &str) -> TtrpcResult<&mut Process> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("process {exec_id} not found")))
+    }
+}
+
+/// The task service; cloned into the ttrpc server.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    publisher: Mutex<RemotePublisher>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+impl Service {
+    pub fn new(namespace: &str, exit: Arc<ExitSignal>, publisher: RemotePublisher) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_string(),
+                exit,
+                publisher: Mutex::new(publisher),
+                containers: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let p = lock(&self.publisher);
+        if let Err(e) = p.publish(
+            containerd_shim::Context::default(),
+            topic,
+            &self.namespace,
+            event,
+        ) {
+            tracing::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        lock(&self.containers)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+fn unimplemented(what: &str) -> ttrpc::Error {
+    status(
+        Code::UNIMPLEMENTED,
+        format!("{what} is not implemented by the msb-vmm shim"),
+    )
+}
+
+/// The directory for audit logs: `$MSB_SHIM_LOG_DIR`, else `/var/log/msb-vmm`, per namespace.
+fn log_dir(namespace: &str) -> PathBuf {
+    std::env::var_os("MSB_SHIM_LOG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/log/msb-vmm"))
+        .join(namespace)
+}
+
+/// Boots the sandbox a plan describes.
+fn boot(plan: &Plan, root: &Path, id: &str, namespace: &str) -> Result<Sandbox, String> {
+    // A read-only root keeps the host tree unchanged: the guest writes to a layer in memory.
+    let mut b = if plan.root_readonly {
+        Sandbox::builder().rootfs_overlay(root)
+    } else {
+        Sandbox::builder().rootfs(root)
+    };
+    if let Some(n) = plan.cpus {
+        b = b.cpus(n);
+    }
+    if let Some(m) = plan.memory_mib {
+        b = b.memory_mib(m);
+    }
+    if let Some(h) = &plan.hostname {
+        b = b.hostname(h.clone());
+    }
+    for bind in &plan.binds {
+        b = b.volume(Volume {
+            host: bind.host.clone(),
+            guest: bind.guest.clone(),
+            read_only: bind.read_only,
+            cache: CachePolicy::Auto,
+        });
+    }
+    for (path, size) in &plan.tmpfs {
+        b = b.tmpfs(path.clone(), *size);
+    }
+    let policy = msb_vmm::netconf::policy_from(&plan.policy).map_err(|e| e.to_string())?;
+    if !msb_vmm::netconf::airgapped(&policy) {
+        let mut net = Network::new(policy);
+        let dir = log_dir(namespace);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let log = dir.join(format!("{id}.net.log"));
+        net.log = Some(msb_vmm::netconf::audit_log(&log).map_err(|e| e.to_string())?);
+        b = b.network(net);
+    }
+    b.start().map_err(|e| e.to_string())
+}
+
+/// Opens a FIFO containerd made, for writing; `None` when not wired.
+fn open_out(path: &str) -> Option<File> {
+    if path.is_empty() {
+        return None;
+    }
+    match OpenOptions::new().write(true).open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("opening {path}: {e}");
+            None
+        }
+    }
+}
+
+/// Runs `req` in `sandbox`, wires its standard streams to containerd's FIFOs and reports its
+/// exit: returns the guest pid and a controller for signals, stdin and resizes.
+fn spawn(
+    inner: &Arc<Inner>,
+    sandbox: &Sandbox,
+    container_id: &str,
+    exec_id: &str,
+    mut req: ExecRequest,
+    stdio: &Stdio,
+    exit: Arc<Exit>,
+) -> TtrpcResult<(u32, ExecController)> {
+    if stdio.terminal && req.pty.is_none() {
+        req.pty = Some(TermSize { rows: 24, cols: 80 });
+    }
+    req.stdin = !stdio.stdin.is_empty() && req.pty.is_none() || req.pty.is_some();
+    let mut handle: ExecHandle = sandbox.exec(req).map_err(|e| {
+        let code = if e.to_string().contains("not found") {
+            Code::NOT_FOUND
+        } else {
+            Code::INTERNAL
+        };
+        status(code, e.to_string())
+    })?;
+    let pid = loop {
+        match handle.next_event() {
+            Ok(Some(ExecEvent::Started { pid })) => break pid,
+            Ok(Some(other)) => tracing::debug!("before start: {other:?}"),
+            Ok(None) => {
+                return Err(status(
+                    Code::INTERNAL,
+                    "the process ended before it started",
+                ))
+            }
+            Err(e) => return Err(status(Code::INTERNAL, e.to_string())),
+        }
+    };
+    let controller = handle.controller();
+    if !stdio.stdin.is_empty() {
+        let path = stdio.stdin.clone();
+        let c = handle.controller();
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || pump_stdin(&path, c))
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+    } else {
+        let _ = handle.close_stdin();
+    }
+    let (inner, cid, eid) = (inner.clone(), container_id.to_string(), exec_id.to_string());
+    let stdio = stdio.clone();
+    std::thread::Builder::new()
+        .name("output".into())
+        .spawn(move || {
+            let mut out = open_out(&stdio.stdout);
+            let mut err = open_out(&stdio.stderr);
+            let mut code = 255u32;
+            loop {
+                match handle.next_event() {
+                    Ok(Some(ExecEvent::Stdout(d))) => write_all(&mut out, &d),
+                    Ok(Some(ExecEvent::Stderr(d))) => write_all(&mut err, &d),
+                    Ok(Some(ExecEvent::Exited { status, .. })) => {
+                        code = match status {
+                            ExitStatus::Code(c) => c as u32 & 0xff,
+                            ExitStatus::Signal(s) => 128 + (s as u32 & 0x7f),
+                        };
+                    }
+                    Ok(Some(ExecEvent::Started { .. })) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("process {cid}/{eid}: {e}");
+                        break;
+                    }
+                }
+            }
+            drop((out, err));
+            let (code, at) = exit.set(code);
+            inner.publish(
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(ev::TaskExit {
+                    container_id: cid.clone(),
+                    id: if eid.is_empty() { cid } else { eid },
+                    pid,
+                    exit_status: code,
+                    exited_at: MessageField::some(at),
+                    ..Default::default()
+                }),
+            );
+        })
+        .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+    Ok((pid, controller))
+}
+
+fn write_all(f: &mut Option<File>, d: &[u8]) {
+    if let Some(file) = f {
+        if file.write_all(d).is_err() {
+            // The reader went away (ctr detached): drop output from now on.
+            *f = None;
+        }
+    }
+}
+
+fn pump_stdin(path: &str, c: ExecController) {
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("opening {path}: {e}");
+            let _ = c.close_stdin();
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_stdin(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.close_stdin();
+}
+
+fn bad(e: impl std::fmt::Display) -> ttrpc::Error {
+    status(Code::INVALID_ARGUMENT, e.to_string())
+}
+
+impl Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if self.inner.containers().contains_key(&id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {id} exists"),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(unimplemented("creating from a checkpoint"));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let oci = spec::load(&bundle).map_err(bad)?;
+        let plan = spec::plan(&oci, &bundle).map_err(bad)?;
+        let (root, mounted_root) = if req.rootfs.is_empty() {
+            (plan.root.clone(), None)
+        } else {
+            let target = bundle.join("rootfs");
+            rootfs::mount_all(&req.rootfs, &target).map_err(bad)?;
+            (target.clone(), Some(target))
+        };
+        let cleanup = |e: String| {
+            if let Some(t) = &mounted_root {
+                rootfs::unmount(t);
+            }
+            bad(e)
+        };
+        if !root.is_dir() {
+            return Err(cleanup(format!(
+                "root file system {}: no such directory",
+                root.display()
+            )));
+        }
+        let sandbox = boot(&plan, &root, &id, &self.inner.namespace)
+            .map_err(|e| cleanup(format!("starting the sandbox: {e}")))?;
+        tracing::info!("container {id}: sandbox up on {}", root.display());
+        let c = Container {
+            bundle: bundle.clone(),
+            mounted_root,
+            sandbox: Some(Arc::new(sandbox)),
+            init: Process {
+                req: plan.process,
+                stdio: Stdio {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                },
+                pid: 0,
+                controller: None,
+                exit: Arc::new(Exit::default()),
+            },
+            execs: HashMap::new(),
+        };
+        self.inner.containers().insert(id.clone(), c);
+        self.inner.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(ev::TaskCreate {
+                container_id: id,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(ev::TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse::default())
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let mut all = self.inner.containers();
+        let c = all
+            .get_mut(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let sandbox = c
+            .sandbox
+            .clone()
+            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the sandbox is gone"))?;
+        let p = c.process_mut(&req.exec_id)?;
+        if p.status() != Status::Created {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("process {}{} already started", req.id, req.exec_id),
+            ));
+        }
+        let (pid, controller) = spawn(
+            &self.inner,
+            &sandbox,
+            &req.id,
+            &req.exec_id,
+            p.req.clone(),
+            &p.stdio,
+            p.exit.clone(),
+        )?;
+        p.pid = pid;
+        p.controller = Some(controller);
+        drop(all);
+        if req.exec_id.is_empty() {
+            self.inner.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(ev::TaskStart {
+                    container_id: req.id,
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.inner.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(ev::TaskExecStarted {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    pid,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let process: oci_spec::runtime::Process = match req.spec.as_ref() {
+            Some(any) => serde_json::from_slice(&any.value)
+                .map_err(|e| bad(format!("exec {}: process spec: {e}", req.exec_id)))?,
+            None => return Err(bad(format!("exec {}: no process spec", req.exec_id))),
+        };
+        let exec = spec::process_request(&process).map_err(bad)?;
+        let mut all = self.inner.containers();
+        let c = all
+            .get_mut(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        if req.exec_id.is_empty() || c.execs.contains_key(&req.exec_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("exec id {:?} is taken", req.exec_id),
+            ));
+        }
+        c.execs.insert(
+            req.exec_id.clone(),
+            Process {
+                req: exec,
+                stdio: Stdio {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                },
+                pid: 0,
+                controller: None,
+                exit: Arc::new(Exit::default()),
+            },
+        );
+        drop(all);
+        self.inner.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(ev::TaskExecAdded {
+                container_id: req.id,
+                exec_id: req.exec_id,
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let all = self.inner.containers();
+        let c = all
+            .get(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        let exit = p.exit.get();
+        let st = match p.status() {
+            Status::Created => api::Status::CREATED,
+            Status::Running => api::Status::RUNNING,
+            Status::Stopped => api::Status::STOPPED,
+        };
+        Ok(api::StateResponse {
+            id: req.id,
+            bundle: c.bundle.display().to_string(),
+            pid: p.pid,
+            status: st.into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or(0),
+            exited_at: exit.map(|e| e.1).into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let exit = {
+            let all = self.inner.containers();
+            let c = all.get(&req.id).ok_or_else(|| {
+                status(Code::NOT_FOUND, format!("container {} not found", req.id))
+            })?;
+            c.process(&req.exec_id)?.exit.clone()
+        };
+        let (code, at) = exit.wait();
+        Ok(api::WaitResponse {
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let all = self.inner.containers();
+        let c = all
+            .get(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| bad(format!("signal {}: out of range", req.signal)))?;
+        let p = c.process(&req.exec_id)?;
+        let mut targets = vec![p];
+        if req.all && req.exec_id.is_empty() {
+            targets.extend(c.execs.values());
+        }
+        let mut sent = false;
+        for p in targets {
+            if p.exit.get().is_some() {
+                continue;
+            }
+            match &p.controller {
+                Some(ctl) => {
+                    ctl.signal(signal)
+                        .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+                    sent = true;
+                }
+                // Killing a created, never started process ends it (as runc does).
+                None => {
+                    p.exit.set(128 + signal as u32);
+                    sent = true;
+                }
+            }
+        }
+        if !sent {
+            return Err(status(Code::NOT_FOUND, "process already finished"));
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let mut all = self.inner.containers();
+        let c = all
+            .get_mut(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = c.process(&req.exec_id)?;
+            if p.status() == Status::Running {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} is running: kill it first", req.exec_id),
+                ));
+            }
+            let p = c.execs.remove(&req.exec_id).expect("looked up above");
+            let (code, at) = p.exit.get().unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        if c.init.status() == Status::Running {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is running: kill it first", req.id),
+            ));
+        }
+        let c = all.remove(&req.id).expect("looked up above");
+        let empty = all.is_empty();
+        drop(all);
+        let (code, at) = c.init.exit.get().unwrap_or((0, now()));
+        let pid = c.init.pid;
+        teardown(c);
+        self.inner.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(ev::TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id,
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(at.clone()),
+                ..Default::default()
+            }),
+        );
+        if empty {
+            tracing::debug!("last container deleted");
+        }
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let all = self.inner.containers();
+        let c = all
+            .get(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let processes = std::iter::once(&c.init)
+            .chain(c.execs.values())
+            .filter(|p| p.status() == Status::Running)
+            .map(|p| api::ProcessInfo {
+                pid: p.pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let all = self.inner.containers();
+        let c = all
+            .get(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        let size = TermSize {
+            rows: req.height.min(u16::MAX as u32) as u16,
+            cols: req.width.min(u16::MAX as u32) as u16,
+        };
+        if let Some(ctl) = &p.controller {
+            ctl.resize(size)
+                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let all = self.inner.containers();
+        let c = all
+            .get(&req.id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let p = c.process(&req.exec_id)?;
+        if req.stdin {
+            if let Some(ctl) = &p.controller {
+                let _ = ctl.close_stdin();
+            }
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let all = self.inner.containers();
+        let task_pid = all.get(&req.id).map(|c| c.init.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: format!("msb-vmm {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let mut all = self.inner.containers();
+        if !req.now && !all.is_empty() {
+            return Ok(api::Empty::default());
+        }
+        for (_, c) in all.drain() {
+            teardown(c);
+        }
+        drop(all);
+        self.inner.exit.signal();
+        Ok(api::Empty::default())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        Err(unimplemented("stats"))
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Err(unimplemented("pause"))
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        Err(unimplemented("resume"))
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(unimplemented("checkpoint"))
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(unimplemented("update"))
+    }
+}
+
+/// Powers the container's sandbox off and unmounts what `create` mounted.
+fn teardown(mut c: Container) {
+    if let Some(sb) = c.sandbox.take() {
+        match Arc::try_unwrap(sb) {
+            Ok(sb) => {
+                if let Err(e) = sb.shutdown() {
+                    tracing::warn!("sandbox shutdown: {e}");
+                }
+            }
+            Err(sb) => drop(sb),
+        }
+    }
+    for p in std::iter::once(&c.init).chain(c.execs.values()) {
+        if p.exit.get().is_none() {
+            p.exit.set(137);
+        }
+    }
+    if let Some(t) = &c.mounted_root {
+        rootfs::unmount(t);
+    }
+}

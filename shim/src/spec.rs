@@ -1,0 +1,365 @@
+//! What an OCI bundle asks for, in our terms: the process (argv, env, cwd, user, rlimits,
+//! terminal), the root, bind mounts as volumes, tmpfs mounts, the sandbox's size and its
+//! egress policy. Pure, so every refusal is unit-tested without containerd or a guest.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use msb_init::agent::{ExecRequest, Rlimit, RlimitResource, TermSize, User};
+use msb_vmm::netconf::PolicyFlags;
+use oci_spec::runtime::{LinuxNamespaceType, Mount, PosixRlimitType, Process, Spec};
+use thiserror::Error;
+
+/// The CRI annotation that names a container's pod sandbox (the pause container's id).
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Our annotations' prefix.
+pub const ANNOTATION_PREFIX: &str = "io.msb-vmm.";
+
+/// The guest file systems msb-init mounts itself: the spec's copies of them are satisfied.
+const GUEST_OWNED: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/sys/fs/cgroup",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+];
+
+/// A bundle we cannot run: one line naming the field and what to change.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, SpecError> {
+    Err(SpecError(msg.into()))
+}
+
+/// A bind mount of the spec, served as a virtio-fs volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: PathBuf,
+    pub guest: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything a container needs from its bundle.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The process to run (also the template for `ctr task exec` processes' defaults).
+    pub process: ExecRequest,
+    /// The spec's `root.path`, made absolute against the bundle.
+    pub root: PathBuf,
+    pub root_readonly: bool,
+    pub binds: Vec<Bind>,
+    /// Guest tmpfs mounts: path and size in bytes (0: the guest's default).
+    pub tmpfs: Vec<(PathBuf, u64)>,
+    /// vCPUs from the CPU quota, rounded up.
+    pub cpus: Option<u32>,
+    /// Guest memory from the memory limit.
+    pub memory_mib: Option<u64>,
+    /// The egress policy from `io.msb-vmm.network.*`.
+    pub policy: PolicyFlags,
+    pub hostname: Option<String>,
+}
+
+/// Reads `config.json` of `bundle`.
+pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|e| SpecError(format!("{}: {e}", path.display())))
+}
+
+/// The plan for the spec of the bundle at `bundle`.
+pub fn plan(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
+    let Some(process) = spec.process() else {
+        return err("the spec has no process to run");
+    };
+    let exec = process_request(process)?;
+    let root = match spec.root() {
+        Some(r) if r.path().is_absolute() => r.path().clone(),
+        Some(r) => bundle.join(r.path()),
+        None => bundle.join("rootfs"),
+    };
+    let root_readonly = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    let policy = policy(&annotations)?;
+    let (mut cpus, mut memory_mib) = (None, None);
+    if let Some(linux) = spec.linux() {
+        if let Some(ns) = linux.namespaces() {
+            if !ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network) {
+                return err("host networking (no network namespace in the spec) is not \
+                            supported: a sandbox always has its own network");
+            }
+            if let Some(n) = ns.iter().find(|n| n.path().is_some()) {
+                return err(format!(
+                    "joining an existing {:?} namespace is not supported: containers of one pod \
+                     share a sandbox through the {CRI_SANDBOX_ID} annotation instead",
+                    n.typ()
+                ));
+            }
+        }
+        if let Some(d) = linux.devices().as_ref().and_then(|d| d.first()) {
+            return err(format!(
+                "device {} is not supported: host devices cannot be passed into a sandbox \
+                 (privileged containers neither)",
+                d.path().display()
+            ));
+        }
+        if let Some(res) = linux.resources() {
+            if let Some(cpu) = res.cpu() {
+                if let (Some(q), Some(p)) = (cpu.quota(), cpu.period()) {
+                    if q > 0 && p > 0 {
+                        cpus = Some((q as u64).div_ceil(p).clamp(1, 64) as u32);
+                    }
+                }
+            }
+            if let Some(m) = res.memory().as_ref().and_then(|m| m.limit()) {
+                if m > 0 {
+                    let mib = (m as u64).div_ceil(1 << 20);
+                    if mib < 64 {
+                        return err(format!(
+                            "memory limit {m} bytes: a sandbox needs at least 64 MiB"
+                        ));
+                    }
+                    memory_mib = Some(mib);
+                }
+            }
+        }
+    }
+    let mut binds = Vec::new();
+    let mut tmpfs = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        match mount_kind(m)? {
+            MountKind::GuestOwned => {}
+            MountKind::Bind(b) => binds.push(b),
+            MountKind::Tmpfs(size) => tmpfs.push((m.destination().clone(), size)),
+        }
+    }
+    Ok(Plan {
+        process: exec,
+        root,
+        root_readonly,
+        binds,
+        tmpfs,
+        cpus,
+        memory_mib,
+        policy,
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+    })
+}
+
+enum MountKind {
+    GuestOwned,
+    Bind(Bind),
+    Tmpfs(u64),
+}
+
+fn mount_kind(m: &Mount) -> Result<MountKind, SpecError> {
+    let dest = m.destination();
+    let options = m.options().clone().unwrap_or_default();
+    let typ = m.typ().clone().unwrap_or_default();
+    let is_bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+    if !dest.is_absolute() {
+        return err(format!(
+            "mount destination {}: must be absolute",
+            dest.display()
+        ));
+    }
+    if is_bind {
+        let Some(src) = m.source() else {
+            return err(format!("bind mount at {}: no source", dest.display()));
+        };
+        if !src.is_absolute() {
+            return err(format!(
+                "bind mount {} at {}: the source must be an absolute host path",
+                src.display(),
+                dest.display()
+            ));
+        }
+        if !src.is_dir() {
+            // virtio-fs shares directories; a single file (/etc/hosts, resolv.conf from CRI)
+            // is the guest's own business.
+            if is_cri_file(dest) {
+                return Ok(MountKind::GuestOwned);
+            }
+            return err(format!(
+                "bind mount {} at {}: only directories can be shared into a sandbox",
+                src.display(),
+                dest.display()
+            ));
+        }
+        return Ok(MountKind::Bind(Bind {
+            host: src.clone(),
+            guest: dest.clone(),
+            read_only: options.iter().any(|o| o == "ro"),
+        }));
+    }
+    if GUEST_OWNED.iter().any(|g| Path::new(g) == dest) {
+        return Ok(MountKind::GuestOwned);
+    }
+    match typ.as_str() {
+        "tmpfs" => {
+            let size = options
+                .iter()
+                .find_map(|o| o.strip_prefix("size="))
+                .map(|s| {
+                    parse_size(s).ok_or_else(|| {
+                        SpecError(format!("tmpfs at {}: bad size={s}", dest.display()))
+                    })
+                })
+                .transpose()?
+                .unwrap_or(0);
+            Ok(MountKind::Tmpfs(size))
+        }
+        "proc" | "sysfs" | "devpts" | "mqueue" | "cgroup" | "cgroup2" => err(format!(
+            "a {typ} mount at {} is not supported: the guest mounts its own at the usual places",
+            dest.display()
+        )),
+        other => err(format!(
+            "mount type {other:?} at {} is not supported (bind mounts of directories and tmpfs \
+             are)",
+            dest.display()
+        )),
+    }
+}
+
+/// The files CRI bind-mounts into every container; the guest writes its own.
+fn is_cri_file(dest: &Path) -> bool {
+    [
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/dev/termination-log",
+    ]
+    .iter()
+    .any(|f| Path::new(f) == dest)
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The agent request for an OCI process (the container's or an exec's).
+pub fn process_request(p: &Process) -> Result<ExecRequest, SpecError> {
+    let argv: Vec<Vec<u8>> = p
+        .args()
+        .iter()
+        .flatten()
+        .map(|a| a.as_bytes().to_vec())
+        .collect();
+    if argv.is_empty() || argv[0].is_empty() {
+        return err("the process has no args: give a command");
+    }
+    let mut env = Vec::new();
+    for e in p.env().iter().flatten() {
+        let Some((k, v)) = e.split_once('=') else {
+            return err(format!("environment entry {e:?}: not NAME=VALUE"));
+        };
+        env.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+    let cwd = p.cwd();
+    if !cwd.is_absolute() {
+        return err(format!("cwd {}: must be absolute", cwd.display()));
+    }
+    let u = p.user();
+    let user = if u.uid() == 0 && u.gid() == 0 {
+        None
+    } else {
+        Some(User::Id {
+            uid: u.uid(),
+            gid: u.gid(),
+        })
+    };
+    let mut rlimits = Vec::new();
+    for r in p.rlimits().iter().flatten() {
+        let resource = match r.typ() {
+            PosixRlimitType::RlimitNofile => RlimitResource::Nofile,
+            PosixRlimitType::RlimitNproc => RlimitResource::Nproc,
+            PosixRlimitType::RlimitAs => RlimitResource::As,
+            PosixRlimitType::RlimitCore => RlimitResource::Core,
+            PosixRlimitType::RlimitCpu => RlimitResource::Cpu,
+            PosixRlimitType::RlimitFsize => RlimitResource::Fsize,
+            PosixRlimitType::RlimitStack => RlimitResource::Stack,
+            PosixRlimitType::RlimitMemlock => RlimitResource::Memlock,
+            other => {
+                return err(format!(
+                    "rlimit {other:?} is not supported (NOFILE, NPROC, AS, CORE, CPU, FSIZE, \
+                     STACK and MEMLOCK are)"
+                ))
+            }
+        };
+        if r.soft() > r.hard() {
+            return err(format!("rlimit {:?}: soft exceeds hard", r.typ()));
+        }
+        rlimits.push(Rlimit {
+            resource,
+            soft: r.soft(),
+            hard: r.hard(),
+        });
+    }
+    let pty = (p.terminal() == Some(true)).then(|| {
+        let (rows, cols) = p
+            .console_size()
+            .map(|b| (b.height() as u16, b.width() as u16))
+            .filter(|&(r, c)| r > 0 && c > 0)
+            .unwrap_or((24, 80));
+        TermSize { rows, cols }
+    });
+    Ok(ExecRequest {
+        argv,
+        env,
+        workdir: Some(cwd.as_os_str().as_encoded_bytes().to_vec()),
+        user,
+        rlimits,
+        stdin: pty.is_none(),
+        pty,
+        timeout_ms: None,
+    })
+}
+
+/// The egress policy of `io.msb-vmm.network.{preset,allow,deny,policy-file}`; any other
+/// `io.msb-vmm.` annotation is a mistake worth an error, not silence.
+pub fn policy(annotations: &HashMap<String, String>) -> Result<PolicyFlags, SpecError> {
+    let mut flags = PolicyFlags::default();
+    let list = |v: &str| -> Vec<String> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let mut keys: Vec<_> = annotations.keys().collect();
+    keys.sort();
+    for k in keys {
+        let Some(name) = k.strip_prefix(ANNOTATION_PREFIX) else {
+            continue;
+        };
+        let v = &annotations[k];
+        match name {
+            "network.preset" => flags.net = Some(v.clone()),
+            "network.allow" => flags.allow = list(v),
+            "network.deny" => flags.deny = list(v),
+            "network.policy-file" => {
+                let text = std::fs::read_to_string(v)
+                    .map_err(|e| SpecError(format!("annotation {k}: {v}: {e}")))?;
+                flags.file = Some((v.clone(), text));
+            }
+            _ => {
+                return err(format!(
+                    "annotation {k}: unknown (known: {ANNOTATION_PREFIX}network.preset, \
+                     .allow, .deny, .policy-file)"
+                ))
+            }
+        }
+    }
+    // Checked here so a bad value fails `create`, naming the annotation.
+    msb_vmm::netconf::policy_from(&flags)
+        .map_err(|e| SpecError(format!("annotations {ANNOTATION_PREFIX}network.*: {e}")))?;
+    Ok(flags)
+}
