@@ -40,11 +40,20 @@ impl containerd_shim::Shim for Shim {
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // The bundle's `address` file is how the serving shim (and `delete`) find the socket
+        // to remove when it ends.
+        containerd_shim::synchronous::util::write_address(&address)?;
         Ok(address)
     }
 
-    /// containerd's clean-up after a shim that died: our mounts in the bundle go.
+    /// containerd's clean-up after a shim that died: its socket and our mounts in the bundle go.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
+        if let Ok(address) = containerd_shim::synchronous::util::read_address() {
+            let path = address.trim_start_matches("unix://");
+            if !path.is_empty() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let root = std::env::current_dir()
             .map(|d| d.join("rootfs"))
             .unwrap_or_default();

@@ -1,0 +1,444 @@
+//! Test tier 4 for the shim: a real containerd (Debian's), started per test with a private
+//! root, state directory and socket, `ctr` as the client, and real guests.
+//!
+//! Built only with `--features e2e`; on PVM hosts `./x test` runs this binary inside the L2
+//! VM. Asked to run where it cannot, a test fails with the reason.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-msb-v2");
+const RUNTIME: &str = "io.containerd.msb.v2";
+
+fn check_host() {
+    if msb_vmm::host::is_pvm() {
+        panic!("the shim's end-to-end tests boot the real kernel, which this PVM /dev/kvm cannot run; use `./x test`, which runs them inside the L2 VM");
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        panic!("the shim's end-to-end tests need /dev/kvm (read/write)");
+    }
+    let kernel = msb_vmm::assets::default_kernel();
+    assert!(
+        kernel.exists(),
+        "no guest kernel at {}: run `./x setup` first",
+        kernel.display()
+    );
+    for tool in ["containerd", "ctr", "unshare"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success(),
+            "{tool} is missing: apt-get install containerd (./x test installs it)"
+        );
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A private containerd: its root, state, socket and FIFOs under one directory on a tmpfs
+/// (sockets cannot live on the L2 VM's 9p root), in its own mount namespace where a tmpfs
+/// covers `/run/containerd/s` (the shim sockets' fixed home), so nothing of the host's
+/// containerd is seen or touched.
+struct Containerd {
+    dir: PathBuf,
+    child: Child,
+    rootfs: PathBuf,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        check_host();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/dev/shm/msb-ctrd-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["root", "state", "fifo", "logs"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let d = dir.display();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
+                 \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
+                 \"io.containerd.snapshotter.v1.aufs\"]\n\
+                 [grpc]\n  address = \"{d}/sock\"\n[ttrpc]\n  address = \"{d}/sock.ttrpc\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/containerd/s").unwrap();
+        let shim_dir = Path::new(SHIM).parent().unwrap();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                &format!(
+                    "mount --make-rprivate / && mount -t tmpfs tmpfs /run/containerd/s && \
+                     exec containerd --config {d}/config.toml"
+                ),
+            ])
+            .env("PATH", path)
+            .env("MSB_SHIM_LOG_DIR", dir.join("logs"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd starts");
+        let rootfs = dir.join("rootfs");
+        busybox_root(&rootfs);
+        let c = Containerd { dir, child, rootfs };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !c.dir.join("sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir.join("sock"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr runs")
+    }
+
+    /// `ctr run` of `cmd` through our shim on `root` (the busybox tree unless given), with
+    /// extra flags before the rootfs.
+    fn run(&self, flags: &[&str], root: Option<&Path>, id: &str, cmd: &[&str]) -> Output {
+        let fifo = self.dir.join("fifo");
+        let root = root.unwrap_or(&self.rootfs);
+        let mut args = vec![
+            "run",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runtime",
+            RUNTIME,
+        ];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--rootfs", root.to_str().unwrap(), id]);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// The pid containerd runs as (its mount namespace holds the shim sockets).
+    fn pid(&self) -> u32 {
+        // `unshare` execs `sh`, which execs containerd: the same pid throughout.
+        self.child.id()
+    }
+
+    /// Panics naming whatever of ours outlived the containers: shim processes, shim sockets,
+    /// mounts, task directories.
+    fn assert_nothing_left(&self) {
+        // The shim exits shortly after containerd's last call.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let shims = self.shim_pids();
+            let sockets: Vec<_> =
+                std::fs::read_dir(format!("/proc/{}/root/run/containerd/s", self.pid()))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+            let mounts: Vec<String> =
+                std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid()))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(self.dir.to_str().unwrap()))
+                    .map(String::from)
+                    .collect();
+            let tasks: Vec<_> =
+                std::fs::read_dir(self.dir.join("state/io.containerd.runtime.v2.task/default"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+            if shims.is_empty() && sockets.is_empty() && mounts.is_empty() && tasks.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "left behind: shim processes {shims:?}, sockets {sockets:?}, mounts {mounts:?}, task dirs {tasks:?}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Our shim processes serving this containerd.
+    fn shim_pids(&self) -> Vec<u32> {
+        let sock = self.dir.join("sock");
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            if args
+                .first()
+                .is_some_and(|a| a.ends_with(b"containerd-shim-msb-v2"))
+                && args
+                    .iter()
+                    .any(|a| *a == sock.as_os_str().as_encoded_bytes())
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn audit_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("logs/default/{id}.net.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for pid in self.shim_pids() {
+            // SAFETY: kill(2) with a pid we just read from /proc; no memory is involved.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        // SAFETY: as above, containerd's own pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A tiny root: busybox (static) and the applets the tests use.
+fn busybox_root(root: &Path) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    for d in ["proc", "dev", "sys", "tmp", "etc", "data"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(msb_vmm::assets::busybox(), root.join("bin/busybox")).unwrap();
+    for a in [
+        "sh", "echo", "cat", "true", "false", "sleep", "ls", "wget", "id", "touch", "hostname",
+        "nproc", "grep",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+    }
+}
+
+/// A loopback HTTP server answering `body` to every request, on a free port.
+fn http_server(body: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn ctr_run_prints_the_output_and_returns_the_exit_code() {
+    let c = Containerd::start();
+    let out = c.run(
+        &["--rm", "--cpus", "2", "--memory-limit", "268435456"],
+        None,
+        "t1",
+        &[
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; nproc; grep MemTotal /proc/meminfo; id -u; exit 7",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout: {stdout}\nstderr: {}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    assert!(stdout.starts_with("hello\n"), "{stdout}");
+    assert!(text(&out.stderr).contains("oops"), "{}", text(&out.stderr));
+    // --cpus 2 and a 256 MiB limit size the sandbox.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[1], "2", "{stdout}");
+    let kib: u64 = lines[2].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((150 << 10..=256 << 10).contains(&kib), "{stdout}");
+    assert_eq!(lines[3], "0", "{stdout}");
+    c.assert_nothing_left();
+}
+
+#[test]
+fn exec_kill_and_delete_and_nothing_is_left() {
+    let c = Containerd::start();
+    let data = c.dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("f"), "from the host\n").unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:ro",
+        data.display()
+    );
+    let out = c.run(&["-d", "--mount", &mount], None, "t2", &["sleep", "1000"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let fifo = c.dir.join("fifo");
+    // A second process in the container, with its own output and exit code; it sees the
+    // read-only bind mount.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        fifo.to_str().unwrap(),
+        "--exec-id",
+        "e1",
+        "t2",
+        "sh",
+        "-c",
+        "cat /data/f; touch /data/g || echo read-only; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    assert_eq!(text(&out.stdout), "from the host\nread-only\n");
+    assert!(!data.join("g").exists());
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(ls.contains("t2") && ls.contains("RUNNING"), "{ls}");
+    let out = c.ctr(&["task", "kill", "-s", "TERM", "t2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !text(&c.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
+        assert!(Instant::now() < deadline, "t2 did not stop: {}", c.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGTERM: 128 + 15.
+    let out = c.ctr(&["task", "delete", "t2"]);
+    assert!(
+        text(&out.stderr).contains("exit code 143"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = c.ctr(&["container", "delete", "t2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.assert_nothing_left();
+}
+
+#[test]
+fn egress_annotations_set_the_policy_and_a_denied_flow_is_audited() {
+    let c = Containerd::start();
+    let open = http_server("open");
+    let shut = http_server("shut");
+    let allow = format!("io.msb-vmm.network.allow=tcp:host:{open},tcp:host:{shut}");
+    let deny = format!("io.msb-vmm.network.deny=tcp:host:{shut}");
+    let out = c.run(
+        &["--rm", "--annotation", &allow, "--annotation", &deny],
+        None,
+        "t3",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "wget -q -O - http://10.0.2.2:{open}/; echo; \
+                 wget -q -O - http://10.0.2.2:{shut}/ || echo denied"
+            ),
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "open\ndenied\n",
+        "stderr: {}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    let log = c.audit_log("t3");
+    let denied = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["kind"] == "flow" && v["verdict"] == "denied")
+        .unwrap_or_else(|| panic!("no denied flow in the audit log: {log:?}"));
+    assert_eq!(
+        denied["rule"],
+        format!("--deny tcp:host:{shut}"),
+        "{denied}"
+    );
+    c.assert_nothing_left();
+}
+
+#[test]
+fn bundles_we_cannot_run_get_one_clear_error_and_leave_nothing() {
+    let c = Containerd::start();
+    let missing = c.dir.join("no-such-root");
+    let cases: Vec<(Vec<&str>, Option<&Path>, &str)> = vec![
+        (vec![], Some(&missing), "no such directory"),
+        (
+            vec!["--annotation", "io.msb-vmm.network.bogus=1"],
+            None,
+            "annotation io.msb-vmm.network.bogus: unknown",
+        ),
+        (
+            vec!["--annotation", "io.msb-vmm.network.preset=everything"],
+            None,
+            "io.msb-vmm.network",
+        ),
+        (vec!["--net-host"], None, "host networking"),
+        (vec!["--privileged"], None, "privileged"),
+        (vec!["--device", "/dev/null"], None, "device /dev/null"),
+    ];
+    for (i, (flags, root, want)) in cases.iter().enumerate() {
+        let id = format!("bad{i}");
+        let mut f = vec!["--rm"];
+        f.extend(flags.iter().copied());
+        let out = c.run(&f, *root, &id, &["true"]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(err.contains(want), "{flags:?}: want {want:?} in {err}");
+        // ctr leaves the container record when create fails; its task is what we made.
+        let _ = c.ctr(&["container", "delete", &id]);
+    }
+    c.assert_nothing_left();
+}
