@@ -7,6 +7,7 @@ mod fs;
 mod image;
 mod limits;
 mod net;
+mod shim;
 mod snapshot;
 mod stats;
 mod svg;
@@ -51,6 +52,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// OCI images: pull + unpack from a loopback registry vs skopeo; run IMAGE vs the default root.
     Image(image::ImageArgs),
+    /// containerd: `ctr run --rm ROOT true` through our shim vs `msb-vmm run --rootfs ROOT -- true`.
+    Shim(shim::ShimArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -123,6 +126,7 @@ fn main() -> Result<()> {
         Cmd::NetClient(a) => net::client(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Image(a) => image::run(a),
+        Cmd::Shim(a) => shim::run(a),
     }
 }
 

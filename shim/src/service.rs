@@ -202,6 +202,9 @@ fn boot(plan: &Plan, root: &Path, id: &str, namespace: &str) -> Result<Sandbox, 
     } else {
         Sandbox::builder().rootfs(root)
     };
+    // As `msb-vmm run` does: continue a snapshot of a freshly booted sandbox of this
+    // configuration (same root, size, mounts) when there is one.
+    b = b.warm(true);
     if let Some(n) = plan.cpus {
         b = b.cpus(n);
     }

@@ -6,9 +6,11 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use msb_containerd_shim::harness::{busybox_root, PrivateContainerd};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-msb-v2");
 const RUNTIME: &str = "io.containerd.msb.v2";
@@ -48,13 +50,10 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A private containerd: its root, state, socket and FIFOs under one directory on a tmpfs
-/// (sockets cannot live on the L2 VM's 9p root), in its own mount namespace where a tmpfs
-/// covers `/run/containerd/s` (the shim sockets' fixed home), so nothing of the host's
-/// containerd is seen or touched.
+/// A private containerd ([`PrivateContainerd`]) with a busybox root for the containers.
 struct Containerd {
+    d: PrivateContainerd,
     dir: PathBuf,
-    child: Child,
     rootfs: PathBuf,
 }
 
@@ -67,69 +66,22 @@ impl Containerd {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let _ = std::fs::remove_dir_all(&dir);
-        for d in ["root", "state", "fifo", "logs"] {
-            std::fs::create_dir_all(dir.join(d)).unwrap();
-        }
-        let d = dir.display();
-        std::fs::write(
-            dir.join("config.toml"),
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
-                 \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
-                 \"io.containerd.snapshotter.v1.aufs\"]\n\
-                 [grpc]\n  address = \"{d}/sock\"\n[ttrpc]\n  address = \"{d}/sock.ttrpc\"\n"
-            ),
-        )
-        .unwrap();
-        std::fs::create_dir_all("/run/containerd/s").unwrap();
         let shim_dir = Path::new(SHIM).parent().unwrap();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("unshare")
-            .args([
-                "-m",
-                "sh",
-                "-c",
-                &format!(
-                    "mount --make-rprivate / && mount -t tmpfs tmpfs /run/containerd/s && \
-                     exec containerd --config {d}/config.toml"
-                ),
-            ])
-            .env("PATH", path)
-            .env("MSB_SHIM_LOG_DIR", dir.join("logs"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd starts");
+        let d = PrivateContainerd::start(&dir, shim_dir, Path::new("containerd"))
+            .unwrap_or_else(|e| panic!("{e}"));
         let rootfs = dir.join("rootfs");
-        busybox_root(&rootfs);
-        let c = Containerd { dir, child, rootfs };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !c.dir.join("sock").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
+        busybox_root(&rootfs, APPLETS).unwrap();
+        std::fs::create_dir_all(rootfs.join("data")).unwrap();
+        Containerd { d, dir, rootfs }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+        self.d.log()
     }
 
     fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.join("sock"))
+        self.d
+            .ctr()
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -154,30 +106,23 @@ impl Containerd {
         self.ctr(&args)
     }
 
-    /// The pid containerd runs as (its mount namespace holds the shim sockets).
-    fn pid(&self) -> u32 {
-        // `unshare` execs `sh`, which execs containerd: the same pid throughout.
-        self.child.id()
-    }
-
     /// Panics naming whatever of ours outlived the containers: shim processes, shim sockets,
     /// mounts, task directories.
     fn assert_nothing_left(&self) {
         // The shim exits shortly after containerd's last call.
         let deadline = Instant::now() + Duration::from_secs(30);
+        let pid = self.d.pid();
         loop {
-            let shims = self.shim_pids();
-            let sockets: Vec<_> =
-                std::fs::read_dir(format!("/proc/{}/root/run/containerd/s", self.pid()))
-                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
-                    .unwrap_or_default();
-            let mounts: Vec<String> =
-                std::fs::read_to_string(format!("/proc/{}/mountinfo", self.pid()))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains(self.dir.to_str().unwrap()))
-                    .map(String::from)
-                    .collect();
+            let shims = self.d.shim_pids();
+            let sockets: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/run/containerd/s"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            let mounts: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(self.dir.to_str().unwrap()))
+                .map(String::from)
+                .collect();
             let tasks: Vec<_> =
                 std::fs::read_dir(self.dir.join("state/io.containerd.runtime.v2.task/default"))
                     .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -195,62 +140,16 @@ impl Containerd {
         }
     }
 
-    /// Our shim processes serving this containerd.
-    fn shim_pids(&self) -> Vec<u32> {
-        let sock = self.dir.join("sock");
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-            if args
-                .first()
-                .is_some_and(|a| a.ends_with(b"containerd-shim-msb-v2"))
-                && args
-                    .iter()
-                    .any(|a| *a == sock.as_os_str().as_encoded_bytes())
-            {
-                pids.push(pid);
-            }
-        }
-        pids
-    }
-
     fn audit_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("logs/default/{id}.net.log")))
             .unwrap_or_default()
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        for pid in self.shim_pids() {
-            // SAFETY: kill(2) with a pid we just read from /proc; no memory is involved.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        // SAFETY: as above, containerd's own pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A tiny root: busybox (static) and the applets the tests use.
-fn busybox_root(root: &Path) {
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    for d in ["proc", "dev", "sys", "tmp", "etc", "data"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(msb_vmm::assets::busybox(), root.join("bin/busybox")).unwrap();
-    for a in [
-        "sh", "echo", "cat", "true", "false", "sleep", "ls", "wget", "id", "touch", "hostname",
-        "nproc", "grep",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
-    }
-}
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "true", "false", "sleep", "ls", "wget", "id", "touch", "hostname",
+    "nproc", "grep",
+];
 
 /// A loopback HTTP server answering `body` to every request, on a free port.
 fn http_server(body: &'static str) -> u16 {
