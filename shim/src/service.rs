@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::protos::api;
+use containerd_shim::protos::cgroups::metrics;
 use containerd_shim::protos::events::task as ev;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -378,6 +379,19 @@ fn bad(e: impl std::fmt::Display) -> ttrpc::Error {
     status(Code::INVALID_ARGUMENT, e.to_string())
 }
 
+impl Service {
+    /// The sandbox container `id` runs in.
+    fn sandbox_of(&self, id: &str) -> TtrpcResult<Arc<Sandbox>> {
+        let all = self.inner.containers();
+        let c = all
+            .get(id)
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))?;
+        c.sandbox
+            .clone()
+            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the sandbox is gone"))
+    }
+}
+
 impl Task for Service {
     fn create(
         &self,
@@ -570,8 +584,10 @@ impl Task for Service {
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exit.get();
+        let paused = c.sandbox.as_ref().is_some_and(|s| s.is_paused());
         let st = match p.status() {
             Status::Created => api::Status::CREATED,
+            Status::Running if paused => api::Status::PAUSED,
             Status::Running => api::Status::RUNNING,
             Status::Stopped => api::Status::STOPPED,
         };
@@ -787,20 +803,77 @@ impl Task for Service {
         Ok(api::Empty::default())
     }
 
+    /// The sandbox's figures in cgroup v1 form (what `ctr task metrics` and the CRI read):
+    /// the guest's processes, its memory in use of its total, and the vCPUs' CPU time.
     fn stats(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::StatsRequest,
+        req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        Err(unimplemented("stats"))
+        let sandbox = self.sandbox_of(&req.id)?;
+        let st = sandbox.stats();
+        let guest = st.guest.unwrap_or_default();
+        let m = metrics::Metrics {
+            pids: MessageField::some(metrics::PidsStat {
+                current: guest.processes,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(metrics::CPUStat {
+                usage: MessageField::some(metrics::CPUUsage {
+                    total: (st.vcpu_time_s * 1e9) as u64,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(metrics::MemoryStat {
+                usage: MessageField::some(metrics::MemoryEntry {
+                    usage: guest.memory_used_bytes,
+                    limit: if guest.memory_total_bytes > 0 {
+                        guest.memory_total_bytes
+                    } else {
+                        st.memory.guest_bytes
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = containerd_shim::util::convert_to_any(Box::new(m))
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
     }
 
-    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("pause"))
+    /// Pauses the container's sandbox: its vCPUs stop, every process in it stands still.
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let sandbox = self.sandbox_of(&req.id)?;
+        sandbox
+            .pause()
+            .map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?;
+        self.inner.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(ev::TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
     }
 
-    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        Err(unimplemented("resume"))
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let sandbox = self.sandbox_of(&req.id)?;
+        sandbox.resume();
+        self.inner.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(ev::TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
     }
 
     fn checkpoint(

@@ -363,3 +363,182 @@ pub fn policy(annotations: &HashMap<String, String>) -> Result<PolicyFlags, Spec
         .map_err(|e| SpecError(format!("annotations {ANNOTATION_PREFIX}network.*: {e}")))?;
     Ok(flags)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spec as `ctr run --rootfs` writes it (trimmed), with `extra` merged into it.
+    fn spec(extra: serde_json::Value) -> Spec {
+        let mut v = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "user": {"uid": 0, "gid": 0},
+                "args": ["sh", "-c", "echo hi"],
+                "env": ["PATH=/usr/bin:/bin", "A=b=c"],
+                "cwd": "/",
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]
+            },
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs"},
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]}
+            ],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}
+        });
+        merge(&mut v, extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn plan_of(extra: serde_json::Value) -> Result<Plan, SpecError> {
+        plan(&spec(extra), Path::new("/b"))
+    }
+
+    #[test]
+    fn the_process_and_mounts_of_a_plain_spec() {
+        let p = plan_of(serde_json::json!({})).unwrap();
+        assert_eq!(
+            p.process.argv,
+            vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()]
+        );
+        assert_eq!(p.process.env[1], (b"A".to_vec(), b"b=c".to_vec()));
+        assert_eq!(p.process.workdir.as_deref(), Some(&b"/"[..]));
+        assert_eq!(p.process.user, None);
+        assert_eq!(p.process.rlimits.len(), 1);
+        assert!(p.process.stdin && p.process.pty.is_none());
+        assert_eq!(p.root, PathBuf::from("/b/rootfs"));
+        // /proc, /dev, /dev/pts and /sys are the guest's; /run is a sized tmpfs.
+        assert_eq!(p.tmpfs, vec![(PathBuf::from("/run"), 64 << 20)]);
+        assert!(p.binds.is_empty());
+        assert_eq!((p.cpus, p.memory_mib), (None, None));
+        assert_eq!(p.policy.net, None);
+    }
+
+    #[test]
+    fn users_terminals_and_resources() {
+        let p = plan_of(serde_json::json!({
+            "process": {"user": {"uid": 1000, "gid": 100}, "terminal": true,
+                        "consoleSize": {"height": 50, "width": 132}},
+            "root": {"path": "/abs/root", "readonly": true},
+            "linux": {"resources": {"cpu": {"quota": 150000, "period": 100000},
+                                     "memory": {"limit": 536870912}}}
+        }))
+        .unwrap();
+        assert_eq!(
+            p.process.user,
+            Some(User::Id {
+                uid: 1000,
+                gid: 100
+            })
+        );
+        assert_eq!(
+            p.process.pty,
+            Some(TermSize {
+                rows: 50,
+                cols: 132
+            })
+        );
+        assert!(!p.process.stdin);
+        assert_eq!(p.root, PathBuf::from("/abs/root"));
+        assert!(p.root_readonly);
+        assert_eq!((p.cpus, p.memory_mib), (Some(2), Some(512)));
+    }
+
+    #[test]
+    fn bind_mounts_become_volumes() {
+        let dir = std::env::temp_dir();
+        let p = plan_of(serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": dir, "options": ["rbind", "ro"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/no/such/file", "options": ["rbind"]}
+        ]}))
+        .unwrap();
+        assert_eq!(
+            p.binds,
+            vec![Bind {
+                host: dir,
+                guest: "/data".into(),
+                read_only: true
+            }]
+        );
+    }
+
+    #[test]
+    fn what_we_cannot_do_is_refused_by_name() {
+        let cases = [
+            (
+                serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}}),
+                "host networking",
+            ),
+            (
+                serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}}),
+                "joining an existing",
+            ),
+            (
+                serde_json::json!({"linux": {"devices": [{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}]}}),
+                "device /dev/kvm",
+            ),
+            (
+                serde_json::json!({"annotations": {"io.msb-vmm.bogus": "1"}}),
+                "io.msb-vmm.bogus: unknown",
+            ),
+            (
+                serde_json::json!({"annotations": {"io.msb-vmm.network.allow": "tcp:host:notaport"}}),
+                "network",
+            ),
+            (serde_json::json!({"process": {"args": []}}), "no args"),
+            (serde_json::json!({"process": {"cwd": "rel"}}), "cwd rel"),
+            (
+                serde_json::json!({"process": {"env": ["NOEQUALS"]}}),
+                "NOEQUALS",
+            ),
+            (
+                serde_json::json!({"process": {"rlimits": [{"type": "RLIMIT_RTPRIO", "hard": 1, "soft": 1}]}}),
+                "RlimitRtprio",
+            ),
+            (
+                serde_json::json!({"linux": {"resources": {"memory": {"limit": 1048576}}}}),
+                "at least 64 MiB",
+            ),
+            (
+                serde_json::json!({"mounts": [{"destination": "/x", "type": "nfs", "source": "h:/x"}]}),
+                "mount type \"nfs\"",
+            ),
+            (
+                serde_json::json!({"mounts": [{"destination": "/x", "type": "bind", "source": "rel", "options": ["rbind"]}]}),
+                "absolute host path",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = plan_of(extra.clone()).expect_err(&extra.to_string());
+            assert!(e.0.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn network_annotations_make_the_policy() {
+        let p = plan_of(serde_json::json!({"annotations": {
+            "io.msb-vmm.network.preset": "none",
+            "io.msb-vmm.network.allow": "tcp:example.com:443, 10.0.0.0/8",
+            "io.msb-vmm.network.deny": "metadata",
+            "io.kubernetes.cri.sandbox-id": "pod"
+        }}))
+        .unwrap();
+        assert_eq!(p.policy.net.as_deref(), Some("none"));
+        assert_eq!(p.policy.allow, vec!["tcp:example.com:443", "10.0.0.0/8"]);
+        assert_eq!(p.policy.deny, vec!["metadata"]);
+    }
+}

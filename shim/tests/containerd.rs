@@ -248,6 +248,20 @@ fn exec_kill_and_delete_and_nothing_is_left() {
     assert!(!data.join("g").exists());
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(ls.contains("t2") && ls.contains("RUNNING"), "{ls}");
+    // Pause stops the whole sandbox; resume lets it go on; metrics come from the sandbox.
+    let out = c.ctr(&["task", "pause", "t2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ls = text(&c.ctr(&["task", "ls"]).stdout);
+    assert!(ls.contains("PAUSED"), "{ls}");
+    let out = c.ctr(&["task", "resume", "t2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = c.ctr(&["task", "metrics", "t2"]);
+    let m = text(&out.stdout);
+    assert!(
+        m.contains("pids.current") && m.contains("memory.usage_in_bytes"),
+        "{m}\n{}",
+        text(&out.stderr)
+    );
     let out = c.ctr(&["task", "kill", "-s", "TERM", "t2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let deadline = Instant::now() + Duration::from_secs(60);
