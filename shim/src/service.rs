@@ -196,7 +196,13 @@ fn log_dir(namespace: &str) -> PathBuf {
 }
 
 /// Boots the sandbox a plan describes.
-fn boot(plan: &Plan, root: &Path, id: &str, namespace: &str) -> Result<Sandbox, String> {
+fn boot(
+    plan: &Plan,
+    root: &Path,
+    stable_root: bool,
+    id: &str,
+    namespace: &str,
+) -> Result<Sandbox, String> {
     // A read-only root keeps the host tree unchanged: the guest writes to a layer in memory.
     let mut b = if plan.root_readonly {
         Sandbox::builder().rootfs_overlay(root)
@@ -204,8 +210,10 @@ fn boot(plan: &Plan, root: &Path, id: &str, namespace: &str) -> Result<Sandbox, 
         Sandbox::builder().rootfs(root)
     };
     // As `msb-vmm run` does: continue a snapshot of a freshly booted sandbox of this
-    // configuration (same root, size, mounts) when there is one.
-    b = b.warm(true);
+    // configuration (same root, size, mounts) when there is one. Only for a root that
+    // stays put (`root.path`): a snapshot root is a new directory per container, whose
+    // template would be saved each time and never used.
+    b = b.warm(stable_root);
     if let Some(n) = plan.cpus {
         b = b.cpus(n);
     }
@@ -430,8 +438,14 @@ impl Task for Service {
                 root.display()
             )));
         }
-        let sandbox = boot(&plan, &root, &id, &self.inner.namespace)
-            .map_err(|e| cleanup(format!("starting the sandbox: {e}")))?;
+        let sandbox = boot(
+            &plan,
+            &root,
+            mounted_root.is_none(),
+            &id,
+            &self.inner.namespace,
+        )
+        .map_err(|e| cleanup(format!("starting the sandbox: {e}")))?;
         tracing::info!("container {id}: sandbox up on {}", root.display());
         let c = Container {
             bundle: bundle.clone(),

@@ -355,3 +355,125 @@ fn bundles_we_cannot_run_get_one_clear_error_and_leave_nothing() {
     }
     c.assert_nothing_left();
 }
+
+/// `sha256sum FILE`, hex.
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// An OCI image archive (`ctr image import` takes it) of the busybox tree as one layer,
+/// named `name`.
+fn oci_archive(root: &Path, work: &Path, name: &str) -> PathBuf {
+    let layout = work.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer = work.join("layer.tar");
+    let ok = Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(root)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let put = |data: &[u8]| -> (String, usize) {
+        let f = work.join("blob");
+        std::fs::write(&f, data).unwrap();
+        let d = sha256(&f);
+        std::fs::rename(&f, blobs.join(&d)).unwrap();
+        (d, data.len())
+    };
+    let (layer_digest, layer_size) = put(&std::fs::read(&layer).unwrap());
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]}
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{config_digest}"), "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer_digest}"), "size": layer_size}]
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{manifest_digest}"), "size": manifest_size,
+                       "annotations": {"io.containerd.image.name": name,
+                                       "org.opencontainers.image.ref.name": "test"}}]
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let archive = work.join("image.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    archive
+}
+
+#[test]
+fn an_image_root_comes_from_the_snapshotter_mounts() {
+    let c = Containerd::start();
+    let work = c.dir.join("image-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let name = "docker.io/msb/busybox:test";
+    let archive = oci_archive(&c.rootfs, &work, name);
+    let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let fifo = c.dir.join("fifo");
+    // overlayfs: containerd's default snapshotter, an overlay mount with lowerdir, upperdir
+    // and workdir; native: a bind mount of a copied tree.
+    for (i, snapshotter) in ["overlayfs", "native"].iter().enumerate() {
+        let id = format!("img{i}");
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--runtime",
+            RUNTIME,
+            "--snapshotter",
+            snapshotter,
+            name,
+            &id,
+            "sh",
+            "-c",
+            "ls /mine 2>/dev/null; echo $((6 * 7)) > /mine; cat /mine",
+        ]);
+        // Each container writes to its own snapshot: the first one's file is not the
+        // image's.
+        assert_eq!(
+            text(&out.stdout),
+            "42\n",
+            "{snapshotter}: {}\n{}",
+            text(&out.stderr),
+            c.log()
+        );
+    }
+    c.assert_nothing_left();
+}
