@@ -192,6 +192,10 @@ pub struct ExecRequest {
     pub pty: Option<TermSize>,
     /// Kill the process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Run chrooted into this guest directory (a container's root in a pod sandbox): the
+    /// working directory, `PATH` lookup and the user's home are inside it. As PID 1 the agent
+    /// first mounts `/proc`, `/dev` and `/sys` there (where the directories exist).
+    pub root: Option<Vec<u8>>,
 }
 
 /// Default RLIMIT_NOFILE (soft and hard) for executed processes: data-science and build tools

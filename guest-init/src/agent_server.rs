@@ -719,6 +719,49 @@ fn limit_group(
     Ok(group)
 }
 
+/// A container root for an exec: an existing absolute directory. As PID 1, the agent mounts
+/// the guest's `/proc` (a new instance), `/dev` and `/sys` (bind mounts) into it the first
+/// time, where it has those directories.
+fn container_root(r: &[u8]) -> Result<std::path::PathBuf, AgentError> {
+    if r.contains(&0) || !r.starts_with(b"/") {
+        return Err(invalid("the root must be an absolute path"));
+    }
+    let root = std::path::PathBuf::from(OsStr::from_bytes(r));
+    if !root.is_dir() {
+        return Err(AgentError {
+            kind: ErrorKind::NotFound,
+            message: format!("root {}: no such directory", root.display()),
+        });
+    }
+    if std::process::id() == 1 {
+        let mounted = |p: &str, probe: &str| root.join(p).join(probe).exists();
+        let attempt = |what: &str, r: io::Result<()>| {
+            if let Err(e) = r {
+                eprintln!("msb-init: {what} in {}: {e}", root.display());
+            }
+        };
+        if root.join("proc").is_dir() && !mounted("proc", "self") {
+            attempt(
+                "mounting /proc",
+                sys::mount_fs("proc", &root.join("proc"), "proc"),
+            );
+        }
+        if root.join("dev").is_dir() && !mounted("dev", "null") {
+            attempt(
+                "binding /dev",
+                sys::rbind(std::path::Path::new("/dev"), &root.join("dev")),
+            );
+        }
+        if root.join("sys").is_dir() && !mounted("sys", "kernel") {
+            attempt(
+                "binding /sys",
+                sys::rbind(std::path::Path::new("/sys"), &root.join("sys")),
+            );
+        }
+    }
+    Ok(root)
+}
+
 fn spawn(
     req: &ExecRequest,
     cgroup: Option<&std::path::Path>,
@@ -731,12 +774,20 @@ fn spawn(
         return Err(invalid("an argument contains a NUL byte"));
     }
     check_env(&req.env)?;
+    let root = match &req.root {
+        None => None,
+        Some(r) => Some(container_root(r)?),
+    };
     let user = match &req.user {
         None => None,
-        Some(u) => Some(sys::resolve_user(u).map_err(|m| AgentError {
-            kind: ErrorKind::NotFound,
-            message: m,
-        })?),
+        Some(u) => Some(
+            sys::resolve_user_at(root.as_deref().unwrap_or(std::path::Path::new("/")), u).map_err(
+                |m| AgentError {
+                    kind: ErrorKind::NotFound,
+                    message: m,
+                },
+            )?,
+        ),
     };
     let mut cmd = Command::new(OsStr::from_bytes(&req.argv[0]));
     cmd.args(req.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
@@ -766,7 +817,18 @@ fn spawn(
     if workdir.contains(&0) {
         return Err(invalid("working directory contains a NUL byte"));
     }
-    if !std::path::Path::new(OsStr::from_bytes(&workdir)).is_dir() {
+    let inside = match &root {
+        Some(r) => r.join(OsStr::from_bytes(
+            workdir.strip_prefix(b"/").unwrap_or(&workdir),
+        )),
+        None => std::path::PathBuf::from(OsStr::from_bytes(&workdir)),
+    };
+    if !workdir.starts_with(b"/") && root.is_some() {
+        return Err(invalid(
+            "the working directory must be absolute with a root",
+        ));
+    }
+    if !inside.is_dir() {
         return Err(AgentError {
             kind: ErrorKind::NotFound,
             message: format!(
@@ -775,7 +837,17 @@ fn spawn(
             ),
         });
     }
-    cmd.current_dir(OsStr::from_bytes(&workdir));
+    // With a root, the child changes directory after its chroot (in `pre_exec`).
+    let chroot = match &root {
+        Some(r) => Some((
+            std::ffi::CString::new(r.as_os_str().as_bytes()).map_err(|_| invalid("root"))?,
+            std::ffi::CString::new(workdir.clone()).map_err(|_| invalid("workdir"))?,
+        )),
+        None => {
+            cmd.current_dir(OsStr::from_bytes(&workdir));
+            None
+        }
+    };
 
     let mut limits: Vec<(sys::Resource, u64, u64)> = Vec::new();
     let default_nofile = !req
@@ -840,6 +912,9 @@ fn spawn(
         cmd.pre_exec(move || {
             if let Some(fd) = procs_fd {
                 sys::join_cgroup(fd)?;
+            }
+            if let Some((root, dir)) = &chroot {
+                sys::chroot_and_chdir(root, dir)?;
             }
             if pty {
                 sys::become_session_leader_with_tty()?;

@@ -254,11 +254,56 @@ pub struct ResolvedUser {
     pub home: Vec<u8>,
 }
 
-/// Resolves a user by name or number.
-pub fn resolve_user(user: &User) -> Result<ResolvedUser, String> {
-    let passwd = std::fs::read("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read("/etc/group").unwrap_or_default();
+/// Resolves a user by name or number from the passwd and group files of the tree at `root`
+/// (`/`, or a container's root).
+pub fn resolve_user_at(root: &std::path::Path, user: &User) -> Result<ResolvedUser, String> {
+    let passwd = std::fs::read(root.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read(root.join("etc/group")).unwrap_or_default();
     resolve_user_in(user, &passwd, &group)
+}
+
+/// In a forked child: chroot(2) into `root`, then chdir(2) to `dir` inside it.
+pub fn chroot_and_chdir(root: &std::ffi::CStr, dir: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: async-signal-safe system calls on valid NUL-terminated strings.
+    check(unsafe { libc::chroot(root.as_ptr()) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::chdir(dir.as_ptr()) }).map(|_| ())
+}
+
+fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+/// Mounts a new instance of file system `fstype` (no device) at `target`, nosuid/nodev/noexec.
+pub fn mount_fs(src: &str, target: &std::path::Path, fstype: &str) -> io::Result<()> {
+    let (s, t, f) = (
+        c_path(std::path::Path::new(src))?,
+        c_path(target)?,
+        c_path(std::path::Path::new(fstype))?,
+    );
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: valid NUL-terminated strings that outlive the call; no data argument.
+    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) })
+        .map(|_| ())
+}
+
+/// Bind-mounts `src` (with what is mounted below it) at `target`.
+pub fn rbind(src: &std::path::Path, target: &std::path::Path) -> io::Result<()> {
+    let (s, t) = (c_path(src)?, c_path(target)?);
+    let flags = libc::MS_BIND | libc::MS_REC;
+    // SAFETY: valid NUL-terminated strings that outlive the call; no type or data.
+    check(unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    })
+    .map(|_| ())
 }
 
 /// The lookup over given file contents (unit-tested).

@@ -753,3 +753,47 @@ fn failed_spawns_racing_the_reaper_leave_the_agent_serving() {
         ExitStatus::Code(0)
     );
 }
+
+/// A container's process runs chrooted into its root: `PATH` lookup, the working directory
+/// and what it sees are inside; a missing or relative root is refused.
+#[test]
+fn an_exec_with_a_root_runs_inside_it() {
+    let a = Agent::start();
+    let c = a.client();
+    let root = a.dir.join("container");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("work/here")).unwrap();
+    std::fs::write(root.join("marker"), "inside\n").unwrap();
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a static busybox (apt-get install busybox-static)");
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "pwd", "ls"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let mut r = sh("pwd; cat /marker; ls /");
+    r.root = Some(root.as_os_str().as_encoded_bytes().to_vec());
+    r.workdir = Some(b"/work/here".to_vec());
+    r.env = vec![(b"PATH".to_vec(), b"/bin".to_vec())];
+    let out = c.exec(r).unwrap().output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/work/here\ninside\nbin\nmarker\nwork\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = sh("true");
+    r.root = Some(a.dir.join("none").as_os_str().as_encoded_bytes().to_vec());
+    let e = c.exec(r).and_then(|h| h.output()).unwrap_err().to_string();
+    assert!(e.contains("no such directory"), "{e}");
+    let mut r = sh("true");
+    r.root = Some(b"relative".to_vec());
+    let e = c.exec(r).and_then(|h| h.output()).unwrap_err().to_string();
+    assert!(e.contains("absolute"), "{e}");
+    let mut r = sh("true");
+    r.root = Some(root.as_os_str().as_encoded_bytes().to_vec());
+    r.workdir = Some(b"/no/such".to_vec());
+    let e = c.exec(r).and_then(|h| h.output()).unwrap_err().to_string();
+    assert!(e.contains("no such directory"), "{e}");
+}

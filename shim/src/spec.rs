@@ -320,6 +320,7 @@ pub fn process_request(p: &Process) -> Result<ExecRequest, SpecError> {
         stdin: pty.is_none(),
         pty,
         timeout_ms: None,
+        root: None,
     })
 }
 
