@@ -18,7 +18,7 @@ pub struct PrivateContainerd {
 impl PrivateContainerd {
     /// Starts `containerd` with its state in `dir` (made afresh) and `shim_dir` first in its
     /// `PATH`, so runtime `io.containerd.msb.v2` is the shim there. Audit logs go to
-    /// `dir/logs/<namespace>`.
+    /// `dir/logs/<namespace>`, pod shares to `dir/run`.
     pub fn start(
         dir: &Path,
         shim_dir: &Path,
@@ -62,6 +62,7 @@ impl PrivateContainerd {
             ])
             .env("PATH", path)
             .env("MSB_SHIM_LOG_DIR", dir.join("logs"))
+            .env("MSB_SHIM_RUN_DIR", dir.join("run"))
             .stdout(log.try_clone().map_err(io)?)
             .stderr(log)
             .spawn()

@@ -38,7 +38,14 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
-        let grouping = opts.id.clone();
+        // Containers of one CRI pod go to one shim, which runs them in one sandbox (the
+        // runc shim groups by the same annotation). containerd runs `start` in the bundle.
+        let grouping = oci_spec::runtime::Spec::load("config.json")
+            .ok()
+            .and_then(|s| s.annotations().clone())
+            .and_then(|a| a.get(spec::CRI_SANDBOX_ID).cloned())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| opts.id.clone());
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         // The bundle's `address` file is how the serving shim (and `delete`) find the socket
         // to remove when it ends.
@@ -50,7 +57,8 @@ impl containerd_shim::Shim for Shim {
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         if let Ok(address) = containerd_shim::synchronous::util::read_address() {
             let path = address.trim_start_matches("unix://");
-            if !path.is_empty() {
+            // A shim that still answers serves other containers of the pod: its socket stays.
+            if !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_err() {
                 let _ = std::fs::remove_file(path);
             }
         }

@@ -26,6 +26,36 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Bind-mounts directory `src` (and what is mounted below it) at `target`, made here.
+pub fn bind(src: &Path, target: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::create_dir_all(target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(s), Ok(t)) = (c(src), c(target)) else {
+        return Err(format!("{}: a NUL byte in the path", src.display()));
+    };
+    // SAFETY: valid NUL-terminated paths that outlive the call; no type or data.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_dir(target);
+        return Err(format!(
+            "binding {} at {}: {e}",
+            src.display(),
+            target.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Unmounts `target` (lazily when busy); a target that is no mount point is left alone.
 pub fn unmount(target: &Path) {
     use std::os::unix::ffi::OsStrExt;

@@ -97,11 +97,38 @@ impl Process {
 #[derive(Debug)]
 struct Container {
     bundle: PathBuf,
-    /// The root we mounted from containerd's snapshot mounts (unmounted on delete).
+    /// The pod (sandbox) this container runs in: the CRI sandbox id, else its own id.
+    pod: String,
+    /// The root we mounted from containerd's snapshot mounts, when this container joined a
+    /// pod (unmounted on delete; the root a pod booted on belongs to the pod).
     mounted_root: Option<PathBuf>,
+    /// Where this container's root is bind-mounted in the pod's share (it joined a pod).
+    bind: Option<PathBuf>,
     sandbox: Option<Arc<Sandbox>>,
     init: Process,
     execs: HashMap<String, Process>,
+}
+
+/// One sandbox and the containers in it.
+#[derive(Debug)]
+struct Pod {
+    sandbox: Arc<Sandbox>,
+    /// For a CRI pod: the host directory shared at [`POD_GUEST_DIR`]; each container that
+    /// joins later has its root bind-mounted at `<share>/<id>` and runs chrooted there.
+    share: Option<PathBuf>,
+    members: usize,
+    /// The root the sandbox booted on, when we mounted it (unmounted when the pod ends).
+    base_mount: Option<PathBuf>,
+}
+
+/// Where a pod sandbox sees the roots of the containers that joined it.
+const POD_GUEST_DIR: &str = "/run/msb-pod";
+
+/// Where pod shares are made: `$MSB_SHIM_RUN_DIR`, else `/run/msb-vmm-shim`.
+fn run_dir() -> PathBuf {
+    std::env::var_os("MSB_SHIM_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/msb-vmm-shim"))
 }
 
 impl Container {
@@ -135,6 +162,10 @@ struct Inner {
     exit: Arc<ExitSignal>,
     publisher: Mutex<RemotePublisher>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Taken after `containers` when both are held.
+    pods: Mutex<HashMap<String, Pod>>,
+    /// One create at a time: the second container of a pod must find the first's sandbox.
+    creating: Mutex<()>,
 }
 
 impl Service {
@@ -145,6 +176,8 @@ impl Service {
                 exit,
                 publisher: Mutex::new(publisher),
                 containers: Mutex::new(HashMap::new()),
+                pods: Mutex::new(HashMap::new()),
+                creating: Mutex::new(()),
             }),
         }
     }
@@ -200,6 +233,7 @@ fn boot(
     plan: &Plan,
     root: &Path,
     stable_root: bool,
+    share: Option<&Path>,
     id: &str,
     namespace: &str,
 ) -> Result<Sandbox, String> {
@@ -212,8 +246,8 @@ fn boot(
     // As `msb-vmm run` does: continue a snapshot of a freshly booted sandbox of this
     // configuration (same root, size, mounts) when there is one. Only for a root that
     // stays put (`root.path`): a snapshot root is a new directory per container, whose
-    // template would be saved each time and never used.
-    b = b.warm(stable_root);
+    // template would be saved each time and never used; a pod's share is new per pod.
+    b = b.warm(stable_root && share.is_none());
     if let Some(n) = plan.cpus {
         b = b.cpus(n);
     }
@@ -233,6 +267,15 @@ fn boot(
     }
     for (path, size) in &plan.tmpfs {
         b = b.tmpfs(path.clone(), *size);
+    }
+    if let Some(share) = share {
+        b = b.volume(Volume {
+            host: share.to_path_buf(),
+            guest: POD_GUEST_DIR.into(),
+            read_only: false,
+            // Roots appear and go as containers join and leave.
+            cache: CachePolicy::None,
+        });
     }
     let policy = msb_vmm::netconf::policy_from(&plan.policy).map_err(|e| e.to_string())?;
     if !msb_vmm::netconf::airgapped(&policy) {
@@ -388,6 +431,17 @@ fn bad(e: impl std::fmt::Display) -> ttrpc::Error {
 }
 
 impl Service {
+    /// Whether container `id` shares its sandbox with other containers.
+    fn shares_sandbox(&self, id: &str) -> bool {
+        let pod = match self.inner.containers().get(id) {
+            Some(c) => c.pod.clone(),
+            None => return false,
+        };
+        lock(&self.inner.pods)
+            .get(&pod)
+            .is_some_and(|p| p.members > 1)
+    }
+
     /// The sandbox container `id` runs in.
     fn sandbox_of(&self, id: &str) -> TtrpcResult<Arc<Sandbox>> {
         let all = self.inner.containers();
@@ -438,21 +492,79 @@ impl Task for Service {
                 root.display()
             )));
         }
-        let sandbox = boot(
-            &plan,
-            &root,
-            mounted_root.is_none(),
-            &id,
-            &self.inner.namespace,
-        )
-        .map_err(|e| cleanup(format!("starting the sandbox: {e}")))?;
-        tracing::info!("container {id}: sandbox up on {}", root.display());
+        let _creating = lock(&self.inner.creating);
+        let pod_id = plan.pod.clone().unwrap_or_else(|| id.clone());
+        let joined = {
+            let mut pods = lock(&self.inner.pods);
+            match pods.get_mut(&pod_id) {
+                Some(pod) => {
+                    let Some(share) = pod.share.clone() else {
+                        return Err(cleanup(format!(
+                            "sandbox {pod_id} takes no more containers"
+                        )));
+                    };
+                    let target = share.join(&id);
+                    rootfs::bind(&root, &target).map_err(&cleanup)?;
+                    pod.members += 1;
+                    Some((pod.sandbox.clone(), target))
+                }
+                None => None,
+            }
+        };
+        let (sandbox, mounted_root, bind, process) = match joined {
+            Some((sandbox, target)) => {
+                let mut p = plan.process.clone();
+                p.root = Some(format!("{POD_GUEST_DIR}/{id}").into_bytes());
+                tracing::info!("container {id}: joins sandbox {pod_id}");
+                (sandbox, mounted_root, Some(target), p)
+            }
+            None => {
+                let share = match plan.pod {
+                    Some(_) => {
+                        let dir = run_dir().join(format!("{}-{pod_id}", self.inner.namespace));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        std::fs::create_dir_all(&dir)
+                            .map_err(|e| cleanup(format!("{}: {e}", dir.display())))?;
+                        Some(dir)
+                    }
+                    None => None,
+                };
+                let sandbox = boot(
+                    &plan,
+                    &root,
+                    mounted_root.is_none(),
+                    share.as_deref(),
+                    &id,
+                    &self.inner.namespace,
+                )
+                .map_err(|e| {
+                    if let Some(d) = &share {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                    cleanup(format!("starting the sandbox: {e}"))
+                })?;
+                tracing::info!("container {id}: sandbox up on {}", root.display());
+                let sandbox = Arc::new(sandbox);
+                lock(&self.inner.pods).insert(
+                    pod_id.clone(),
+                    Pod {
+                        sandbox: sandbox.clone(),
+                        share,
+                        members: 1,
+                        base_mount: mounted_root,
+                    },
+                );
+                (sandbox, None, None, plan.process.clone())
+            }
+        };
         let c = Container {
             bundle: bundle.clone(),
+            pod: pod_id,
             mounted_root,
-            sandbox: Some(Arc::new(sandbox)),
+            bind,
+            sandbox: Some(sandbox),
             init: Process {
-                req: plan.process,
+                req: process,
                 stdio: Stdio {
                     stdin: req.stdin.clone(),
                     stdout: req.stdout.clone(),
@@ -549,11 +661,13 @@ impl Task for Service {
                 .map_err(|e| bad(format!("exec {}: process spec: {e}", req.exec_id)))?,
             None => return Err(bad(format!("exec {}: no process spec", req.exec_id))),
         };
-        let exec = spec::process_request(&process).map_err(bad)?;
+        let mut exec = spec::process_request(&process).map_err(bad)?;
         let mut all = self.inner.containers();
         let c = all
             .get_mut(&req.id)
             .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        // In the container's root, as its first process.
+        exec.root = c.init.req.root.clone();
         if req.exec_id.is_empty() || c.execs.contains_key(&req.exec_id) {
             return Err(status(
                 Code::ALREADY_EXISTS,
@@ -708,11 +822,10 @@ impl Task for Service {
             ));
         }
         let c = all.remove(&req.id).expect("looked up above");
-        let empty = all.is_empty();
         drop(all);
         let (code, at) = c.init.exit.get().unwrap_or((0, now()));
         let pid = c.init.pid;
-        teardown(c);
+        self.leave(c);
         self.inner.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(ev::TaskDelete {
@@ -724,9 +837,6 @@ impl Task for Service {
                 ..Default::default()
             }),
         );
-        if empty {
-            tracing::debug!("last container deleted");
-        }
         Ok(api::DeleteResponse {
             pid,
             exit_status: code,
@@ -809,10 +919,11 @@ impl Task for Service {
         if !req.now && !all.is_empty() {
             return Ok(api::Empty::default());
         }
-        for (_, c) in all.drain() {
-            teardown(c);
-        }
+        let left: Vec<Container> = all.drain().map(|(_, c)| c).collect();
         drop(all);
+        for c in left {
+            self.leave(c);
+        }
         self.inner.exit.signal();
         Ok(api::Empty::default())
     }
@@ -864,6 +975,12 @@ impl Task for Service {
     /// Pauses the container's sandbox: its vCPUs stop, every process in it stands still.
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let sandbox = self.sandbox_of(&req.id)?;
+        if self.shares_sandbox(&req.id) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "pausing one container of a pod that shares a sandbox is not supported",
+            ));
+        }
         sandbox
             .pause()
             .map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?;
@@ -879,6 +996,12 @@ impl Task for Service {
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let sandbox = self.sandbox_of(&req.id)?;
+        if self.shares_sandbox(&req.id) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "resuming one container of a pod that shares a sandbox is not supported",
+            ));
+        }
         sandbox.resume();
         self.inner.publish(
             topics::TASK_RESUMED_EVENT_TOPIC,
@@ -903,24 +1026,50 @@ impl Task for Service {
     }
 }
 
-/// Powers the container's sandbox off and unmounts what `create` mounted.
-fn teardown(mut c: Container) {
-    if let Some(sb) = c.sandbox.take() {
-        match Arc::try_unwrap(sb) {
+impl Service {
+    /// Takes a deleted container out of its pod: its processes count as killed, its root
+    /// goes from the pod's share and is unmounted; the last container out powers the
+    /// sandbox off and unmounts the root it booted on.
+    fn leave(&self, mut c: Container) {
+        for p in std::iter::once(&c.init).chain(c.execs.values()) {
+            if p.exit.get().is_none() {
+                p.exit.set(137);
+            }
+        }
+        drop(c.sandbox.take());
+        if let Some(b) = &c.bind {
+            rootfs::unmount(b);
+            let _ = std::fs::remove_dir(b);
+        }
+        if let Some(t) = &c.mounted_root {
+            rootfs::unmount(t);
+        }
+        let pod = {
+            let mut pods = lock(&self.inner.pods);
+            match pods.get_mut(&c.pod) {
+                Some(p) if p.members > 1 => {
+                    p.members -= 1;
+                    None
+                }
+                Some(_) => pods.remove(&c.pod),
+                None => None,
+            }
+        };
+        let Some(pod) = pod else { return };
+        match Arc::try_unwrap(pod.sandbox) {
             Ok(sb) => {
                 if let Err(e) = sb.shutdown() {
-                    tracing::warn!("sandbox shutdown: {e}");
+                    tracing::warn!("sandbox {} shutdown: {e}", c.pod);
                 }
             }
+            // An exec's output thread may still hold it: the last drop powers it off.
             Err(sb) => drop(sb),
         }
-    }
-    for p in std::iter::once(&c.init).chain(c.execs.values()) {
-        if p.exit.get().is_none() {
-            p.exit.set(137);
+        if let Some(t) = &pod.base_mount {
+            rootfs::unmount(t);
         }
-    }
-    if let Some(t) = &c.mounted_root {
-        rootfs::unmount(t);
+        if let Some(d) = &pod.share {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

@@ -24,6 +24,9 @@ const GUEST_OWNED: &[&str] = &[
     "/dev/pts",
     "/dev/shm",
     "/dev/mqueue",
+    // A tmpfs already (containerd's default spec asks for one): the pod share is mounted
+    // below it.
+    "/run",
 ];
 
 /// A bundle we cannot run: one line naming the field and what to change.
@@ -60,6 +63,9 @@ pub struct Plan {
     pub memory_mib: Option<u64>,
     /// The egress policy from `io.msb-vmm.network.*`.
     pub policy: PolicyFlags,
+    /// The pod this container belongs to, from the CRI annotation: containers of one pod
+    /// share a sandbox.
+    pub pod: Option<String>,
     pub hostname: Option<String>,
 }
 
@@ -83,6 +89,10 @@ pub fn plan(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
     let root_readonly = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
     let annotations = spec.annotations().clone().unwrap_or_default();
     let policy = policy(&annotations)?;
+    let pod = annotations
+        .get(CRI_SANDBOX_ID)
+        .filter(|p| !p.is_empty())
+        .cloned();
     let (mut cpus, mut memory_mib) = (None, None);
     if let Some(linux) = spec.linux() {
         if let Some(ns) = linux.namespaces() {
@@ -144,6 +154,7 @@ pub fn plan(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
         cpus,
         memory_mib,
         policy,
+        pod,
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
     })
 }
@@ -386,7 +397,8 @@ mod tests {
                 {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
                 {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
                 {"destination": "/sys", "type": "sysfs", "source": "sysfs"},
-                {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]}
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]}
             ],
             "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}
         });
@@ -422,8 +434,8 @@ mod tests {
         assert_eq!(p.process.rlimits.len(), 1);
         assert!(p.process.stdin && p.process.pty.is_none());
         assert_eq!(p.root, PathBuf::from("/b/rootfs"));
-        // /proc, /dev, /dev/pts and /sys are the guest's; /run is a sized tmpfs.
-        assert_eq!(p.tmpfs, vec![(PathBuf::from("/run"), 64 << 20)]);
+        // /proc, /dev, /dev/pts, /sys and /run are the guest's; /tmp is a sized tmpfs.
+        assert_eq!(p.tmpfs, vec![(PathBuf::from("/tmp"), 64 << 20)]);
         assert!(p.binds.is_empty());
         assert_eq!((p.cpus, p.memory_mib), (None, None));
         assert_eq!(p.policy.net, None);
@@ -541,5 +553,6 @@ mod tests {
         assert_eq!(p.policy.net.as_deref(), Some("none"));
         assert_eq!(p.policy.allow, vec!["tcp:example.com:443", "10.0.0.0/8"]);
         assert_eq!(p.policy.deny, vec!["metadata"]);
+        assert_eq!(p.pod.as_deref(), Some("pod"));
     }
 }

@@ -127,12 +127,20 @@ impl Containerd {
                 std::fs::read_dir(self.dir.join("state/io.containerd.runtime.v2.task/default"))
                     .map(|d| d.flatten().map(|e| e.file_name()).collect())
                     .unwrap_or_default();
-            if shims.is_empty() && sockets.is_empty() && mounts.is_empty() && tasks.is_empty() {
+            let shares: Vec<_> = std::fs::read_dir(self.dir.join("run"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            if shims.is_empty()
+                && sockets.is_empty()
+                && mounts.is_empty()
+                && tasks.is_empty()
+                && shares.is_empty()
+            {
                 return;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "left behind: shim processes {shims:?}, sockets {sockets:?}, mounts {mounts:?}, task dirs {tasks:?}\n{}",
+                    "left behind: shim processes {shims:?}, sockets {sockets:?}, mounts {mounts:?}, task dirs {tasks:?}, pod shares {shares:?}\n{}",
                     self.log()
                 );
             }
@@ -475,5 +483,85 @@ fn an_image_root_comes_from_the_snapshotter_mounts() {
             c.log()
         );
     }
+    c.assert_nothing_left();
+}
+
+#[test]
+fn containers_with_one_sandbox_id_share_one_sandbox() {
+    let c = Containerd::start();
+    let pod = "io.kubernetes.cri.sandbox-id=pod1";
+    // The pod's first container (the pause container under Kubernetes) boots the sandbox.
+    let out = c.run(
+        &["-d", "--annotation", pod],
+        None,
+        "first",
+        &["sleep", "1000"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    // A second container with a root of its own joins it.
+    let second = c.dir.join("second-root");
+    busybox_root(&second, APPLETS).unwrap();
+    std::fs::write(second.join("who"), "second\n").unwrap();
+    let fifo = c.dir.join("fifo");
+    let boot_id = "cat /proc/sys/kernel/random/boot_id";
+    let out = c.run(
+        &["--rm", "--annotation", pod],
+        Some(&second),
+        "second",
+        &["sh", "-c", &format!("cat /who; ls /dev/null; {boot_id}")],
+    );
+    let joined = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{joined}\n{}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    let lines: Vec<&str> = joined.lines().collect();
+    assert_eq!(lines[..2], ["second", "/dev/null"], "{joined}");
+    // The same kernel answers in the first container: one sandbox, one shim.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        fifo.to_str().unwrap(),
+        "--exec-id",
+        "b",
+        "first",
+        "sh",
+        "-c",
+        boot_id,
+    ]);
+    assert_eq!(text(&out.stdout).trim(), lines[2], "{}", text(&out.stderr));
+    assert!(!lines[2].is_empty());
+    assert_eq!(c.d.shim_pids().len(), 1);
+    // The first container cannot see the second's files, nor the second the first's.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--fifo-dir",
+        fifo.to_str().unwrap(),
+        "--exec-id",
+        "c",
+        "first",
+        "sh",
+        "-c",
+        "cat /who 2>/dev/null || echo none",
+    ]);
+    assert_eq!(text(&out.stdout), "none\n");
+    let out = c.ctr(&["task", "kill", "-s", "KILL", "first"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !text(&c.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
+        assert!(Instant::now() < deadline, "first did not stop: {}", c.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = c.ctr(&["task", "delete", "first"]);
+    assert!(
+        text(&out.stderr).contains("exit code 137"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = c.ctr(&["container", "delete", "first"]);
     c.assert_nothing_left();
 }
