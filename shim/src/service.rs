@@ -201,6 +201,19 @@ impl Inner {
     }
 }
 
+fn container<'a>(all: &'a HashMap<String, Container>, id: &str) -> TtrpcResult<&'a Container> {
+    all.get(id)
+        .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
+}
+
+fn container_mut<'a>(
+    all: &'a mut HashMap<String, Container>,
+    id: &str,
+) -> TtrpcResult<&'a mut Container> {
+    all.get_mut(id)
+        .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -445,10 +458,8 @@ impl Service {
     /// The sandbox container `id` runs in.
     fn sandbox_of(&self, id: &str) -> TtrpcResult<Arc<Sandbox>> {
         let all = self.inner.containers();
-        let c = all
-            .get(id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {id} not found")))?;
-        c.sandbox
+        container(&all, id)?
+            .sandbox
             .clone()
             .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the sandbox is gone"))
     }
@@ -603,9 +614,7 @@ impl Task for Service {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let mut all = self.inner.containers();
-        let c = all
-            .get_mut(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container_mut(&mut all, &req.id)?;
         let sandbox = c
             .sandbox
             .clone()
@@ -663,9 +672,7 @@ impl Task for Service {
         };
         let mut exec = spec::process_request(&process).map_err(bad)?;
         let mut all = self.inner.containers();
-        let c = all
-            .get_mut(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container_mut(&mut all, &req.id)?;
         // In the container's root, as its first process.
         exec.root = c.init.req.root.clone();
         if req.exec_id.is_empty() || c.execs.contains_key(&req.exec_id) {
@@ -707,9 +714,7 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let all = self.inner.containers();
-        let c = all
-            .get(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container(&all, &req.id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exit.get();
         let paused = c.sandbox.as_ref().is_some_and(|s| s.is_paused());
@@ -738,9 +743,7 @@ impl Task for Service {
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let exit = {
             let all = self.inner.containers();
-            let c = all.get(&req.id).ok_or_else(|| {
-                status(Code::NOT_FOUND, format!("container {} not found", req.id))
-            })?;
+            let c = container(&all, &req.id)?;
             c.process(&req.exec_id)?.exit.clone()
         };
         let (code, at) = exit.wait();
@@ -753,9 +756,7 @@ impl Task for Service {
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let all = self.inner.containers();
-        let c = all
-            .get(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container(&all, &req.id)?;
         let signal = i32::try_from(req.signal)
             .ok()
             .filter(|s| (1..=64).contains(s))
@@ -795,9 +796,7 @@ impl Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut all = self.inner.containers();
-        let c = all
-            .get_mut(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container_mut(&mut all, &req.id)?;
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
             if p.status() == Status::Running {
@@ -847,9 +846,7 @@ impl Task for Service {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let all = self.inner.containers();
-        let c = all
-            .get(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container(&all, &req.id)?;
         let processes = std::iter::once(&c.init)
             .chain(c.execs.values())
             .filter(|p| p.status() == Status::Running)
@@ -870,9 +867,7 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         let all = self.inner.containers();
-        let c = all
-            .get(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container(&all, &req.id)?;
         let p = c.process(&req.exec_id)?;
         let size = TermSize {
             rows: req.height.min(u16::MAX as u32) as u16,
@@ -887,9 +882,7 @@ impl Task for Service {
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let all = self.inner.containers();
-        let c = all
-            .get(&req.id)
-            .ok_or_else(|| status(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let c = container(&all, &req.id)?;
         let p = c.process(&req.exec_id)?;
         if req.stdin {
             if let Some(ctl) = &p.controller {

@@ -148,6 +148,38 @@ impl Containerd {
         }
     }
 
+    /// `ctr task exec` of `sh -c script` in container `id`.
+    fn exec(&self, id: &str, exec_id: &str, script: &str) -> Output {
+        let fifo = self.dir.join("fifo");
+        self.ctr(&[
+            "task",
+            "exec",
+            "--fifo-dir",
+            fifo.to_str().unwrap(),
+            "--exec-id",
+            exec_id,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// `ctr task kill -s SIGNAL id`, then waits until the task shows as stopped.
+    fn kill_and_wait(&self, id: &str, signal: &str) {
+        let out = self.ctr(&["task", "kill", "-s", signal, id]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !text(&self.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not stop: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn audit_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("logs/default/{id}.net.log")))
             .unwrap_or_default()
@@ -230,21 +262,13 @@ fn exec_kill_and_delete_and_nothing_is_left() {
     );
     let out = c.run(&["-d", "--mount", &mount], None, "t2", &["sleep", "1000"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
-    let fifo = c.dir.join("fifo");
     // A second process in the container, with its own output and exit code; it sees the
     // read-only bind mount.
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--fifo-dir",
-        fifo.to_str().unwrap(),
-        "--exec-id",
-        "e1",
+    let out = c.exec(
         "t2",
-        "sh",
-        "-c",
+        "e1",
         "cat /data/f; touch /data/g || echo read-only; exit 3",
-    ]);
+    );
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -270,13 +294,7 @@ fn exec_kill_and_delete_and_nothing_is_left() {
         "{m}\n{}",
         text(&out.stderr)
     );
-    let out = c.ctr(&["task", "kill", "-s", "TERM", "t2"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !text(&c.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
-        assert!(Instant::now() < deadline, "t2 did not stop: {}", c.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.kill_and_wait("t2", "TERM");
     // SIGTERM: 128 + 15.
     let out = c.ctr(&["task", "delete", "t2"]);
     assert!(
@@ -502,7 +520,6 @@ fn containers_with_one_sandbox_id_share_one_sandbox() {
     let second = c.dir.join("second-root");
     busybox_root(&second, APPLETS).unwrap();
     std::fs::write(second.join("who"), "second\n").unwrap();
-    let fifo = c.dir.join("fifo");
     let boot_id = "cat /proc/sys/kernel/random/boot_id";
     let out = c.run(
         &["--rm", "--annotation", pod],
@@ -520,42 +537,14 @@ fn containers_with_one_sandbox_id_share_one_sandbox() {
     let lines: Vec<&str> = joined.lines().collect();
     assert_eq!(lines[..2], ["second", "/dev/null"], "{joined}");
     // The same kernel answers in the first container: one sandbox, one shim.
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--fifo-dir",
-        fifo.to_str().unwrap(),
-        "--exec-id",
-        "b",
-        "first",
-        "sh",
-        "-c",
-        boot_id,
-    ]);
+    let out = c.exec("first", "b", boot_id);
     assert_eq!(text(&out.stdout).trim(), lines[2], "{}", text(&out.stderr));
     assert!(!lines[2].is_empty());
     assert_eq!(c.d.shim_pids().len(), 1);
     // The first container cannot see the second's files, nor the second the first's.
-    let out = c.ctr(&[
-        "task",
-        "exec",
-        "--fifo-dir",
-        fifo.to_str().unwrap(),
-        "--exec-id",
-        "c",
-        "first",
-        "sh",
-        "-c",
-        "cat /who 2>/dev/null || echo none",
-    ]);
+    let out = c.exec("first", "c", "cat /who 2>/dev/null || echo none");
     assert_eq!(text(&out.stdout), "none\n");
-    let out = c.ctr(&["task", "kill", "-s", "KILL", "first"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !text(&c.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
-        assert!(Instant::now() < deadline, "first did not stop: {}", c.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.kill_and_wait("first", "KILL");
     let out = c.ctr(&["task", "delete", "first"]);
     assert!(
         text(&out.stderr).contains("exit code 137"),
