@@ -733,30 +733,30 @@ fn container_root(r: &[u8]) -> Result<std::path::PathBuf, AgentError> {
             message: format!("root {}: no such directory", root.display()),
         });
     }
+    // As PID 1 only: a host process running the agent (its tests) must not mount anything.
     if std::process::id() == 1 {
-        let mounted = |p: &str, probe: &str| root.join(p).join(probe).exists();
-        let attempt = |what: &str, r: io::Result<()>| {
-            if let Err(e) = r {
-                eprintln!("msb-init: {what} in {}: {e}", root.display());
+        use libc::{MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_REC};
+        // (directory, a name that exists once it is mounted, source, type, flags)
+        let mounts = [
+            (
+                "proc",
+                "self",
+                "proc",
+                "proc",
+                MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            ),
+            ("dev", "null", "/dev", "", MS_BIND | MS_REC),
+            ("sys", "kernel", "/sys", "", MS_BIND | MS_REC),
+        ];
+        for (dir, probe, src, fstype, flags) in mounts {
+            let target = root.join(dir);
+            if !target.is_dir() || target.join(probe).exists() {
+                continue;
             }
-        };
-        if root.join("proc").is_dir() && !mounted("proc", "self") {
-            attempt(
-                "mounting /proc",
-                sys::mount_fs("proc", &root.join("proc"), "proc"),
-            );
-        }
-        if root.join("dev").is_dir() && !mounted("dev", "null") {
-            attempt(
-                "binding /dev",
-                sys::rbind(std::path::Path::new("/dev"), &root.join("dev")),
-            );
-        }
-        if root.join("sys").is_dir() && !mounted("sys", "kernel") {
-            attempt(
-                "binding /sys",
-                sys::rbind(std::path::Path::new("/sys"), &root.join("sys")),
-            );
+            let Some(t) = target.to_str() else { continue };
+            if let Err(e) = crate::pid1::mount(src, t, fstype, flags, "") {
+                eprintln!("msb-init: {e}");
+            }
         }
     }
     Ok(root)

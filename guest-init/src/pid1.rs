@@ -301,7 +301,9 @@ fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-fn mount(
+/// mount(2) at `target` (created if missing), the error naming what; mounted already (EBUSY)
+/// counts as done.
+pub(crate) fn mount(
     src: &str,
     target: &str,
     fstype: &str,

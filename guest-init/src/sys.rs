@@ -270,42 +270,6 @@ pub fn chroot_and_chdir(root: &std::ffi::CStr, dir: &std::ffi::CStr) -> io::Resu
     check(unsafe { libc::chdir(dir.as_ptr()) }).map(|_| ())
 }
 
-fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
-}
-
-/// Mounts a new instance of file system `fstype` (no device) at `target`, nosuid/nodev/noexec.
-pub fn mount_fs(src: &str, target: &std::path::Path, fstype: &str) -> io::Result<()> {
-    let (s, t, f) = (
-        c_path(std::path::Path::new(src))?,
-        c_path(target)?,
-        c_path(std::path::Path::new(fstype))?,
-    );
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    // SAFETY: valid NUL-terminated strings that outlive the call; no data argument.
-    check(unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, std::ptr::null()) })
-        .map(|_| ())
-}
-
-/// Bind-mounts `src` (with what is mounted below it) at `target`.
-pub fn rbind(src: &std::path::Path, target: &std::path::Path) -> io::Result<()> {
-    let (s, t) = (c_path(src)?, c_path(target)?);
-    let flags = libc::MS_BIND | libc::MS_REC;
-    // SAFETY: valid NUL-terminated strings that outlive the call; no type or data.
-    check(unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    })
-    .map(|_| ())
-}
-
 /// The lookup over given file contents (unit-tested).
 pub fn resolve_user_in(user: &User, passwd: &[u8], group: &[u8]) -> Result<ResolvedUser, String> {
     let entries: Vec<Vec<&[u8]>> = passwd
