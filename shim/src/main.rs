@@ -65,9 +65,8 @@ impl containerd_shim::Shim for Shim {
         let root = std::env::current_dir()
             .map(|d| d.join("rootfs"))
             .unwrap_or_default();
-        if rootfs::is_mount_point(&root) {
-            rootfs::unmount(&root);
-        }
+        // Not a mount point (a `root.path` bundle, or unmounted already): left alone.
+        rootfs::unmount(&root);
         Ok(DeleteResponse {
             exit_status: 137,
             exited_at: containerd_shim::protos::protobuf::MessageField::some(

@@ -82,15 +82,3 @@ pub fn unmount(target: &Path) {
         }
     }
 }
-
-/// Whether `path` is a mount point (its device differs from its parent's).
-pub fn is_mount_point(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::symlink_metadata(path),
-        path.parent().map(std::fs::symlink_metadata),
-    ) {
-        (Ok(m), Some(Ok(p))) => m.dev() != p.dev() || m.ino() == p.ino(),
-        _ => false,
-    }
-}

@@ -18,7 +18,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use msb_devices::fs::passthrough::CachePolicy;
-use msb_init::agent::{ExecRequest, ExitStatus, TermSize};
+use msb_init::agent::{ExecRequest, TermSize};
 use msb_init::client::{ExecController, ExecEvent, ExecHandle};
 use msb_vmm::sandbox::{Network, Sandbox, Volume};
 
@@ -104,7 +104,7 @@ struct Container {
     mounted_root: Option<PathBuf>,
     /// Where this container's root is bind-mounted in the pod's share (it joined a pod).
     bind: Option<PathBuf>,
-    sandbox: Option<Arc<Sandbox>>,
+    sandbox: Arc<Sandbox>,
     init: Process,
     execs: HashMap<String, Process>,
 }
@@ -330,7 +330,8 @@ fn spawn(
     if stdio.terminal && req.pty.is_none() {
         req.pty = Some(TermSize { rows: 24, cols: 80 });
     }
-    req.stdin = !stdio.stdin.is_empty() && req.pty.is_none() || req.pty.is_some();
+    // A terminal is always the process's input; otherwise only a wired stdin FIFO is.
+    req.stdin = req.pty.is_some() || !stdio.stdin.is_empty();
     let mut handle: ExecHandle = sandbox.exec(req).map_err(|e| {
         let code = if e.to_string().contains("not found") {
             Code::NOT_FOUND
@@ -375,12 +376,7 @@ fn spawn(
                 match handle.next_event() {
                     Ok(Some(ExecEvent::Stdout(d))) => write_all(&mut out, &d),
                     Ok(Some(ExecEvent::Stderr(d))) => write_all(&mut err, &d),
-                    Ok(Some(ExecEvent::Exited { status, .. })) => {
-                        code = match status {
-                            ExitStatus::Code(c) => c as u32 & 0xff,
-                            ExitStatus::Signal(s) => 128 + (s as u32 & 0x7f),
-                        };
-                    }
+                    Ok(Some(ExecEvent::Exited { status, .. })) => code = status.shell_code() as u32,
                     Ok(Some(ExecEvent::Started { .. })) => {}
                     Ok(None) => break,
                     Err(e) => {
@@ -458,10 +454,7 @@ impl Service {
     /// The sandbox container `id` runs in.
     fn sandbox_of(&self, id: &str) -> TtrpcResult<Arc<Sandbox>> {
         let all = self.inner.containers();
-        container(&all, id)?
-            .sandbox
-            .clone()
-            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the sandbox is gone"))
+        Ok(container(&all, id)?.sandbox.clone())
     }
 }
 
@@ -573,7 +566,7 @@ impl Task for Service {
             pod: pod_id,
             mounted_root,
             bind,
-            sandbox: Some(sandbox),
+            sandbox,
             init: Process {
                 req: process,
                 stdio: Stdio {
@@ -615,10 +608,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::StartResponse> {
         let mut all = self.inner.containers();
         let c = container_mut(&mut all, &req.id)?;
-        let sandbox = c
-            .sandbox
-            .clone()
-            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the sandbox is gone"))?;
+        let sandbox = c.sandbox.clone();
         let p = c.process_mut(&req.exec_id)?;
         if p.status() != Status::Created {
             return Err(status(
@@ -717,7 +707,7 @@ impl Task for Service {
         let c = container(&all, &req.id)?;
         let p = c.process(&req.exec_id)?;
         let exit = p.exit.get();
-        let paused = c.sandbox.as_ref().is_some_and(|s| s.is_paused());
+        let paused = c.sandbox.is_paused();
         let st = match p.status() {
             Status::Created => api::Status::CREATED,
             Status::Running if paused => api::Status::PAUSED,
@@ -1023,28 +1013,34 @@ impl Service {
     /// Takes a deleted container out of its pod: its processes count as killed, its root
     /// goes from the pod's share and is unmounted; the last container out powers the
     /// sandbox off and unmounts the root it booted on.
-    fn leave(&self, mut c: Container) {
+    fn leave(&self, c: Container) {
+        // (An exit already recorded stands.)
         for p in std::iter::once(&c.init).chain(c.execs.values()) {
-            if p.exit.get().is_none() {
-                p.exit.set(137);
-            }
+            p.exit.set(137);
         }
-        drop(c.sandbox.take());
-        if let Some(b) = &c.bind {
+        let Container {
+            pod: pod_id,
+            mounted_root,
+            bind,
+            sandbox,
+            ..
+        } = c;
+        drop(sandbox);
+        if let Some(b) = &bind {
             rootfs::unmount(b);
             let _ = std::fs::remove_dir(b);
         }
-        if let Some(t) = &c.mounted_root {
+        if let Some(t) = &mounted_root {
             rootfs::unmount(t);
         }
         let pod = {
             let mut pods = lock(&self.inner.pods);
-            match pods.get_mut(&c.pod) {
+            match pods.get_mut(&pod_id) {
                 Some(p) if p.members > 1 => {
                     p.members -= 1;
                     None
                 }
-                Some(_) => pods.remove(&c.pod),
+                Some(_) => pods.remove(&pod_id),
                 None => None,
             }
         };
@@ -1052,10 +1048,11 @@ impl Service {
         match Arc::try_unwrap(pod.sandbox) {
             Ok(sb) => {
                 if let Err(e) = sb.shutdown() {
-                    tracing::warn!("sandbox {} shutdown: {e}", c.pod);
+                    tracing::warn!("sandbox {pod_id} shutdown: {e}");
                 }
             }
-            // An exec's output thread may still hold it: the last drop powers it off.
+            // A call in flight (stats, start) still holds it: its drop, the last, powers it
+            // off (`Sandbox`'s `Drop`).
             Err(sb) => drop(sb),
         }
         if let Some(t) = &pod.base_mount {
