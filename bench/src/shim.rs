@@ -93,15 +93,13 @@ pub fn run(a: ShimArgs) -> Result<()> {
             r
         }
     };
-    let sock = daemon.socket();
     let fifo = dir.join("fifo");
     let mut n = 0;
     let mut ctr_run = || -> Result<f64> {
         n += 1;
         timed(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&sock)
+            daemon
+                .ctr()
                 .args(["run", "--rm", "--fifo-dir"])
                 .arg(&fifo)
                 .args(["--runtime", "io.containerd.msb.v2", "--rootfs"])
