@@ -297,6 +297,45 @@ pub fn payload_message(id: u64, kind: Payload, data: &[u8]) -> impl Serialize + 
     AgentMessageRef::Response { id, response }
 }
 
+/// The longest [`payload_header`]: the length prefix, the two variant indices and the
+/// varints of the id and the payload's length.
+pub const PAYLOAD_HEADER_MAX: usize = 4 + 1 + 10 + 1 + 5;
+
+/// The first bytes of the frame of [`payload_message`]`(id, kind, data)` for a `data` of
+/// `len` bytes: the frame's length prefix and the message's encoding up to the payload
+/// itself, which follows unchanged. With it the agent writes output straight from its read
+/// buffer (one writev of header and data). Returns the buffer and how much of it is used.
+pub fn payload_header(
+    id: u64,
+    kind: Payload,
+    len: usize,
+) -> Result<([u8; PAYLOAD_HEADER_MAX], usize), crate::frame::FrameError> {
+    let mut out = [0u8; PAYLOAD_HEADER_MAX];
+    // The message with an empty payload ends in that payload's length, a varint 0.
+    let empty = postcard::to_slice(&payload_message(id, kind, &[]), &mut out[4..])
+        .map_err(|e| crate::frame::FrameError::Malformed(e.to_string()))?
+        .len();
+    let mut at = 4 + empty - 1;
+    let mut v = len;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out[at] = byte;
+            at += 1;
+            break;
+        }
+        out[at] = byte | 0x80;
+        at += 1;
+    }
+    let body = at - 4 + len;
+    if body > crate::frame::MAX_FRAME_LEN {
+        return Err(crate::frame::FrameError::TooLarge(body));
+    }
+    out[..4].copy_from_slice(&(body as u32).to_le_bytes());
+    Ok((out, at))
+}
+
 /// Mirrors of [`AgentMessage`] and [`Response`] up to `FileData`. Postcard encodes a variant by
 /// its position, so the placeholders keep the positions; their shapes do not matter.
 #[derive(Serialize)]
@@ -415,6 +454,25 @@ pub const DIR_ENTRIES_PER_MESSAGE: usize = 1024;
 mod tests {
     use super::*;
     use crate::frame::{encode, FrameDecoder, MAX_FRAME_LEN};
+
+    #[test]
+    fn payload_headers_are_the_encodings_first_bytes() {
+        for id in [0, 1, 127, 128, 0x1234_5678_9abc, u64::MAX] {
+            for len in [0usize, 1, 127, 128, 16_383, 16_384, MAX_CHUNK] {
+                let data = vec![0x5a; len];
+                for kind in [Payload::Stdout, Payload::Stderr, Payload::FileData] {
+                    let frame = crate::frame::encode(&payload_message(id, kind, &data)).unwrap();
+                    let (head, n) = payload_header(id, kind, len).unwrap();
+                    assert_eq!(
+                        &head[..n],
+                        &frame[..frame.len() - len],
+                        "{id} {len} {kind:?}"
+                    );
+                }
+            }
+        }
+        assert!(payload_header(1, Payload::Stdout, crate::frame::MAX_FRAME_LEN).is_err());
+    }
 
     #[test]
     fn payload_messages_encode_like_the_owned_ones() {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use msb_init::agent::{
-    payload_message, AgentError, AgentMessage, Configure, DirEntry, ErrorKind, ExecRequest,
+    payload_header, AgentError, AgentMessage, Configure, DirEntry, ErrorKind, ExecRequest,
     ExitStatus, FileKind, FileStat, GuestStats, HostMessage, Payload, Request, Response,
     RlimitResource, DEFAULT_NOFILE, DIR_ENTRIES_PER_MESSAGE, MAX_CHUNK, WINDOW,
 };
@@ -80,6 +80,9 @@ impl Drop for Running {
 impl Agent {
     /// An agent; starts the reaper thread.
     pub fn new(on_shutdown: OnShutdown) -> Arc<Agent> {
+        // Processes inherit the agent's limit, so the common exec sets nothing in the child
+        // and can be spawned without a fork (see `spawn`).
+        sys::raise_nofile(DEFAULT_NOFILE);
         let reaper = Reaper::start();
         let root = match on_shutdown {
             OnShutdown::PowerOff => Some("/".into()),
@@ -420,7 +423,8 @@ impl Conn {
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
-        lock(&self.writer).send(&payload_message(id, kind, data))
+        let (head, n) = payload_header(id, kind, data.len()).map_err(io::Error::other)?;
+        lock(&self.writer).send_parts(&head[..n], data)
     }
 
     fn respond(&self, id: u64, response: Response) -> io::Result<()> {
@@ -789,10 +793,39 @@ fn spawn(
             )?,
         ),
     };
-    let mut cmd = Command::new(OsStr::from_bytes(&req.argv[0]));
+    let has = |k: &[u8]| req.env.iter().any(|(key, _)| key == k);
+    // The common exec (no root, user, terminal, rlimits or cgroup) needs nothing done in the
+    // child before exec, and then the standard library spawns it with posix_spawn: a
+    // vfork-like clone that does not copy the agent's address space, where a fork costs a
+    // page-table copy and a copy-on-write fault per touched page. It takes that path only
+    // for a program named by path when the environment sets PATH, so the program is looked
+    // up here the way execvp would.
+    let simple = root.is_none()
+        && user.is_none()
+        && req.pty.is_none()
+        && req.rlimits.is_empty()
+        && cgroup.is_none();
+    let program = if simple {
+        let path = req
+            .env
+            .iter()
+            .find(|(k, _)| k == b"PATH")
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(DEFAULT_PATH.as_bytes());
+        find_program(&req.argv[0], path)
+    } else {
+        None
+    };
+    let mut cmd = match &program {
+        Some(p) => {
+            let mut c = Command::new(p);
+            c.arg0(OsStr::from_bytes(&req.argv[0]));
+            c
+        }
+        None => Command::new(OsStr::from_bytes(&req.argv[0])),
+    };
     cmd.args(req.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
     cmd.env_clear();
-    let has = |k: &[u8]| req.env.iter().any(|(key, _)| key == k);
     if !has(b"PATH") {
         cmd.env("PATH", DEFAULT_PATH);
     }
@@ -906,32 +939,38 @@ fn spawn(
         None => None,
     };
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-
-    // safe system calls (write/setsid/ioctl/setpgid/setrlimit/setgroups/setgid/setuid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = procs_fd {
-                sys::join_cgroup(fd)?;
-            }
-            if let Some((root, dir)) = &chroot {
-                sys::chroot_and_chdir(root, dir)?;
-            }
-            if pty {
-                sys::become_session_leader_with_tty()?;
-            } else {
-                sys::setpgid_self()?;
-            }
-            if default_nofile {
-                sys::raise_nofile(DEFAULT_NOFILE);
-            }
-            for (r, soft, hard) in &limits {
-                sys::setrlimit(*r, *soft, *hard)?;
-            }
-            if let Some((uid, gid, groups)) = &ids {
-                sys::drop_to(*uid, *gid, groups)?;
-            }
-            Ok(())
-        });
+    if program.is_some() {
+        // Inherits the agent's RLIMIT_NOFILE, which `Agent::new` raised to the default.
+        cmd.process_group(0);
+    } else {
+        // SAFETY: the closure runs in the forked child before exec and only makes async-
+        // signal-safe system calls (write/setsid/ioctl/setpgid/setrlimit/setgroups/setgid/
+        // setuid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = procs_fd {
+                    sys::join_cgroup(fd)?;
+                }
+                if let Some((root, dir)) = &chroot {
+                    sys::chroot_and_chdir(root, dir)?;
+                }
+                if pty {
+                    sys::become_session_leader_with_tty()?;
+                } else {
+                    sys::setpgid_self()?;
+                }
+                if default_nofile {
+                    sys::raise_nofile(DEFAULT_NOFILE);
+                }
+                for (r, soft, hard) in &limits {
+                    sys::setrlimit(*r, *soft, *hard)?;
+                }
+                if let Some((uid, gid, groups)) = &ids {
+                    sys::drop_to(*uid, *gid, groups)?;
+                }
+                Ok(())
+            });
+        }
     }
     let spawned = {
         let _spawning = lock(spawning);
@@ -975,6 +1014,29 @@ fn spawn(
         outputs,
         pty: pty_master,
     })
+}
+
+/// `name` looked up in the colon-separated `path` as execvp does: a name with a slash is
+/// itself; otherwise the first absolute directory holding an executable regular file of
+/// that name. `None` when execvp would have to decide (nothing found, a relative entry): the
+/// caller then leaves the lookup to the child's execvp and its error.
+fn find_program(name: &[u8], path: &[u8]) -> Option<std::path::PathBuf> {
+    if name.contains(&b'/') {
+        return Some(std::path::PathBuf::from(OsStr::from_bytes(name)));
+    }
+    for dir in path.split(|&b| b == b':') {
+        if !dir.starts_with(b"/") {
+            return None;
+        }
+        let candidate = std::path::Path::new(OsStr::from_bytes(dir)).join(OsStr::from_bytes(name));
+        let Ok(meta) = std::fs::metadata(&candidate) else {
+            continue;
+        };
+        if meta.is_file() && sys::executable(&candidate) {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 /// Forwards output within the host's credit until the process exited and its output ended

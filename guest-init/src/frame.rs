@@ -138,8 +138,12 @@ pub fn read_frame<T: DeserializeOwned, R: std::io::Read + ?Sized>(
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len).into());
     }
-    buf.clear();
-    buf.resize(len, 0);
+    // Grown once and never cleared: zeroing a frame-sized buffer per frame would cost a pass
+    // over every payload byte.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let buf = &mut buf[..len];
     r.read_exact(buf).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             ReadError::Frame(FrameError::Truncated(4))
@@ -195,6 +199,23 @@ impl<W: std::io::Write> FrameWriter<W> {
         };
         self.buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
         self.inner.write_all(&self.buf[..4 + len])?;
+        self.inner.flush()
+    }
+
+    /// Writes a frame whose encoding is `head` (length prefix included) followed by `data`,
+    /// in one writev: a payload goes from the caller's buffer to the stream without being
+    /// copied into the frame buffer first.
+    pub fn send_parts(&mut self, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+        let mut parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(data)];
+        let mut parts = &mut parts[..];
+        while !parts.is_empty() {
+            match self.inner.write_vectored(parts) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.inner.flush()
     }
 

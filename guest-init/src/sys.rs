@@ -398,6 +398,16 @@ pub fn reseed_kernel_rng(seed: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process may execute `path` (access(2) with X_OK).
+pub fn executable(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

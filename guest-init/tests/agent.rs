@@ -119,6 +119,55 @@ fn ping_and_exit_codes() {
     );
 }
 
+/// A program named without a slash is looked up on the request's PATH as execvp does
+/// (entries that are not executable files skipped), keeps the name it was given as argv[0],
+/// and gets the same RLIMIT_NOFILE whether it needs a fork (an rlimit to set) or not.
+#[test]
+fn programs_are_found_on_the_path_and_keep_their_name() {
+    let a = Agent::start();
+    let c = a.client();
+    let bin = a.dir.join("bin");
+    std::fs::create_dir_all(bin.join("true")).unwrap();
+    std::fs::write(bin.join("hello"), "#!/bin/sh\necho hello from \"$1\"\n").unwrap();
+    std::fs::write(bin.join("cat"), "not executable").unwrap();
+    std::fs::set_permissions(
+        bin.join("hello"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let run = |argv: &[&str], rlimits: Vec<msb_init::agent::Rlimit>| {
+        let mut r = exec(argv);
+        r.env.push((b"PATH".to_vec(), path.as_bytes().to_vec()));
+        r.rlimits = rlimits;
+        let out = c.exec(r).unwrap().output().unwrap();
+        assert_eq!(out.status, ExitStatus::Code(0), "{argv:?}: {out:?}");
+        out.stdout
+    };
+    assert_eq!(run(&["hello", "x"], vec![]), b"hello from x\n");
+    assert_eq!(run(&["true"], vec![]), b"");
+    assert_eq!(
+        run(&["cat", "/proc/self/cmdline"], vec![]),
+        b"cat\0/proc/self/cmdline\0"
+    );
+    let core = msb_init::agent::Rlimit {
+        resource: msb_init::agent::RlimitResource::Core,
+        soft: 0,
+        hard: 0,
+    };
+    let plain = run(&["sh", "-c", "ulimit -n"], vec![]);
+    let forked = run(&["sh", "-c", "ulimit -n"], vec![core]);
+    assert_eq!(plain, forked);
+    let mut missing = exec(&["hello"]);
+    missing
+        .env
+        .push((b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()));
+    assert!(matches!(
+        c.exec(missing).unwrap().wait(),
+        Err(ClientError::Agent(e)) if e.kind == ErrorKind::NotFound
+    ));
+}
+
 #[test]
 fn environment_workdir_and_started_event() {
     let a = Agent::start();
