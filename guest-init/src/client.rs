@@ -19,7 +19,7 @@ use crate::agent::{
     AgentError, AgentMessage, DirEntry, ExecRequest, ExitStatus, FileStat, HostMessage, Request,
     Response, TermSize, MAX_CHUNK, WINDOW,
 };
-use crate::frame::{read_frame, FrameWriter, ReadError};
+use crate::frame::{FrameReader, FrameWriter, ReadError};
 use crate::PROTOCOL_VERSION;
 
 /// Errors talking to the agent.
@@ -73,12 +73,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Consumed payload is acknowledged once this much has gathered: the agent keeps at least
+/// `WINDOW - ACK_BATCH` of credit, and a stream of small chunks costs one Ack message (and
+/// one wake-up of the agent) per quarter window instead of one per chunk.
+const ACK_BATCH: u64 = WINDOW as u64 / 4;
+
+/// The reader thread's buffer.
+const READ_BUFFER: usize = 256 << 10;
+
 /// State of one request, shared by its handle and the reader thread.
 #[derive(Default)]
 struct ReqState {
     queue: VecDeque<Response>,
-    /// Payload received and not yet consumed (acknowledged) by the handle.
+    /// Payload received and not yet consumed by the handle.
     unacked_in: u64,
+    /// Payload consumed and not yet acknowledged (see [`ACK_BATCH`]).
+    consumed: u64,
     /// Credit to send stdin/file data.
     credit_out: u64,
     finished: bool,
@@ -150,11 +160,12 @@ impl AgentClient {
     /// reader thread.
     pub fn connect(conn: impl Connection, hello_timeout: Duration) -> Result<AgentClient> {
         let io_err = |e: io::Error| ClientError::Io(e.to_string());
-        let mut reader = conn.reader().map_err(io_err)?;
+        // Reads whatever the stream has into one buffer and decodes frames where they lie: a
+        // stream of small frames costs a read per buffer, not two per frame.
+        let mut reader = FrameReader::new(conn.reader().map_err(io_err)?, READ_BUFFER);
         let writer = conn.writer().map_err(io_err)?;
         conn.set_read_timeout(Some(hello_timeout)).map_err(io_err)?;
-        let mut buf = Vec::new();
-        match read_frame::<AgentMessage, _>(&mut *reader, &mut buf) {
+        match reader.read_frame::<AgentMessage>() {
             Ok(Some(AgentMessage::Hello { version })) if version == PROTOCOL_VERSION => {}
             Ok(Some(AgentMessage::Hello { version })) => {
                 return Err(ClientError::Version {
@@ -191,7 +202,7 @@ impl AgentClient {
         let for_reader = inner.clone();
         let reader = std::thread::Builder::new()
             .name("agent-reader".into())
-            .spawn(move || reader_loop(&for_reader, reader, buf))
+            .spawn(move || reader_loop(&for_reader, reader))
             .map_err(io_err)?;
         Ok(AgentClient {
             inner,
@@ -439,9 +450,9 @@ fn unexpected(r: Option<Response>) -> ClientError {
     }
 }
 
-fn reader_loop(inner: &Inner, mut reader: Box<dyn Read + Send>, mut buf: Vec<u8>) {
+fn reader_loop(inner: &Inner, mut reader: FrameReader<Box<dyn Read + Send>>) {
     loop {
-        let msg = match read_frame::<AgentMessage, _>(&mut *reader, &mut buf) {
+        let msg = match reader.read_frame::<AgentMessage>() {
             Ok(Some(m)) => m,
             Ok(None) => return inner.fail(ClientError::Closed),
             Err(ReadError::Io(e)) => return inner.fail(ClientError::Io(e.to_string())),
@@ -518,13 +529,18 @@ impl Handle {
                 let n = r.payload_len();
                 if n > 0 {
                     st.unacked_in -= n as u64;
-                    let finished = st.finished;
+                    st.consumed += n as u64;
+                    let ack = if !st.finished && st.consumed >= ACK_BATCH {
+                        std::mem::take(&mut st.consumed)
+                    } else {
+                        0
+                    };
                     drop(st);
                     // Credit back to the agent: we consumed it.
-                    if !finished {
+                    if ack > 0 {
                         let _ = self.inner.send(&HostMessage::Ack {
                             id: self.id,
-                            bytes: n as u32,
+                            bytes: ack as u32,
                         });
                     }
                 }
@@ -603,7 +619,12 @@ impl Drop for Handle {
         // Keep the id known (its responses still come) but stop queueing: give back the
         // credit for what is queued and let the reader thread ack the rest.
         st.abandoned = true;
-        let queued: u64 = st.queue.drain(..).map(|r| r.payload_len() as u64).sum();
+        let queued: u64 = st
+            .queue
+            .drain(..)
+            .map(|r| r.payload_len() as u64)
+            .sum::<u64>()
+            + std::mem::take(&mut st.consumed);
         st.unacked_in = 0;
         drop(st);
         if queued > 0 {

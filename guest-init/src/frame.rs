@@ -156,6 +156,74 @@ pub fn read_frame<T: DeserializeOwned, R: std::io::Read + ?Sized>(
         .map_err(|e| FrameError::Malformed(e.to_string()).into())
 }
 
+/// Reads frames from a blocking stream through one buffer: each read takes whatever the
+/// stream has (many small frames at once), and each frame is decoded where it lies, so a
+/// payload is copied once, from the buffer into its message.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// The unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl<R: std::io::Read> FrameReader<R> {
+    /// Wraps `inner` with a buffer of `capacity` bytes (grown for a larger frame).
+    pub fn new(inner: R, capacity: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: vec![0; capacity.max(4)],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next frame; `Ok(None)` on a clean end of stream between frames. After an I/O
+    /// error such as a timeout, the bytes read so far stay buffered for the next call.
+    pub fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ReadError> {
+        loop {
+            let avail = self.end - self.start;
+            let mut need = 4;
+            if avail >= 4 {
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&self.buf[self.start..self.start + 4]);
+                let len = u32::from_le_bytes(len) as usize;
+                if len > MAX_FRAME_LEN {
+                    return Err(FrameError::TooLarge(len).into());
+                }
+                need = 4 + len;
+                if avail >= need {
+                    let body = &self.buf[self.start + 4..self.start + need];
+                    let msg = postcard::from_bytes(body)
+                        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+                    self.start += need;
+                    if self.start == self.end {
+                        (self.start, self.end) = (0, 0);
+                    }
+                    return Ok(Some(msg));
+                }
+            }
+            // Room for the whole frame after `start`: move the partial frame to the front,
+            // and grow the buffer for a frame larger than it.
+            if self.buf.len() - self.start < need {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, avail);
+                if self.buf.len() < need {
+                    self.buf.resize(need, 0);
+                }
+            }
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) if avail == 0 => return Ok(None),
+                Ok(0) => return Err(FrameError::Truncated(avail).into()),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 /// Encodes `msg` and writes it as one frame.
 pub fn write_frame<T: Serialize, W: std::io::Write + ?Sized>(
     w: &mut W,
@@ -295,6 +363,81 @@ mod tests {
         assert!(matches!(
             read_frame::<GuestMessage, _>(&mut huge, &mut buf),
             Err(ReadError::Frame(FrameError::TooLarge(_)))
+        ));
+    }
+
+    /// A reader that returns at most `step` bytes per read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frame_reader_in_every_split_and_buffer_size() {
+        let msgs = vec![
+            GuestMessage::Hello { version: 1 },
+            GuestMessage::Response {
+                id: 1,
+                response: Response::Stdout(vec![7; 3000]),
+            },
+            GuestMessage::Response {
+                id: 2,
+                response: Response::Stderr(vec![0, 255, 10]),
+            },
+            GuestMessage::Response {
+                id: 1,
+                response: Response::Exited {
+                    status: ExitStatus::Code(3),
+                    timed_out: false,
+                },
+            },
+        ];
+        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
+        for capacity in [1, 7, 64, 4096, 1 << 16] {
+            for step in [1, 2, 3, 5, 100, 1000, stream.len()] {
+                let mut r = FrameReader::new(
+                    Trickle {
+                        data: &stream,
+                        step,
+                    },
+                    capacity,
+                );
+                let mut got = Vec::new();
+                while let Some(m) = r.read_frame::<GuestMessage>().unwrap() {
+                    got.push(m);
+                }
+                assert_eq!(got, msgs, "capacity {capacity}, step {step}");
+            }
+        }
+        let cut = &stream[..stream.len() - 1];
+        let mut r = FrameReader::new(Trickle { data: cut, step: 9 }, 64);
+        let mut result = Ok(None);
+        for _ in 0..msgs.len() {
+            result = r.read_frame::<GuestMessage>();
+        }
+        assert!(matches!(
+            result,
+            Err(ReadError::Frame(FrameError::Truncated(_)))
+        ));
+        let huge = (MAX_FRAME_LEN as u32 + 1).to_le_bytes();
+        let mut r = FrameReader::new(&huge[..], 64);
+        assert!(matches!(
+            r.read_frame::<GuestMessage>(),
+            Err(ReadError::Frame(FrameError::TooLarge(_)))
+        ));
+        let mut r = FrameReader::new(&[2u8, 0, 0, 0, 0xff, 0xff][..], 64);
+        assert!(matches!(
+            r.read_frame::<GuestMessage>(),
+            Err(ReadError::Frame(FrameError::Malformed(_)))
         ));
     }
 
