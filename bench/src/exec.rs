@@ -29,6 +29,11 @@ pub struct ExecArgs {
     /// Throughput runs per transport.
     #[arg(long, default_value_t = 3)]
     throughput_runs: usize,
+    /// The size of the writes the measured process makes to its stdout (`dd bs=`): with
+    /// small writes (`head -c` makes 8 KiB ones) the pipe's lock, contended by writer and
+    /// reader, bounds the agent and the host-pipe floor alike.
+    #[arg(long, default_value_t = 1 << 20)]
+    write_size: u64,
     /// `msb-vmm run -- true` launches for spawn → agent ready and spawn → exit.
     #[arg(long, default_value_t = 20)]
     launches: usize,
@@ -54,6 +59,62 @@ struct TransportResult {
     throughput_mb_s: Option<Summary>,
     round_trips: Vec<f64>,
     throughputs: Vec<f64>,
+    /// The floor, taken between the round trips: this process spawning `/bin/true` itself
+    /// with the same stdio (stdin null, stdout and stderr piped and read to the end) and
+    /// waiting for it.
+    host_spawn_ms: Option<Summary>,
+    host_spawns: Vec<f64>,
+    /// Round trip minus floor, pair by pair (each round trip with the spawn that followed).
+    overhead_ms: Option<Summary>,
+    overheads: Vec<f64>,
+    /// The throughput floor, taken after each throughput run: the same command's stdout read
+    /// by this process straight from a pipe of the agent's size, in chunks of its size.
+    host_pipe_mb_s: Option<Summary>,
+    host_pipes: Vec<f64>,
+}
+
+/// `argv`'s stdout read from a pipe as the agent reads it (1 MiB pipe, 64 KiB reads), with
+/// no agent in between: the floor under the stdout throughput. Bytes read and MB/s.
+fn host_pipe(argv: &[&str]) -> Result<(u64, f64)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let t = Instant::now();
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {} on the host", argv[0]))?;
+    let mut out = child.stdout.take().context("no stdout pipe")?;
+    // SAFETY: fcntl with an integer argument on a pipe this process owns.
+    unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    let mut buf = vec![0u8; msb_init::agent::MAX_CHUNK];
+    let mut got = 0u64;
+    loop {
+        match out.read(&mut buf)? {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    child.wait()?;
+    Ok((got, got as f64 / t.elapsed().as_secs_f64() / 1e6))
+}
+
+/// Spawns `/bin/true` as the agent does (stdin null, stdout and stderr piped and read to
+/// their end) and waits for it: the floor under an exec round trip. Milliseconds.
+fn host_spawn() -> Result<f64> {
+    let t = Instant::now();
+    let out = Command::new("/bin/true")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("spawning /bin/true on the host")?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!("/bin/true failed on the host: {:?}", out.status);
+    }
+    Ok(ms)
 }
 
 struct HostAgent {
@@ -103,28 +164,46 @@ fn measure(
     client: &AgentClient,
     iterations: usize,
     bytes: u64,
+    write_size: u64,
     runs: usize,
 ) -> Result<TransportResult> {
     let mut r = TransportResult {
         transport: name.into(),
         ..Default::default()
     };
+    // The floor is the host's: it is the agent's own cost only when the agent is a host
+    // process.
+    let floor = name.starts_with("unix");
     // Warm up: page cache, first fork.
     for _ in 0..5 {
         client.exec(req(&["true"]))?.wait()?;
+        if floor {
+            host_spawn()?;
+        }
     }
     for _ in 0..iterations {
         let t = Instant::now();
         let status = client.exec(req(&["true"]))?.wait()?;
-        r.round_trips.push(t.elapsed().as_secs_f64() * 1000.0);
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
         if !status.success() {
             bail!("`true` failed with {status:?}");
         }
+        r.round_trips.push(ms);
+        if floor {
+            let f = host_spawn()?;
+            r.host_spawns.push(f);
+            r.overheads.push(ms - f);
+        }
     }
-    let count = bytes.to_string();
+    // dd's transfer summary goes to stderr, which is not counted.
+    let (bs, count) = (
+        format!("bs={write_size}"),
+        format!("count={}", bytes / write_size),
+    );
+    let writer = ["dd", "if=/dev/zero", &bs, &count];
     for _ in 0..runs {
         let t = Instant::now();
-        let mut h = client.exec(req(&["head", "-c", &count, "/dev/zero"]))?;
+        let mut h = client.exec(req(&writer))?;
         let mut got = 0u64;
         while let Some(e) = h.next_event()? {
             if let ExecEvent::Stdout(d) = e {
@@ -136,10 +215,34 @@ fn measure(
             bail!("received {got} of {bytes} bytes");
         }
         r.throughputs.push(bytes as f64 / secs / 1e6);
+        if floor {
+            let (n, mb_s) = host_pipe(&writer)?;
+            if n != bytes {
+                bail!("the host pipe gave {n} of {bytes} bytes");
+            }
+            r.host_pipes.push(mb_s);
+        }
     }
-    r.round_trip_ms = summarize(&r.round_trips);
-    r.throughput_mb_s = summarize(&r.throughputs);
+    r.summarize();
     Ok(r)
+}
+
+impl TransportResult {
+    fn summarize(&mut self) {
+        self.round_trip_ms = summarize(&self.round_trips);
+        self.throughput_mb_s = summarize(&self.throughputs);
+        self.host_spawn_ms = summarize(&self.host_spawns);
+        self.overhead_ms = summarize(&self.overheads);
+        self.host_pipe_mb_s = summarize(&self.host_pipes);
+    }
+
+    fn extend(&mut self, r: TransportResult) {
+        self.round_trips.extend(r.round_trips);
+        self.throughputs.extend(r.throughputs);
+        self.host_spawns.extend(r.host_spawns);
+        self.overheads.extend(r.overheads);
+        self.host_pipes.extend(r.host_pipes);
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -226,14 +329,21 @@ pub fn run(a: ExecArgs) -> Result<()> {
     if sandbox && pvm {
         bail!("this host's /dev/kvm is PVM, which cannot boot the real kernel: run `--transport unix` here and the sandbox part inside the L2 VM, `./x l2 -- target/release/msb-bench exec --transport sandbox`");
     }
+    if a.write_size == 0 || a.bytes % a.write_size != 0 {
+        bail!(
+            "--bytes {} is not a multiple of --write-size {}: pick sizes that divide",
+            a.bytes,
+            a.write_size
+        );
+    }
     let mut results = Vec::new();
     let mut launch = None;
     if unix {
         let bin = a.msb_init.clone().unwrap_or_else(msb_vmm::assets::msb_init);
         let (_agent, client) = host_agent(&bin)?;
         eprintln!(
-            "agent over a Unix socket: {} round trips, {} x {} bytes",
-            a.iterations, a.throughput_runs, a.bytes
+            "agent over a Unix socket: {} round trips, {} x {} bytes written {} at a time",
+            a.iterations, a.throughput_runs, a.bytes, a.write_size
         );
         if a.seccomp_cost {
             // A fresh connection from a confined thread (its reader thread inherits the
@@ -242,7 +352,7 @@ pub fn run(a: ExecArgs) -> Result<()> {
             let sock = _agent.dir.join("agent.sock");
             let (go, turns) = std::sync::mpsc::channel::<usize>();
             let (done, results_rx) = std::sync::mpsc::channel::<Result<TransportResult>>();
-            let bytes = a.bytes;
+            let (bytes, write_size) = (a.bytes, a.write_size);
             let confined = std::thread::spawn(move || -> Result<()> {
                 msb_confine::enter(
                     msb_confine::ThreadKind::Control,
@@ -251,7 +361,14 @@ pub fn run(a: ExecArgs) -> Result<()> {
                 let client =
                     AgentClient::connect(UnixStream::connect(&sock)?, Duration::from_secs(10))?;
                 for iterations in turns {
-                    let _ = done.send(measure("unix, seccomp", &client, iterations, bytes, 1));
+                    let _ = done.send(measure(
+                        "unix, seccomp",
+                        &client,
+                        iterations,
+                        bytes,
+                        write_size,
+                        1,
+                    ));
                 }
                 Ok(())
             });
@@ -266,25 +383,21 @@ pub fn run(a: ExecArgs) -> Result<()> {
             };
             for round in 0..rounds {
                 let share = a.iterations / rounds + usize::from(round < a.iterations % rounds);
-                let r = measure("unix", &client, share, a.bytes, 1)?;
-                plain.round_trips.extend(r.round_trips);
-                plain.throughputs.extend(r.throughputs);
+                plain.extend(measure("unix", &client, share, a.bytes, a.write_size, 1)?);
                 go.send(share)
                     .map_err(|_| anyhow::anyhow!("the confined client stopped"))?;
-                let r = results_rx
-                    .recv()
-                    .map_err(|_| anyhow::anyhow!("the confined client stopped"))??;
-                filtered.round_trips.extend(r.round_trips);
-                filtered.throughputs.extend(r.throughputs);
+                filtered.extend(
+                    results_rx
+                        .recv()
+                        .map_err(|_| anyhow::anyhow!("the confined client stopped"))??,
+                );
             }
             drop(go);
             confined
                 .join()
                 .map_err(|_| anyhow::anyhow!("the confined client panicked"))??;
-            for r in [&mut plain, &mut filtered] {
-                r.round_trip_ms = summarize(&r.round_trips);
-                r.throughput_mb_s = summarize(&r.throughputs);
-            }
+            plain.summarize();
+            filtered.summarize();
             results.push(plain);
             results.push(filtered);
         } else {
@@ -293,6 +406,7 @@ pub fn run(a: ExecArgs) -> Result<()> {
                 &client,
                 a.iterations,
                 a.bytes,
+                a.write_size,
                 a.throughput_runs,
             )?);
         }
@@ -308,14 +422,15 @@ pub fn run(a: ExecArgs) -> Result<()> {
             .start()
             .context("starting a sandbox")?;
         eprintln!(
-            "sandbox: {} round trips, {} x {} bytes",
-            a.iterations, a.throughput_runs, a.bytes
+            "sandbox: {} round trips, {} x {} bytes written {} at a time",
+            a.iterations, a.throughput_runs, a.bytes, a.write_size
         );
         results.push(measure(
             "sandbox",
             sb.agent(),
             a.iterations,
             a.bytes,
+            a.write_size,
             a.throughput_runs,
         )?);
         let _ = sb.shutdown();
@@ -334,7 +449,12 @@ pub fn run(a: ExecArgs) -> Result<()> {
             "exec `true` round trip (ms)",
             &r.round_trip_ms,
         );
+        if r.host_spawn_ms.is_some() {
+            row(&r.transport, "floor: host spawns true", &r.host_spawn_ms);
+            row(&r.transport, "round trip - floor (ms)", &r.overhead_ms);
+        }
         row(&r.transport, "stdout throughput (MB/s)", &r.throughput_mb_s);
+        row(&r.transport, "floor: host pipe (MB/s)", &r.host_pipe_mb_s);
     }
     if let Some(l) = &launch {
         row("sandbox", "spawn→agent ready (ms)", &l.agent_ready_ms);
