@@ -484,7 +484,8 @@ fn dispatch(inner: &Inner, msg: AgentMessage) -> Result<()> {
         }
         r => {
             let n = r.payload_len() as u64;
-            if st.unacked_in + n > u64::from(WINDOW) {
+            // Everything sent and not acknowledged, consumed or not, counts.
+            if st.unacked_in + st.consumed + n > u64::from(WINDOW) {
                 return Err(ClientError::Protocol(format!(
                     "request {id}: agent sent past the flow-control window"
                 )));
