@@ -806,9 +806,11 @@ fn spawn(
         && req.rlimits.is_empty()
         && cgroup.is_none();
     let program = if simple {
+        // The last PATH wins, as it does in the child's environment below.
         let path = req
             .env
             .iter()
+            .rev()
             .find(|(k, _)| k == b"PATH")
             .map(|(_, v)| v.as_slice())
             .unwrap_or(DEFAULT_PATH.as_bytes());
