@@ -32,6 +32,7 @@ use crate::addr::{self, Group};
 use crate::dns::{self, Answer, Bindings};
 use crate::limit::{Limit, TokenBucket};
 use crate::local::{Delivery, Routes};
+use crate::offload::{self, TcpEnds};
 use crate::policy::{Decision, Flow, Policy, Proto};
 
 mod echo;
@@ -55,6 +56,23 @@ pub trait Link: Send {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
     /// Sends one frame (dropping it when the link is full is fine).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Whether the guest's side takes TCP segments with partial checksums and larger than its
+    /// MTU, behind a virtio-net header (see [`crate::offload::to_guest`]). Asked once a round.
+    fn offloads(&self) -> bool {
+        false
+    }
+    /// Sends one frame behind its virtio-net header; only called while [`Link::offloads`].
+    fn send_offloaded(
+        &mut self,
+        hdr: &[u8; crate::offload::VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> io::Result<()> {
+        let _ = (hdr, frame);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this link does not offload",
+        ))
+    }
 }
 
 /// Resolves a name (normalized) to addresses; the default asks the host (getaddrinfo).
@@ -350,11 +368,31 @@ impl Link for Counted {
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.inner.send(frame)?;
+        self.count_out(frame);
+        Ok(())
+    }
+
+    fn offloads(&self) -> bool {
+        self.inner.offloads()
+    }
+
+    fn send_offloaded(
+        &mut self,
+        hdr: &[u8; crate::offload::VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> io::Result<()> {
+        self.inner.send_offloaded(hdr, frame)?;
+        self.count_out(frame);
+        Ok(())
+    }
+}
+
+impl Counted {
+    fn count_out(&self, frame: &[u8]) {
         self.stats.frames_to_guest.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_to_guest
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        Ok(())
     }
 }
 
@@ -516,6 +554,41 @@ struct Phy<'a> {
     link: &'a mut dyn Link,
     tx: &'a mut Vec<u8>,
     mtu: usize,
+    /// The link offloads this round: smoltcp leaves TCP checksums out and sends segments as
+    /// large as the guest's raised MSS (see [`crate::offload`]).
+    offload: bool,
+    /// The MSS each guest connection asked for, by (guest, remote) end.
+    mss: &'a HashMap<TcpEnds, u16>,
+}
+
+impl<'a> Phy<'a> {
+    fn new(
+        rx: &'a mut VecDeque<Vec<u8>>,
+        link: &'a mut dyn Link,
+        tx: &'a mut Vec<u8>,
+        mtu: usize,
+        mss: &'a HashMap<TcpEnds, u16>,
+    ) -> Phy<'a> {
+        let offload = link.offloads();
+        Phy {
+            rx,
+            link,
+            tx,
+            mtu,
+            offload,
+            mss,
+        }
+    }
+
+    fn tx(&mut self) -> Tx<'_> {
+        Tx {
+            link: &mut *self.link,
+            buf: &mut *self.tx,
+            offload: self.offload,
+            mtu: self.mtu,
+            mss: self.mss,
+        }
+    }
 }
 
 struct Rx(Vec<u8>);
@@ -523,6 +596,9 @@ struct Rx(Vec<u8>);
 struct Tx<'a> {
     link: &'a mut dyn Link,
     buf: &'a mut Vec<u8>,
+    offload: bool,
+    mtu: usize,
+    mss: &'a HashMap<TcpEnds, u16>,
 }
 
 impl RxToken for Rx {
@@ -538,7 +614,22 @@ impl TxToken for Tx<'_> {
         }
         let frame = &mut self.buf[..len];
         let r = f(frame);
-        if let Err(e) = self.link.send(frame) {
+        let sent = if !self.offload {
+            self.link.send(frame)
+        } else if let Some(hdr) = offload::to_guest(frame, self.mtu, |k| self.mss.get(&k).copied())
+        {
+            self.link.send_offloaded(&hdr, frame)
+        } else if frame.len() > self.mtu + 14 {
+            // Only TCP is offered past the MTU (smoltcp's is raised for it).
+            tracing::debug!(
+                "netstack: dropping a {}-byte frame over the MTU",
+                frame.len()
+            );
+            Ok(())
+        } else {
+            self.link.send(frame)
+        };
+        if let Err(e) = sent {
             tracing::debug!("netstack: sending a frame: {e}");
         }
         r
@@ -557,31 +648,31 @@ impl Device for Phy<'_> {
 
     fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
         let frame = self.rx.pop_front()?;
-        Some((
-            Rx(frame),
-            Tx {
-                link: &mut *self.link,
-                buf: &mut *self.tx,
-            },
-        ))
+        Some((Rx(frame), self.tx()))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx {
-            link: &mut *self.link,
-            buf: &mut *self.tx,
-        })
+        Some(self.tx())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
         let mut c = DeviceCapabilities::default();
         c.medium = Medium::Ethernet;
-        c.max_transmission_unit = self.mtu + 14;
+        c.max_transmission_unit = if self.offload {
+            offload::MAX_OFFLOAD_FRAME
+        } else {
+            self.mtu + 14
+        };
         // Frames come from guest memory or a TAP device, never a wire: checksums are made for
         // the guest but not verified on what it sends. A wrong one could only hurt the guest,
-        // and a guest offloading checksums leaves them partial (see `crate::offload`).
+        // and a guest offloading checksums leaves them partial (see `crate::offload`). An
+        // offloading guest finishes the TCP checksums we leave partial.
         c.checksum.ipv4 = Checksum::Tx;
-        c.checksum.tcp = Checksum::Tx;
+        c.checksum.tcp = if self.offload {
+            Checksum::None
+        } else {
+            Checksum::Tx
+        };
         c.checksum.udp = Checksum::Tx;
         c.checksum.icmpv4 = Checksum::Tx;
         c.checksum.icmpv6 = Checksum::Tx;
@@ -681,6 +772,9 @@ struct State {
     rx: VecDeque<Vec<u8>>,
     /// Where frames to the guest are built (one at a time).
     tx: Vec<u8>,
+    /// The MSS each guest TCP connection asked for while the link offloads (smoltcp sees a
+    /// raised one): the segment size the guest cuts our large segments into.
+    mss: HashMap<TcpEnds, u16>,
     /// Scratch space for datagrams, kept across rounds.
     scratch: Vec<u8>,
     tcp: HashMap<FlowKey, TcpFlow>,
@@ -741,12 +835,8 @@ impl State {
         });
         let mut rx = VecDeque::new();
         let mut tx = Vec::new();
-        let mut phy = Phy {
-            rx: &mut rx,
-            link: &mut *link,
-            tx: &mut tx,
-            mtu: cfg.mtu,
-        };
+        let mss = HashMap::new();
+        let mut phy = Phy::new(&mut rx, &mut *link, &mut tx, cfg.mtu, &mss);
         let hw = HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC));
         let mut iface = Interface::new(IfaceConfig::new(hw), &mut phy, now());
         iface.update_ip_addrs(|a| {
@@ -847,6 +937,7 @@ impl State {
             sockets,
             rx,
             tx,
+            mss,
             scratch: vec![0; 65536],
             tcp: HashMap::new(),
             udp_socks: HashMap::new(),
@@ -1075,12 +1166,13 @@ impl State {
 
     /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
     fn step(&mut self) -> bool {
-        let mut phy = Phy {
-            rx: &mut self.rx,
-            link: &mut *self.link,
-            tx: &mut self.tx,
-            mtu: self.cfg.mtu,
-        };
+        let mut phy = Phy::new(
+            &mut self.rx,
+            &mut *self.link,
+            &mut self.tx,
+            self.cfg.mtu,
+            &self.mss,
+        );
         self.iface.poll(now(), &mut phy, &mut self.sockets);
         let mut busy = self.serve_dns();
         busy |= self.accept_published();
@@ -1089,12 +1181,13 @@ impl State {
         busy |= self.relay_tcp();
         busy |= self.relay_udp();
         busy |= self.relay_echo();
-        let mut phy = Phy {
-            rx: &mut self.rx,
-            link: &mut *self.link,
-            tx: &mut self.tx,
-            mtu: self.cfg.mtu,
-        };
+        let mut phy = Phy::new(
+            &mut self.rx,
+            &mut *self.link,
+            &mut self.tx,
+            self.cfg.mtu,
+            &self.mss,
+        );
         self.iface.poll(now(), &mut phy, &mut self.sockets);
         for h in self.reap.drain(..) {
             self.sockets.remove(h);
@@ -1268,7 +1361,12 @@ impl State {
     /// Looks at a guest frame before smoltcp does: a new TCP connection or UDP flow is
     /// decided here, and if allowed gets its smoltcp socket so smoltcp accepts it. Returns
     /// the frame unless it is held (a SYN waiting for its host connection).
-    fn inspect(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
+    fn inspect(&mut self, mut frame: Vec<u8>) -> Option<Vec<u8>> {
+        if self.link.offloads() {
+            if let Some((ends, mss)) = offload::raise_mss(&mut frame) {
+                self.remember_mss(ends, mss);
+            }
+        }
         let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -1363,6 +1461,26 @@ impl State {
             _ => {}
         }
         Some(frame)
+    }
+
+    /// Keeps the MSS a guest connection asked for (bounded: entries of connections that are
+    /// gone are dropped once there are more than flows allow).
+    fn remember_mss(&mut self, ends: TcpEnds, mss: u16) {
+        if self.mss.len() >= 2 * self.cfg.max_flows + 64 {
+            let open: std::collections::HashSet<TcpEnds> = self
+                .tcp
+                .keys()
+                .chain(self.sniffing.keys())
+                .map(|(g, r)| {
+                    (
+                        (IpAddr::from(g.addr), g.port),
+                        (IpAddr::from(r.addr), r.port),
+                    )
+                })
+                .collect();
+            self.mss.retain(|k, _| open.contains(k));
+        }
+        self.mss.insert(ends, mss);
     }
 
     /// Decides a new connection; if allowed, starts the host connection and holds the SYN.
