@@ -1,16 +1,27 @@
 //! A guest's virtio-net header and frame (checksum and segmentation offload): never a panic,
 //! the frame keeps its length, only a segmentation frame's IP header changes, and then to
-//! describe the whole frame.
+//! describe the whole frame. The same frame's SYN MSS raised (as when the stack offloads
+//! toward the guest): never a panic, and at most the option's two bytes change.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use msb_netstack::offload::{accept, VNET_HDR_LEN};
+use msb_netstack::offload::{accept, raise_mss, RAISED_MSS, VNET_HDR_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < VNET_HDR_LEN {
         return;
     }
     let (hdr, frame) = data.split_at(VNET_HDR_LEN);
+    let mut raised = frame.to_vec();
+    let changed = raise_mss(&mut raised);
+    let diff: Vec<usize> = (0..frame.len()).filter(|&i| raised[i] != frame[i]).collect();
+    match changed {
+        Some((_, mss)) => {
+            assert!(mss < RAISED_MSS);
+            assert!(diff.len() <= 2 && diff.windows(2).all(|w| w[1] == w[0] + 1));
+        }
+        None => assert!(diff.is_empty()),
+    }
     let mut f = frame.to_vec();
     if accept(hdr, &mut f).is_ok() {
         assert_eq!(f.len(), frame.len());

@@ -399,6 +399,17 @@ impl msb_netstack::stack::Link for PortLink {
         self.0.send(frame);
         Ok(())
     }
+    fn offloads(&self) -> bool {
+        self.0.offloads()
+    }
+    fn send_offloaded(
+        &mut self,
+        hdr: &[u8; msb_netstack::offload::VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> std::io::Result<()> {
+        self.0.send_offloaded(hdr, frame);
+        Ok(())
+    }
 }
 
 /// A host directory mounted in the guest.

@@ -141,7 +141,13 @@ impl Tap {
     /// Writes one frame (dropped by the kernel when the interface is down).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // No offload asked of the kernel: checksums are whole, one segment per frame.
-        let hdr = [0u8; VNET_HDR_LEN];
+        self.send_with(&[0u8; VNET_HDR_LEN], frame)
+    }
+
+    /// Writes one frame behind its vnet header (only sent with offloads on): the kernel
+    /// finishes a partial TCP checksum and takes a large segment as the header says, as from
+    /// a virtio-net device.
+    pub fn send_with(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
         let iov = self.iov_pair(
             hdr.as_ptr().cast_mut(),
             frame.as_ptr().cast_mut(),
@@ -177,6 +183,12 @@ impl msb_netstack::stack::Link for Tap {
     }
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         Tap::send(self, frame)
+    }
+    fn offloads(&self) -> bool {
+        self.offload
+    }
+    fn send_offloaded(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
+        self.send_with(hdr, frame)
     }
 }
 

@@ -3,9 +3,11 @@
 //! `virtio_net_hdr_v1` the driver and we exchange. Offered toward us: checksum offload and
 //! TCP segmentation (IPv4 and IPv6), which the netstack honours (`msb_netstack::offload`):
 //! it does not check guest checksums, so partial ones are fine, and smoltcp takes 64 KiB
-//! segments as they are; the guest's TCP sends 64 KiB per frame at any MTU. Toward the guest
-//! nothing is offloaded (the header is all zero): smoltcp makes every checksum and segments
-//! at the MTU.
+//! segments as they are; the guest's TCP sends 64 KiB per frame at any MTU. Offered toward the
+//! guest: partial checksums and TCP segments of up to 64 KiB (`GUEST_CSUM`, `GUEST_TSO4/6`),
+//! which the stack sends once all three are negotiated (see `msb_netstack::offload::to_guest`),
+//! and mergeable receive buffers, so such a segment is spread over as many of the driver's
+//! page-sized buffers as it needs instead of the driver posting 64 KiB chains.
 //!
 //! Back-pressure: the guest's transmit queue is drained only while the channel to the stack
 //! has room; frames for the guest wait (boundedly) for receive buffers, and are dropped past
@@ -14,9 +16,10 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use msb_netstack::offload::{accept, MAX_OFFLOAD_FRAME};
+use msb_netstack::offload::{accept, is_segmented, MAX_OFFLOAD_FRAME};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -37,12 +40,20 @@ pub const DEFAULT_MTU: u16 = 1500;
 pub const MAX_MTU: u16 = 65520;
 /// Frames waiting in each direction.
 const CHANNEL_FRAMES: usize = 512;
+/// Bytes waiting for the guest (64 KiB segments would otherwise let 32 MiB pile up).
+const TO_GUEST_BYTES: usize = 4 << 20;
 
 const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
+const F_MRG_RXBUF: u64 = 1 << 15;
+/// What the stack needs negotiated to send partial checksums and large segments.
+const GUEST_OFFLOADS: u64 = F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -53,7 +64,12 @@ const TOKEN_STACK_ROOM: u64 = FIRST_DEVICE_TOKEN + 1;
 #[derive(Debug)]
 struct Channel {
     to_stack: Mutex<VecDeque<Vec<u8>>>,
+    /// Frames for the guest, each behind its virtio-net header.
     to_guest: Mutex<VecDeque<Vec<u8>>>,
+    /// Bytes in `to_guest` (changed under its lock).
+    to_guest_bytes: AtomicUsize,
+    /// The driver negotiated [`GUEST_OFFLOADS`].
+    offload: AtomicBool,
     /// Written when `to_stack` gets a frame (the stack polls it).
     stack_evt: EventFd,
     /// Written when `to_guest` gets a frame.
@@ -99,14 +115,37 @@ impl NetPort {
     /// Queues a frame for the guest (dropped when the guest is that far behind, or when it
     /// is larger than the MTU allows).
     pub fn send(&self, frame: &[u8]) {
-        if frame.len() > self.ch.mtu + 14 {
+        self.send_offloaded(&[0; HDR_LEN], frame)
+    }
+
+    /// Whether the driver takes partial TCP checksums and 64 KiB TCP segments now.
+    pub fn offloads(&self) -> bool {
+        self.ch.offload.load(Ordering::Relaxed)
+    }
+
+    /// Queues a frame behind header `hdr`, which may ask for the offloads [`NetPort::offloads`]
+    /// says the driver takes (a segmentation frame may then be up to 64 KiB).
+    pub fn send_offloaded(&self, hdr: &[u8; HDR_LEN], frame: &[u8]) {
+        let max = if is_segmented(hdr) {
+            MAX_OFFLOAD_FRAME
+        } else {
+            self.ch.mtu + 14
+        };
+        if frame.len() > max {
             return;
         }
         let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() >= CHANNEL_FRAMES {
+        let bytes = self.ch.to_guest_bytes.load(Ordering::Relaxed);
+        if q.len() >= CHANNEL_FRAMES || bytes + frame.len() > TO_GUEST_BYTES {
             return;
         }
-        q.push_back(frame.to_vec());
+        let mut entry = Vec::with_capacity(HDR_LEN + frame.len());
+        entry.extend_from_slice(hdr);
+        entry.extend_from_slice(frame);
+        self.ch
+            .to_guest_bytes
+            .store(bytes + entry.len(), Ordering::Relaxed);
+        q.push_back(entry);
         drop(q);
         let _ = self.ch.guest_evt.write(1);
     }
@@ -140,6 +179,8 @@ impl NetDevice {
         let ch = Arc::new(Channel {
             to_stack: Mutex::new(VecDeque::new()),
             to_guest: Mutex::new(VecDeque::new()),
+            to_guest_bytes: AtomicUsize::new(0),
+            offload: AtomicBool::new(false),
             stack_evt: EventFd::new(EFD_NONBLOCK)?,
             guest_evt: EventFd::new(EFD_NONBLOCK)?,
             room_evt: EventFd::new(EFD_NONBLOCK)?,
@@ -166,7 +207,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn features(&self) -> u64 {
-        F_MAC | F_MTU | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
+        F_MAC | F_MTU | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | GUEST_OFFLOADS | F_MRG_RXBUF
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -196,10 +237,15 @@ impl VirtioDevice for NetDevice {
         ] {
             worker::watch(&epoll, fd, EventSet::IN, token).map_err(ActivateError::Worker)?;
         }
+        self.ch.offload.store(
+            features & GUEST_OFFLOADS == GUEST_OFFLOADS,
+            Ordering::Relaxed,
+        );
         let work = Worker {
             mem: a.mem,
             queues: [rx, tx],
             ch: self.ch.clone(),
+            mergeable: features & F_MRG_RXBUF != 0,
             // Larger frames than the MTU only come segmentation-offloaded.
             max_frame: if features & (F_HOST_TSO4 | F_HOST_TSO6) != 0 {
                 MAX_OFFLOAD_FRAME
@@ -225,11 +271,10 @@ impl VirtioDevice for NetDevice {
 
     fn reset(&mut self) {
         self.worker = None;
-        self.ch
-            .to_guest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.ch.offload.store(false, Ordering::Relaxed);
+        let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        self.ch.to_guest_bytes.store(0, Ordering::Relaxed);
     }
 }
 
@@ -237,6 +282,8 @@ struct Worker {
     mem: GuestMemoryMmap,
     queues: [Queue; 2],
     ch: Arc<Channel>,
+    /// `VIRTIO_NET_F_MRG_RXBUF`: a frame may take several receive buffers.
+    mergeable: bool,
     /// The largest frame the guest may send, header excluded.
     max_frame: usize,
 }
@@ -325,54 +372,103 @@ impl Worker {
         let mem = self.mem.clone();
         let mut used = false;
         loop {
-            let Some(frame) = self
-                .ch
-                .to_guest
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            else {
+            let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(mut entry) = q.pop_front() else {
                 break;
             };
-            let chain = match self.queues[RX].iter(&mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(format!("rx queue: {e}")),
-            };
-            let Some(chain) = chain else {
-                // No buffers: keep the frame for when the guest posts some.
-                self.ch
-                    .to_guest
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_front(frame);
-                break;
-            };
-            let head = chain.head_index();
-            check_chain(&chain, self.queues[RX].size())?;
-            let mut writer =
-                Writer::new(&mem, chain).map_err(|e| format!("rx descriptors: {e}"))?;
-            let room = writer.available_bytes();
-            let len = if room < HDR_LEN + frame.len() {
-                tracing::debug!(
-                    "virtio-net: a {}-byte frame does not fit a {room}-byte buffer",
-                    frame.len()
-                );
-                0
+            drop(q);
+            let placed = if self.mergeable {
+                self.place_merged(&mem, &mut entry)?
             } else {
-                let mut hdr = [0u8; HDR_LEN];
-                hdr[10] = 1; // num_buffers
-                writer
-                    .write_all(&hdr)
-                    .and_then(|_| writer.write_all(&frame))
-                    .map_err(|e| format!("rx frame: {e}"))?;
-                HDR_LEN + frame.len()
+                self.place_whole(&mem, &mut entry)?
             };
-            self.queues[RX]
-                .add_used(&mem, head, len as u32)
-                .map_err(|e| format!("rx used ring: {e}"))?;
+            let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
+            if !placed {
+                // Not enough buffers: the frame waits for the guest to post more.
+                q.push_front(entry);
+                break;
+            }
+            let bytes = self.ch.to_guest_bytes.load(Ordering::Relaxed);
+            self.ch
+                .to_guest_bytes
+                .store(bytes.saturating_sub(entry.len()), Ordering::Relaxed);
             used = true;
         }
         Ok(used && self.queues[RX].needs_notification(&mem).unwrap_or(true))
+    }
+
+    /// The next receive chain, checked; `None` when the driver has posted none.
+    fn next_rx<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Option<(u16, Writer<'m>)>, String> {
+        let chain = match self.queues[RX].iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(format!("rx queue: {e}")),
+        };
+        let Some(chain) = chain else { return Ok(None) };
+        let head = chain.head_index();
+        check_chain(&chain, self.queues[RX].size())?;
+        let writer = Writer::new(mem, chain).map_err(|e| format!("rx descriptors: {e}"))?;
+        Ok(Some((head, writer)))
+    }
+
+    /// `entry` (header and frame) into one chain, or dropped (the chain returned empty) when
+    /// it does not fit. `false` when the driver has posted no chain.
+    fn place_whole(&mut self, mem: &GuestMemoryMmap, entry: &mut [u8]) -> Result<bool, String> {
+        let Some((head, mut writer)) = self.next_rx(mem)? else {
+            return Ok(false);
+        };
+        let room = writer.available_bytes();
+        let len = if room < entry.len() {
+            tracing::debug!(
+                "virtio-net: a {}-byte frame does not fit a {room}-byte buffer",
+                entry.len() - HDR_LEN
+            );
+            0
+        } else {
+            entry[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+            writer
+                .write_all(entry)
+                .map_err(|e| format!("rx frame: {e}"))?;
+            entry.len()
+        };
+        self.queues[RX]
+            .add_used(mem, head, len as u32)
+            .map_err(|e| format!("rx used ring: {e}"))?;
+        Ok(true)
+    }
+
+    /// `entry` spread over as many chains as it takes, the header's `num_buffers` saying how
+    /// many; `false` (and no chain taken) while the driver has not posted enough.
+    fn place_merged(&mut self, mem: &GuestMemoryMmap, entry: &mut [u8]) -> Result<bool, String> {
+        let mut chains = Vec::new();
+        let mut room = 0;
+        while room < entry.len() {
+            let Some((head, writer)) = self.next_rx(mem)? else {
+                for _ in 0..chains.len() {
+                    self.queues[RX].go_to_previous_position();
+                }
+                return Ok(false);
+            };
+            room += writer.available_bytes();
+            chains.push((head, writer));
+        }
+        // At most the queue's size of chains: the ring holds no more.
+        let count = chains.len() as u16;
+        entry[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut at = 0;
+        for (head, mut writer) in chains {
+            let n = writer.available_bytes().min(entry.len() - at);
+            writer
+                .write_all(&entry[at..at + n])
+                .map_err(|e| format!("rx frame: {e}"))?;
+            at += n;
+            self.queues[RX]
+                .add_used(mem, head, n as u32)
+                .map_err(|e| format!("rx used ring: {e}"))?;
+        }
+        Ok(true)
     }
 }
 

@@ -112,8 +112,18 @@ fn config_space_and_limits() {
     assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000);
     assert_eq!(
         d.device.features(),
-        F_MAC | F_MTU | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
+        F_MAC
+            | F_MTU
+            | F_CSUM
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_GUEST_CSUM
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_MRG_RXBUF
     );
+    // A driver that took none of the guest offloads gets none.
+    assert!(!d.port.offloads());
     assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 65521).is_err());
     assert!(NetDevice::new([2, 0, 0, 0, 0, 1], 67).is_err());
 }
@@ -279,5 +289,103 @@ fn large_frames_need_segmentation_negotiated() {
     .is_some());
     let mut buf = vec![0u8; MAX_OFFLOAD_FRAME];
     assert_eq!(d.port.recv(&mut buf), None);
+    assert!(!d.failure.is_failed());
+}
+
+/// Collects `n` used receive entries and reads each buffer (posted at `addrs` by id order).
+fn received(d: &mut Driver, n: usize, addr_of: impl Fn(u32) -> u64) -> Vec<(u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    wait(|| {
+        for (id, len) in d.rings[RX].take_used(&d.mem) {
+            let mut b = vec![0u8; len as usize];
+            d.mem.read_slice(&mut b, GuestAddress(addr_of(id))).unwrap();
+            out.push((id, b));
+        }
+        (out.len() >= n).then_some(())
+    })
+    .expect("the frame is delivered");
+    out
+}
+
+#[test]
+fn large_segments_spread_over_mergeable_buffers() {
+    let mut d = driver_with(1500, 1 << 32 | GUEST_OFFLOADS | F_MRG_RXBUF);
+    assert!(d.port.offloads());
+    let (mut hdr, f) = offloaded_frame(60000, true);
+    hdr[10..12].copy_from_slice(&0u16.to_le_bytes());
+    d.port.send_offloaded(&hdr, &f);
+    // 60 054 bytes and the header need 15 buffers of 4 KiB: ten are not enough, and none
+    // of them is used until the rest come.
+    let at = |i: u64| 0x100000 + i * 0x1000;
+    for i in 0..10 {
+        d.post_rx(at(i), 4096);
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(d.rings[RX].take_used(&d.mem).is_empty());
+    for i in 10..16 {
+        d.post_rx(at(i), 4096);
+    }
+    let got = received(&mut d, 15, |id| at(id as u64));
+    assert_eq!(
+        got.len(),
+        15,
+        "one frame, fifteen buffers; the last buffer is left"
+    );
+    let mut whole = Vec::new();
+    for (k, (id, b)) in got.iter().enumerate() {
+        assert_eq!(*id as usize, k, "buffers used in the order posted");
+        if k < 14 {
+            assert_eq!(b.len(), 4096);
+        }
+        whole.extend_from_slice(b);
+    }
+    assert_eq!(
+        u16::from_le_bytes([whole[10], whole[11]]),
+        15,
+        "num_buffers"
+    );
+    assert_eq!(&whole[..10], &hdr[..10], "the header as the stack made it");
+    assert_eq!(&whole[HDR_LEN..], &f[..]);
+    // The next small frame takes the buffer left over, with num_buffers 1.
+    d.port.send(&f[..60]);
+    let got = received(&mut d, 1, |id| at(id as u64));
+    assert_eq!(got[0].0, 15);
+    assert_eq!(u16::from_le_bytes([got[0].1[10], got[0].1[11]]), 1);
+    assert_eq!(&got[0].1[HDR_LEN..], &f[..60]);
+    // Without segmentation asked, nothing over the MTU is queued.
+    d.port
+        .send_offloaded(&[1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0], &f);
+    d.post_rx(at(16), 4096);
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(d.rings[RX].take_used(&d.mem).is_empty());
+    assert!(!d.failure.is_failed());
+    // A reset ends the offloads until a driver negotiates them again.
+    d.device.reset();
+    assert!(!d.port.offloads());
+}
+
+#[test]
+fn without_mergeable_buffers_a_large_segment_takes_one_large_chain() {
+    let mut d = driver_with(1500, 1 << 32 | GUEST_OFFLOADS);
+    assert!(d.port.offloads());
+    let (hdr, f) = offloaded_frame(60000, true);
+    // A chain too small for it: the frame is dropped, the chain returned empty.
+    d.port.send_offloaded(&hdr, &f);
+    d.post_rx(0x100000, 4096);
+    let got = received(&mut d, 1, |_| 0x100000);
+    assert!(got[0].1.is_empty());
+    // A chain of sixteen 4 KiB pages, as Linux posts without mergeable buffers.
+    d.port.send_offloaded(&hdr, &f);
+    let pages: Vec<(u64, u32, bool)> = (0..16)
+        .map(|i| (0x200000 + i * 0x1000, 4096, true))
+        .collect();
+    d.rings[RX].add(&d.mem, &pages);
+    d.evts[RX].write(1).unwrap();
+    let (_, len) = wait(|| d.rings[RX].take_used(&d.mem).pop()).expect("delivered");
+    assert_eq!(len as usize, HDR_LEN + f.len());
+    let mut b = vec![0u8; len as usize];
+    d.mem.read_slice(&mut b, GuestAddress(0x200000)).unwrap();
+    assert_eq!(u16::from_le_bytes([b[10], b[11]]), 1);
+    assert_eq!(&b[HDR_LEN..], &f[..]);
     assert!(!d.failure.is_failed());
 }
