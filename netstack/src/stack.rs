@@ -1164,8 +1164,8 @@ impl State {
         Ok((busy && !self.throttled) || !self.rx.is_empty() || !self.deferred.is_empty())
     }
 
-    /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
-    fn step(&mut self) -> bool {
+    /// smoltcp's turn: guest frames in, frames for the guest out through the link.
+    fn poll_iface(&mut self) {
         let mut phy = Phy::new(
             &mut self.rx,
             &mut *self.link,
@@ -1174,6 +1174,11 @@ impl State {
             &self.mss,
         );
         self.iface.poll(now(), &mut phy, &mut self.sockets);
+    }
+
+    /// One round: smoltcp, then every relay, then smoltcp again for what they queued.
+    fn step(&mut self) -> bool {
+        self.poll_iface();
         let mut busy = self.serve_dns();
         busy |= self.accept_published();
         busy |= self.relay_published_udp();
@@ -1181,14 +1186,7 @@ impl State {
         busy |= self.relay_tcp();
         busy |= self.relay_udp();
         busy |= self.relay_echo();
-        let mut phy = Phy::new(
-            &mut self.rx,
-            &mut *self.link,
-            &mut self.tx,
-            self.cfg.mtu,
-            &self.mss,
-        );
-        self.iface.poll(now(), &mut phy, &mut self.sockets);
+        self.poll_iface();
         for h in self.reap.drain(..) {
             self.sockets.remove(h);
         }
