@@ -142,9 +142,10 @@ impl NetPort {
         let mut entry = Vec::with_capacity(HDR_LEN + frame.len());
         entry.extend_from_slice(hdr);
         entry.extend_from_slice(frame);
+        // An add, not a store: the worker takes bytes off without holding the lock.
         self.ch
             .to_guest_bytes
-            .store(bytes + entry.len(), Ordering::Relaxed);
+            .fetch_add(entry.len(), Ordering::Relaxed);
         q.push_back(entry);
         drop(q);
         let _ = self.ch.guest_evt.write(1);
@@ -382,16 +383,19 @@ impl Worker {
             } else {
                 self.place_whole(&mem, &mut entry)?
             };
-            let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
             if !placed {
                 // Not enough buffers: the frame waits for the guest to post more.
+                let mut q = self.ch.to_guest.lock().unwrap_or_else(|e| e.into_inner());
                 q.push_front(entry);
                 break;
             }
-            let bytes = self.ch.to_guest_bytes.load(Ordering::Relaxed);
-            self.ch
-                .to_guest_bytes
-                .store(bytes.saturating_sub(entry.len()), Ordering::Relaxed);
+            // Lock-free: senders only add under the lock, so the sum stays exact.
+            let _ =
+                self.ch
+                    .to_guest_bytes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some(b.saturating_sub(entry.len()))
+                    });
             used = true;
         }
         Ok(used && self.queues[RX].needs_notification(&mem).unwrap_or(true))
