@@ -14,14 +14,6 @@ use msb_devices::virtio::vsock::VsockDevice;
 use msb_devices::virtio::IrqStatus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-#[derive(Debug)]
-struct Nop;
-impl msb_devices::Interrupt for Nop {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A share holding `a` and `d/b`, beside a directory with a secret and a symlink to it.
 fn share() -> &'static PathBuf {
     static SHARE: OnceLock<PathBuf> = OnceLock::new();
@@ -51,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = mem.write_slice(&memory[..memory.len().min(64 << 10)], GuestAddress(0));
         let (dev, _host) = VsockDevice::new().unwrap();
         let mut t =
-            MmioTransport::new(Box::new(dev), mem, IrqStatus::new(Arc::new(Nop))).unwrap();
+            MmioTransport::new(Box::new(dev), mem, IrqStatus::new(Arc::new(msb_devices::NoInterrupt))).unwrap();
         t.set_seccomp(msb_devices::virtio::Seccomp::Off);
         if t.restore_state(&state).is_ok() && state.active {
             assert!(t.is_active() || state.failed, "restored but not running");

@@ -13,14 +13,6 @@ use msb_devices::virtio::vsock::VsockDevice;
 use msb_devices::virtio::IrqStatus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-#[derive(Debug)]
-struct Nop;
-impl msb_devices::Interrupt for Nop {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     if data.len() < 8 {
         return;
@@ -29,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 10)]).unwrap();
     let _ = mem.write_slice(&memory[..memory.len().min(64 << 10)], GuestAddress(0));
     let (dev, _host) = VsockDevice::new().unwrap();
-    let mut t = MmioTransport::new(Box::new(dev), mem, IrqStatus::new(Arc::new(Nop))).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem, IrqStatus::new(Arc::new(msb_devices::NoInterrupt))).unwrap();
     // The fuzzer's own runtime (sanitizers, libFuzzer's signal handlers) runs on any thread;
     // the workers' filters are tested elsewhere (device unit tests, tiers 2 and 4).
     t.set_seccomp(msb_devices::virtio::Seccomp::Off);

@@ -13,14 +13,6 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-#[derive(Debug)]
-struct Nop;
-impl msb_devices::Interrupt for Nop {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 const MEM: usize = 128 << 10;
 
 fn queue(size: u16, base: u64) -> Queue {
@@ -54,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     let activated = dev.activate(
         Activation {
             mem: mem.clone(),
-            irq: IrqStatus::new(Arc::new(Nop)),
+            irq: IrqStatus::new(Arc::new(msb_devices::NoInterrupt)),
             queues: vec![
                 (queue(size, 0x0000), evts[0].clone()),
                 (queue(size, 0x3000), evts[1].clone()),

@@ -241,9 +241,9 @@ mod tests {
     use super::*;
     use crate::fs::abi::{op, Writer};
     use crate::fs::passthrough::Config;
-    use crate::virtio::testing::{Line, Ring};
-    use crate::virtio::{DeviceFailure, IrqStatus};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::virtio::testing::{Rig, Ring};
+    use crate::virtio::DeviceFailure;
+    use vmm_sys_util::eventfd::EventFd;
 
     const MEM_SIZE: usize = 8 << 20;
 
@@ -276,41 +276,13 @@ mod tests {
             let fs = Arc::new(PassthroughFs::new(&share, Config::default()).unwrap());
             let mut device = FsDevice::new(tag, fs).unwrap();
             let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-            let rings: Vec<Ring> = [0x10000u64, 0x30000]
-                .iter()
-                .map(|&b| Ring {
-                    base: b,
-                    size: 64,
-                    next_desc: 0,
-                    avail_idx: 0,
-                    used_seen: 0,
-                })
-                .collect();
-            let evts: Vec<Arc<EventFd>> = (0..2)
-                .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
-                .collect();
-            let failure = Arc::new(DeviceFailure::default());
-            device
-                .activate(
-                    Activation {
-                        mem: mem.clone(),
-                        irq: IrqStatus::new(Arc::new(Line::default())),
-                        queues: rings
-                            .iter()
-                            .map(|r| r.queue())
-                            .zip(evts.iter().cloned())
-                            .collect(),
-                        failure: failure.clone(),
-                        seccomp: msb_confine::Seccomp::Enforce,
-                    },
-                    1 << 32,
-                )
-                .unwrap();
+            let rig = Rig::new(&[0x10000, 0x30000], 64);
+            device.activate(rig.activation(&mem), 1 << 32).unwrap();
             let mut d = Driver {
                 mem,
-                rings,
-                evts,
-                failure,
+                rings: rig.rings,
+                evts: rig.evts,
+                failure: rig.failure,
                 _device: device,
                 share,
                 unique: 1,

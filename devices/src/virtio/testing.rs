@@ -1,13 +1,23 @@
 //! A scripted guest driver's split rings, shared by the device tests.
 
 use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::Queue;
+use super::{Activation, DeviceFailure, IrqStatus, Queue};
 
+/// An interrupt line that counts its triggers.
 #[derive(Debug, Default)]
 pub struct Line(AtomicUsize);
+
+impl Line {
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 impl crate::Interrupt for Line {
     fn trigger(&self) -> std::io::Result<()> {
         self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -24,7 +34,55 @@ pub struct Ring {
     pub used_seen: u16,
 }
 
+/// A driver's rings, the eventfds its notifications arrive on, and the device's failure flag:
+/// what activating a device takes.
+pub struct Rig {
+    pub rings: Vec<Ring>,
+    pub evts: Vec<Arc<EventFd>>,
+    pub failure: Arc<DeviceFailure>,
+}
+
+impl Rig {
+    /// One empty ring of `size` entries at each of `bases`.
+    pub fn new(bases: &[u64], size: u16) -> Rig {
+        Rig {
+            rings: bases.iter().map(|&b| Ring::new(b, size)).collect(),
+            evts: bases
+                .iter()
+                .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+                .collect(),
+            failure: Arc::new(DeviceFailure::default()),
+        }
+    }
+
+    /// The activation of a device over these rings, with a counting interrupt line.
+    pub fn activation(&self, mem: &GuestMemoryMmap) -> Activation {
+        Activation {
+            mem: mem.clone(),
+            irq: IrqStatus::new(Arc::new(Line::default())),
+            queues: self
+                .rings
+                .iter()
+                .map(|r| r.queue())
+                .zip(self.evts.iter().cloned())
+                .collect(),
+            failure: self.failure.clone(),
+            seccomp: msb_confine::Seccomp::Enforce,
+        }
+    }
+}
+
 impl Ring {
+    pub fn new(base: u64, size: u16) -> Ring {
+        Ring {
+            base,
+            size,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
     pub fn desc(&self, i: u16) -> u64 {
         self.base + 16 * u64::from(i)
     }

@@ -387,19 +387,10 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::testing::Line;
     use crate::virtio::{ActivateError, INT_VRING};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
-
-    #[derive(Debug, Default)]
-    struct Line(AtomicUsize);
-    impl crate::Interrupt for Line {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     #[derive(Default)]
     struct Log {
@@ -515,7 +506,7 @@ mod tests {
         assert_eq!(r(&mut t, 0x60), INT_VRING);
         w(&mut t, 0x64, INT_VRING);
         assert_eq!(r(&mut t, 0x60), 0);
-        assert!(line.0.load(Ordering::SeqCst) >= 1);
+        assert!(line.count() >= 1);
         w(&mut t, 0x70, 0);
         assert_eq!(log.lock().unwrap().resets, 1);
         assert_eq!(r(&mut t, 0x70), 0);

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::virtio::testing::{Line, Ring};
-use crate::virtio::{DeviceFailure, IrqStatus};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use crate::virtio::testing::{Rig, Ring};
+use crate::virtio::DeviceFailure;
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 8 << 20;
 
@@ -29,41 +29,13 @@ fn driver(mtu: u16) -> Driver {
 fn driver_with(mtu: u16, features: u64) -> Driver {
     let (mut device, port) = NetDevice::new([2, 0, 0, 0, 0, 0x15], mtu).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let rings: Vec<Ring> = [0x10000u64, 0x30000]
-        .iter()
-        .map(|&b| Ring {
-            base: b,
-            size: 64,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        })
-        .collect();
-    let evts: Vec<Arc<EventFd>> = (0..2)
-        .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
-        .collect();
-    let failure = Arc::new(DeviceFailure::default());
-    device
-        .activate(
-            Activation {
-                mem: mem.clone(),
-                irq: IrqStatus::new(Arc::new(Line::default())),
-                queues: rings
-                    .iter()
-                    .map(|r| r.queue())
-                    .zip(evts.iter().cloned())
-                    .collect(),
-                failure: failure.clone(),
-                seccomp: msb_confine::Seccomp::Enforce,
-            },
-            features,
-        )
-        .unwrap();
+    let rig = Rig::new(&[0x10000, 0x30000], 64);
+    device.activate(rig.activation(&mem), features).unwrap();
     Driver {
         mem,
-        rings,
-        evts,
-        failure,
+        rings: rig.rings,
+        evts: rig.evts,
+        failure: rig.failure,
         device,
         port,
     }

@@ -15,7 +15,7 @@ const RX_BUFS: u64 = 0x100000;
 const TX_BUFS: u64 = 0x400000;
 const BUF_SIZE: u32 = 4096 + HDR_LEN as u32;
 
-use crate::virtio::testing::{Line, Ring};
+use crate::virtio::testing::{Line, Rig, Ring};
 
 struct Guest {
     mem: GuestMemoryMmap,
@@ -48,38 +48,14 @@ fn hdr(op: Op, src_port: u32, dst_port: u32, len: u32) -> Header {
 impl Guest {
     fn new() -> Guest {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let rings: Vec<Ring> = RING_BASES
-            .iter()
-            .map(|&b| Ring {
-                base: b,
-                size: QUEUE_SIZE,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-            })
-            .collect();
-        let evts: Vec<Arc<EventFd>> = (0..3)
-            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
-            .collect();
         let (mut device, host) = VsockDevice::new().unwrap();
-        let failure = Arc::new(DeviceFailure::default());
-        let a = Activation {
-            mem: mem.clone(),
-            irq: IrqStatus::new(Arc::new(Line::default())),
-            queues: rings
-                .iter()
-                .map(|r| r.queue())
-                .zip(evts.iter().cloned())
-                .collect(),
-            failure: failure.clone(),
-            seccomp: msb_confine::Seccomp::Enforce,
-        };
-        device.activate(a, 1 << 32).unwrap();
+        let rig = Rig::new(&RING_BASES, QUEUE_SIZE);
+        device.activate(rig.activation(&mem), 1 << 32).unwrap();
         let mut g = Guest {
             mem,
-            rings,
-            evts,
-            failure,
+            rings: rig.rings,
+            evts: rig.evts,
+            failure: rig.failure,
             host,
             _device: device,
             rx_bufs: HashMap::new(),
