@@ -453,7 +453,7 @@ pub const DIR_ENTRIES_PER_MESSAGE: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{encode, FrameDecoder, MAX_FRAME_LEN};
+    use crate::frame::{encode, FrameReader, MAX_FRAME_LEN};
 
     #[test]
     fn payload_headers_are_the_encodings_first_bytes() {
@@ -519,13 +519,12 @@ mod tests {
                 bytes: WINDOW,
             },
         ];
-        let mut d = FrameDecoder::new();
+        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
+        let mut r = FrameReader::new(&stream[..], 4096);
         for m in &msgs {
-            d.push(&encode(m).unwrap());
+            assert_eq!(r.read_frame::<HostMessage>().unwrap().as_ref(), Some(m));
         }
-        for m in &msgs {
-            assert_eq!(d.next_frame::<HostMessage>().unwrap().as_ref(), Some(m));
-        }
+        assert_eq!(r.read_frame::<HostMessage>().unwrap(), None);
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! Length-prefixed frames: `[len: u32 LE][postcard(message)]`.
 //!
-//! The decoder is fed arbitrary byte chunks (a serial port or socket delivers frames in any
-//! split) and treats the stream as hostile: a length above the cap or a body that does not
-//! decode is an error, after which the decoder refuses further input (the stream has lost
-//! framing and nothing after it can be trusted).
+//! The readers take a stream that delivers frames in any split and treat it as hostile: a
+//! length above the cap or a body that does not decode is an error, after which the caller
+//! drops the stream (it has lost framing and nothing after it can be trusted).
 
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -18,8 +17,6 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("malformed frame body: {0}")]
     Malformed(String),
-    #[error("stream already failed; no further frames are decoded")]
-    Poisoned,
     #[error("stream ended inside a frame ({0} bytes pending)")]
     Truncated(usize),
 }
@@ -35,77 +32,6 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     }
     body[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(body)
-}
-
-/// Incremental decoder for a stream of frames.
-#[derive(Debug, Default)]
-pub struct FrameDecoder {
-    buf: Vec<u8>,
-    start: usize,
-    poisoned: bool,
-}
-
-impl FrameDecoder {
-    /// A decoder with an empty buffer.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends bytes received from the stream.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.poisoned {
-            return;
-        }
-        // Compact before growing so a long stream does not keep consumed bytes alive.
-        if self.start > 0 && self.start * 2 >= self.buf.len() {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// Bytes received but not yet returned as frames.
-    pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
-    }
-
-    /// Decodes the next complete frame, `Ok(None)` if more bytes are needed.
-    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        if self.poisoned {
-            return Err(FrameError::Poisoned);
-        }
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > MAX_FRAME_LEN {
-            self.poisoned = true;
-            return Err(FrameError::TooLarge(len));
-        }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let body = &avail[4..4 + len];
-        match postcard::from_bytes::<T>(body) {
-            Ok(msg) => {
-                self.start += 4 + len;
-                Ok(Some(msg))
-            }
-            Err(e) => {
-                self.poisoned = true;
-                Err(FrameError::Malformed(e.to_string()))
-            }
-        }
-    }
-
-    /// Call at end of stream: an error if a partial frame is left over.
-    pub fn finish(&self) -> Result<(), FrameError> {
-        match self.pending() {
-            0 => Ok(()),
-            n => Err(FrameError::Truncated(n)),
-        }
-    }
 }
 
 /// Errors reading a frame from a blocking stream.
@@ -299,41 +225,6 @@ mod tests {
     use crate::agent::{AgentMessage as GuestMessage, ExitStatus, Response};
 
     #[test]
-    fn round_trip_in_every_split() {
-        let msgs = vec![
-            GuestMessage::Hello { version: 1 },
-            GuestMessage::Response {
-                id: 1,
-                response: Response::Stdout(b"hello\n".to_vec()),
-            },
-            GuestMessage::Response {
-                id: 2,
-                response: Response::Stderr(vec![0, 255, 10]),
-            },
-            GuestMessage::Response {
-                id: 1,
-                response: Response::Exited {
-                    status: ExitStatus::Signal(9),
-                    timed_out: false,
-                },
-            },
-        ];
-        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
-        for split in 1..stream.len() {
-            let mut d = FrameDecoder::new();
-            let mut got = Vec::new();
-            for chunk in stream.chunks(split) {
-                d.push(chunk);
-                while let Some(m) = d.next_frame::<GuestMessage>().unwrap() {
-                    got.push(m);
-                }
-            }
-            assert_eq!(got, msgs);
-            d.finish().unwrap();
-        }
-    }
-
-    #[test]
     fn blocking_reads() {
         let one = GuestMessage::Response {
             id: 5,
@@ -442,41 +333,6 @@ mod tests {
     }
 
     #[test]
-    fn oversized_length_poisons() {
-        let mut d = FrameDecoder::new();
-        d.push(&(MAX_FRAME_LEN as u32 + 1).to_le_bytes());
-        assert!(matches!(
-            d.next_frame::<GuestMessage>(),
-            Err(FrameError::TooLarge(_))
-        ));
-        d.push(&encode(&GuestMessage::Hello { version: 1 }).unwrap());
-        assert_eq!(d.next_frame::<GuestMessage>(), Err(FrameError::Poisoned));
-    }
-
-    #[test]
-    fn garbage_body_is_malformed() {
-        let mut d = FrameDecoder::new();
-        d.push(&[2, 0, 0, 0, 0xff, 0xff]);
-        assert!(matches!(
-            d.next_frame::<GuestMessage>(),
-            Err(FrameError::Malformed(_))
-        ));
-    }
-
-    #[test]
-    fn truncated_stream_is_reported() {
-        let frame = encode(&GuestMessage::Response {
-            id: 3,
-            response: Response::Stdout(vec![1; 100]),
-        })
-        .unwrap();
-        let mut d = FrameDecoder::new();
-        d.push(&frame[..50]);
-        assert_eq!(d.next_frame::<GuestMessage>(), Ok(None));
-        assert_eq!(d.finish(), Err(FrameError::Truncated(50)));
-    }
-
-    #[test]
     fn length_claims_more_than_the_body_decodes() {
         // A valid message followed by junk inside the same declared length still decodes the
         // message (postcard ignores trailing bytes); the framing stays in sync either way.
@@ -484,15 +340,14 @@ mod tests {
         frame.push(0xaa);
         let len = (frame.len() - 4) as u32;
         frame[..4].copy_from_slice(&len.to_le_bytes());
-        let mut d = FrameDecoder::new();
-        d.push(&frame);
-        d.push(&encode(&GuestMessage::Hello { version: 7 }).unwrap());
+        frame.extend(encode(&GuestMessage::Hello { version: 7 }).unwrap());
+        let mut r = FrameReader::new(&frame[..], 64);
         assert_eq!(
-            d.next_frame::<GuestMessage>().unwrap(),
+            r.read_frame::<GuestMessage>().unwrap(),
             Some(GuestMessage::Hello { version: 1 })
         );
         assert_eq!(
-            d.next_frame::<GuestMessage>().unwrap(),
+            r.read_frame::<GuestMessage>().unwrap(),
             Some(GuestMessage::Hello { version: 7 })
         );
     }
