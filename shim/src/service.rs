@@ -18,9 +18,9 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use msb_devices::fs::passthrough::CachePolicy;
-use msb_init::agent::{ExecRequest, TermSize};
-use msb_init::client::{ExecController, ExecEvent, ExecHandle};
-use msb_vmm::sandbox::{Network, Sandbox, Volume};
+use msb_init::agent::{ErrorKind, ExecRequest, TermSize};
+use msb_init::client::{ClientError, ExecController, ExecEvent, ExecHandle};
+use msb_vmm::sandbox::{Network, Sandbox, SandboxError, Volume};
 
 use crate::rootfs;
 use crate::spec::{self, Plan};
@@ -317,6 +317,22 @@ fn open_out(path: &str) -> Option<File> {
 }
 
 /// Runs `req` in `sandbox`, wires its standard streams to containerd's FIFOs and reports its
+/// The gRPC code for an exec that failed to start, from the agent's error class (its wording
+/// is for people and may change).
+fn exec_code(e: &SandboxError) -> Code {
+    match e {
+        SandboxError::Agent(ClientError::Agent(a)) => match a.kind {
+            ErrorKind::NotFound => Code::NOT_FOUND,
+            ErrorKind::PermissionDenied => Code::PERMISSION_DENIED,
+            ErrorKind::InvalidRequest => Code::INVALID_ARGUMENT,
+            ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+            ErrorKind::Spawn | ErrorKind::Io => Code::INTERNAL,
+        },
+        SandboxError::Paused => Code::FAILED_PRECONDITION,
+        _ => Code::INTERNAL,
+    }
+}
+
 /// exit: returns the guest pid and a controller for signals, stdin and resizes.
 fn spawn(
     inner: &Arc<Inner>,
@@ -332,14 +348,9 @@ fn spawn(
     }
     // A terminal is always the process's input; otherwise only a wired stdin FIFO is.
     req.stdin = req.pty.is_some() || !stdio.stdin.is_empty();
-    let mut handle: ExecHandle = sandbox.exec(req).map_err(|e| {
-        let code = if e.to_string().contains("not found") {
-            Code::NOT_FOUND
-        } else {
-            Code::INTERNAL
-        };
-        status(code, e.to_string())
-    })?;
+    let mut handle: ExecHandle = sandbox
+        .exec(req)
+        .map_err(|e| status(exec_code(&e), e.to_string()))?;
     let pid = loop {
         match handle.next_event() {
             Ok(Some(ExecEvent::Started { pid })) => break pid,
@@ -1061,5 +1072,47 @@ impl Service {
         if let Some(d) = &pod.share {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msb_init::agent::AgentError;
+
+    fn refused(kind: ErrorKind, message: &str) -> SandboxError {
+        SandboxError::Agent(ClientError::Agent(AgentError {
+            kind,
+            message: message.into(),
+        }))
+    }
+
+    #[test]
+    fn exec_failures_map_by_their_class_not_their_wording() {
+        let cases = [
+            (ErrorKind::NotFound, "nosuch: no such file", Code::NOT_FOUND),
+            (
+                ErrorKind::PermissionDenied,
+                "/x: denied",
+                Code::PERMISSION_DENIED,
+            ),
+            (
+                ErrorKind::InvalidRequest,
+                "empty argv",
+                Code::INVALID_ARGUMENT,
+            ),
+            (ErrorKind::AlreadyExists, "exists", Code::ALREADY_EXISTS),
+            // The guest's wording says "not found", its class says the start failed.
+            (ErrorKind::Spawn, "libc.so.6: not found", Code::INTERNAL),
+            (ErrorKind::Io, "read: not found", Code::INTERNAL),
+        ];
+        for (kind, message, code) in cases {
+            assert_eq!(exec_code(&refused(kind, message)), code, "{kind:?}");
+        }
+        assert_eq!(exec_code(&SandboxError::Paused), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            exec_code(&SandboxError::Agent(ClientError::Closed)),
+            Code::INTERNAL
+        );
     }
 }
