@@ -12,6 +12,12 @@ use thiserror::Error;
 
 /// The CRI annotation that names a container's pod sandbox (the pause container's id).
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The pod's summed limits, which CRI (containerd 1.7 and later, kubelet 1.23 and later) puts
+/// on the pod's sandbox container: the sandbox holds every container of the pod, so it is
+/// sized by these when they are there, and by the container's own limits otherwise.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 /// Our annotations' prefix.
 pub const ANNOTATION_PREFIX: &str = "io.msb-vmm.";
 
@@ -69,6 +75,25 @@ pub struct Plan {
     pub hostname: Option<String>,
 }
 
+/// vCPUs for a CPU quota per period, rounded up; `None` for no limit (a quota of 0 or -1).
+fn vcpus(quota: i64, period: u64) -> Option<u32> {
+    (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period).clamp(1, 64) as u32)
+}
+
+/// Guest MiB for a memory limit in bytes; `None` for no limit (0 or -1).
+fn guest_mib(bytes: i64, what: &str) -> Result<Option<u64>, SpecError> {
+    if bytes <= 0 {
+        return Ok(None);
+    }
+    let mib = (bytes as u64).div_ceil(1 << 20);
+    if mib < 64 {
+        return err(format!(
+            "{what} {bytes} bytes: a sandbox needs at least 64 MiB"
+        ));
+    }
+    Ok(Some(mib))
+}
+
 /// Reads `config.json` of `bundle`.
 pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
@@ -118,22 +143,34 @@ pub fn plan(spec: &Spec, bundle: &Path) -> Result<Plan, SpecError> {
         if let Some(res) = linux.resources() {
             if let Some(cpu) = res.cpu() {
                 if let (Some(q), Some(p)) = (cpu.quota(), cpu.period()) {
-                    if q > 0 && p > 0 {
-                        cpus = Some((q as u64).div_ceil(p).clamp(1, 64) as u32);
-                    }
+                    cpus = vcpus(q, p);
                 }
             }
             if let Some(m) = res.memory().as_ref().and_then(|m| m.limit()) {
-                if m > 0 {
-                    let mib = (m as u64).div_ceil(1 << 20);
-                    if mib < 64 {
-                        return err(format!(
-                            "memory limit {m} bytes: a sandbox needs at least 64 MiB"
-                        ));
-                    }
-                    memory_mib = Some(mib);
-                }
+                memory_mib = guest_mib(m, "memory limit")?;
             }
+        }
+    }
+    let number = |key: &str| -> Result<Option<i64>, SpecError> {
+        match annotations.get(key).map(|v| v.trim()) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| SpecError(format!("annotation {key}: {v:?} is not a whole number"))),
+        }
+    };
+    if let (Some(q), Some(p)) = (
+        number(CRI_SANDBOX_CPU_QUOTA)?,
+        number(CRI_SANDBOX_CPU_PERIOD)?,
+    ) {
+        if let Some(n) = vcpus(q, u64::try_from(p).unwrap_or(0)) {
+            cpus = Some(n);
+        }
+    }
+    if let Some(m) = number(CRI_SANDBOX_MEMORY)? {
+        if let Some(mib) = guest_mib(m, "the pod's memory limit")? {
+            memory_mib = Some(mib);
         }
     }
     let mut binds = Vec::new();
@@ -469,6 +506,48 @@ mod tests {
         assert_eq!(p.root, PathBuf::from("/abs/root"));
         assert!(p.root_readonly);
         assert_eq!((p.cpus, p.memory_mib), (Some(2), Some(512)));
+    }
+
+    #[test]
+    fn a_pods_summed_limits_size_its_sandbox() {
+        // The pause container of a pod with two containers (1.5 + 0.25 CPU, 256 + 128 MiB):
+        // its own spec has no limits, the annotations have the pod's.
+        let p = plan_of(serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-quota": "175000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-cpu-shares": "1792",
+            "io.kubernetes.cri.sandbox-memory": "402653184"
+        }}))
+        .unwrap();
+        assert_eq!((p.cpus, p.memory_mib), (Some(2), Some(384)));
+        // They win over the container's own limits; empty and unlimited values are no limit.
+        let p = plan_of(serde_json::json!({
+            "annotations": {"io.kubernetes.cri.sandbox-cpu-quota": "-1",
+                            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+                            "io.kubernetes.cri.sandbox-memory": "1073741824"},
+            "linux": {"resources": {"cpu": {"quota": 300000, "period": 100000},
+                                     "memory": {"limit": 536870912}}}
+        }))
+        .unwrap();
+        assert_eq!((p.cpus, p.memory_mib), (Some(3), Some(1024)));
+        let p = plan_of(serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-quota": "",
+            "io.kubernetes.cri.sandbox-memory": "0"
+        }}))
+        .unwrap();
+        assert_eq!((p.cpus, p.memory_mib), (None, None));
+        // A pod too small for a sandbox, and values that are not numbers, are refused.
+        let e = plan_of(serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-memory": "33554432"
+        }}))
+        .unwrap_err();
+        assert!(e.0.contains("the pod's memory limit 33554432 bytes"), "{e}");
+        let e = plan_of(serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-quota": "lots",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000"
+        }}))
+        .unwrap_err();
+        assert!(e.0.contains("io.kubernetes.cri.sandbox-cpu-quota"), "{e}");
     }
 
     #[test]
