@@ -508,14 +508,36 @@ fn an_image_root_comes_from_the_snapshotter_mounts() {
 fn containers_with_one_sandbox_id_share_one_sandbox() {
     let c = Containerd::start();
     let pod = "io.kubernetes.cri.sandbox-id=pod1";
-    // The pod's first container (the pause container under Kubernetes) boots the sandbox.
+    // The pod's first container (the pause container under Kubernetes) boots the sandbox,
+    // sized by the pod's summed limits as CRI annotates them: 2 CPUs, 384 MiB.
     let out = c.run(
-        &["-d", "--annotation", pod],
+        &[
+            "-d",
+            "--annotation",
+            pod,
+            "--annotation",
+            "io.kubernetes.cri.sandbox-cpu-quota=200000",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-cpu-period=100000",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-memory=402653184",
+        ],
         None,
         "first",
         &["sleep", "1000"],
     );
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), c.log());
+    let out = c.exec("first", "size", "nproc; grep MemTotal /proc/meminfo");
+    let size = text(&out.stdout);
+    let mut lines = size.lines();
+    assert_eq!(lines.next(), Some("2"), "{size}{}", text(&out.stderr));
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {size:?}"));
+    // The kernel keeps some of the 384 MiB for itself; the default is far larger.
+    assert!((300 << 10..=384 << 10).contains(&kib), "MemTotal {kib} kB");
     // A second container with a root of its own joins it.
     let second = c.dir.join("second-root");
     busybox_root(&second, APPLETS).unwrap();
