@@ -9,7 +9,7 @@ use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
 
 use crate::registry::file_digest;
-use crate::store::{hex_of, ImageRecord, Store};
+use crate::store::{hex_of, prefix, ImageRecord, Store};
 use crate::{host_platform, read_config, sha256, ImageError, Source};
 
 /// The largest JSON document (index, manifest, config) read into memory.
@@ -63,8 +63,10 @@ fn pick_platform<'a>(image: &str, ds: &'a [Descriptor]) -> Result<&'a Descriptor
 /// One line per layer being unpacked (a large local image takes seconds), when `verbose`.
 fn say_unpacking(verbose: bool, diff_id: &str) {
     if verbose {
-        let h = hex_of(diff_id).unwrap_or(diff_id);
-        eprintln!("unpacking layer {}", &h[..h.len().min(12)]);
+        eprintln!(
+            "unpacking layer {}",
+            prefix(hex_of(diff_id).unwrap_or(diff_id), 12)
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use oci_client::{Client, Reference};
 use std::io::{Read, Write};
 use std::sync::{Condvar, Mutex};
 
-use crate::store::{hex_of, ImageRecord, Store};
+use crate::store::{hex_of, prefix, ImageRecord, Store};
 use crate::{host_platform, read_config, ImageError, PullOptions};
 
 /// Layers downloaded at once.
@@ -279,8 +279,7 @@ async fn pull_async(
 }
 
 fn short(digest: &str) -> &str {
-    let h = hex_of(digest).unwrap_or(digest);
-    &h[..h.len().min(12)]
+    prefix(hex_of(digest).unwrap_or(digest), 12)
 }
 
 /// Downloads one layer blob into `tmp/HEX.partial`, continuing a file an interrupted pull

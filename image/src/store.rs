@@ -70,8 +70,7 @@ pub struct ImageRecord {
 impl ImageRecord {
     /// The short image id (12 hex digits), as `docker images` shows it.
     pub fn short_id(&self) -> &str {
-        let h = hex_of(&self.config_digest).unwrap_or("");
-        &h[..h.len().min(12)]
+        prefix(hex_of(&self.config_digest).unwrap_or(""), 12)
     }
 }
 
@@ -92,6 +91,16 @@ struct LayerMeta {
 }
 
 /// The HEX of a `sha256:HEX` digest, checked (64 lowercase hex digits).
+/// The first `n` bytes of `s`, cut where a character starts (for names shown to people: a
+/// digest that is not hex yet came from a registry and may hold any UTF-8).
+pub fn prefix(s: &str, n: usize) -> &str {
+    let mut end = s.len().min(n);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn hex_of(digest: &str) -> Option<&str> {
     let h = digest.strip_prefix("sha256:")?;
     (h.len() == 64

@@ -577,8 +577,14 @@ fn parse_head(head: &[u8]) -> Result<Head, RewriteError> {
     Ok(h)
 }
 
+/// At most the first 80 bytes of `s` for an error message, cut where a character starts:
+/// the line is the guest's and may hold any UTF-8.
 fn trim(s: &str) -> &str {
-    &s[..s.len().min(80)]
+    let mut end = s.len().min(80);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn trim_bytes(b: &[u8]) -> &[u8] {

@@ -474,7 +474,10 @@ impl Policy {
     ///
     /// Errors name the file and line. `file` is only used in messages.
     pub fn merge_file(&mut self, file: &str, text: &str) -> Result<(), PolicyError> {
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let line_of = |offset: usize| {
+            let before = &text.as_bytes()[..offset.min(text.len())];
+            before.iter().filter(|&&b| b == b'\n').count() + 1
+        };
         let parsed: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::File {
             file: file.into(),
             line: e.span().map_or(1, |s| line_of(s.start)),
