@@ -681,12 +681,8 @@ impl VmBuilder {
             Some(h) => h.clone(),
             None => hypervisor::default_hypervisor()?,
         };
-        let vm = hv.create_vm(self.cpus)?;
         let mem = match &restore {
-            Some(r) => {
-                vm.restore_state(&r.image.vm)?;
-                map_snapshot_memory(&r.memory, &r.image.memory)?
-            }
+            Some(r) => map_snapshot_memory(&r.memory, &r.image.memory)?,
             None => {
                 let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(mem_bytes)
                     .into_iter()
@@ -696,20 +692,10 @@ impl VmBuilder {
                     .map_err(|e| VmError::Memory(e.to_string()))?
             }
         };
-        // Registering guest memory costs KVM an RCU grace period (milliseconds on nested hosts):
-        // do it while the kernel loads and the vCPUs are set up; vCPUs start only after it.
-        let mapper = {
-            let (vm, mem) = (vm.clone(), mem.clone());
-            JoinOnDrop(Some(
-                std::thread::Builder::new()
-                    .name("vmm-memslots".into())
-                    .spawn(move || vm.map_memory(&mem))
-                    .map_err(|source| VmError::Io {
-                        what: "spawning a thread",
-                        source,
-                    })?,
-            ))
-        };
+        let vm = hv.create_vm(self.cpus, &mem)?;
+        if let Some(r) = &restore {
+            vm.restore_state(&r.image.vm)?;
+        }
 
         let cmdline = match &self.cmdline {
             Some(c) => c.clone(),
@@ -966,9 +952,6 @@ impl VmBuilder {
                 }
             }
         }
-        if let Err(e) = mapper.join() {
-            first_err.get_or_insert(e);
-        }
         if let Some(e) = first_err {
             abort.store(true, Ordering::SeqCst);
             go.wait();
@@ -1197,30 +1180,6 @@ fn cpu_clock<T>(t: &JoinHandle<T>) -> Option<libc::clockid_t> {
     let thread = t.as_pthread_t() as libc::pthread_t;
     // SAFETY: the pthread_t is a live thread's (not yet joined); `clock` is a valid out-pointer.
     (unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0).then_some(clock)
-}
-
-/// Joins a set-up thread even when `start` returns early with an error.
-struct JoinOnDrop(Option<JoinHandle<Result<(), HypervisorError>>>);
-
-impl JoinOnDrop {
-    fn join(mut self) -> Result<(), HypervisorError> {
-        match self.0.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(HypervisorError::Vcpu {
-                index: 0,
-                msg: "memory set-up thread panicked".into(),
-            }),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for JoinOnDrop {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Checks the kernel and initramfs fit in `memory_mib` and returns the initramfs address

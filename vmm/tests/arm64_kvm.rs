@@ -32,10 +32,9 @@ const GUEST: [u32; 10] = [
 fn run_guest(code: &[u8]) -> Vec<String> {
     let hv =
         KvmHypervisor::open().unwrap_or_else(|e| panic!("{e}: run this inside the arm64 L2 VM"));
-    let vm = hv.create_vm(2).expect("a VM with a GICv3");
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), 2 << 20)]).unwrap();
     mem.write_slice(code, GuestAddress(RAM_START)).unwrap();
-    vm.map_memory(&mem).unwrap();
+    let vm = hv.create_vm(2, &mem).expect("a VM with a GICv3");
     let _secondary = vm
         .create_vcpu(&VcpuBoot {
             index: 1,

@@ -87,7 +87,7 @@ impl super::Hypervisor for KvmHypervisor {
         }
     }
 
-    fn create_vm(&self, cpus: u32) -> Result<Arc<dyn Vm>> {
+    fn create_vm(&self, cpus: u32, mem: &GuestMemoryMmap) -> Result<Arc<dyn Vm>> {
         let max = self.kvm.get_max_vcpus();
         if cpus as usize > max {
             return Err(HypervisorError::Vcpu {
@@ -96,6 +96,8 @@ impl super::Hypervisor for KvmHypervisor {
             });
         }
         let fd = self.kvm.create_vm().map_err(os("KVM_CREATE_VM"))?;
+        // Before the interrupt controller: see `Hypervisor::create_vm`.
+        map_memory(&fd, mem)?;
         let arch = arch::setup_vm(&self.kvm, &fd, cpus, &self.arch)?;
         Ok(Arc::new(KvmVm {
             fd,
@@ -113,30 +115,31 @@ pub struct KvmVm {
     irqs: Mutex<Vec<Arc<EventFd>>>,
 }
 
-impl Vm for KvmVm {
-    fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<()> {
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|_| HypervisorError::Os {
-                    what: "guest memory region",
-                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `mem`, which the caller keeps alive for
-            // the VM's lifetime (the VM struct holds it); KVM only accesses it while the VM runs.
-            unsafe { self.fd.set_user_memory_region(r) }
-                .map_err(os("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        Ok(())
+/// Makes every region of `mem` a KVM memory slot of `fd`.
+fn map_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| HypervisorError::Os {
+                what: "guest memory region",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the caller keeps alive for
+        // the VM's lifetime (`Hypervisor::create_vm`'s contract); KVM only accesses it while
+        // the VM runs.
+        unsafe { fd.set_user_memory_region(r) }.map_err(os("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    Ok(())
+}
 
+impl Vm for KvmVm {
     fn create_irq(&self, gsi: u32) -> Result<Arc<dyn Interrupt>> {
         let evt = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|source| HypervisorError::Os {
