@@ -105,6 +105,9 @@ struct Sample {
     spawn_to_exit_ms: f64,
     boot_timer_ms: Option<f64>,
     max_rss_kib: u64,
+    /// Anonymous (private) resident memory as the program exits: what each extra VMM costs;
+    /// its code is file-backed and shared by every copy.
+    private_kib: u64,
     exit_ok: bool,
 }
 
@@ -131,29 +134,95 @@ fn main() -> Result<()> {
 }
 
 /// Spawns `cmd` with output to `out`, waits with wait4 for its rusage.
-fn timed_spawn(mut cmd: Command, out: &Path) -> Result<(f64, u64, bool)> {
+/// Runs `cmd` to its end: spawn → exit in ms, the program's own memory, and whether it
+/// exited 0.
+///
+/// `ru_maxrss` would not do: across `execve` the kernel carries the old address space's peak
+/// over, so every runner would report at least this bench's own resident size. The child is
+/// traced instead and stopped as it exits, when its address space still exists.
+fn timed_spawn(mut cmd: Command, out: &Path) -> Result<(f64, Memory, bool)> {
+    use std::os::unix::process::CommandExt;
     let log = File::create(out)?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    let trace_me = || {
+        // SAFETY: PTRACE_TRACEME takes no pointers; it only marks this process as traced.
+        if unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the child between fork and exec, where it makes one
+    // async-signal-safe system call and allocates nothing.
+    unsafe { cmd.pre_exec(trace_me) };
     let start = Instant::now();
     let child = cmd
         .spawn()
         .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain old data; wait4 fills it in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child; status and usage are valid out-pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let elapsed = start.elapsed().as_secs_f64() * 1000.0;
-    if r != pid {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    // The child is reaped; std must not wait for it again.
+    // The child is reaped below; std must not wait for it again.
     std::mem::forget(child);
+    let mut memory = None;
+    let mut status = 0;
+    loop {
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+            bail!("waitpid: {}", std::io::Error::last_os_error());
+        }
+        if !libc::WIFSTOPPED(status) {
+            break;
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = status >> 16;
+        let inject = if event == libc::PTRACE_EVENT_EXIT {
+            memory = Memory::of(pid);
+            0
+        } else if sig == libc::SIGTRAP && memory.is_none() && event == 0 {
+            // The stop after execve: from here on, stop again at exit.
+            let opts = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
+            // SAFETY: pid is our stopped tracee; the options are a plain integer.
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts) };
+            0
+        } else {
+            // Any other signal belongs to the program: deliver it.
+            sig
+        };
+        // SAFETY: pid is our stopped tracee.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, inject) };
+    }
+    let elapsed = start.elapsed().as_secs_f64() * 1000.0;
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    Ok((elapsed, usage.ru_maxrss as u64, ok))
+    let Some(memory) = memory else {
+        bail!(
+            "{:?} exited without its exit stop: no memory figures",
+            cmd.get_program()
+        );
+    };
+    Ok((elapsed, memory, ok))
+}
+
+/// A process's memory as it exits, in KiB.
+struct Memory {
+    /// Peak resident set (`VmHWM`).
+    peak: u64,
+    /// Anonymous resident memory (`RssAnon`).
+    private: u64,
+}
+
+impl Memory {
+    /// From `/proc/PID/status` of a live (stopped) process.
+    fn of(pid: libc::pid_t) -> Option<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        Some(Memory {
+            peak: field("VmHWM:")?,
+            private: field("RssAnon:")?,
+        })
+    }
 }
 
 struct MsbVmm {
@@ -176,7 +245,7 @@ impl Runner for MsbVmm {
             .arg(&report)
             .args(&self.args[1..]);
         let out = scratch.join("msb-vmm.log");
-        let (ms, rss, ok) = timed_spawn(cmd, &out)?;
+        let (ms, mem, ok) = timed_spawn(cmd, &out)?;
         if !ok {
             bail!(
                 "msb-vmm failed: {}",
@@ -189,7 +258,8 @@ impl Runner for MsbVmm {
         Ok(Sample {
             spawn_to_exit_ms: ms,
             boot_timer_ms: boot,
-            max_rss_kib: rss,
+            max_rss_kib: mem.peak,
+            private_kib: mem.private,
             exit_ok: ok,
         })
     }
@@ -213,7 +283,7 @@ impl Runner for Firecracker {
             .arg("--level")
             .arg("Info");
         let out = scratch.join("firecracker.log");
-        let (ms, rss, ok) = timed_spawn(cmd, &out)?;
+        let (ms, mem, ok) = timed_spawn(cmd, &out)?;
         let log = std::fs::read_to_string(&out).unwrap_or_default();
         // "Guest-boot-time =   1234 us 1 ms, ..."
         let boot = log
@@ -225,7 +295,8 @@ impl Runner for Firecracker {
         Ok(Sample {
             spawn_to_exit_ms: ms,
             boot_timer_ms: boot,
-            max_rss_kib: rss,
+            max_rss_kib: mem.peak,
+            private_kib: mem.private,
             exit_ok: ok,
         })
     }
@@ -243,12 +314,13 @@ impl Runner for Qemu {
     fn boot_once(&self, scratch: &Path) -> Result<Sample> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(&self.args);
-        let (ms, rss, ok) = timed_spawn(cmd, &scratch.join("qemu.log"))?;
+        let (ms, mem, ok) = timed_spawn(cmd, &scratch.join("qemu.log"))?;
         // QEMU has no boot-timer device: only spawn → exit.
         Ok(Sample {
             spawn_to_exit_ms: ms,
             boot_timer_ms: None,
-            max_rss_kib: rss,
+            max_rss_kib: mem.peak,
+            private_kib: mem.private,
             exit_ok: ok,
         })
     }
@@ -314,6 +386,7 @@ struct RunnerResult {
     spawn_to_exit_ms: Option<Summary>,
     boot_timer_ms: Option<Summary>,
     max_rss_mib: Option<Summary>,
+    private_mib: Option<Summary>,
     failures: usize,
 }
 
@@ -500,6 +573,11 @@ fn boot(a: BootArgs) -> Result<()> {
                     .map(|x| x.max_rss_kib as f64 / 1024.0)
                     .collect::<Vec<_>>(),
             ),
+            private_mib: summarize(
+                &s.iter()
+                    .map(|x| x.private_kib as f64 / 1024.0)
+                    .collect::<Vec<_>>(),
+            ),
             samples: s,
             failures,
         })
@@ -523,6 +601,7 @@ fn boot(a: BootArgs) -> Result<()> {
             ("VMM start→boot timer", r.boot_timer_ms, base.boot_timer_ms),
             ("spawn→exit (ms)", r.spawn_to_exit_ms, base.spawn_to_exit_ms),
             ("max RSS (MiB)", r.max_rss_mib, base.max_rss_mib),
+            ("private at exit (MiB)", r.private_mib, base.private_mib),
         ] {
             let Some(s) = s else { continue };
             let ratio = match b {
