@@ -65,15 +65,25 @@ static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 /// `default`; colours only on a terminal. For the CLI and tools built on the library (msb-bench).
 pub fn init_logging(default: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .without_time()
-        .init();
+        .without_time();
+    // A bare level needs no directive parser: `EnvFilter` compiles its directives with a regex
+    // engine, which on the boot path costs ~0.1 ms and ~0.3 MiB of resident code.
+    let level = match std::env::var_os("MSB_LOG") {
+        None => default.parse::<tracing::level_filters::LevelFilter>().ok(),
+        Some(_) => None,
+    };
+    match level {
+        Some(level) => fmt.with_max_level(level).init(),
+        None => {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("MSB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+            fmt.with_env_filter(filter).init()
+        }
+    }
 }
 
 /// The instant boot times are measured from. The CLI calls this first thing in `main`, so it
