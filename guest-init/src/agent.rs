@@ -45,7 +45,7 @@ pub const AGENT_PORT: u32 = 1024;
 pub const WINDOW: u32 = 1 << 20;
 
 /// Largest payload (output, stdin, file data) carried by one message.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub const MAX_CHUNK: usize = 256 * 1024;
 
 /// Host → agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
