@@ -427,6 +427,20 @@ impl Conn {
         lock(&self.writer).send_parts(&head[..n], data)
     }
 
+    /// Sends the `len` bytes waiting in pipe `pipe` as one payload message: the header is
+    /// written, then the data spliced from the pipe into the stream, never copied through the
+    /// agent (where the stream's kernel supports it: Unix sockets do since Linux 6.5).
+    fn respond_spliced(&self, id: u64, kind: Payload, pipe: RawFd, len: usize) -> io::Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let (head, n) = payload_header(id, kind, len).map_err(io::Error::other)?;
+        let writer = lock(&self.writer);
+        let mut stream = writer.get_ref();
+        stream.write_all(&head[..n])?;
+        sys::splice_exact(pipe, stream.as_raw_fd(), len)
+    }
+
     fn respond(&self, id: u64, response: Response) -> io::Result<()> {
         self.send(&AgentMessage::Response { id, response })
     }
@@ -1047,7 +1061,7 @@ fn forward(
     conn: &Conn,
     id: u64,
     ctl: &ReqCtl,
-    mut outputs: Vec<(OwnedFd, bool)>,
+    outputs: Vec<(OwnedFd, bool)>,
     exit: &ExitWatch,
     pid: i32,
     deadline: Option<Instant>,
@@ -1060,13 +1074,21 @@ fn forward(
     let mut grace_from: Option<Instant> = None;
     let mut timed_out = false;
     let mut buf = vec![0u8; MAX_CHUNK];
+    // Output from pipes is spliced to the host; a terminal's is read and written.
+    let mut outputs: Vec<(OwnedFd, bool, bool)> = outputs
+        .into_iter()
+        .map(|(fd, stdout)| {
+            let pipe = sys::is_pipe(fd.as_raw_fd());
+            (fd, stdout, pipe)
+        })
+        .collect();
     loop {
         if status.is_none() {
             status = exit.try_status();
             if status.is_some() {
                 owed = outputs
                     .iter()
-                    .map(|(fd, _)| sys::bytes_available(fd.as_raw_fd()))
+                    .map(|(fd, _, _)| sys::bytes_available(fd.as_raw_fd()))
                     .collect();
             }
         }
@@ -1089,7 +1111,7 @@ fn forward(
         let credit = ctl.has_credit() || !connected;
         let mut fds = Vec::with_capacity(4);
         if credit {
-            for (fd, _) in &outputs {
+            for (fd, _, _) in &outputs {
                 fds.push(libc::pollfd {
                     fd: fd.as_raw_fd(),
                     events: libc::POLLIN,
@@ -1134,6 +1156,25 @@ fn forward(
             } else {
                 MAX_CHUNK
             };
+            let kind = if outputs[i].1 {
+                Payload::Stdout
+            } else {
+                Payload::Stderr
+            };
+            // What the pipe holds goes by splice; an empty one is read to see its end.
+            let ready = if connected && outputs[i].2 {
+                sys::bytes_available(pfd.fd).min(want)
+            } else {
+                0
+            };
+            if ready > 0 {
+                if let Some(o) = owed.get_mut(i) {
+                    *o = o.saturating_sub(ready);
+                }
+                let _ = ctl.add_credit((want - ready) as u64);
+                let _ = conn.respond_spliced(id, kind, pfd.fd, ready);
+                continue;
+            }
             match sys::read(pfd.fd, &mut buf[..want]) {
                 Ok(0) | Err(_) => {
                     if connected {
@@ -1147,11 +1188,6 @@ fn forward(
                     }
                     if connected {
                         let _ = ctl.add_credit((want - n) as u64);
-                        let kind = if outputs[i].1 {
-                            Payload::Stdout
-                        } else {
-                            Payload::Stderr
-                        };
                         let _ = conn.respond_payload(id, kind, &buf[..n]);
                     }
                 }

@@ -88,6 +88,43 @@ pub fn bytes_available(fd: RawFd) -> usize {
     }
 }
 
+/// Whether `fd` is a pipe (output a terminal gives cannot be spliced).
+pub fn is_pipe(fd: RawFd) -> bool {
+    // SAFETY: fstat writes a stat struct to a valid pointer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` outlives the call.
+    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
+}
+
+/// Moves exactly `len` bytes from pipe `from`, which holds at least that many, into `to` with
+/// splice(2): the pages go from the pipe to the socket without a copy through this process.
+pub fn splice_exact(from: RawFd, to: RawFd, mut len: usize) -> io::Result<()> {
+    while len > 0 {
+        // SAFETY: splice between two descriptors with null offsets touches no memory of ours.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => len -= (n as usize).min(len),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Raises a pipe's buffer to 1 MiB (fewer wake-ups for bulk output); best effort.
 pub fn grow_pipe(fd: RawFd) {
     // SAFETY: fcntl with an integer argument.
