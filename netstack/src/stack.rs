@@ -326,6 +326,8 @@ pub struct Stats {
     /// Frames from the guest.
     pub frames_in: AtomicU64,
     pub malformed: AtomicU64,
+    /// Guest-side TCP sockets of ended short flows taken by new flows.
+    pub tcp_sockets_reused: AtomicU64,
 }
 
 impl Stats {
@@ -544,6 +546,15 @@ const LINK: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_FLOW: usize = 2;
 const TCP_BUFFER: usize = 1 << 20;
+/// Ended flows' guest-side sockets kept for new flows, at most. A new socket's two buffers are
+/// fresh mmaps (see `msb_devices::net::alloc`), and unmapping them when a flow ends makes the
+/// kernel interrupt every CPU running the VMM's threads: the cost of a short connection was
+/// mostly that. A kept socket is reset by `listen`/`connect` (no data survives; its rings
+/// restart at their first byte, so a new flow touches the pages the old one did).
+const SPARE_TCP: usize = 16;
+/// Only flows that moved at most this much each way are kept, which bounds the resident
+/// memory of the spares to `SPARE_TCP` x 2 x this.
+const SPARE_TCP_BYTES: u64 = 64 << 10;
 /// A UDP flow with no datagram either way for this long is over.
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Gateway ports for flows into the guest (published ports).
@@ -786,8 +797,11 @@ struct State {
     sniffing: HashMap<FlowKey, sniffing::SniffFlow>,
     /// Name lookups made for those, by resolver id.
     lookups: HashMap<u64, FlowKey>,
-    /// Sockets to remove after the next poll (so an abort's reset goes out first).
-    reap: Vec<SocketHandle>,
+    /// Sockets to remove after the next poll (so an abort's reset goes out first), and whether
+    /// the socket may be kept for another flow (see [`SPARE_TCP`]).
+    reap: Vec<(SocketHandle, bool)>,
+    /// Guest-side TCP sockets of ended short flows, ready for new ones.
+    spare_tcp: Vec<tcp::Socket<'static>>,
     /// New flows' SYNs waiting a round for another SYN to the same address (`listen_pending`).
     deferred: Vec<(Vec<u8>, u8)>,
     /// While `deferred` frames are looked at again: how many rounds the current one waited.
@@ -961,6 +975,7 @@ impl State {
             sniffing: HashMap::new(),
             lookups: HashMap::new(),
             reap: Vec::new(),
+            spare_tcp: Vec::new(),
             deferred: Vec::new(),
             attempt: 0,
             next_dns: 0,
@@ -1105,7 +1120,7 @@ impl State {
                 if let Some(h) = f.handle {
                     self.sockets.get_mut::<tcp::Socket>(h).abort();
                     // After the next poll, which sends the reset.
-                    self.reap.push(h);
+                    self.reap.push((h, false));
                 }
             }
         }
@@ -1187,8 +1202,14 @@ impl State {
         busy |= self.relay_udp();
         busy |= self.relay_echo();
         self.poll_iface();
-        for h in self.reap.drain(..) {
-            self.sockets.remove(h);
+        for (h, reuse) in self.reap.drain(..) {
+            let socket = self.sockets.remove(h);
+            if let (true, smoltcp::socket::Socket::Tcp(mut t)) = (reuse, socket) {
+                if self.spare_tcp.len() < SPARE_TCP {
+                    t.abort();
+                    self.spare_tcp.push(t);
+                }
+            }
         }
         self.stats
             .flows_open
@@ -1487,7 +1508,9 @@ impl State {
         let (d, audit) = self.judge(Proto::Tcp, dst, None);
         if !d.allowed && self.may_sniff(&d, dst, audit.group) {
             // A domain rule may still allow it by the name its first bytes carry.
-            if let Some(h) = Self::accept_tcp(&mut self.sockets, dst) {
+            if let Some(h) =
+                Self::accept_tcp(&mut self.sockets, &mut self.spare_tcp, dst, &self.stats)
+            {
                 tracing::debug!("netstack: tcp {dst} {d}; waiting for its TLS or HTTP name");
                 self.sniffing
                     .insert(key, sniffing::SniffFlow::new(h, audit));
@@ -1537,8 +1560,13 @@ impl State {
     }
 
     /// The guest-side socket for a flow whose host connection is up.
-    fn accept_tcp(sockets: &mut SocketSet<'static>, dst: IpEndpoint) -> Option<SocketHandle> {
-        let mut s = tcp_socket();
+    fn accept_tcp(
+        sockets: &mut SocketSet<'static>,
+        spare: &mut Vec<tcp::Socket<'static>>,
+        dst: IpEndpoint,
+        stats: &Stats,
+    ) -> Option<SocketHandle> {
+        let mut s = spare_or_new(spare, stats);
         s.listen(IpListenEndpoint {
             addr: Some(dst.addr),
             port: dst.port,
@@ -1660,7 +1688,7 @@ impl State {
                     continue;
                 }
                 let port = self.ephemeral();
-                let mut s = tcp_socket();
+                let mut s = spare_or_new(&mut self.spare_tcp, &self.stats);
                 let local = IpListenEndpoint {
                     addr: Some(IpAddress::Ipv4(addr::GATEWAY_V4)),
                     port,
@@ -1813,7 +1841,12 @@ impl State {
                 }
                 f.connected = true;
                 if f.handle.is_none() {
-                    f.handle = Self::accept_tcp(&mut self.sockets, key.1);
+                    f.handle = Self::accept_tcp(
+                        &mut self.sockets,
+                        &mut self.spare_tcp,
+                        key.1,
+                        &self.stats,
+                    );
                     if f.handle.is_none() {
                         dead.push(*key);
                     }
@@ -2060,7 +2093,8 @@ impl State {
                 let _ = self.poll.registry().deregister(&mut f.stream);
                 if let Some(h) = f.handle {
                     // After the next poll, which sends the reset of an aborted socket.
-                    self.reap.push(h);
+                    let short = f.audit.bytes_in.max(f.audit.bytes_out) <= SPARE_TCP_BYTES;
+                    self.reap.push((h, short));
                 }
             }
         }
@@ -2355,6 +2389,17 @@ fn listen_pending(sockets: &SocketSet<'static>, dst: IpEndpoint) -> bool {
         }
         _ => false,
     })
+}
+
+/// A spare guest-side TCP socket if one is kept, else a new one.
+fn spare_or_new(spare: &mut Vec<tcp::Socket<'static>>, stats: &Stats) -> tcp::Socket<'static> {
+    match spare.pop() {
+        Some(s) => {
+            stats.tcp_sockets_reused.fetch_add(1, Ordering::Relaxed);
+            s
+        }
+        None => tcp_socket(),
+    }
 }
 
 /// A guest-side TCP socket; no Nagle (the host side already batches).

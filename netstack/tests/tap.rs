@@ -267,6 +267,44 @@ fn a_gibibyte_each_way() {
     }
 }
 
+/// Short flows hand their guest-side sockets to the next ones (no buffers unmapped and mapped
+/// again per connection): each of many sequential connections, short and long mixed, echoes
+/// exactly its own bytes, so nothing of an earlier flow survives in a reused socket.
+#[test]
+fn reused_sockets_carry_nothing_between_flows() {
+    let port = echo_server();
+    let sb = sandbox(host_port(Preset::None, port), &[]);
+    let code = format!(
+        r#"
+import socket
+ok = 0
+for i in range(60):
+    size = (1 << 20) + 7 if i % 20 == 10 else 1 + (i * 997) % 60000
+    data = bytes((i + j * 13) & 0xff for j in range(size))
+    s = socket.create_connection(("10.0.2.2", {port}), timeout=10)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while True:
+        b = s.recv(1 << 20)
+        if not b: break
+        got += b
+    s.close()
+    ok += bytes(got) == data
+print("ok", ok)
+"#
+    );
+    assert_eq!(stdout(&sb.py(&code)).trim(), "ok 60");
+    let reused = sb
+        .stack
+        .as_ref()
+        .unwrap()
+        .stats()
+        .tcp_sockets_reused
+        .load(Ordering::Relaxed);
+    assert!(reused >= 20, "only {reused} of 57 short flows reused a socket");
+}
+
 /// IPv6 end to end: the guest's IPv6 address (no DAD wait) reaches the host's ::1 through
 /// the gateway's IPv6 address, 4 MiB echoed with half-close.
 #[test]

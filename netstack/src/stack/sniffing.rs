@@ -239,7 +239,7 @@ impl State {
             Err(e) => {
                 tracing::debug!("netstack: connecting to {target}: {e}");
                 self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
-                self.reap.push(f.handle);
+                self.reap.push((f.handle, false));
                 self.log(f.audit.event("allowed"));
             }
         }
@@ -253,7 +253,7 @@ impl State {
         tracing::debug!("netstack: tcp {} -> {}: {reason}", key.0, key.1);
         self.stats.tcp_denied.fetch_add(1, Ordering::Relaxed);
         self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
-        self.reap.push(f.handle);
+        self.reap.push((f.handle, false));
         f.audit.rule = reason;
         self.log(f.audit.event("denied"));
     }
