@@ -302,7 +302,10 @@ print("ok", ok)
         .stats()
         .tcp_sockets_reused
         .load(Ordering::Relaxed);
-    assert!(reused >= 20, "only {reused} of 57 short flows reused a socket");
+    assert!(
+        reused >= 20,
+        "only {reused} of 57 short flows reused a socket"
+    );
 }
 
 /// IPv6 end to end: the guest's IPv6 address (no DAD wait) reaches the host's ::1 through
