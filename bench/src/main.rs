@@ -48,6 +48,10 @@ enum Cmd {
     /// One `net` measurement, run where the guest is (used by `net`).
     #[command(hide = true)]
     NetClient(net::ClientArgs),
+    /// The `net` loopback server, on the listening socket given as standard input (used by
+    /// `net`, so the server's threads live in a process of their own, as the peers' do).
+    #[command(hide = true)]
+    NetServer,
     /// VM snapshots: snapshot time, restore → running, restored RSS, per memory size.
     Snapshot(snapshot::SnapshotArgs),
     /// OCI images: pull + unpack from a loopback registry vs skopeo; run IMAGE vs the default root.
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
         Cmd::Fs(a) => fs::run(a),
         Cmd::Net(a) => net::run(a),
         Cmd::NetClient(a) => net::client(a),
+        Cmd::NetServer => net::server_on_stdin(),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Image(a) => image::run(a),
         Cmd::Shim(a) => shim::run(a),

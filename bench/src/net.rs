@@ -108,6 +108,46 @@ pub(crate) const DOWN: u8 = b'D';
 const ECHO: u8 = b'E';
 const CLOSE: u8 = b'C';
 
+/// `msb-bench net-server`: [`serve`] on the listening socket this process got as stdin.
+pub(crate) fn server_on_stdin() -> Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: `net` starts this process with its listening socket as descriptor 0, which
+    // nothing else in this process owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(0) };
+    let listener = TcpListener::from(fd);
+    listener
+        .local_addr()
+        .context("net-server: standard input is not a listening socket")?;
+    // Gone with the bench, however it ends.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    serve(listener);
+    Ok(())
+}
+
+/// The loopback server's process, ended with the run.
+struct ServerProcess(std::process::Child);
+
+impl ServerProcess {
+    fn start(exe: &Path, listener: TcpListener) -> Result<ServerProcess> {
+        let child = std::process::Command::new(exe)
+            .arg("net-server")
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                listener,
+            )))
+            .spawn()
+            .context("starting the loopback server process")?;
+        Ok(ServerProcess(child))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The server on host loopback: per connection, a mode byte, then sink (answering the byte
 /// count at EOF), source (until the peer goes), echo, or close at once (connect rate).
 pub(crate) fn serve(l: TcpListener) {
@@ -394,7 +434,10 @@ pub fn run(a: NetArgs) -> Result<()> {
         return crate::limits::run(&a, &exe, listener);
     }
     let port = listener.local_addr()?.port();
-    std::thread::spawn(move || serve(listener));
+    // In a child process: a thread per connection started and ended beside our netstack would
+    // interrupt it (each exiting thread unmaps its stacks), which pasta, a process of its own,
+    // never sees.
+    let _server = ServerProcess::start(&exe, listener)?;
 
     let mut targets = vec![Target {
         name: "loopback".into(),
