@@ -138,7 +138,6 @@ fn main() -> Result<()> {
     }
 }
 
-/// Spawns `cmd` with output to `out`, waits with wait4 for its rusage.
 /// Runs `cmd` to its end: spawn → exit in ms, the program's own memory, and whether it
 /// exited 0.
 ///

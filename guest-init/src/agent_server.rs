@@ -1061,7 +1061,7 @@ fn forward(
     conn: &Conn,
     id: u64,
     ctl: &ReqCtl,
-    outputs: Vec<(OwnedFd, bool)>,
+    mut outputs: Vec<(OwnedFd, bool)>,
     exit: &ExitWatch,
     pid: i32,
     deadline: Option<Instant>,
@@ -1074,21 +1074,15 @@ fn forward(
     let mut grace_from: Option<Instant> = None;
     let mut timed_out = false;
     let mut buf = vec![0u8; MAX_CHUNK];
-    // Output from pipes is spliced to the host; a terminal's is read and written.
-    let mut outputs: Vec<(OwnedFd, bool, bool)> = outputs
-        .into_iter()
-        .map(|(fd, stdout)| {
-            let pipe = sys::is_pipe(fd.as_raw_fd());
-            (fd, stdout, pipe)
-        })
-        .collect();
+    // Without a terminal the outputs are the pipes `spawn` made.
+    let pipes = lock(&ctl.pty).is_none();
     loop {
         if status.is_none() {
             status = exit.try_status();
             if status.is_some() {
                 owed = outputs
                     .iter()
-                    .map(|(fd, _, _)| sys::bytes_available(fd.as_raw_fd()))
+                    .map(|(fd, _)| sys::bytes_available(fd.as_raw_fd()))
                     .collect();
             }
         }
@@ -1111,7 +1105,7 @@ fn forward(
         let credit = ctl.has_credit() || !connected;
         let mut fds = Vec::with_capacity(4);
         if credit {
-            for (fd, _, _) in &outputs {
+            for (fd, _) in &outputs {
                 fds.push(libc::pollfd {
                     fd: fd.as_raw_fd(),
                     events: libc::POLLIN,
@@ -1161,8 +1155,9 @@ fn forward(
             } else {
                 Payload::Stderr
             };
-            // What the pipe holds goes by splice; an empty one is read to see its end.
-            let ready = if connected && outputs[i].2 {
+            // What a pipe holds goes by splice (a terminal's output cannot); an empty one is
+            // read to see its end.
+            let ready = if connected && pipes {
                 sys::bytes_available(pfd.fd).min(want)
             } else {
                 0

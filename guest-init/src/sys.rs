@@ -88,14 +88,6 @@ pub fn bytes_available(fd: RawFd) -> usize {
     }
 }
 
-/// Whether `fd` is a pipe (output a terminal gives cannot be spliced).
-pub fn is_pipe(fd: RawFd) -> bool {
-    // SAFETY: fstat writes a stat struct to a valid pointer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; `st` outlives the call.
-    unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO }
-}
-
 /// Moves exactly `len` bytes from pipe `from`, which holds at least that many, into `to` with
 /// splice(2): the pages go from the pipe to the socket without a copy through this process.
 pub fn splice_exact(from: RawFd, to: RawFd, mut len: usize) -> io::Result<()> {

@@ -90,7 +90,6 @@ struct LayerMeta {
     markers: Option<u64>,
 }
 
-/// The HEX of a `sha256:HEX` digest, checked (64 lowercase hex digits).
 /// The first `n` bytes of `s`, cut where a character starts (for names shown to people: a
 /// digest that is not hex yet came from a registry and may hold any UTF-8).
 pub fn prefix(s: &str, n: usize) -> &str {
@@ -101,6 +100,7 @@ pub fn prefix(s: &str, n: usize) -> &str {
     &s[..end]
 }
 
+/// The HEX of a `sha256:HEX` digest, checked (64 lowercase hex digits).
 pub fn hex_of(digest: &str) -> Option<&str> {
     let h = digest.strip_prefix("sha256:")?;
     (h.len() == 64
