@@ -744,6 +744,10 @@ impl Upstream {
         for ns in [&h, &w] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        // No kernel-made link-local addresses: their duplicate detection takes a second or two
+        // and nothing here needs them (the tests add the addresses they use).
+        ip(&["-n", &h, "link", "set", "h0", "addrgenmode", "none"]);
+        ip(&["-n", &w, "link", "set", "w0", "addrgenmode", "none"]);
         for a in [PUBLIC4, PRIVATE, LINK_LOCAL, METADATA] {
             ip(&["-n", &w, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
@@ -811,6 +815,7 @@ impl Upstream {
         ip(&["-n", &h, "link", "set", "h0", "up"]);
         ip(&["-n", &h, "route", "add", "default", "via", WORLD_LAN]);
         ip(&["-n", &h, "-6", "route", "add", "default", "via", "fd77::2"]);
+        u.settle();
         allow_ping_sockets(&u.path()).unwrap();
         // [::] takes IPv4 too (v4-mapped), loopback included.
         let l = in_namespace(&u.world_path(), || TcpListener::bind("[::]:0"))
@@ -851,6 +856,41 @@ impl Upstream {
         let mut full = vec!["-n", self.host.as_str()];
         full.extend_from_slice(args);
         ip(&full);
+        self.settle();
+    }
+
+    /// Waits until the veth pair has carrier and no IPv6 address is tentative. The kernel
+    /// raises carrier from its deferred link-watch work, and until then an IPv6 address (even
+    /// a `nodad` one) has no local route: asking before that tests the set-up, not the stack.
+    fn settle(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let out = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        loop {
+            let mut pending = Vec::new();
+            for (ns, dev) in [(&self.host, "h0"), (&self.world, "w0")] {
+                if !out(&["-n", ns, "-o", "link", "show", dev]).contains("LOWER_UP") {
+                    pending.push(format!("{dev} has no carrier"));
+                }
+                let tentative = out(&["-n", ns, "-6", "-o", "addr", "show", "tentative"]);
+                if !tentative.trim().is_empty() {
+                    pending.push(format!("tentative in {ns}: {tentative}"));
+                }
+            }
+            if pending.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test namespaces did not settle in 20 s: {pending:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
