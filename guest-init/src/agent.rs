@@ -261,8 +261,13 @@ pub enum Response {
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The agent consumed this many bytes the host sent for this request (stdin, file data).
     Ack(u32),
-    /// The process ended (final). `timed_out` when the agent killed it for its timeout.
-    Exited { status: ExitStatus, timed_out: bool },
+    /// The process ended (final). `timed_out` when the agent killed it for its timeout;
+    /// `oom_killed` when it died of SIGKILL (or 137) while the guest's OOM killer killed.
+    Exited {
+        status: ExitStatus,
+        timed_out: bool,
+        oom_killed: bool,
+    },
     /// File contents; counts against the window. The last chunk is followed by `Done`.
     FileData(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Metadata (final).
@@ -569,7 +574,8 @@ mod tests {
         assert!(Response::Done.is_final());
         assert!(Response::Exited {
             status: ExitStatus::Code(0),
-            timed_out: false
+            timed_out: false,
+            oom_killed: false,
         }
         .is_final());
         assert!(!Response::Stdout(vec![]).is_final());

@@ -66,6 +66,8 @@ pub struct Agent {
     /// Execs started since boot, and those still running (for `Stats`).
     execs_started: AtomicU64,
     execs_running: Arc<AtomicU64>,
+    /// The kernel log, read to tell an OOM kill from another SIGKILL.
+    oom: crate::oom::OomWatch,
 }
 
 /// Counts a running exec until dropped (whichever way the request ends).
@@ -96,6 +98,14 @@ impl Agent {
             execs_started: AtomicU64::new(0),
             execs_running: Arc::new(AtomicU64::new(0)),
             cgroup: Mutex::new(None),
+            oom: match on_shutdown {
+                OnShutdown::PowerOff => crate::oom::OomWatch::open("/dev/kmsg".as_ref()),
+                // A host-process agent reads no host's log; tests give it one of their own.
+                OnShutdown::Exit => match std::env::var_os("MSB_AGENT_KMSG") {
+                    Some(p) => crate::oom::OomWatch::open(p.as_ref()),
+                    None => crate::oom::OomWatch::disabled(),
+                },
+            },
         })
     }
 
@@ -361,6 +371,7 @@ impl Agent {
             }
         }
         let slot = ExitSlot::new().map_err(io_error)?;
+        let oom_kills = self.oom.kills();
         let cgroup = lock(&self.cgroup).clone();
         let spawned = spawn(&req, cgroup.as_deref(), &self.reaper.spawning)?;
         self.execs_started.fetch_add(1, Ordering::Relaxed);
@@ -399,7 +410,13 @@ impl Agent {
         if let Some(t) = stdin_thread {
             let _ = t.join();
         }
-        Ok(Response::Exited { status, timed_out })
+        let oom_killed =
+            crate::oom::killed_as_victim(status, timed_out) && self.oom.kills() > oom_kills;
+        Ok(Response::Exited {
+            status,
+            timed_out,
+            oom_killed,
+        })
     }
 }
 

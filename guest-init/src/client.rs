@@ -640,10 +640,17 @@ impl Drop for Handle {
 /// What an exec produces, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exited { status: ExitStatus, timed_out: bool },
+    /// `oom_killed`: the guest's OOM killer ended it (the guest needs more memory).
+    Exited {
+        status: ExitStatus,
+        timed_out: bool,
+        oom_killed: bool,
+    },
 }
 
 /// Collected output of an exec.
@@ -651,6 +658,8 @@ pub enum ExecEvent {
 pub struct ExecOutput {
     pub status: ExitStatus,
     pub timed_out: bool,
+    /// The guest's OOM killer ended the process.
+    pub oom_killed: bool,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
 }
@@ -684,9 +693,15 @@ impl ExecHandle {
                 }
                 Some(Response::Stdout(d)) => ExecEvent::Stdout(d),
                 Some(Response::Stderr(d)) => ExecEvent::Stderr(d),
-                Some(Response::Exited { status, timed_out }) => {
-                    ExecEvent::Exited { status, timed_out }
-                }
+                Some(Response::Exited {
+                    status,
+                    timed_out,
+                    oom_killed,
+                }) => ExecEvent::Exited {
+                    status,
+                    timed_out,
+                    oom_killed,
+                },
                 Some(Response::Ack(_)) => continue,
                 other => return Err(unexpected(other)),
             }));
@@ -775,10 +790,15 @@ impl ExecHandle {
             match e {
                 ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
                 ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
-                ExecEvent::Exited { status, timed_out } => {
+                ExecEvent::Exited {
+                    status,
+                    timed_out,
+                    oom_killed,
+                } => {
                     return Ok(ExecOutput {
                         status,
                         timed_out,
+                        oom_killed,
                         stdout,
                         stderr,
                     })

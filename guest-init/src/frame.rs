@@ -289,6 +289,7 @@ mod tests {
                 response: Response::Exited {
                     status: ExitStatus::Code(3),
                     timed_out: false,
+                    oom_killed: true,
                 },
             },
         ];

@@ -14,7 +14,7 @@ pub mod client;
 pub mod frame;
 
 /// Version of the agent protocol. The agent announces it first; the host refuses any other.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Guest physical address of the boot-timer device on x86_64 guests (Firecracker-compatible).
 pub const BOOT_TIMER_ADDR_X86_64: u64 = 0xC000_0000;

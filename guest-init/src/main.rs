@@ -10,6 +10,8 @@
 mod agent_server;
 #[cfg(target_os = "linux")]
 mod net;
+#[cfg(target_os = "linux")]
+mod oom;
 mod pid1;
 #[cfg(target_os = "linux")]
 mod sys;

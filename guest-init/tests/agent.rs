@@ -27,11 +27,14 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("agent.sock");
+        std::fs::write(dir.join("kmsg"), b"").unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_msb-init"))
             .args(["agent", "--listen"])
             .arg(&sock)
             // Certificates from `Configure` land here, never in this host's /etc.
             .env("MSB_AGENT_ROOT", dir.join("root"))
+            // The kernel log it reads for OOM kills: a file the tests write.
+            .env("MSB_AGENT_KMSG", dir.join("kmsg"))
             .spawn()
             .expect("msb-init agent starts");
         let t = Instant::now();
@@ -332,6 +335,64 @@ fn read_line(h: &mut msb_init::client::ExecHandle, acc: &mut Vec<u8>) -> String 
             None => panic!("stream ended"),
         }
     }
+}
+
+/// A command killed while the kernel logged an OOM kill is reported OOM-killed; a kill with
+/// no such record, a record before the command started, or a record with a normal exit is not.
+#[test]
+fn oom_kills_are_told_from_other_kills() {
+    let a = Agent::start();
+    let c = a.client();
+    let log = a.dir.join("kmsg");
+    let record = "3,812,5501234,-;Out of memory: Killed process 4242 (python3) total-vm:2100000kB";
+    let append = |line: &str| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "{line}").unwrap();
+    };
+    let run = |script: String| c.exec(sh(&script)).unwrap().output().unwrap();
+    let oom = run(format!(
+        "echo '{record}' >> '{}'; kill -9 $$",
+        log.display()
+    ));
+    assert_eq!(oom.status, ExitStatus::Signal(9));
+    assert!(oom.oom_killed, "killed while the OOM killer killed");
+    let wrapped = run(format!(
+        "echo '{record}' >> '{}'; sh -c 'kill -9 $$'; exit $?",
+        log.display()
+    ));
+    assert_eq!(wrapped.status, ExitStatus::Code(137));
+    assert!(
+        wrapped.oom_killed,
+        "a shell whose child the OOM killer ended"
+    );
+    let plain = run("kill -9 $$".into());
+    assert_eq!(plain.status, ExitStatus::Signal(9));
+    assert!(!plain.oom_killed, "no OOM kill logged");
+    append(record);
+    let later = run("kill -9 $$".into());
+    assert!(
+        !later.oom_killed,
+        "the OOM kill came before the command started"
+    );
+    let fine = run(format!("echo '{record}' >> '{}'", log.display()));
+    assert_eq!(fine.status, ExitStatus::Code(0));
+    assert!(!fine.oom_killed, "it exited by itself");
+    let mut h = c.exec(sh("echo ready; sleep 30")).unwrap();
+    let mut acc = Vec::new();
+    assert_eq!(read_line(&mut h, &mut acc), "ready");
+    append(record);
+    h.kill().unwrap();
+    let mut ended = None;
+    while let Some(e) = h.next_event().unwrap() {
+        if let ExecEvent::Exited { oom_killed, .. } = e {
+            ended = Some(oom_killed);
+        }
+    }
+    assert_eq!(
+        ended,
+        Some(true),
+        "guest-wide: any SIGKILL during an OOM kill counts"
+    );
 }
 
 #[test]

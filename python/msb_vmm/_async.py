@@ -87,7 +87,7 @@ class AsyncProcess:
         if ex is None:
             raise asyncio.CancelledError()
         r = RunResult(ex.exit_code, b"".join(self._chunks[0]), b"".join(self._chunks[1]),
-                      ex.signal, ex.timed_out, self._proc._argv)
+                      ex.signal, ex.timed_out, self._proc._argv, ex.oom_killed)
         if r.timed_out:
             raise ExecTimeout("command timed out", r)
         return r.check() if check else r

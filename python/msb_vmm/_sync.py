@@ -110,7 +110,8 @@ class Process:
         ex = self._exited
         if ex is None:
             raise SandboxError("the process ended without an exit status")
-        r = RunResult(ex.exit_code, b"".join(out), b"".join(err), ex.signal, ex.timed_out, self._argv)
+        r = RunResult(ex.exit_code, b"".join(out), b"".join(err), ex.signal, ex.timed_out, self._argv,
+                      ex.oom_killed)
         if r.timed_out:
             raise ExecTimeout("command %s timed out" % (_show(self._argv),), r)
         return r.check() if check else r
@@ -399,7 +400,7 @@ class Sandbox:
         argv = argv_of(cmd)
         if isinstance(stdin, str):
             stdin = stdin.encode()
-        code, sig, timed_out, out, err = self._native.run(
+        code, sig, timed_out, oom_killed, out, err = self._native.run(
             list(argv),
             env=env_of(self._env, env),
             cwd=cwd if cwd is not None else self._workdir,
@@ -408,7 +409,8 @@ class Sandbox:
             tty=tty_of(tty),
             timeout=timeout_of("timeout", timeout),
         )
-        r = RunResult(code if code is not None else 128 + (sig or 0), out, err, sig, timed_out, argv)
+        r = RunResult(code if code is not None else 128 + (sig or 0), out, err, sig, timed_out, argv,
+                      oom_killed)
         if timed_out:
             raise ExecTimeout("command %s timed out after %s s" % (_show(argv), timeout), r)
         return r.check() if check else r

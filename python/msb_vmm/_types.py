@@ -18,7 +18,8 @@ PathLike = Union[str, bytes, "os.PathLike[str]"]
 @dataclass(frozen=True)
 class RunResult:
     """What a finished command left: its exit code (128 + N when killed by signal N, as
-    shells report it), the signal if any, and its output."""
+    shells report it), the signal if any, and its output. ``oom_killed``: the guest's OOM
+    killer ended it (give the sandbox more ``memory_mib``)."""
 
     exit_code: int
     stdout: bytes
@@ -26,6 +27,7 @@ class RunResult:
     signal: Optional[int] = None
     timed_out: bool = False
     argv: Tuple[Union[str, bytes], ...] = ()
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -42,7 +44,12 @@ class RunResult:
     def check(self) -> "RunResult":
         """Raises CommandError unless the command exited 0; returns self otherwise."""
         if self.exit_code != 0:
-            what = "killed by signal %d" % self.signal if self.signal else "exited %d" % self.exit_code
+            if self.oom_killed:
+                what = "was ended by the sandbox's OOM killer (give it more memory_mib)"
+            elif self.signal:
+                what = "killed by signal %d" % self.signal
+            else:
+                what = "exited %d" % self.exit_code
             tail = self.stderr_text.strip().splitlines()[-1:] or [""]
             msg = "command %s %s" % (_show(self.argv), what)
             if tail[0]:
@@ -88,11 +95,12 @@ class Stderr:
 
 @dataclass(frozen=True)
 class Exited:
-    """The process ended: ``exit_code`` as RunResult has it."""
+    """The process ended: ``exit_code`` and ``oom_killed`` as RunResult has them."""
 
     exit_code: int
     signal: Optional[int] = None
     timed_out: bool = False
+    oom_killed: bool = False
 
 
 Event = Union[Started, Stdout, Stderr, Exited]
@@ -106,8 +114,8 @@ def event_of(raw: tuple) -> Event:
         return Stderr(raw[1])
     if kind == "started":
         return Started(raw[1])
-    code, sig, timed_out = raw[1], raw[2], raw[3]
-    return Exited(code if code is not None else 128 + sig, sig, timed_out)
+    code, sig, timed_out, oom_killed = raw[1], raw[2], raw[3], raw[4]
+    return Exited(code if code is not None else 128 + sig, sig, timed_out, oom_killed)
 
 
 _KINDS = {

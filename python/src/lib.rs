@@ -629,7 +629,8 @@ impl PySandbox {
         })
     }
 
-    /// Runs a process to its end: `(exit_code, signal, timed_out, stdout, stderr)`. A
+    /// Runs a process to its end: `(exit_code, signal, timed_out, oom_killed, stdout,
+    /// stderr)`. A
     /// KeyboardInterrupt (or any signal handler's exception) kills the guest process first.
     #[pyo3(signature = (argv, *, env, cwd, user, stdin, tty, timeout))]
     #[allow(clippy::too_many_arguments)]
@@ -661,7 +662,7 @@ impl PySandbox {
         // Output is gathered detached; the interpreter is taken back only between slices
         // (to see a signal) and at the end.
         enum Step {
-            Done(ExitStatus, bool),
+            Done(ExitStatus, bool, bool),
             Tick,
             Failed(ClientError),
         }
@@ -672,9 +673,11 @@ impl PySandbox {
                     Ok(Some(ExecEvent::Stdout(d))) => out.push(d),
                     Ok(Some(ExecEvent::Stderr(d))) => err.push(d),
                     Ok(Some(ExecEvent::Started { .. })) => {}
-                    Ok(Some(ExecEvent::Exited { status, timed_out })) => {
-                        return Step::Done(status, timed_out)
-                    }
+                    Ok(Some(ExecEvent::Exited {
+                        status,
+                        timed_out,
+                        oom_killed,
+                    })) => return Step::Done(status, timed_out, oom_killed),
                     Ok(None) => {
                         return Step::Failed(ClientError::Protocol(
                             "the process ended without an exit status".into(),
@@ -685,10 +688,10 @@ impl PySandbox {
                 }
             });
             match step {
-                Step::Done(status, timed_out) => {
+                Step::Done(status, timed_out, oom_killed) => {
                     let (code, sig) = status_pair(status);
-                    return (code, sig, timed_out, joined(py, &out)?, joined(py, &err)?)
-                        .into_pyobject(py);
+                    let (out, err) = (joined(py, &out)?, joined(py, &err)?);
+                    return (code, sig, timed_out, oom_killed, out, err).into_pyobject(py);
                 }
                 Step::Tick => {
                     if let Err(e) = py.check_signals() {
@@ -807,7 +810,7 @@ struct Process {
 impl Process {
     /// The next event, waiting at most `wait` seconds (None: until one comes): `None` when
     /// none came in time, `()` after the last, else `("started", pid)`, `("stdout", bytes)`,
-    /// `("stderr", bytes)` or `("exited", exit_code, signal, timed_out)`.
+    /// `("stderr", bytes)` or `("exited", exit_code, signal, timed_out, oom_killed)`.
     #[pyo3(signature = (wait=None))]
     fn next_event<'py>(
         &self,
@@ -849,9 +852,15 @@ impl Process {
                 Ok(Some(ExecEvent::Stderr(d))) => {
                     Ok(Some(("stderr", PyBytes::new(py, &d)).into_pyobject(py)?))
                 }
-                Ok(Some(ExecEvent::Exited { status, timed_out })) => {
+                Ok(Some(ExecEvent::Exited {
+                    status,
+                    timed_out,
+                    oom_killed,
+                })) => {
                     let (code, sig) = status_pair(status);
-                    Ok(Some(("exited", code, sig, timed_out).into_pyobject(py)?))
+                    Ok(Some(
+                        ("exited", code, sig, timed_out, oom_killed).into_pyobject(py)?,
+                    ))
                 }
                 Err(ClientError::Timeout) => {
                     py.check_signals()?;

@@ -387,7 +387,23 @@ fn spawn(
                 match handle.next_event() {
                     Ok(Some(ExecEvent::Stdout(d))) => write_all(&mut out, &d),
                     Ok(Some(ExecEvent::Stderr(d))) => write_all(&mut err, &d),
-                    Ok(Some(ExecEvent::Exited { status, .. })) => code = status.shell_code() as u32,
+                    Ok(Some(ExecEvent::Exited {
+                        status, oom_killed, ..
+                    })) => {
+                        code = status.shell_code() as u32;
+                        // Before the exit, as runc's cgroup watcher reports it: the CRI then
+                        // gives the container the reason `OOMKilled`.
+                        if oom_killed {
+                            tracing::warn!("process {cid}/{eid}: ended by the guest's OOM killer");
+                            inner.publish(
+                                topics::TASK_OOM_EVENT_TOPIC,
+                                Box::new(ev::TaskOOM {
+                                    container_id: cid.clone(),
+                                    ..Default::default()
+                                }),
+                            );
+                        }
+                    }
                     Ok(Some(ExecEvent::Started { .. })) => {}
                     Ok(None) => break,
                     Err(e) => {

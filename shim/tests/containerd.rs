@@ -188,7 +188,7 @@ impl Containerd {
 
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "true", "false", "sleep", "ls", "wget", "id", "touch", "hostname",
-    "nproc", "grep",
+    "nproc", "grep", "dd",
 ];
 
 /// A loopback HTTP server answering `body` to every request, on a free port.
@@ -278,6 +278,37 @@ fn exec_kill_and_delete_and_nothing_is_left() {
     );
     assert_eq!(text(&out.stdout), "from the host\nread-only\n");
     assert!(!data.join("g").exists());
+    // A process the guest's OOM killer ends: 137, and containerd hears `/tasks/oom` (the CRI
+    // then gives the container the reason OOMKilled). Its buffer is all the guest's memory
+    // but 2 MiB: allowed (the kernel overcommits up to its total), more than is free.
+    let mut events =
+        c.d.ctr()
+            .arg("events")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events runs");
+    let out = c.exec(
+        "t2",
+        "e-oom",
+        "set -- $(grep MemTotal /proc/meminfo); \
+         dd if=/dev/zero of=/dev/null bs=$((($2 - 2048) * 1024)) count=1",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "{}\n{}",
+        text(&out.stderr),
+        c.log()
+    );
+    let _ = events.kill();
+    let seen = events.wait_with_output().expect("ctr events output");
+    let seen = text(&seen.stdout);
+    assert!(
+        seen.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("\"t2\"")),
+        "no /tasks/oom event for t2 in:\n{seen}"
+    );
     let ls = text(&c.ctr(&["task", "ls"]).stdout);
     assert!(ls.contains("t2") && ls.contains("RUNNING"), "{ls}");
     // Pause stops the whole sandbox; resume lets it go on; metrics come from the sandbox.

@@ -1639,6 +1639,8 @@ pub struct Command {
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub status: ExitStatus,
+    /// The guest's OOM killer ended the command: the sandbox needs more memory.
+    pub oom_killed: bool,
     /// Boot-timer time since VMM start.
     pub boot_time: Option<Duration>,
     /// VMM start until the agent answered.
@@ -1651,6 +1653,8 @@ pub struct RunOutcome {
 #[derive(Debug, Clone)]
 pub struct Output {
     pub status: ExitStatus,
+    /// The guest's OOM killer ended the command: the sandbox needs more memory.
+    pub oom_killed: bool,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub boot_time: Option<Duration>,
@@ -1740,6 +1744,7 @@ impl Command {
         let r = self.run_with(&mut out, &mut err)?;
         Ok(Output {
             status: r.status,
+            oom_killed: r.oom_killed,
             stdout: out,
             stderr: err,
             boot_time: r.boot_time,
@@ -1760,7 +1765,7 @@ impl Command {
         let sb = self.builder.vm_timeout(vm_timeout).start()?;
         let req = sb.image_request(self.req, true)?;
         let mut h = sb.exec(req)?;
-        let mut status = None;
+        let (mut status, mut oom_killed) = (None, false);
         while let Some(e) = h.next_event()? {
             match e {
                 ExecEvent::Stdout(d) => {
@@ -1772,6 +1777,7 @@ impl Command {
                 ExecEvent::Exited {
                     status: s,
                     timed_out,
+                    oom_killed: oom,
                 } => {
                     if timed_out {
                         let after = self.timeout.unwrap_or_default();
@@ -1779,6 +1785,7 @@ impl Command {
                         return Err(SandboxError::Timeout { after });
                     }
                     status = Some(s);
+                    oom_killed = oom;
                 }
                 ExecEvent::Started { .. } => {}
             }
@@ -1788,6 +1795,7 @@ impl Command {
         let status = status.ok_or(SandboxError::Agent(ClientError::Closed))?;
         Ok(RunOutcome {
             status,
+            oom_killed,
             boot_time,
             ready_time,
             warm,

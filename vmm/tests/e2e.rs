@@ -179,6 +179,56 @@ fn arguments_environment_and_workdir_survive_any_bytes() {
     assert_eq!(text(&out.stdout), format!("{arg}|a b=c ' \"|/tmp"));
 }
 
+/// A command the guest's OOM killer ends exits 137 with one line naming the cause and the fix;
+/// a command killed otherwise gets no such line.
+#[test]
+fn an_oom_kill_is_named_with_its_fix() {
+    let _w = watchdog("an_oom_kill_is_named_with_its_fix");
+    // One buffer of all the guest's memory but 2 MiB: allowed (the kernel overcommits up to
+    // its total), and more than is free once touched.
+    let out = msb_vmm(&[
+        "run",
+        "--cold",
+        "--memory",
+        "128",
+        "--",
+        "sh",
+        "-c",
+        "set -- $(grep MemTotal /proc/meminfo); \
+         dd if=/dev/zero of=/dev/null bs=$((($2 - 2048) * 1024)) count=1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains(
+            "the sandbox ran out of memory and its OOM killer ended the command (it has 128 MiB): give it more with --memory MIB"
+        ),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let out = msb_vmm(&[
+        "run",
+        "--cold",
+        "--memory",
+        "128",
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $$",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stderr).contains("OOM"), "{}", text(&out.stderr));
+}
+
 #[test]
 fn missing_command_is_127_with_a_message() {
     let _w = watchdog("missing_command_is_127_with_a_message");
@@ -2212,6 +2262,11 @@ fn limits_hold_and_idle_or_old_sandboxes_stop() {
         hog.status.code(),
         Some(137),
         "OOM-killed: {}",
+        text(&hog.stderr)
+    );
+    assert!(
+        text(&hog.stderr).contains("ran out of memory and its OOM killer ended the command"),
+        "the OOM kill is named: {}",
         text(&hog.stderr)
     );
     let e = msb_vmm_state(&[

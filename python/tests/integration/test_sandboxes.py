@@ -56,6 +56,14 @@ def test_run(sb):
     assert e.value.result.stdout == b"started\n" and e.value.result.timed_out
     with pytest.raises(GuestFileNotFoundError):
         sb.run(["/no/such/program"])
+    # A buffer of all the guest's memory but 2 MiB: the OOM killer ends it, and says so.
+    r = sb.run("set -- $(grep MemTotal /proc/meminfo); "
+               "dd if=/dev/zero of=/dev/null bs=$((($2 - 2048) * 1024)) count=1")
+    assert (r.exit_code, r.oom_killed) == (137, True), r
+    with pytest.raises(CommandError, match="OOM killer"):
+        r.check()
+    r = sb.run("kill -9 $$")
+    assert (r.exit_code, r.oom_killed) == (137, False)
     r = sb.run("tty; stty size", tty=(30, 100))
     assert r.stdout_text.replace("\r", "").splitlines() == ["/dev/pts/0", "30 100"]
 

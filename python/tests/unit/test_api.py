@@ -111,6 +111,9 @@ def test_run_result_check():
     killed = RunResult(137, b"", b"", signal=9, argv=("sleep", "9"))
     with pytest.raises(CommandError, match="killed by signal 9"):
         killed.check()
+    oom = RunResult(137, b"", b"", signal=9, argv=("python3",), oom_killed=True)
+    with pytest.raises(CommandError, match="OOM killer.*memory_mib"):
+        oom.check()
 
 
 def test_async_errors_arrive_when_awaited():

@@ -729,6 +729,7 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
     Ok(exec_result_code(
         interact(&agent, req, &a.exec, signals),
         a.exec.timeout,
+        ": start the sandbox with more --memory, or a higher --memory-limit",
     ))
 }
 

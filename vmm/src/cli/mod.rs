@@ -168,7 +168,14 @@ pub fn run(mut a: RunArgs) -> anyhow::Result<u8> {
             f.display()
         );
     }
-    let code = exec_result_code(result, a.exec.timeout);
+    let oom_fix = match &a.limits.memory_limit {
+        Some(l) => format!(" (--memory-limit {l}): raise the limit"),
+        None => format!(
+            " (it has {} MiB): give it more with --memory MIB",
+            a.vm.memory
+        ),
+    };
+    let code = exec_result_code(result, a.exec.timeout, &oom_fix);
     write_report(
         &a.vm.report,
         serde_json::json!({ "exit_code": code, "boot_time_us": boot.map(|d| d.as_micros() as u64), "agent_ready_us": ready.as_micros() as u64, "warm": warm }),
@@ -186,20 +193,41 @@ fn sandbox_error(e: &SandboxError, report: &Option<PathBuf>) -> u8 {
     EXIT_FAILURE
 }
 
-/// Maps how an exec ended to our exit code, printing one line for failures.
+/// How a command through the agent ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    pub status: ExitStatus,
+    /// The agent killed it for `--timeout`.
+    pub timed_out: bool,
+    /// The guest's OOM killer ended it.
+    pub oom_killed: bool,
+}
+
+/// Maps how an exec ended to our exit code, printing one line for failures. `oom_fix`: what
+/// the line an OOM kill gets tells the user to do.
 fn exec_result_code(
-    result: Result<(ExitStatus, bool), ClientError>,
+    result: Result<Ended, ClientError>,
     timeout: Option<Duration>,
+    oom_fix: &str,
 ) -> u8 {
     match result {
-        Ok((_, true)) => {
+        Ok(Ended {
+            timed_out: true, ..
+        }) => {
             eprintln!(
                 "msb-vmm: timed out after {} s",
                 timeout.unwrap_or_default().as_secs_f64()
             );
             EXIT_TIMEOUT
         }
-        Ok((status, false)) => status.shell_code() as u8,
+        Ok(e) => {
+            if e.oom_killed {
+                eprintln!(
+                    "msb-vmm: the sandbox ran out of memory and its OOM killer ended the command{oom_fix}"
+                );
+            }
+            e.status.shell_code() as u8
+        }
         Err(ClientError::Agent(e)) => {
             eprintln!("msb-vmm: {e}");
             match e.kind {
@@ -332,13 +360,13 @@ impl Drop for RawMode {
 
 /// Runs `req` through `agent` with our stdio: output streamed as it comes, stdin forwarded,
 /// signals forwarded (Ctrl-C as SIGINT; a third one as SIGKILL), window-size changes forwarded
-/// with a terminal. Returns the exit status and whether the agent's timeout killed it.
+/// with a terminal. Returns how the command ended.
 pub fn interact(
     agent: &AgentClient,
     req: ExecRequest,
     opts: &ExecOpts,
     signals: Signals,
-) -> Result<(ExitStatus, bool), ClientError> {
+) -> Result<Ended, ClientError> {
     let forward_stdin = req.stdin;
     let tty = req.pty.is_some();
     let mut h = agent.exec(req)?;
@@ -410,7 +438,17 @@ pub fn interact(
             ExecEvent::Stderr(d) => {
                 let _ = err.write_all(&d).and_then(|_| err.flush());
             }
-            ExecEvent::Exited { status, timed_out } => return Ok((status, timed_out)),
+            ExecEvent::Exited {
+                status,
+                timed_out,
+                oom_killed,
+            } => {
+                return Ok(Ended {
+                    status,
+                    timed_out,
+                    oom_killed,
+                })
+            }
             ExecEvent::Started { .. } => {}
         }
     }
