@@ -464,8 +464,13 @@ fn boot(a: BootArgs) -> Result<()> {
         ]
         .concat(),
     };
+    runners.push(Box::new(MsbVmm {
+        name: "msb-vmm",
+        bin: msb_vmm.clone(),
+        args: vm_args.clone(),
+    }));
     if a.seccomp_cost {
-        let mut args = vm_args.clone();
+        let mut args = vm_args;
         args.insert(1, "--no-seccomp".into());
         runners.push(Box::new(MsbVmm {
             name: "msb-vmm --no-seccomp",
@@ -473,14 +478,6 @@ fn boot(a: BootArgs) -> Result<()> {
             args,
         }));
     }
-    runners.insert(
-        0,
-        Box::new(MsbVmm {
-            name: "msb-vmm",
-            bin: msb_vmm.clone(),
-            args: vm_args,
-        }),
-    );
     if a.guest == Guest::Linux {
         // What a user runs: a sandbox on the initramfs root, `true` through the agent, the
         // agent's shutdown. Booted cold, and started from its warm snapshot (the default).

@@ -31,7 +31,7 @@ struct Log {
     file: File,
     /// OOM kill records seen since the watch opened.
     kills: u64,
-    /// The start of a line a read cut (a stream; `/dev/kmsg` gives whole records).
+    /// The start of a line a read cut (a plain file; `/dev/kmsg` gives whole records).
     partial: Vec<u8>,
     /// Read buffer, larger than any record (`/dev/kmsg` refuses a read too short for the
     /// next record, and would refuse it forever).
@@ -47,7 +47,7 @@ impl OomWatch {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map(|mut file| {
-                // Old records are not this agent's to count. A FIFO (tests) cannot seek.
+                // Old records are not this agent's to count.
                 let _ = file.seek(SeekFrom::End(0));
                 Log {
                     file,
@@ -80,7 +80,7 @@ impl OomWatch {
         let mut drained = 0;
         while drained < MAX_DRAIN {
             match log.file.read(&mut log.buf) {
-                // The end of a stream whose writer left (a FIFO in tests).
+                // The end of a plain file (the tests' log); `/dev/kmsg` says WouldBlock.
                 Ok(0) => break,
                 Ok(n) => {
                     drained += n;

@@ -39,9 +39,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a kernel until it powers off.
+    #[command(about = BOOT_ABOUT)]
     Boot(BootArgs),
-    /// Run a command in a fresh sandbox and exit with its exit code.
+    #[command(about = RUN_ABOUT)]
     Run(RunArgs),
     /// Start a named sandbox that keeps running (returns once its agent is ready).
     Start(StartArgs),
@@ -638,7 +638,7 @@ fn verbose_arg() -> clap::Arg {
         .help("More logging on stderr (-v: info, -vv: debug, -vvv: trace). MSB_LOG overrides")
 }
 
-/// The `about` of `boot` and `run`, as their doc comments give it to the full parser.
+/// The `about` of `boot` and `run`, for the full parser and for their own alone.
 const BOOT_ABOUT: &str = "Boot a kernel until it powers off";
 const RUN_ABOUT: &str = "Run a command in a fresh sandbox and exit with its exit code";
 
